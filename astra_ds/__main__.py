@@ -1,0 +1,5 @@
+import sys
+
+from astra_ds.cli import main
+
+sys.exit(main())

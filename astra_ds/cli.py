@@ -1,0 +1,184 @@
+"""astra-ds: train, evaluate and manage data for extreme classification.
+
+    astra-ds data synth --out data/synthetic            write the default synthetic dataset
+    astra-ds data stats data/synthetic                  summarise a dataset (any layout)
+    astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
+    astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
+
+Config: YAML (see configs/), every key overridable with --set section.key=value; the effective config is
+saved as <out_dir>/config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from astra_ds.config import ConfigError, load_config
+from astra_ds.data.readers import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are never downloaded
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> None:
+    from astra_ds.dist import configure_accelerator
+
+    configure_accelerator()
+    _quiet_libraries()
+    from astra_ds.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.set)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    trainer.save_model()
+    if not args.no_eval:
+        trainer.evaluate()
+        logging.getLogger("astra_ds").info("metrics written to %s", Path(cfg.out_dir) / "metrics.json")
+
+
+def cmd_eval(args) -> None:
+    _quiet_libraries()
+    import torch
+
+    from astra_ds.data.prepare import prepare_data
+    from astra_ds.eval.evaluate import evaluate
+    from astra_ds.eval.metrics import format_table
+    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.table.table import ClassifierTable
+    from astra_ds.train.trainer import ENCODER_FILE, TABLE_DIR
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / ENCODER_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (needs config.yaml and {ENCODER_FILE})")
+    cfg = load_config(run_dir / "config.yaml", args.set)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
+    encoder = QueryEncoder(cfg.encoder)
+    encoder.load_state_dict(torch.load(run_dir / ENCODER_FILE, map_location="cpu"))
+    encoder.to(device).eval()
+    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)
+    table.load(run_dir / TABLE_DIR)
+    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = evaluate(encoder, table, data.test_tokens, data.dataset.test.labels, data.dataset.train.labels,
+                       cfg.eval, cfg.table.normalize_rows, out_dir)
+    print(format_table(results, cfg.eval.ks))
+
+
+def cmd_synth(args) -> None:
+    from astra_ds.data.synth import SynthConfig, generate
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
+    try:
+        cfg = SynthConfig(**values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = generate(cfg, args.out)
+    print(f"wrote {cfg.num_train} train / {cfg.num_test} test queries over {cfg.num_labels} labels to {out}")
+
+
+def cmd_stats(args) -> None:
+    import numpy as np
+
+    from astra_ds.data.readers import read_dataset
+
+    dataset = read_dataset(args.path, args.format)
+    print(f"dataset {dataset.name}: {dataset.num_labels} labels, label texts: "
+          f"{'yes' if dataset.label_texts is not None else 'no'}")
+    for name, split in (("train", dataset.train), ("test", dataset.test)):
+        per_point = np.diff(split.labels.indptr)
+        per_label = np.asarray((split.labels != 0).sum(axis=0)).ravel()
+        words = np.array([len(t.split()) for t in split.texts])
+        print(f"  {name}: {len(split.texts)} queries, {split.labels.nnz} positives | labels/query "
+              f"mean {per_point.mean():.2f} max {per_point.max()} | queries without labels {(per_point == 0).sum()} "
+              f"| queries/label mean {per_label.mean():.2f} max {per_label.max()} | labels never seen "
+              f"{(per_label == 0).sum()} | words/query mean {words.mean():.1f} max {words.max()}")
+
+
+# ---- parser ---------------------------------------------------------------------------------------------------
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    from astra_ds.data.synth import SynthConfig
+
+    for f in dataclasses.fields(SynthConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default {f.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="astra-ds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model, then evaluate it",
+                                description="Train the encoder (DeepSpeed) and the classifier table, save them in "
+                                            "out_dir, then evaluate on the test split.")
+    train.add_argument("--config", help="YAML run config (defaults apply to keys it leaves out)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained run",
+                                   description="Recompute predictions and metrics of a finished run.")
+    evaluate.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
+    evaluate.add_argument("--out-dir", help="where metrics.json and predictions.npz go (default: the run dir)")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of the run's config, e.g. --set data.path=other/data")
+    evaluate.set_defaults(func=cmd_eval)
+
+    data = commands.add_parser("data", help="create or inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write a synthetic text XC dataset (raw-text layout)",
+                                     description="Labels are topics over pseudo-words; queries are noisy word "
+                                                 "draws from 1-5 labels. Streams to disk at any number of labels.")
+    synth.add_argument("--out", required=True, help="output directory (must not exist)")
+    _synth_arguments(synth)
+    synth.set_defaults(func=cmd_synth)
+    stats = data_commands.add_parser("stats", help="summarise a dataset")
+    stats.add_argument("path", help="dataset directory")
+    stats.add_argument("--format", default="auto", choices=["auto", "raw_text", "bow", "pairs"])
+    stats.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        args.func(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, (FileNotFoundError, FileExistsError)) and err.args else err
+        print(f"astra-ds: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

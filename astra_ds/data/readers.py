@@ -1,0 +1,296 @@
+"""Readers for the extreme-classification file layouts, with one-line errors for malformed input.
+
+Layouts (chosen by `data.format`, or detected from the files present):
+- raw_text: trn_X.txt, tst_X.txt (one query text a line), trn_X_Y.txt, tst_X_Y.txt (sparse label files:
+  header "N L", then a line "l:v l:v ..." per query) and optional Y.txt (one label text a line).
+- bow: the XC repository's bag-of-words files, either split (trn_X_Xf.txt / tst_X_Xf.txt with header "N F"
+  and lines "f:v ...", plus trn_X_Y.txt / tst_X_Y.txt) or single-file (train.txt / test.txt with header
+  "N F L" and lines "l,l f:v ..."). Queries become the text of their words from Xf.txt (feature names);
+  labels take their text from Y.txt.
+- pairs: the Mulan/LSML files of ../shared/data (NAME_train_word.txt, NAME_train_label.txt: "doc id" pairs;
+  NAME_test_leml.txt: "#num_feature=F num_label=L" then "l,l f:v ..."), with feature_names.txt and
+  label_names.txt ("TAG_" prefixes are dropped from label texts).
+All files may be gzipped (NAME.gz).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class DataError(ValueError):
+    """Malformed or missing input data; the message names the file and line."""
+
+
+@dataclass
+class XCSplit:
+    texts: list[str]  # one text per query
+    labels: sp.csr_matrix  # (num_queries, num_labels), 1.0 where relevant
+
+
+@dataclass
+class XCDataset:
+    name: str
+    train: XCSplit
+    test: XCSplit
+    num_labels: int
+    label_texts: list[str] | None  # None when the layout has no label text
+
+
+def _resolve(path: Path) -> Path | None:
+    """`path` or `path.gz`, whichever exists."""
+    for candidate in (path, path.with_name(path.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    try:
+        if path.suffix == ".gz":
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="replace")
+        return open(path, encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror}") from None
+
+
+def _require(directory: Path, name: str) -> Path:
+    path = _resolve(directory / name)
+    if path is None:
+        raise DataError(f"missing file {directory / name}")
+    return path
+
+
+def _ints(text: str, path: Path, line_no: int, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split()]
+    except ValueError:
+        raise DataError(f"{path}:{line_no}: {what} must be integers, got {text.strip()!r}") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """One entry per line, trailing whitespace removed."""
+    with _open_text(path) as f:
+        return [line.rstrip("\r\n") for line in f]
+
+
+def _parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:
+    """Parse "id:value" tokens, checking 0 <= id < limit."""
+    ids, values = [], []
+    for token in tokens:
+        idx, _, value = token.partition(":")
+        try:
+            i, v = int(idx), float(value) if value else 1.0
+        except ValueError:
+            raise DataError(f"{path}:{line_no}: cannot parse {what} entry {token!r} (expected id:value)") from None
+        if not 0 <= i < limit:
+            raise DataError(f"{path}:{line_no}: {what} id {i} out of range [0, {limit})")
+        ids.append(i)
+        values.append(v)
+    return ids, values
+
+
+def _csr(rows: list[list[int]], values: list[list[float]] | None, num_cols: int) -> sp.csr_matrix:
+    indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in rows], out=indptr[1:])
+    indices = np.fromiter((i for r in rows for i in r), dtype=np.int32, count=int(indptr[-1]))
+    data = (np.ones(len(indices), np.float32) if values is None
+            else np.fromiter((v for r in values for v in r), dtype=np.float32, count=int(indptr[-1])))
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(len(rows), num_cols))
+    matrix.sum_duplicates()
+    return matrix
+
+
+def read_sparse_file(path: Path, what: str = "label") -> sp.csr_matrix:
+    """An XC sparse file: header "N C", then N lines of "id:value" tokens (an empty line is an empty row)."""
+    with _open_text(path) as f:
+        header = f.readline()
+        counts = _ints(header, path, 1, "the header (N C)")
+        if len(counts) != 2 or min(counts) < 0:
+            raise DataError(f"{path}:1: header must be two counts 'N C', got {header.strip()!r}")
+        num_rows, num_cols = counts
+        rows, values = [], []
+        for line_no, line in enumerate(f, start=2):
+            ids, vals = _parse_pairs(line.split(), num_cols, path, line_no, what)
+            rows.append(ids)
+            values.append(vals)
+    if len(rows) != num_rows:
+        raise DataError(f"{path}: header says {num_rows} rows but the file has {len(rows)}")
+    return _csr(rows, values, num_cols)
+
+
+def write_sparse_file(path: Path, matrix: sp.csr_matrix) -> None:
+    matrix = sp.csr_matrix(matrix)
+    with open(path, "w") as f:
+        f.write(f"{matrix.shape[0]} {matrix.shape[1]}\n")
+        for i in range(matrix.shape[0]):
+            lo, hi = matrix.indptr[i], matrix.indptr[i + 1]
+            f.write(" ".join(f"{j}:{v:g}" for j, v in zip(matrix.indices[lo:hi], matrix.data[lo:hi])) + "\n")
+
+
+def read_single_file(path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """XC single-file format: header "N F L" (or LEML "#num_feature=F num_label=L"), lines "l,l f:v ...".
+
+    Returns (features, labels)."""
+    with _open_text(path) as f:
+        header = f.readline().strip()
+        if header.startswith("#"):
+            try:
+                fields = dict(item.split("=") for item in header[1:].split())
+                num_rows, num_features, num_labels = None, int(fields["num_feature"]), int(fields["num_label"])
+            except (ValueError, KeyError):
+                raise DataError(f"{path}:1: expected '#num_feature=F num_label=L', got {header!r}") from None
+        else:
+            counts = _ints(header, path, 1, "the header (N F L)")
+            if len(counts) != 3:
+                raise DataError(f"{path}:1: header must be three counts 'N F L', got {header!r}")
+            num_rows, num_features, num_labels = counts
+        feature_rows, feature_values, label_rows = [], [], []
+        for line_no, line in enumerate(f, start=2):
+            tokens = line.split()
+            label_part = tokens[0] if tokens and ":" not in tokens[0] else ""
+            feature_tokens = tokens[1:] if label_part else tokens
+            labels = _ints(label_part.replace(",", " "), path, line_no, "label ids")
+            bad = [lab for lab in labels if not 0 <= lab < num_labels]
+            if bad:
+                raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {num_labels})")
+            ids, vals = _parse_pairs(feature_tokens, num_features, path, line_no, "feature")
+            label_rows.append(labels)
+            feature_rows.append(ids)
+            feature_values.append(vals)
+    if num_rows is not None and len(label_rows) != num_rows:
+        raise DataError(f"{path}: header says {num_rows} rows but the file has {len(label_rows)}")
+    return _csr(feature_rows, feature_values, num_features), _csr(label_rows, None, num_labels)
+
+
+def read_pair_file(path: Path, num_cols: int, num_rows: int | None = None, what: str = "label") -> sp.csr_matrix:
+    """Lines of "doc_id col_id" (0-based). Rows count = num_rows, or the largest doc id + 1."""
+    docs, cols = [], []
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            pair = _ints(line, path, line_no, "doc and id")
+            if len(pair) != 2:
+                raise DataError(f"{path}:{line_no}: expected 'doc_id {what}_id', got {line.strip()!r}")
+            if not 0 <= pair[1] < num_cols:
+                raise DataError(f"{path}:{line_no}: {what} id {pair[1]} out of range [0, {num_cols})")
+            if pair[0] < 0 or (num_rows is not None and pair[0] >= num_rows):
+                raise DataError(f"{path}:{line_no}: doc id {pair[0]} out of range [0, {num_rows})")
+            docs.append(pair[0])
+            cols.append(pair[1])
+    n = num_rows if num_rows is not None else (max(docs) + 1 if docs else 0)
+    matrix = sp.csr_matrix((np.ones(len(docs), np.float32), (docs, cols)), shape=(n, num_cols))
+    matrix.sum_duplicates()
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def bow_to_texts(features: sp.csr_matrix, feature_names: list[str]) -> list[str]:
+    """A query's text: its words, strongest feature first (ties by id)."""
+    if features.shape[1] > len(feature_names):
+        raise DataError(f"{features.shape[1]} features but only {len(feature_names)} feature names")
+    texts = []
+    for i in range(features.shape[0]):
+        lo, hi = features.indptr[i], features.indptr[i + 1]
+        ids, values = features.indices[lo:hi], features.data[lo:hi]
+        order = np.lexsort((ids, -values))
+        texts.append(" ".join(feature_names[j] for j in ids[order]))
+    return texts
+
+
+def _check_rows(texts: list[str], labels: sp.csr_matrix, text_path: Path, label_path: Path) -> None:
+    if len(texts) != labels.shape[0]:
+        raise DataError(f"{text_path} has {len(texts)} queries but {label_path} has {labels.shape[0]} rows")
+
+
+def _check_label_counts(dataset: XCDataset, directory: Path) -> XCDataset:
+    if dataset.test.labels.shape[1] != dataset.num_labels:
+        raise DataError(f"{directory}: train has {dataset.num_labels} labels but test has {dataset.test.labels.shape[1]}")
+    if dataset.label_texts is not None and len(dataset.label_texts) != dataset.num_labels:
+        raise DataError(f"{directory}: {len(dataset.label_texts)} label texts for {dataset.num_labels} labels")
+    return dataset
+
+
+def _optional_lines(directory: Path, name: str) -> list[str] | None:
+    path = _resolve(directory / name)
+    return read_lines(path) if path else None
+
+
+def read_raw_text(directory: Path) -> XCDataset:
+    splits = {}
+    for split, prefix in (("train", "trn"), ("test", "tst")):
+        text_path, label_path = _require(directory, f"{prefix}_X.txt"), _require(directory, f"{prefix}_X_Y.txt")
+        texts, labels = read_lines(text_path), read_sparse_file(label_path)
+        _check_rows(texts, labels, text_path, label_path)
+        splits[split] = XCSplit(texts, labels)
+    label_texts = _optional_lines(directory, "Y.txt")
+    return _check_label_counts(
+        XCDataset(directory.name, splits["train"], splits["test"], splits["train"].labels.shape[1], label_texts), directory)
+
+
+def read_bow(directory: Path) -> XCDataset:
+    feature_names = read_lines(_require(directory, "Xf.txt"))
+    splits = {}
+    for split, prefix, single in (("train", "trn", "train.txt"), ("test", "tst", "test.txt")):
+        single_path = _resolve(directory / single)
+        if single_path:
+            features, labels = read_single_file(single_path)
+        else:
+            features = read_sparse_file(_require(directory, f"{prefix}_X_Xf.txt"), what="feature")
+            label_path = _require(directory, f"{prefix}_X_Y.txt")
+            labels = read_sparse_file(label_path)
+            if features.shape[0] != labels.shape[0]:
+                raise DataError(f"{directory}: {prefix}_X_Xf.txt has {features.shape[0]} rows but {label_path.name} has {labels.shape[0]}")
+        splits[split] = XCSplit(bow_to_texts(features, feature_names), labels)
+    label_texts = _optional_lines(directory, "Y.txt")
+    return _check_label_counts(
+        XCDataset(directory.name, splits["train"], splits["test"], splits["train"].labels.shape[1], label_texts), directory)
+
+
+def _pair_prefix(directory: Path) -> str:
+    matches = sorted(directory.glob("*_train_word.txt*"))
+    if not matches:
+        raise DataError(f"{directory}: no NAME_train_word.txt file")
+    return matches[0].name.split("_train_word.txt")[0]
+
+
+def read_pairs(directory: Path) -> XCDataset:
+    name = _pair_prefix(directory)
+    feature_names = read_lines(_require(directory, "feature_names.txt"))
+    label_texts = [t[4:] if t.startswith("TAG_") else t for t in read_lines(_require(directory, "label_names.txt"))]
+    test_features, test_labels = read_single_file(_require(directory, f"{name}_test_leml.txt"))
+    num_labels = test_labels.shape[1]
+    train_features = read_pair_file(_require(directory, f"{name}_train_word.txt"), len(feature_names), what="feature")
+    train_labels = read_pair_file(_require(directory, f"{name}_train_label.txt"), num_labels,
+                                  num_rows=train_features.shape[0])
+    dataset = XCDataset(name, XCSplit(bow_to_texts(train_features, feature_names), train_labels),
+                        XCSplit(bow_to_texts(test_features, feature_names), test_labels), num_labels, label_texts)
+    return _check_label_counts(dataset, directory)
+
+
+READERS = {"raw_text": read_raw_text, "bow": read_bow, "pairs": read_pairs}
+
+
+def detect_format(directory: Path) -> str:
+    if _resolve(directory / "trn_X.txt"):
+        return "raw_text"
+    if _resolve(directory / "trn_X_Xf.txt") or _resolve(directory / "train.txt"):
+        return "bow"
+    if list(directory.glob("*_train_word.txt*")):
+        return "pairs"
+    raise DataError(f"{directory}: no known dataset layout (expected trn_X.txt, trn_X_Xf.txt, train.txt "
+                    f"or NAME_train_word.txt)")
+
+
+def read_dataset(path: str | Path, fmt: str = "auto") -> XCDataset:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DataError(f"dataset directory not found: {directory}")
+    return READERS[detect_format(directory) if fmt == "auto" else fmt](directory)

@@ -1,0 +1,75 @@
+"""Tokenise once: token ids cached as memory-mapped .npy files keyed by tokenizer, max length and texts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class TokenizedTexts:
+    ids: np.ndarray  # (N, max_len) int32, padded with pad_id (memory-mapped)
+    lengths: np.ndarray  # (N,) int32 tokens per text, special tokens included
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask of `rows`, trimmed to the longest of them."""
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 1
+        input_ids = torch.from_numpy(np.ascontiguousarray(self.ids[rows, :width], dtype=np.int64))
+        attention_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths.astype(np.int64))[:, None]).long()
+        return input_ids, attention_mask
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Changes whenever the tokenizer would produce different ids."""
+    h = hashlib.sha1(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    return h.hexdigest()
+
+
+def _texts_digest(texts: list[str]) -> str:
+    h = hashlib.sha1(str(len(texts)).encode())
+    for text in texts:
+        h.update(text.encode("utf-8", "replace"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | Path, name: str,
+                    chunk: int = 8192) -> TokenizedTexts:
+    """Token ids of `texts`, from `cache_dir` when this (tokenizer, max_len, texts) was seen before."""
+    key = hashlib.sha1(f"{tokenizer_fingerprint(tokenizer)}|{max_len}|{_texts_digest(texts)}".encode()).hexdigest()[:16]
+    final = Path(cache_dir) / f"{name}-len{max_len}-{key}"
+    if not final.is_dir():
+        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(len(texts), max_len))
+        lengths = np.zeros(len(texts), np.int32)
+        for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {name}", unit="chunk",
+                          disable=len(texts) <= chunk):
+            encoded = tokenizer(texts[start:start + chunk], max_length=max_len, truncation=True)["input_ids"]
+            for row, seq in enumerate(encoded, start=start):
+                ids[row, :len(seq)] = seq
+                ids[row, len(seq):] = pad_id
+                lengths[row] = len(seq)
+        ids.flush()
+        del ids
+        np.save(tmp / "lengths.npy", lengths)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return TokenizedTexts(np.load(final / "ids.npy", mmap_mode="r"), np.load(final / "lengths.npy"))

@@ -1,0 +1,37 @@
+"""Evaluate a trained model on a test split: predictions, metrics, the popularity baseline, files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import scipy.sparse as sp
+
+from astra_ds.config import EvalConfig
+from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
+from astra_ds.eval.predict import encode_queries, exact_topk, save_predictions
+from astra_ds.table.table import ClassifierTable
+
+MODEL, BASELINE = "astra_ds", "popularity"
+
+
+def evaluate(encode, table: ClassifierTable, test_tokens: TokenizedTexts, test_labels: sp.csr_matrix,
+             train_labels: sp.csr_matrix, cfg: EvalConfig, normalize_rows: bool, out_dir: str | Path,
+             progress: bool = True) -> dict[str, dict[str, float]]:
+    """Writes metrics.json and predictions.npz (top-k scores s = scale * <q, w>, CSR) into out_dir."""
+    k = max(cfg.ks)
+    queries, scale = encode_queries(encode, test_tokens, cfg.batch_size, table.device, progress)
+    scores, ids = exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress)
+    inv_psp = inverse_propensity(train_labels, cfg.psp_a, cfg.psp_b)
+    results = {
+        MODEL: compute_metrics(ids.numpy(), test_labels, inv_psp, cfg.ks),
+        BASELINE: compute_metrics(popularity_predictions(train_labels, test_labels.shape[0], k), test_labels,
+                                  inv_psp, cfg.ks),
+    }
+    out_dir = Path(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(
+        {"num_test": test_labels.shape[0], "num_labels": table.num_labels, **results}, indent=2))
+    save_predictions(out_dir / "predictions.npz", (scale * scores).numpy(), ids.numpy(), table.num_labels)
+    return results
+

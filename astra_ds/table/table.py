@@ -1,0 +1,123 @@
+"""The classifier table: L x d rows in host memory (pinned with CUDA), paged to the device a batch at a time.
+
+A step fetches the unique rows of its sampled labels (`fetch`), scores them through autograd, then
+`apply_gradients` runs the row-sparse optimizer on the device and writes the rows back. Work per step depends
+on the number of rows fetched, never on L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from astra_ds.config import TableConfig
+from astra_ds.table import store
+from astra_ds.table.optim import build_optimizer
+
+
+@dataclass
+class RowBlock:
+    """The rows of one step on the compute device."""
+
+    global_ids: torch.Tensor  # (U,) sorted unique label ids, host
+    local_rows: torch.Tensor  # (U,) rows in this rank's shard, host
+    weights: torch.Tensor  # (U, d) on the device, a leaf that collects the step's gradients
+
+
+class ClassifierTable:
+    def __init__(self, num_labels: int, dim: int, cfg: TableConfig, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1):
+        self.num_labels, self.dim, self.cfg = num_labels, dim, cfg
+        self.device = torch.device(device)
+        self.chunk_rows = store.chunk_rows_for(dim, 4, cfg.chunk_mb)
+        self.start, self.end = store.shard_range(num_labels, self.chunk_rows, rank, world_size)
+        pin = torch.cuda.is_available()
+        self.rows = torch.zeros((self.end - self.start, dim), dtype=torch.float32, pin_memory=pin)
+        self.optimizer = build_optimizer(cfg, self.end - self.start, dim, pin)
+
+    @property
+    def num_local_rows(self) -> int:
+        return self.end - self.start
+
+    def _chunks(self):
+        """(chunk index, global start, global end) of the chunks of this shard."""
+        for start in range(self.start, self.end, self.chunk_rows):
+            yield start // self.chunk_rows, start, min(start + self.chunk_rows, self.end)
+
+    def init_random(self, seed: int) -> None:
+        """N(0, init_std) rows, each chunk seeded by (seed, chunk index): the same table for any world size."""
+        for chunk, start, end in self._chunks():
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+            block = torch.randn((end - start, self.dim), generator=generator) * self.cfg.init_std
+            self.rows[start - self.start:end - self.start] = block
+
+    def fetch(self, global_ids: torch.Tensor) -> tuple[RowBlock, torch.Tensor]:
+        """Rows of `global_ids` (any shape, repeats allowed) on the device, and each id's slot in the block."""
+        unique_ids, slots = torch.unique(global_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
+        if len(unique_ids) and (unique_ids[0] < self.start or unique_ids[-1] >= self.end):
+            raise IndexError(f"label ids outside this shard's rows [{self.start}, {self.end})")
+        local_rows = unique_ids - self.start
+        weights = self.rows.index_select(0, local_rows).to(self.device, non_blocking=True).requires_grad_(True)
+        return RowBlock(unique_ids, local_rows, weights), slots.reshape(global_ids.shape).to(self.device)
+
+    @torch.no_grad()
+    def apply_gradients(self, blocks: list[RowBlock]) -> None:
+        """One optimizer step on the rows of `blocks` (several with gradient accumulation: their gradients
+        are summed per row); rows without a gradient are left untouched."""
+        blocks = [b for b in blocks if b.weights.grad is not None]
+        if not blocks:
+            return
+        if len(blocks) == 1:
+            local_rows, weights, grads = blocks[0].local_rows, blocks[0].weights.detach(), blocks[0].weights.grad
+        else:
+            local_rows, slots = torch.unique(torch.cat([b.local_rows for b in blocks]), return_inverse=True)
+            slots = slots.to(self.device)
+            weights = torch.zeros((len(local_rows), self.dim), device=self.device)
+            weights.index_copy_(0, slots, torch.cat([b.weights.detach() for b in blocks]))
+            grads = torch.zeros_like(weights).index_add_(0, slots, torch.cat([b.weights.grad for b in blocks]))
+        new_weights = self.optimizer.step(local_rows, weights, grads)
+        self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
+
+    def block_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of this shard (global ids), as a view of host memory."""
+        return self.rows[start - self.start:end - self.start]
+
+    # ---- persistence: zarr in global label order -------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...], np.dtype]]:
+        arrays = {"rows": (self.rows, (self.dim,), np.dtype(np.float32))}
+        for name, tensor in self.optimizer.state.items():
+            arrays[f"optim/{name}"] = (tensor, tuple(tensor.shape[1:]), np.dtype(str(tensor.dtype).split(".")[1]))
+        return arrays
+
+    def save(self, path: str | Path, create: bool = True, progress: bool = False) -> None:
+        """Write this shard's rows and optimizer state into the table at `path` (created when `create`)."""
+        arrays = self._arrays()
+        if create:
+            group = store.create(path, self.num_labels, self.chunk_rows,
+                                 {name: (shape, dtype) for name, (_, shape, dtype) in arrays.items()},
+                                 {"dim": self.dim, "optimizer": self.cfg.optimizer})
+        else:
+            group = store.open_table(path, mode="r+")
+        for name, (tensor, _, _) in arrays.items():
+            target = group[name]
+            for _, start, end in tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress):
+                target[start:end] = tensor[start - self.start:end - self.start].numpy()
+
+    def load(self, path: str | Path, progress: bool = False) -> None:
+        """Read this shard's rows and optimizer state from the table at `path` (any world size wrote it)."""
+        group = store.open_table(path)
+        if (group.attrs["num_labels"], group.attrs["dim"]) != (self.num_labels, self.dim):
+            raise ValueError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
+                             f"expected {self.num_labels} x {self.dim}")
+        same_optimizer = group.attrs["optimizer"] == self.cfg.optimizer
+        for name, (tensor, _, _) in self._arrays().items():
+            if name.startswith("optim/") and not same_optimizer:
+                continue  # a different optimizer starts from fresh state
+            source = group[name]
+            for _, start, end in tqdm(list(self._chunks()), desc=f"load {name}", disable=not progress):
+                tensor[start - self.start:end - self.start] = torch.from_numpy(np.asarray(source[start:end]))

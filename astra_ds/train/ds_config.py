@@ -1,0 +1,58 @@
+"""The DeepSpeed config of a run: read, checked against the trainer config, completed.
+
+Batch size and accumulation have one source of truth: keys the DeepSpeed file sets must equal the trainer's
+(`train.batch_size`, `train.grad_accum`); keys it leaves out are filled from the trainer config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from astra_ds.config import ConfigError, TrainConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def _config_path(name: str, on_gpu: bool) -> Path:
+    if name == "auto":
+        name = "zero2" if on_gpu else "cpu"
+    path = Path(name)
+    if path.is_file():
+        return path
+    named = DS_CONFIG_DIR / f"{name}.json"
+    if named.is_file():
+        return named
+    choices = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"train.ds_config={name!r} is neither a file nor one of: {choices}")
+
+
+def resolve_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> tuple[dict, Path]:
+    path = _config_path(train.ds_config, on_gpu)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from None
+
+    per_step = world_size * train.grad_accum
+    if train.batch_size % per_step:
+        raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by world size {world_size} "
+                          f"x train.grad_accum={train.grad_accum}")
+    expected = {"train_batch_size": train.batch_size,
+                "train_micro_batch_size_per_gpu": train.batch_size // per_step,
+                "gradient_accumulation_steps": train.grad_accum}
+    for key, value in expected.items():
+        if key in config and config[key] != value:
+            raise ConfigError(f"{path} sets {key}={config[key]} but the trainer config implies {value} "
+                              f"(train.batch_size={train.batch_size}, train.grad_accum={train.grad_accum}, "
+                              f"world size {world_size}); make them agree")
+        config[key] = value
+
+    if config.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"{path} enables fp16, whose loss scaling would also scale the classifier table's "
+                          f"gradients; use bf16")
+    if not on_gpu and config.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{path} enables bf16, which CPU runs do not use; pick train.ds_config=cpu (or auto)")
+    if train.encoder_lr is not None:
+        config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = train.encoder_lr
+    return config, path

@@ -1,0 +1,59 @@
+"""Sampled one-vs-all BCE (DESIGN §1).
+
+loss_i = sum_{l in P_i} softplus(-s_il) + (1/m) sum_j softplus(s_{i,l_j}) / Q_i(l_j),   l_j ~ Q_i,
+an unbiased estimate of the full BCE over all L labels; the batch loss is the mean over its queries.
+With importance weights off, every sampled negative weighs 1 (plain sampled BCE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from astra_ds.negatives.uniform import Negatives
+
+
+@dataclass
+class Pairs:
+    """The (query, label) pairs scored in a step, flat."""
+
+    query: torch.Tensor  # (n,) row of the query in the batch
+    label: torch.Tensor  # (n,) global label id
+    target: torch.Tensor  # (n,) 1 for a positive, 0 for a negative
+    weight: torch.Tensor  # (n,) loss weight
+
+    def to(self, device) -> "Pairs":
+        return Pairs(*(t.to(device, non_blocking=True) for t in (self.query, self.label, self.target, self.weight)))
+
+
+def make_pairs(positives: sp.csr_matrix, negatives: Negatives, importance_weights: bool) -> Pairs:
+    batch, num_negatives = negatives.global_ids.shape
+    pos_query = np.repeat(np.arange(batch), np.diff(positives.indptr))
+    neg_query = np.repeat(np.arange(batch), num_negatives)
+    if importance_weights:
+        neg_weight = np.exp(-negatives.log_q.reshape(-1)) / num_negatives
+    else:
+        neg_weight = np.ones(batch * num_negatives)
+    return Pairs(
+        query=torch.from_numpy(np.concatenate([pos_query, neg_query]).astype(np.int64)),
+        label=torch.from_numpy(np.concatenate([positives.indices.astype(np.int64), negatives.global_ids.reshape(-1)])),
+        target=torch.cat([torch.ones(len(pos_query)), torch.zeros(len(neg_query))]),
+        weight=torch.from_numpy(np.concatenate([np.ones(len(pos_query)), neg_weight]).astype(np.float32)),
+    )
+
+
+def pair_scores(queries: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                pair_query: torch.Tensor, normalize_rows: bool) -> torch.Tensor:
+    """s = scale * <q_i, w_l> for each pair; rows[slots[p]] is pair p's classifier row."""
+    if normalize_rows:
+        rows = F.normalize(rows, dim=-1)
+    return scale * (queries.index_select(0, pair_query) * rows.index_select(0, slots)).sum(-1)
+
+
+def sampled_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int) -> torch.Tensor:
+    per_pair = F.binary_cross_entropy_with_logits(scores, pairs.target, reduction="none")
+    return (pairs.weight * per_pair).sum() / num_queries

@@ -1,0 +1,169 @@
+"""The trainer: builds every component and owns the order of a training step.
+
+One step (global batch of B queries):
+  1. encode the queries with the DeepSpeed engine            -> q (B, d), scale
+  2. sample m negatives per query                              -> pairs (query, label, target, weight)
+  3. fetch the pairs' classifier rows from host memory         -> rows (U, d) on the device
+  4. score the pairs and compute the sampled BCE               -> loss
+  5. backward through rows and encoder; DeepSpeed steps the encoder, the table steps its rows
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from astra_ds.config import ConfigError, RunConfig
+from astra_ds.data.prepare import prepare_data
+from astra_ds.dist import init_distributed
+from astra_ds.eval.evaluate import evaluate
+from astra_ds.eval.metrics import format_table
+from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.table.table import ClassifierTable
+from astra_ds.train.ds_config import resolve_ds_config
+from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.train.metrics_log import MetricsLog
+
+log = logging.getLogger("astra_ds")
+
+ENCODER_FILE, TABLE_DIR = "encoder.pt", "table"
+
+
+def encoder_state_dict(engine) -> dict | None:
+    """Full encoder weights (on rank 0 under ZeRO-3, where each rank holds a shard)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, progress: bool = True):
+        self.cfg = cfg
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.run_dir = Path(cfg.out_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+        import deepspeed
+        import torch.distributed as dist
+
+        tokenizer = build_tokenizer(cfg.encoder)
+        if self.dist.is_main:  # rank 0 fills the token cache, the others read it
+            self.data = prepare_data(cfg.data, tokenizer)
+        dist.barrier()
+        if not self.dist.is_main:
+            self.data = prepare_data(cfg.data, tokenizer)
+        self.train_labels = self.data.dataset.train.labels
+        self.num_labels = self.data.dataset.num_labels
+        if len(self.data.train_tokens) < cfg.train.batch_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
+                              f"{len(self.data.train_tokens)} training queries")
+
+        torch.manual_seed(cfg.train.seed)
+        encoder = QueryEncoder(cfg.encoder)
+        ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
+        self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,
+                                     self.dist.rank, self.dist.world_size)
+        self.table.init_random(cfg.train.seed)
+
+        self.steps_per_epoch = len(self.data.train_tokens) // cfg.train.batch_size
+        total = self.steps_per_epoch * cfg.train.epochs
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+        self.step = 0
+        if self.dist.is_main:
+            cfg.save(self.run_dir / "config.yaml")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
+        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main)
+        d = self.data.dataset
+        log.info("data %s: %d train / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
+                 "%d ranks | %d steps of %d queries", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
+                 cfg.encoder.model, encoder.dim, ds_path.name, self.engine.zero_optimization_stage(),
+                 self.dist.world_size, self.total_steps, cfg.train.batch_size)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+
+    def batch_order(self, epoch: int) -> np.ndarray:
+        """(steps_per_epoch, batch_size) query rows of an epoch; a function of (seed, epoch) only."""
+        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.data.train_tokens))
+        return order[:self.steps_per_epoch * self.cfg.train.batch_size].reshape(self.steps_per_epoch, -1)
+
+    def train_step(self, batch_rows: np.ndarray) -> dict:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.train.seed, 1, self.step])  # negatives of this step
+        blocks, loss_sum, rows_fetched = [], 0.0, 0
+        for micro in np.array_split(batch_rows, cfg.train.grad_accum):
+            input_ids, attention_mask = self.data.train_tokens.batch(micro)
+            queries, scale = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
+
+            positives = self.train_labels[micro]
+            negatives = sample_uniform(positives, cfg.negatives.num_negatives, rng)
+            pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights).to(self.device)
+
+            block, slots = self.table.fetch(pairs.label)
+            scores = pair_scores(queries, scale, block.weights, slots, pairs.query, cfg.table.normalize_rows)
+            loss = sampled_bce(scores, pairs, num_queries=len(micro))
+
+            self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
+            self.engine.step()  # steps the encoder at the accumulation boundary only
+            blocks.append(block)
+            loss_sum += loss.item()
+            rows_fetched += len(block.global_ids)
+        self.table.apply_gradients(blocks)
+        self.step += 1
+        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched, "scale": float(scale)}
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        self.engine.train()
+        start_epoch = self.step // self.steps_per_epoch
+        window, window_start = [], time.time()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        for epoch in range(start_epoch, cfg.train.epochs):
+            order = self.batch_order(epoch)
+            for position in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                if self.step >= self.total_steps:
+                    break
+                stats = self.train_step(order[position])
+                window.append(stats["loss"])
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4g}")
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    elapsed = time.time() - window_start
+                    self.metrics_log.log(self.step, {
+                        "epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"],
+                        "rows_per_step": stats["rows"], "steps_per_s": len(window) / elapsed,
+                        "queries_per_s": len(window) * cfg.train.batch_size / elapsed})
+                    window, window_start = [], time.time()
+        bar.close()
+        self.metrics_log.close()
+
+    # ---- results ----------------------------------------------------------------------------------------------
+
+    def save_model(self) -> None:
+        """The final encoder weights and classifier table, for `astra-ds eval`."""
+        state = encoder_state_dict(self.engine)
+        if self.dist.is_main:
+            torch.save(state, self.run_dir / ENCODER_FILE)
+        self.table.save(self.run_dir / TABLE_DIR, progress=self.progress)
+
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        results = evaluate(lambda ids, mask: self.engine(ids, mask), self.table, self.data.test_tokens,
+                           self.data.dataset.test.labels, self.train_labels, self.cfg.eval,
+                           self.cfg.table.normalize_rows, self.run_dir, progress=self.progress)
+        self.engine.train()
+        if self.dist.is_main:
+            print(format_table(results, self.cfg.eval.ks), flush=True)
+        return results
