@@ -75,7 +75,7 @@ def cmd_eval(args) -> None:
     cfg = load_config(run_dir / "config.yaml", args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
-    encoder = QueryEncoder(cfg.encoder)
+    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
     encoder.load_state_dict(torch.load(run_dir / ENCODER_FILE, map_location="cpu"))
     encoder.to(device).eval()
     table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)

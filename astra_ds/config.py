@@ -40,8 +40,9 @@ class EncoderConfig:
     model: str = "all-MiniLM-L6-v2"
     pooling: str = "mean"  # mean | cls
     dim: int | None = None  # optional linear projection of the pooled embedding to `dim` dims
-    score_scale: float = 20.0  # s = scale * <q, w>
-    learn_scale: bool = False
+    score_scale: float = 20.0  # s = scale * <q, w> + bias
+    score_bias: float | None = None  # None: -log(L), the prior log-odds of a label
+    learn_score: bool = False  # learn scale and bias with the encoder
 
     def __post_init__(self):
         _check(self.pooling in ("mean", "cls"), f"encoder.pooling must be mean or cls, not {self.pooling!r}")

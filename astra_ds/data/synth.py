@@ -145,26 +145,29 @@ class TopicModel:
         return labels, np.split(words, np.cumsum(num_words)[:-1])
 
 
-def _write_split(path_x: Path, path_y: Path, model: TopicModel, vocabulary: list[str], n: int,
-                 seed: int, block: int, desc: str) -> None:
-    rng = np.random.default_rng(seed)
+_BLOCK = 65536  # queries or labels generated at once; each query block has its own random stream
+
+
+def _write_split(path_x: Path, path_y: Path, model: TopicModel, vocabulary: list[str], n: int, split: int,
+                 desc: str) -> None:
     with open(path_x, "w") as fx, open(path_y, "w") as fy:
         fy.write(f"{n} {model.cfg.num_labels}\n")
-        for start in tqdm(range(0, n, block), desc=desc, unit="block", disable=n <= block):
-            labels, words = model.sample_queries(rng, min(block, n - start))
+        for start in tqdm(range(0, n, _BLOCK), desc=desc, unit="block", disable=n <= _BLOCK):
+            rng = np.random.default_rng([model.cfg.seed, split, start // _BLOCK])
+            labels, words = model.sample_queries(rng, min(_BLOCK, n - start))
             fx.write("".join(" ".join(vocabulary[w] for w in ws) + "\n" for ws in words))
             fy.write("".join(" ".join(f"{lab}:1" for lab in ls) + "\n" for ls in labels))
 
 
-def _write_label_texts(path: Path, model: TopicModel, vocabulary: list[str], block: int) -> None:
+def _write_label_texts(path: Path, model: TopicModel, vocabulary: list[str]) -> None:
     num_labels = model.cfg.num_labels
     with open(path, "w") as f:
-        for start in tqdm(range(0, num_labels, block), desc="label texts", unit="block", disable=num_labels <= block):
-            words = model.signature_words(np.arange(start, min(start + block, num_labels)))
+        for start in tqdm(range(0, num_labels, _BLOCK), desc="label texts", unit="block", disable=num_labels <= _BLOCK):
+            words = model.signature_words(np.arange(start, min(start + _BLOCK, num_labels)))
             f.write("".join(" ".join(vocabulary[w] for w in ws) + "\n" for ws in words))
 
 
-def generate(cfg: SynthConfig, out_dir: str | Path, block: int = 100_000) -> Path:
+def generate(cfg: SynthConfig, out_dir: str | Path) -> Path:
     """Write trn_X.txt, trn_X_Y.txt, tst_X.txt, tst_X_Y.txt and Y.txt under out_dir (atomically: a temporary
     directory renamed at the end, so an interrupted run leaves no half dataset)."""
     out_dir = Path(out_dir)
@@ -174,9 +177,9 @@ def generate(cfg: SynthConfig, out_dir: str | Path, block: int = 100_000) -> Pat
     tmp.mkdir(parents=True)
     model = TopicModel(cfg)
     vocabulary = [word(i) for i in range(cfg.vocab_size)]
-    _write_split(tmp / "trn_X.txt", tmp / "trn_X_Y.txt", model, vocabulary, cfg.num_train, cfg.seed * 2 + 1, block, "train")
-    _write_split(tmp / "tst_X.txt", tmp / "tst_X_Y.txt", model, vocabulary, cfg.num_test, cfg.seed * 2 + 2, block, "test")
+    _write_split(tmp / "trn_X.txt", tmp / "trn_X_Y.txt", model, vocabulary, cfg.num_train, 1, "train")
+    _write_split(tmp / "tst_X.txt", tmp / "tst_X_Y.txt", model, vocabulary, cfg.num_test, 2, "test")
     if cfg.label_texts:
-        _write_label_texts(tmp / "Y.txt", model, vocabulary, block)
+        _write_label_texts(tmp / "Y.txt", model, vocabulary)
     tmp.rename(out_dir)
     return out_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,7 +35,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the tokenizer would produce different ids."""
     h = hashlib.sha1(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    if backend is not None:  # the whole pipeline, less the call-time truncation and padding settings
+        state = json.loads(backend.to_str())
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        h.update(json.dumps(state, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()
 
 

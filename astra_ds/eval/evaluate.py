@@ -19,9 +19,9 @@ MODEL, BASELINE = "astra_ds", "popularity"
 def evaluate(encode, table: ClassifierTable, test_tokens: TokenizedTexts, test_labels: sp.csr_matrix,
              train_labels: sp.csr_matrix, cfg: EvalConfig, normalize_rows: bool, out_dir: str | Path,
              progress: bool = True) -> dict[str, dict[str, float]]:
-    """Writes metrics.json and predictions.npz (top-k scores s = scale * <q, w>, CSR) into out_dir."""
+    """Writes metrics.json and predictions.npz (top-k scores s = scale * <q, w> + bias, CSR) into out_dir."""
     k = max(cfg.ks)
-    queries, scale = encode_queries(encode, test_tokens, cfg.batch_size, table.device, progress)
+    queries, calibration = encode_queries(encode, test_tokens, cfg.batch_size, table.device, progress)
     scores, ids = exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress)
     inv_psp = inverse_propensity(train_labels, cfg.psp_a, cfg.psp_b)
     results = {
@@ -32,6 +32,6 @@ def evaluate(encode, table: ClassifierTable, test_tokens: TokenizedTexts, test_l
     out_dir = Path(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(
         {"num_test": test_labels.shape[0], "num_labels": table.num_labels, **results}, indent=2))
-    save_predictions(out_dir / "predictions.npz", (scale * scores).numpy(), ids.numpy(), table.num_labels)
+    save_predictions(out_dir / "predictions.npz", (calibration[0].exp() * scores + calibration[1]).numpy(), ids.numpy(), table.num_labels)
     return results
 

@@ -21,15 +21,14 @@ from astra_ds.table.table import ClassifierTable
 @torch.no_grad()
 def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                    tokens: TokenizedTexts, batch_size: int, device: torch.device,
-                   progress: bool = True) -> tuple[torch.Tensor, float]:
-    """All query embeddings (N, d) on the host, and the score scale."""
-    chunks, scale = [], 1.0
+                   progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """All query embeddings (N, d) on the host, and the score calibration (log scale, bias)."""
+    chunks, calibration = [], None
     for start in tqdm(range(0, len(tokens), batch_size), desc="encode", unit="batch", disable=not progress):
         input_ids, attention_mask = tokens.batch(np.arange(start, min(start + batch_size, len(tokens))))
-        embeddings, scale_tensor = encode(input_ids.to(device), attention_mask.to(device))
+        embeddings, calibration = encode(input_ids.to(device), attention_mask.to(device))
         chunks.append(embeddings.float().cpu())
-        scale = float(scale_tensor)
-    return torch.cat(chunks), scale
+    return torch.cat(chunks), calibration.float().cpu()
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

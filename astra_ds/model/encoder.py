@@ -1,7 +1,7 @@
 """The query encoder: a Hugging Face transformer, pooling, optional projection, L2 normalisation.
 
-It is the only module handed to DeepSpeed. It also owns the score scale (fixed or learnt), returned with the
-embeddings so that it is gathered correctly under ZeRO-3.
+It is the only module handed to DeepSpeed. It also owns the score calibration s = scale * <q, w> + bias (fixed or
+learnt), returned with the embeddings so that it is gathered correctly under ZeRO-3.
 """
 
 from __future__ import annotations
@@ -55,21 +55,22 @@ def _backbone(name: str) -> nn.Module:
 
 
 class QueryEncoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig):
+    def __init__(self, cfg: EncoderConfig, num_labels: int):
         super().__init__()
         self.backbone = _backbone(cfg.model)
         self.pooling = cfg.pooling
         hidden = self.backbone.config.hidden_size
         self.projection = nn.Linear(hidden, cfg.dim, bias=False) if cfg.dim else None
         self.dim = cfg.dim or hidden
-        log_scale = torch.tensor(math.log(cfg.score_scale))
-        if cfg.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
+        bias = -math.log(num_labels) if cfg.score_bias is None else cfg.score_bias
+        calibration = torch.tensor([math.log(cfg.score_scale), bias])  # (log scale, bias)
+        if cfg.learn_score:
+            self.calibration = nn.Parameter(calibration)
         else:
-            self.register_buffer("log_scale", log_scale)
+            self.register_buffer("calibration", calibration)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-norm query embeddings (B, dim) and the score scale (a scalar)."""
+        """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -78,4 +79,4 @@ class QueryEncoder(nn.Module):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         if self.projection is not None:
             pooled = self.projection(pooled)
-        return F.normalize(pooled.float(), dim=-1), self.log_scale.float().exp()
+        return F.normalize(pooled.float(), dim=-1), self.calibration.float()

@@ -46,12 +46,14 @@ def make_pairs(positives: sp.csr_matrix, negatives: Negatives, importance_weight
     )
 
 
-def pair_scores(queries: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+def pair_scores(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
                 pair_query: torch.Tensor, normalize_rows: bool) -> torch.Tensor:
-    """s = scale * <q_i, w_l> for each pair; rows[slots[p]] is pair p's classifier row."""
+    """s = scale * <q_i, w_l> + bias for each pair; rows[slots[p]] is pair p's classifier row and
+    calibration = (log scale, bias)."""
     if normalize_rows:
         rows = F.normalize(rows, dim=-1)
-    return scale * (queries.index_select(0, pair_query) * rows.index_select(0, slots)).sum(-1)
+    inner = (queries.index_select(0, pair_query) * rows.index_select(0, slots)).sum(-1)
+    return calibration[0].exp() * inner + calibration[1]
 
 
 def sampled_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The trainer: builds every component and owns the order of a training step.
 
 One step (global batch of B queries):
-  1. encode the queries with the DeepSpeed engine            -> q (B, d), scale
+  1. encode the queries with the DeepSpeed engine            -> q (B, d), calibration (scale, bias)
   2. sample m negatives per query                              -> pairs (query, label, target, weight)
   3. fetch the pairs' classifier rows from host memory         -> rows (U, d) on the device
   4. score the pairs and compute the sampled BCE               -> loss
@@ -68,7 +68,7 @@ class Trainer:
                               f"{len(self.data.train_tokens)} training queries")
 
         torch.manual_seed(cfg.train.seed)
-        encoder = QueryEncoder(cfg.encoder)
+        encoder = QueryEncoder(cfg.encoder, self.num_labels)
         ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(
             model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
@@ -103,14 +103,14 @@ class Trainer:
         blocks, loss_sum, rows_fetched = [], 0.0, 0
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
             input_ids, attention_mask = self.data.train_tokens.batch(micro)
-            queries, scale = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
+            queries, calibration = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
 
             positives = self.train_labels[micro]
             negatives = sample_uniform(positives, cfg.negatives.num_negatives, rng)
             pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights).to(self.device)
 
             block, slots = self.table.fetch(pairs.label)
-            scores = pair_scores(queries, scale, block.weights, slots, pairs.query, cfg.table.normalize_rows)
+            scores = pair_scores(queries, calibration, block.weights, slots, pairs.query, cfg.table.normalize_rows)
             loss = sampled_bce(scores, pairs, num_queries=len(micro))
 
             self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
@@ -120,7 +120,7 @@ class Trainer:
             rows_fetched += len(block.global_ids)
         self.table.apply_gradients(blocks)
         self.step += 1
-        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched, "scale": float(scale)}
+        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched, "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -142,7 +142,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.time() - window_start
                     self.metrics_log.log(self.step, {
-                        "epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"],
+                        "epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"], "bias": stats["bias"],
                         "rows_per_step": stats["rows"], "steps_per_s": len(window) / elapsed,
                         "queries_per_s": len(window) * cfg.train.batch_size / elapsed})
                     window, window_start = [], time.time()

@@ -1,0 +1,97 @@
+"""Uniform negatives, the importance-weighted sampled BCE (unbiased for the full BCE) and exact top-k."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from astra_ds.config import TableConfig
+from astra_ds.eval.predict import exact_topk, save_predictions
+from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.table.table import ClassifierTable
+from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+
+POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                                    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                                    [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1]], dtype=np.float32))
+
+
+def test_uniform_negatives_avoid_positives_and_are_uniform():
+    negatives = sample_uniform(POSITIVES, num_negatives=30000, rng=np.random.default_rng(0))
+    for i in range(3):
+        drawn = negatives.global_ids[i]
+        assert not np.isin(drawn, POSITIVES[i].indices).any()
+        allowed = np.setdiff1d(np.arange(12), POSITIVES[i].indices)
+        freq = np.bincount(drawn, minlength=12)[allowed] / len(drawn)
+        np.testing.assert_allclose(freq, 1 / len(allowed), atol=0.01)
+        # Q_i sums to 1 over the non-positive labels
+        assert np.exp(negatives.log_q[i, 0]) * len(allowed) == pytest.approx(1.0)
+
+
+def test_a_query_with_every_label_positive_is_an_error():
+    with pytest.raises(ValueError, match="every label"):
+        sample_uniform(sp.csr_matrix(np.ones((1, 4))), 2, np.random.default_rng(0))
+
+
+def _full_bce(queries, calibration, rows, positives):
+    scores = calibration[0].exp() * queries @ F.normalize(rows, dim=-1).T + calibration[1]
+    target = torch.from_numpy(positives.toarray())
+    return F.binary_cross_entropy_with_logits(scores, target, reduction="sum") / len(queries)
+
+
+def test_importance_weighted_loss_is_unbiased_for_the_full_bce():
+    torch.manual_seed(0)
+    queries = F.normalize(torch.randn(3, 6), dim=-1)
+    rows = torch.randn(12, 6)
+    calibration = torch.tensor([math.log(4.0), -1.0])
+    full = _full_bce(queries, calibration, rows, POSITIVES).item()
+    rng = np.random.default_rng(1)
+    estimates = []
+    for _ in range(3000):
+        pairs = make_pairs(POSITIVES, sample_uniform(POSITIVES, 4, rng), importance_weights=True)
+        scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
+        estimates.append(sampled_bce(scores, pairs, num_queries=3).item())
+    estimates = np.array(estimates)
+    standard_error = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - full) < 4 * standard_error
+    assert standard_error < 0.02 * full  # the check has power
+
+
+def test_unweighted_mode_weighs_each_negative_one():
+    pairs = make_pairs(POSITIVES, sample_uniform(POSITIVES, 5, np.random.default_rng(0)), importance_weights=False)
+    assert torch.all(pairs.weight == 1)
+    assert int(pairs.target.sum()) == POSITIVES.nnz and len(pairs.target) == POSITIVES.nnz + 15
+
+
+def test_pair_scores_match_dense_scores():
+    torch.manual_seed(0)
+    queries, rows = F.normalize(torch.randn(3, 5), dim=-1), torch.randn(12, 5)
+    calibration = torch.tensor([math.log(7.0), 0.5])
+    pairs = make_pairs(POSITIVES, sample_uniform(POSITIVES, 6, np.random.default_rng(2)), True)
+    dense = 7.0 * queries @ F.normalize(rows, dim=-1).T + 0.5
+    scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
+    torch.testing.assert_close(scores, dense[pairs.query, pairs.label])
+    raw = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=False)
+    torch.testing.assert_close(raw, (7.0 * queries @ rows.T + 0.5)[pairs.query, pairs.label])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_blockwise_topk_equals_dense_topk(normalize, tmp_path):
+    torch.manual_seed(0)
+    table = ClassifierTable(53, 8, TableConfig())
+    table.init_random(0)
+    queries = torch.randn(11, 8)
+    scores, ids = exact_topk(queries, table, k=5, normalize_rows=normalize, label_block=7, query_block=4,
+                             progress=False)
+    rows = F.normalize(table.rows, dim=-1) if normalize else table.rows
+    dense = (queries @ rows.T).topk(5, dim=1)
+    torch.testing.assert_close(scores, dense.values)
+    assert torch.equal(ids, dense.indices)
+
+    save_predictions(tmp_path / "p.npz", scores.numpy(), ids.numpy(), 53)
+    loaded = sp.load_npz(tmp_path / "p.npz")
+    assert loaded.shape == (11, 53)
+    np.testing.assert_allclose(loaded.toarray()[np.arange(11)[:, None], ids.numpy()], scores.numpy(), rtol=1e-6)

@@ -1,0 +1,170 @@
+"""The classifier table against dense PyTorch references: the same rows, the same loss, torch.optim updates."""
+
+import numpy as np
+import pytest
+import torch
+
+from astra_ds.config import TableConfig
+from astra_ds.table import store
+from astra_ds.table.table import ClassifierTable
+
+L, D = 40, 8
+
+
+def _loss(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """A loss with a different gradient for every row occurrence."""
+    return (torch.tanh(rows * queries).sum(-1) * torch.arange(1, len(rows) + 1)).sum()
+
+
+def _batches(steps: int, seed: int = 0):
+    """Label ids per step, with repeats inside a step, and matching random queries."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        ids = torch.from_numpy(rng.integers(0, L, size=25))
+        ids[5:10] = ids[0]  # repeated ids
+        yield ids, torch.from_numpy(rng.standard_normal((25, D)).astype(np.float32))
+
+
+def _sparse_run(cfg: TableConfig, steps: int) -> torch.Tensor:
+    table = ClassifierTable(L, D, cfg)
+    table.init_random(seed=3)
+    for ids, queries in _batches(steps):
+        block, slots = table.fetch(ids)
+        _loss(block.weights[slots], queries).backward()
+        table.apply_gradients([block])
+    return table.rows.clone()
+
+
+def _initial_rows(cfg: TableConfig) -> torch.Tensor:
+    table = ClassifierTable(L, D, cfg)
+    table.init_random(seed=3)
+    return table.rows.clone()
+
+
+def test_rowwise_adagrad_matches_dense_reference():
+    cfg = TableConfig(optimizer="rowwise_adagrad", lr=0.1)
+    weights = _initial_rows(cfg).requires_grad_(True)
+    accumulator = torch.zeros(L)
+    for ids, queries in _batches(6):
+        weights.grad = None
+        _loss(weights[ids], queries).backward()
+        with torch.no_grad():
+            touched = torch.zeros(L, dtype=torch.bool)
+            touched[ids] = True
+            accumulator[touched] += weights.grad[touched].pow(2).mean(1)
+            weights[touched] -= cfg.lr * weights.grad[touched] / (accumulator[touched].sqrt() + cfg.eps)[:, None]
+    torch.testing.assert_close(_sparse_run(cfg, 6), weights.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_rowwise_adagrad_with_one_column_is_torch_adagrad():
+    global D
+    saved, D = D, 1
+    try:
+        cfg = TableConfig(optimizer="rowwise_adagrad", lr=0.1, eps=1e-10)
+        weights = torch.nn.Parameter(_initial_rows(cfg))
+        optimizer = torch.optim.Adagrad([weights], lr=cfg.lr, eps=cfg.eps)
+        for ids, queries in _batches(6):
+            optimizer.zero_grad()
+            _loss(weights[ids], queries).backward()
+            optimizer.step()
+        torch.testing.assert_close(_sparse_run(cfg, 6), weights.detach(), rtol=1e-5, atol=1e-6)
+    finally:
+        D = saved
+
+
+def test_lazy_adam_matches_torch_adam_per_row():
+    """Lazy Adam = torch.optim.Adam on each row, stepped only on the steps whose batch contains the row."""
+    cfg = TableConfig(optimizer="lazy_adam", lr=0.05, betas=[0.8, 0.95])
+    initial = _initial_rows(cfg)
+    params = [torch.nn.Parameter(initial[i].clone()) for i in range(L)]
+    optimizers = [torch.optim.Adam([p], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps) for p in params]
+    for ids, queries in _batches(6):
+        for p in params:
+            p.grad = None
+        _loss(torch.stack([params[i] for i in ids.tolist()]), queries).backward()
+        for i in set(ids.tolist()):
+            optimizers[i].step()
+    torch.testing.assert_close(_sparse_run(cfg, 6), torch.stack([p.detach() for p in params]),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "lazy_adam"])
+def test_accumulated_blocks_equal_one_block(optimizer):
+    """Gradient accumulation: two blocks (overlapping rows) applied together = one block of both batches."""
+    cfg = TableConfig(optimizer=optimizer, lr=0.1)
+    (ids_a, q_a), (ids_b, q_b) = list(_batches(2))
+    split, joint = ClassifierTable(L, D, cfg), ClassifierTable(L, D, cfg)
+    split.init_random(1)
+    joint.init_random(1)
+    blocks = []
+    for ids, queries in ((ids_a, q_a), (ids_b, q_b)):
+        block, slots = split.fetch(ids)
+        _loss(block.weights[slots], queries).backward()
+        blocks.append(block)
+    split.apply_gradients(blocks)
+    block, slots = joint.fetch(torch.cat([ids_a, ids_b]))
+    rows = block.weights[slots]
+    (_loss(rows[:25], q_a) + _loss(rows[25:], q_b)).backward()
+    joint.apply_gradients([block])
+    torch.testing.assert_close(split.rows, joint.rows, rtol=1e-5, atol=1e-6)
+    for name in split.optimizer.state:
+        torch.testing.assert_close(split.optimizer.state[name], joint.optimizer.state[name])
+
+
+def test_untouched_rows_do_not_change():
+    cfg = TableConfig(lr=0.5)
+    table = ClassifierTable(L, D, cfg)
+    table.init_random(0)
+    before = table.rows.clone()
+    block, slots = table.fetch(torch.tensor([3, 7, 3]))
+    block.weights[slots].sum().backward()
+    table.apply_gradients([block])
+    changed = (table.rows != before).any(1).nonzero().flatten().tolist()
+    assert changed == [3, 7]
+
+
+def test_shards_are_chunk_aligned_and_cover_all_rows():
+    for num_labels, chunk, world in [(100, 7, 3), (10, 20, 4), (64, 8, 8), (1000, 1, 7)]:
+        ranges = [store.shard_range(num_labels, chunk, r, world) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == num_labels
+        for (_, end), (start, _) in zip(ranges, ranges[1:]):
+            assert end == start
+        assert all(start % chunk == 0 or start == num_labels for start, _ in ranges)  # empty shards at the end
+
+
+def test_init_and_save_load_do_not_depend_on_world_size(tmp_path):
+    cfg = TableConfig(chunk_mb=D * 4 * 5 / 2**20)  # 5 rows a chunk
+    whole = ClassifierTable(L, D, cfg)
+    whole.init_random(seed=9)
+    shards = [ClassifierTable(L, D, cfg, rank=r, world_size=3) for r in range(3)]
+    for shard in shards:
+        shard.init_random(seed=9)
+        assert shard.start % 5 == 0
+    torch.testing.assert_close(torch.cat([s.rows for s in shards]), whole.rows)
+
+    whole.optimizer.state["sum"].uniform_()
+    whole.save(tmp_path / "table")
+    for rank, shard in enumerate(shards):
+        shard.load(tmp_path / "table")
+        torch.testing.assert_close(shard.rows, whole.rows[shard.start:shard.end])
+        torch.testing.assert_close(shard.optimizer.state["sum"], whole.optimizer.state["sum"][shard.start:shard.end])
+
+    # shards write their own rows of one table
+    shards[0].save(tmp_path / "joint")
+    for shard in shards[1:]:
+        shard.save(tmp_path / "joint", create=False)
+    reloaded = ClassifierTable(L, D, cfg)
+    reloaded.load(tmp_path / "joint")
+    torch.testing.assert_close(reloaded.rows, whole.rows)
+
+
+def test_fetch_rejects_rows_of_another_shard():
+    shard = ClassifierTable(L, D, TableConfig(chunk_mb=D * 4 * 10 / 2**20), rank=1, world_size=2)
+    with pytest.raises(IndexError):
+        shard.fetch(torch.tensor([0]))
+
+
+def test_load_rejects_a_table_of_another_shape(tmp_path):
+    ClassifierTable(L, D, TableConfig()).save(tmp_path / "t")
+    with pytest.raises(ValueError, match="expected"):
+        ClassifierTable(L + 1, D, TableConfig()).load(tmp_path / "t")
