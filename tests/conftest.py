@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from astra_ds.data.synth import SynthConfig, generate
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A small learnable dataset and settings under which the tiny random encoder learns it in seconds.
+TINY_RUN = ["encoder.model=tiny-random", "train.batch_size=32", "negatives.num_negatives=16",
+            "train.encoder_lr=1e-3", "train.log_every=4"]
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    return generate(SynthConfig(num_labels=50, num_train=512, num_test=128, vocab_size=500, seed=1),
+                    tmp_path_factory.mktemp("data") / "synth")
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m astra_ds ARGS` in a fresh process, as a user runs it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run([sys.executable, "-m", "astra_ds", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)

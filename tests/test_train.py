@@ -1,0 +1,131 @@
+"""Training end to end: the CLI, what a run writes, evaluation, and the step against its definition."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import yaml
+
+from astra_ds.config import load_config
+from astra_ds.train.trainer import Trainer
+
+from conftest import SHARED_DATA, TINY_RUN, run_cli
+
+
+def _sets(*pairs: str) -> list[str]:
+    return [arg for pair in pairs for arg in ("--set", pair)]
+
+
+def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", *_sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                                     f"out_dir={out}", "train.epochs=10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "P@1" in result.stdout and "popularity" in result.stdout
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["astra_ds"]["P@1"] > metrics["popularity"]["P@1"] + 0.2  # it learnt the structure
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 160 and log[-1]["loss"] < 0.5 * log[0]["loss"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 10 and saved["encoder"]["model"] == "tiny-random"
+    assert json.loads((out / "ds_config.json").read_text())["train_batch_size"] == 32
+    predictions = sp.load_npz(out / "predictions.npz")
+    assert predictions.shape == (128, 50) and np.all(np.diff(predictions.indptr) == 5)
+
+    again = run_cli("eval", "--run-dir", str(out), "--out-dir", str(tmp_path / "eval"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    recomputed = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name, value in metrics["astra_ds"].items():
+        assert recomputed["astra_ds"][name] == pytest.approx(value, abs=1e-6), name
+
+
+def test_train_on_bibtex_from_the_cli(token_cache, tmp_path):
+    if not (SHARED_DATA / "Bibtex").is_dir():
+        pytest.skip("shared Bibtex data not present")
+    result = run_cli("train", "--config", "configs/bibtex.yaml",
+                     *_sets(*TINY_RUN, f"data.cache_dir={token_cache}", f"out_dir={tmp_path / 'bibtex'}",
+                            "train.max_steps=5", "data.max_len=32"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "159 labels" in result.stderr and "P@1" in result.stdout
+    assert json.loads((tmp_path / "bibtex" / "metrics.json").read_text())["num_test"] == 2515
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--set", "train.epoch=3"], "unknown config key train.epoch "),
+    (["train", "--set", "train.epochs=many"], "train.epochs must be an integer"),
+    (["train", "--set", "table.optimizer=sgd"], "table.optimizer must be rowwise_adagrad or lazy_adam"),
+    (["train", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
+    (["train", "--set", "data.path=no/such/dir"], "dataset directory not found: no/such/dir"),
+    (["train", "--set", "train.ds_config=zero9"], "train.ds_config='zero9' is neither a file nor one of"),
+    (["eval", "--run-dir", "no/such/run"], "no/such/run is not a finished run"),
+    (["data", "synth", "--out", "x", "--min-words", "9", "--max-words", "2"], "need 1 <= min_words <= max_words"),
+])
+def test_user_mistakes_give_one_line_errors(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("astra-ds: error: ") and message in result.stderr
+
+
+def test_malformed_dataset_gives_one_line_error(synth_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in synth_dir.iterdir():
+        if path.is_file():
+            (bad / path.name).write_bytes(path.read_bytes())
+    (bad / "tst_X_Y.txt").write_text("128 50\n" + "51:1\n" * 128)
+    result = run_cli("train", "--set", f"data.path={bad}", "--set", "encoder.model=tiny-random")
+    assert result.returncode == 2 and "tst_X_Y.txt:2: label id 51 out of range [0, 50)" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_data_stats_and_help(synth_dir):
+    stats = run_cli("data", "stats", str(synth_dir))
+    assert stats.returncode == 0 and "50 labels" in stats.stdout and "train: 512 queries" in stats.stdout
+    help_text = run_cli("train", "--help").stdout
+    assert "--set" in help_text and "--config" in help_text
+
+
+def _trainer(synth_dir, token_cache, tmp_path, *overrides) -> Trainer:
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             f"out_dir={tmp_path}", *overrides])
+    return Trainer(cfg, progress=False)
+
+
+def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
+    """One step's loss equals the sampled BCE recomputed densely from the encoder and the table, and only the
+    rows of sampled labels change."""
+    trainer = _trainer(synth_dir, token_cache, tmp_path / "a")
+    rows = trainer.batch_order(0)[0]
+    before = trainer.table.rows.clone()
+    input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
+    with torch.no_grad():
+        queries, calibration = trainer.engine.module(input_ids, attention_mask)
+    rng = np.random.default_rng([trainer.cfg.train.seed, 1, 0])
+    positives = trainer.train_labels[rows]
+    from astra_ds.negatives.uniform import sample_uniform
+
+    negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, rng)
+    scores = calibration[0].exp() * queries @ torch.nn.functional.normalize(before, dim=-1).T + calibration[1]
+    expected = (torch.nn.functional.softplus(-scores)[torch.from_numpy(positives.toarray()) > 0].sum()
+                + sum(torch.nn.functional.softplus(scores[i, negatives.global_ids[i]]).sum()
+                      * np.exp(-negatives.log_q[i, 0]) / negatives.global_ids.shape[1] for i in range(len(rows))))
+    stats = trainer.train_step(rows)
+    assert stats["loss"] == pytest.approx(expected.item() / len(rows), rel=1e-4)
+
+    changed = set((trainer.table.rows != before).any(1).nonzero().flatten().tolist())
+    sampled = set(positives.indices.tolist()) | set(negatives.global_ids.reshape(-1).tolist())
+    assert changed and changed <= sampled and stats["rows"] == len(sampled)
+
+
+def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp_path):
+    full = _trainer(synth_dir, token_cache, tmp_path / "full")
+    accumulated = _trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
+    for step in range(3):
+        rows = full.batch_order(0)[step]
+        loss_full, loss_acc = full.train_step(rows)["loss"], accumulated.train_step(rows)["loss"]
+        assert loss_acc == pytest.approx(loss_full, rel=1e-4)
+    torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
