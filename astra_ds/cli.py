@@ -95,8 +95,8 @@ def cmd_synth(args) -> None:
         cfg = SynthConfig(**values)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    out = generate(cfg, args.out)
-    print(f"wrote {cfg.num_train} train / {cfg.num_test} test queries over {cfg.num_labels} labels to {out}")
+    out = generate(cfg, args.out, exist_ok=args.exist_ok)
+    print(f"dataset at {out}: {cfg.num_train} train / {cfg.num_test} test queries over {cfg.num_labels} labels")
 
 
 def cmd_stats(args) -> None:
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Labels are topics over pseudo-words; queries are noisy word "
                                                  "draws from 1-5 labels. Streams to disk at any number of labels.")
     synth.add_argument("--out", required=True, help="output directory (must not exist)")
+    synth.add_argument("--exist-ok", action="store_true",
+                       help="keep --out if it already holds a dataset generated with the same settings")
     _synth_arguments(synth)
     synth.set_defaults(func=cmd_synth)
     stats = data_commands.add_parser("stats", help="summarise a dataset")

@@ -132,6 +132,9 @@ def test_synthetic_data_is_deterministic_and_valid(tmp_path):
     assert per_query.min() >= 1 and per_query.max() <= 5
     with pytest.raises(FileExistsError):
         generate(SMALL, tmp_path / "a")
+    assert generate(SMALL, tmp_path / "a", exist_ok=True) == tmp_path / "a"
+    with pytest.raises(FileExistsError, match="another generator config"):
+        generate(SynthConfig(**{**SMALL.__dict__, "num_train": 10}), tmp_path / "a", exist_ok=True)
 
 
 def test_synthetic_queries_carry_their_labels_words(tmp_path):

@@ -129,3 +129,26 @@ def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp
         loss_full, loss_acc = full.train_step(rows)["loss"], accumulated.train_step(rows)["loss"]
         assert loss_acc == pytest.approx(loss_full, rel=1e-4)
     torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
+
+
+def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp_path):
+    """Under ZeRO-3 each rank holds a parameter shard; the saved encoder.pt must hold the full weights."""
+    ds_config = tmp_path / "zero3_cpu.json"
+    ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                                     "zero_optimization": {"stage": 3}}))
+    trainer = _trainer(synth_dir, token_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
+    assert trainer.engine.zero_optimization_stage() == 3
+    for step in range(2):
+        trainer.train_step(trainer.batch_order(0)[step])
+    trainer.save_model()
+
+    from astra_ds.model.encoder import QueryEncoder
+
+    encoder = QueryEncoder(trainer.cfg.encoder, trainer.num_labels)
+    encoder.load_state_dict(torch.load(tmp_path / "z3" / "encoder.pt"))
+    input_ids, attention_mask = trainer.data.test_tokens.batch(np.arange(8))
+    trainer.engine.eval()
+    with torch.no_grad():
+        expected, _ = trainer.engine(input_ids, attention_mask)
+        got, _ = encoder.eval()(input_ids, attention_mask)
+    torch.testing.assert_close(got, expected)

@@ -12,6 +12,8 @@ by an affine bijection, and Y.txt is written in blocks. So any L (up to 120M and
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -167,12 +169,19 @@ def _write_label_texts(path: Path, model: TopicModel, vocabulary: list[str]) -> 
             f.write("".join(" ".join(vocabulary[w] for w in ws) + "\n" for ws in words))
 
 
-def generate(cfg: SynthConfig, out_dir: str | Path) -> Path:
-    """Write trn_X.txt, trn_X_Y.txt, tst_X.txt, tst_X_Y.txt and Y.txt under out_dir (atomically: a temporary
-    directory renamed at the end, so an interrupted run leaves no half dataset)."""
+CONFIG_FILE = "synth_config.json"
+
+
+def generate(cfg: SynthConfig, out_dir: str | Path, exist_ok: bool = False) -> Path:
+    """Write trn_X.txt, trn_X_Y.txt, tst_X.txt, tst_X_Y.txt, Y.txt and synth_config.json under out_dir
+    (atomically: a temporary directory renamed at the end, so an interrupted run leaves no half dataset).
+    With exist_ok, a directory already generated with the same config is kept as it is."""
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists")
+        saved = out_dir / CONFIG_FILE
+        if exist_ok and saved.is_file() and json.loads(saved.read_text()) == dataclasses.asdict(cfg):
+            return out_dir
+        raise FileExistsError(f"{out_dir} already exists" + (" with another generator config" if exist_ok else ""))
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     model = TopicModel(cfg)
@@ -181,5 +190,6 @@ def generate(cfg: SynthConfig, out_dir: str | Path) -> Path:
     _write_split(tmp / "tst_X.txt", tmp / "tst_X_Y.txt", model, vocabulary, cfg.num_test, 2, "test")
     if cfg.label_texts:
         _write_label_texts(tmp / "Y.txt", model, vocabulary)
+    (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tmp.rename(out_dir)
     return out_dir

@@ -13,7 +13,7 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        self.file = open(run_dir / "train_log.jsonl", "a")
+        self.file = open(run_dir / "train_log.jsonl", "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -50,6 +50,8 @@ class Trainer:
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
         self.run_dir = Path(cfg.out_dir)
+        if self.dist.is_main and (self.run_dir / "config.yaml").exists():
+            log.warning("out_dir %s holds an earlier run: its files are overwritten", self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
         import deepspeed
