@@ -73,9 +73,49 @@ class TableConfig:
 class NegativesConfig:
     num_negatives: int = 64  # m sampled negatives per query
     importance_weights: bool = True  # weight each by 1 / (m Q(l)); off = plain sampled BCE
+    # uniform: Q(l) = 1 / (L - |P|) throughout. astra: uniform for warmup_epochs, then the mixture
+    # Q(l) = alpha * softmax over the shortlist of t / tau + (1 - alpha) / (L - |P|) (DESIGN §2).
+    strategy: str = "uniform"
+    warmup_epochs: int = 1
+    refresh_every: int = 5  # epochs between index rebuilds
+    alpha: float = 0.5
+    tau: float = 0.1
+    shortlist_size: int = 64  # K candidates per query from the index
+    shortlist_mode: str = "per_step"  # per_step: search with the current query embedding; precomputed: once per refresh
 
     def __post_init__(self):
         _check(self.num_negatives >= 1, f"negatives.num_negatives must be >= 1, not {self.num_negatives}")
+        _check(self.strategy in ("uniform", "astra"), f"negatives.strategy must be uniform or astra, not {self.strategy!r}")
+        _check(self.warmup_epochs >= 0 and self.refresh_every >= 1,
+               "negatives.warmup_epochs must be >= 0 and negatives.refresh_every >= 1")
+        _check(0 <= self.alpha <= 1, f"negatives.alpha must be in [0, 1], not {self.alpha}")
+        _check(self.tau > 0, f"negatives.tau must be positive, not {self.tau}")
+        _check(self.shortlist_size >= 1, f"negatives.shortlist_size must be >= 1, not {self.shortlist_size}")
+        _check(self.shortlist_mode in ("per_step", "precomputed"),
+               f"negatives.shortlist_mode must be per_step or precomputed, not {self.shortlist_mode!r}")
+
+
+@dataclass
+class IndexConfig:
+    """The faiss index over the classifier rows (ASTRA shortlists)."""
+
+    kind: str = "auto"  # auto | flat | hnsw | ivf_flat | ivf_pq; auto: hnsw up to hnsw_max_rows, then IVF
+    hnsw_max_rows: int = 2_000_000
+    ivf_pq_min_rows: int = 20_000_000  # auto picks IVF-PQ from here on, IVF-Flat below
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    nlist: int | None = None  # IVF lists; default 4 * sqrt(rows)
+    nprobe: int = 32
+    pq_m: int | None = None  # PQ sub-quantizers; default d / 4 (d / pq_m dims each, 8 bits)
+    train_rows: int = 200_000  # rows sampled to train IVF centroids / PQ codebooks
+    add_block: int = 65536  # rows normalised and added at once
+    recall_queries: int = 512  # queries used to measure recall@K against exact search at each build
+    use_gpu: bool = True  # faiss-gpu when installed and CUDA is present
+
+    def __post_init__(self):
+        _check(self.kind in ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq"),
+               f"index.kind must be auto, flat, hnsw, ivf_flat or ivf_pq, not {self.kind!r}")
 
 
 @dataclass
@@ -117,6 +157,7 @@ class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     table: TableConfig = field(default_factory=TableConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

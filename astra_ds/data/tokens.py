@@ -22,6 +22,9 @@ class TokenizedTexts:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def subset(self, rows: np.ndarray) -> "TokenizedTexts":
+        return TokenizedTexts(self.ids[rows], self.lengths[rows])
+
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids and attention_mask of `rows`, trimmed to the longest of them."""
         lengths = self.lengths[rows]

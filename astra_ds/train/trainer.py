@@ -2,7 +2,7 @@
 
 One step (global batch of B queries):
   1. encode the queries with the DeepSpeed engine            -> q (B, d), calibration (scale, bias)
-  2. sample m negatives per query                              -> pairs (query, label, target, weight)
+  2. sample m negatives per query (uniform, or the ASTRA mixture) -> pairs (query, label, target, weight)
   3. fetch the pairs' classifier rows from host memory         -> rows (U, d) on the device
   4. score the pairs and compute the sampled BCE               -> loss
   5. backward through rows and encoder; DeepSpeed steps the encoder, the table steps its rows
@@ -24,8 +24,11 @@ from astra_ds.data.prepare import prepare_data
 from astra_ds.dist import init_distributed
 from astra_ds.eval.evaluate import evaluate
 from astra_ds.eval.metrics import format_table
+from astra_ds.eval.predict import encode_queries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.negatives.index import LabelIndex
+from astra_ds.negatives.mixture import sample_mixture
+from astra_ds.negatives.uniform import Negatives, sample_uniform
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.ds_config import resolve_ds_config
 from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
@@ -77,6 +80,9 @@ class Trainer:
         self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,
                                      self.dist.rank, self.dist.world_size)
         self.table.init_random(cfg.train.seed)
+        self.index = LabelIndex(cfg.index, cfg.table.normalize_rows) if cfg.negatives.strategy == "astra" else None
+        self.shortlists: tuple[np.ndarray, np.ndarray] | None = None  # precomputed (ids, scores) per train query
+        self.recent_queries: list[torch.Tensor] = []  # for the index's recall check
 
         self.steps_per_epoch = len(self.data.train_tokens) // cfg.train.batch_size
         total = self.steps_per_epoch * cfg.train.epochs
@@ -99,6 +105,41 @@ class Trainer:
         order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.data.train_tokens))
         return order[:self.steps_per_epoch * self.cfg.train.batch_size].reshape(self.steps_per_epoch, -1)
 
+    def hard_negatives_due(self, epoch: int) -> bool:
+        """ASTRA: the index is (re)built at epochs W, W + R, W + 2R, ..."""
+        neg = self.cfg.negatives
+        return self.index is not None and epoch >= neg.warmup_epochs and (epoch - neg.warmup_epochs) % neg.refresh_every == 0
+
+    def refresh_index(self) -> None:
+        """Rebuild the index over the current rows (and, in precomputed mode, every query's shortlist)."""
+        neg = self.cfg.negatives
+        sample = torch.cat(self.recent_queries) if self.recent_queries else None
+        if neg.shortlist_mode == "precomputed" or sample is None:
+            tokens = self.data.train_tokens
+            if neg.shortlist_mode != "precomputed":  # only a sample, for the recall check
+                tokens = tokens.subset(np.arange(min(len(tokens), self.cfg.index.recall_queries)))
+            self.engine.eval()
+            queries, _ = encode_queries(lambda ids, mask: self.engine(ids, mask), tokens, self.cfg.eval.batch_size,
+                                        self.device, progress=self.progress)
+            self.engine.train()
+            sample = queries[:self.cfg.index.recall_queries] if sample is None else sample
+        report = self.index.build(self.table, sample, neg.shortlist_size, seed=self.cfg.train.seed)
+        if neg.shortlist_mode == "precomputed":
+            scores, ids = self.index.search(queries, neg.shortlist_size)
+            self.shortlists = (ids, scores)
+        self.metrics_log.log(self.step, {"index_version": self.index.version, "index_build_s": report.seconds,
+                                         "index_recall": report.recall})
+
+    def sample_negatives(self, micro: np.ndarray, queries: torch.Tensor, positives, rng) -> Negatives:
+        neg = self.cfg.negatives
+        if self.index is None or self.index.version == 0:
+            return sample_uniform(positives, neg.num_negatives, rng)
+        if neg.shortlist_mode == "precomputed":
+            ids, scores = self.shortlists[0][micro], self.shortlists[1][micro]
+        else:
+            scores, ids = self.index.search(queries, neg.shortlist_size)
+        return sample_mixture(positives, ids, scores, neg.num_negatives, neg.alpha, neg.tau, rng)
+
     def train_step(self, batch_rows: np.ndarray) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.train.seed, 1, self.step])  # negatives of this step
@@ -108,7 +149,7 @@ class Trainer:
             queries, calibration = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
 
             positives = self.train_labels[micro]
-            negatives = sample_uniform(positives, cfg.negatives.num_negatives, rng)
+            negatives = self.sample_negatives(micro, queries, positives, rng)
             pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights).to(self.device)
 
             block, slots = self.table.fetch(pairs.label)
@@ -118,11 +159,18 @@ class Trainer:
             self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
             self.engine.step()  # steps the encoder at the accumulation boundary only
             blocks.append(block)
+            self.remember_queries(queries)
             loss_sum += loss.item()
             rows_fetched += len(block.global_ids)
         self.table.apply_gradients(blocks)
         self.step += 1
         return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched, "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
+
+    def remember_queries(self, queries: torch.Tensor) -> None:
+        """Keep the latest query embeddings (as many as the recall check uses)."""
+        self.recent_queries.append(queries.detach().float().cpu())
+        while sum(len(q) for q in self.recent_queries) - len(self.recent_queries[0]) >= self.cfg.index.recall_queries:
+            self.recent_queries.pop(0)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -133,6 +181,8 @@ class Trainer:
         window, window_start = [], time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
+            if self.hard_negatives_due(epoch):
+                self.refresh_index()
             order = self.batch_order(epoch)
             for position in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:

@@ -1,0 +1,143 @@
+"""ASTRA negatives: the mixture proposal is a distribution, its weighted loss is unbiased, the index recalls."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from astra_ds.config import IndexConfig, TableConfig
+from astra_ds.negatives.index import LabelIndex, choose_kind
+from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
+from astra_ds.table.table import ClassifierTable
+from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+
+L = 12
+POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                                    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                                    [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32))
+# shortlists with a positive, padding (-1) and, for query 2, nothing but positives
+SHORTLIST = np.array([[0, 5, 6, -1], [11, 2, 3, 4], [1, -1, -1, -1]])
+STALE = np.array([[0.9, 0.5, 0.2, 0.0], [0.8, 0.7, 0.1, 0.3], [0.5, 0.0, 0.0, 0.0]])
+
+
+def _q_all_labels(alpha, tau):
+    p_short = shortlist_distribution(POSITIVES, SHORTLIST, STALE, tau)
+    return np.exp(mixture_log_q(POSITIVES, SHORTLIST, p_short, alpha, np.tile(np.arange(L), (3, 1))))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_proposal_is_a_distribution_over_non_positives(alpha):
+    q = _q_all_labels(alpha, tau=0.2)
+    for i in range(3):
+        negatives = np.setdiff1d(np.arange(L), POSITIVES[i].indices)
+        assert q[i, negatives].sum() == pytest.approx(1.0)
+    # query 2's shortlist holds only its positive: it falls back to uniform
+    np.testing.assert_allclose(q[2, [0, 2, 3]], 1 / (L - 1))
+
+
+def test_draws_follow_the_proposal_and_avoid_positives():
+    negatives = sample_mixture(POSITIVES, SHORTLIST, STALE, 40000, alpha=0.5, tau=0.2, rng=np.random.default_rng(0))
+    q = _q_all_labels(0.5, 0.2)
+    for i in range(3):
+        drawn = negatives.global_ids[i]
+        assert not np.isin(drawn, POSITIVES[i].indices).any()
+        np.testing.assert_allclose(np.bincount(drawn, minlength=L) / len(drawn), np.where(
+            np.isin(np.arange(L), POSITIVES[i].indices), 0, q[i]), atol=0.01)
+        np.testing.assert_allclose(np.exp(negatives.log_q[i]), q[i, drawn])
+
+
+def test_mixture_weighted_loss_is_unbiased_for_the_full_bce():
+    torch.manual_seed(0)
+    queries, rows = F.normalize(torch.randn(3, 6), dim=-1), torch.randn(L, 6)
+    calibration = torch.tensor([math.log(4.0), -1.0])
+    scores = calibration[0].exp() * queries @ F.normalize(rows, dim=-1).T + calibration[1]
+    full = (F.binary_cross_entropy_with_logits(scores, torch.from_numpy(POSITIVES.toarray()), reduction="sum") / 3)
+    rng = np.random.default_rng(1)
+    estimates = []
+    for _ in range(3000):
+        negatives = sample_mixture(POSITIVES, SHORTLIST, STALE, 4, alpha=0.7, tau=0.1, rng=rng)
+        pairs = make_pairs(POSITIVES, negatives, importance_weights=True)
+        s = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
+        estimates.append(sampled_bce(s, pairs, num_queries=3).item())
+    standard_error = np.std(estimates) / math.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - full.item()) < 4 * standard_error
+    assert standard_error < 0.02 * full.item()
+
+
+def _table(num_labels=3000, dim=16):
+    table = ClassifierTable(num_labels, dim, TableConfig())
+    table.init_random(0)
+    return table
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+def test_index_search_and_recall_against_exact(kind):
+    table = _table()
+    queries = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    index = LabelIndex(IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=4, add_block=700), normalize_rows=True)
+    report = index.build(table, queries, k=10)
+    assert report.kind == kind and report.rows == 3000 and index.version == 1
+    assert report.recall >= {"flat": 1.0, "hnsw": 0.9, "ivf_flat": 0.99, "ivf_pq": 0.3}[kind]
+    scores, ids = index.search(queries[:4], 10)
+    assert ids.shape == (4, 10) and ids.min() >= 0 and ids.max() < 3000
+    if kind in ("flat", "ivf_flat"):  # exact scores: the stale scores t_il are true inner products
+        rows = F.normalize(table.rows, dim=-1)
+        expected = (queries[:4] @ rows.T).gather(1, torch.from_numpy(ids)).numpy()
+        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_recall_collapse_is_visible():
+    """A stale index (rows changed after the build) shows low recall against exact search."""
+    table = _table()
+    queries = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    index = LabelIndex(IndexConfig(kind="flat"), normalize_rows=True)
+    index.build(table, queries, k=10)
+    table.rows.copy_(torch.randn(table.rows.shape, generator=torch.Generator().manual_seed(3)))
+    assert index.recall(table, queries, 10) < 0.2
+
+
+def test_index_kind_by_size():
+    cfg = IndexConfig(hnsw_max_rows=100, ivf_pq_min_rows=1000)
+    assert [choose_kind(cfg, n) for n in (100, 101, 1000)] == ["hnsw", "ivf_flat", "ivf_pq"]
+    assert choose_kind(IndexConfig(kind="flat"), 10**9) == "flat"
+
+
+@pytest.mark.parametrize("mode", ["per_step", "precomputed"])
+def test_astra_schedule_in_training(synth_dir, token_cache, tmp_path, mode):
+    """Uniform for the warm-up epochs, then the index is built at epochs W, W + R, ... and shortlist
+    negatives are drawn."""
+    import json
+
+    from astra_ds.config import load_config
+    from astra_ds.train.trainer import Trainer
+
+    from conftest import TINY_RUN
+
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             f"out_dir={tmp_path}", "train.epochs=4", "negatives.strategy=astra",
+                             "negatives.warmup_epochs=1", "negatives.refresh_every=2", "negatives.shortlist_size=8",
+                             f"negatives.shortlist_mode={mode}", "index.kind=flat"])
+    trainer = Trainer(cfg, progress=False)
+    drawn_from_shortlist = []
+    sample = trainer.sample_negatives
+
+    def spy(micro, queries, positives, rng):
+        negatives = sample(micro, queries, positives, rng)
+        if trainer.index.version:
+            ids = trainer.shortlists[0][micro] if mode == "precomputed" else trainer.index.search(queries, 8)[1]
+            drawn_from_shortlist.append((negatives.global_ids[:, :, None] == ids[:, None, :]).any(-1).mean())
+        return negatives
+
+    trainer.sample_negatives = spy
+    trainer.fit()
+    builds = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+              if "index_version" in line]
+    steps_per_epoch = trainer.steps_per_epoch
+    assert [b["step"] for b in builds] == [1 * steps_per_epoch, 3 * steps_per_epoch]
+    assert all(b["index_recall"] == 1.0 for b in builds)  # a flat index is exact
+    assert len(drawn_from_shortlist) == 3 * steps_per_epoch
+    # alpha = 0.5: at least half the negatives come from the 8-label shortlists (of 50 labels)
+    assert np.mean(drawn_from_shortlist) > 0.5
