@@ -4,11 +4,13 @@ Variants (DESIGN §2):
   uniform    uniform negatives only, importance-weighted
   hard_only  stale hard negatives only: shortlist softmax (alpha = 1), no uniform part, no weights
   astra      the ASTRA mixture (alpha from the config), importance-weighted
-Every run is a fresh `python -m astra_ds train` with the same config and seed; the table prints P@1, P@5,
-PSP@5 and wall time per run, and ablation.json keeps everything.
+Each dataset comes with its run config (which names the data); every run is a fresh `python -m astra_ds
+train` with that config, the common overrides and the variant's, and the same seed. The table prints P@1,
+P@5, PSP@5 and wall time per run; ablation.json keeps everything.
 
-    python tools/ablate_negatives.py --dataset synthetic=data/synthetic --dataset delicious=../shared/data/Delicious \\
-        --set train.epochs=4 --set negatives.warmup_epochs=1 --set negatives.refresh_every=1
+    python tools/ablate_negatives.py --dataset synthetic=configs/synthetic.yaml \\
+        --dataset delicious=configs/delicious.yaml \\
+        --set train.epochs=2 --set negatives.warmup_epochs=1 --set negatives.refresh_every=1
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ VARIANTS = {
 }
 
 
-def run_variant(config: str | None, overrides: list[str], out_dir: Path) -> dict:
-    args = [sys.executable, "-m", "astra_ds", "train", *(["--config", config] if config else [])]
+def run_variant(config: str, overrides: list[str], out_dir: Path) -> dict:
+    args = [sys.executable, "-m", "astra_ds", "train", "--config", config]
     for override in [*overrides, f"out_dir={out_dir}"]:
         args += ["--set", override]
     started = time.perf_counter()
@@ -42,8 +44,8 @@ def run_variant(config: str | None, overrides: list[str], out_dir: Path) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH")
-    parser.add_argument("--config", help="base YAML config (default: the built-in defaults)")
+    parser.add_argument("--dataset", action="append", required=True, metavar="NAME=CONFIG",
+                        help="a name and the run config that trains on it (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out-dir", default="runs/ablation")
@@ -51,12 +53,11 @@ def main() -> None:
 
     results = {}
     for spec in args.dataset:
-        name, _, path = spec.partition("=")
+        name, _, config = spec.partition("=")
         for variant in args.variants:
             out = Path(args.out_dir) / name / variant
             print(f"training {name} / {variant} ...", flush=True)
-            results[f"{name}/{variant}"] = run_variant(args.config, [f"data.path={path}", *args.set,
-                                                                     *VARIANTS[variant]], out)
+            results[f"{name}/{variant}"] = run_variant(config, [*args.set, *VARIANTS[variant]], out)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "ablation.json").write_text(json.dumps({"overrides": args.set, "results": results}, indent=2))
 
