@@ -20,8 +20,9 @@ from pathlib import Path
 
 from astra_ds.config import ConfigError, load_config
 from astra_ds.data.readers import DataError
+from astra_ds.table.table import TableError
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ConfigError, DataError, TableError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _quiet_libraries() -> None:

@@ -65,6 +65,14 @@ def test_malformed_input_gives_one_line_error(tmp_path, name, content, message):
     assert "\n" not in str(err.value)
 
 
+def test_corrupt_gzip_names_the_file(tmp_path):
+    directory = _write(tmp_path / "gz", {k: v for k, v in RAW.items() if k != "trn_X_Y.txt"})
+    payload = gzip.compress(RAW["trn_X_Y.txt"].encode())
+    (directory / "trn_X_Y.txt.gz").write_bytes(payload[:len(payload) // 2])  # truncated
+    with pytest.raises(DataError, match="cannot read .*trn_X_Y.txt.gz"):
+        read_dataset(directory)
+
+
 def test_missing_and_unknown_layouts(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_dataset(tmp_path / "nowhere")

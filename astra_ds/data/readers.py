@@ -74,10 +74,18 @@ def _ints(text: str, path: Path, line_no: int, what: str) -> list[int]:
         raise DataError(f"{path}:{line_no}: {what} must be integers, got {text.strip()!r}") from None
 
 
+def _numbered_lines(path: Path):
+    """(line number, line) of a text file, gzipped or not; read errors become DataErrors naming the file."""
+    try:
+        with _open_text(path) as f:
+            yield from enumerate(f, start=1)
+    except (OSError, EOFError) as err:  # a corrupt or truncated gzip, an I/O error
+        raise DataError(f"cannot read {path}: {err}") from None
+
+
 def read_lines(path: Path) -> list[str]:
     """One entry per line, trailing whitespace removed."""
-    with _open_text(path) as f:
-        return [line.rstrip("\r\n") for line in f]
+    return [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
 
 
 def _parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:
@@ -109,17 +117,17 @@ def _csr(rows: list[list[int]], values: list[list[float]] | None, num_cols: int)
 
 def read_sparse_file(path: Path, what: str = "label") -> sp.csr_matrix:
     """An XC sparse file: header "N C", then N lines of "id:value" tokens (an empty line is an empty row)."""
-    with _open_text(path) as f:
-        header = f.readline()
-        counts = _ints(header, path, 1, "the header (N C)")
-        if len(counts) != 2 or min(counts) < 0:
-            raise DataError(f"{path}:1: header must be two counts 'N C', got {header.strip()!r}")
-        num_rows, num_cols = counts
-        rows, values = [], []
-        for line_no, line in enumerate(f, start=2):
-            ids, vals = _parse_pairs(line.split(), num_cols, path, line_no, what)
-            rows.append(ids)
-            values.append(vals)
+    lines = _numbered_lines(path)
+    _, header = next(lines, (1, ""))
+    counts = _ints(header, path, 1, "the header (N C)")
+    if len(counts) != 2 or min(counts) < 0:
+        raise DataError(f"{path}:1: header must be two counts 'N C', got {header.strip()!r}")
+    num_rows, num_cols = counts
+    rows, values = [], []
+    for line_no, line in lines:
+        ids, vals = _parse_pairs(line.split(), num_cols, path, line_no, what)
+        rows.append(ids)
+        values.append(vals)
     if len(rows) != num_rows:
         raise DataError(f"{path}: header says {num_rows} rows but the file has {len(rows)}")
     return _csr(rows, values, num_cols)
@@ -138,32 +146,32 @@ def read_single_file(path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """XC single-file format: header "N F L" (or LEML "#num_feature=F num_label=L"), lines "l,l f:v ...".
 
     Returns (features, labels)."""
-    with _open_text(path) as f:
-        header = f.readline().strip()
-        if header.startswith("#"):
-            try:
-                fields = dict(item.split("=") for item in header[1:].split())
-                num_rows, num_features, num_labels = None, int(fields["num_feature"]), int(fields["num_label"])
-            except (ValueError, KeyError):
-                raise DataError(f"{path}:1: expected '#num_feature=F num_label=L', got {header!r}") from None
-        else:
-            counts = _ints(header, path, 1, "the header (N F L)")
-            if len(counts) != 3:
-                raise DataError(f"{path}:1: header must be three counts 'N F L', got {header!r}")
-            num_rows, num_features, num_labels = counts
-        feature_rows, feature_values, label_rows = [], [], []
-        for line_no, line in enumerate(f, start=2):
-            tokens = line.split()
-            label_part = tokens[0] if tokens and ":" not in tokens[0] else ""
-            feature_tokens = tokens[1:] if label_part else tokens
-            labels = _ints(label_part.replace(",", " "), path, line_no, "label ids")
-            bad = [lab for lab in labels if not 0 <= lab < num_labels]
-            if bad:
-                raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {num_labels})")
-            ids, vals = _parse_pairs(feature_tokens, num_features, path, line_no, "feature")
-            label_rows.append(labels)
-            feature_rows.append(ids)
-            feature_values.append(vals)
+    lines = _numbered_lines(path)
+    header = next(lines, (1, ""))[1].strip()
+    if header.startswith("#"):
+        try:
+            fields = dict(item.split("=") for item in header[1:].split())
+            num_rows, num_features, num_labels = None, int(fields["num_feature"]), int(fields["num_label"])
+        except (ValueError, KeyError):
+            raise DataError(f"{path}:1: expected '#num_feature=F num_label=L', got {header!r}") from None
+    else:
+        counts = _ints(header, path, 1, "the header (N F L)")
+        if len(counts) != 3:
+            raise DataError(f"{path}:1: header must be three counts 'N F L', got {header!r}")
+        num_rows, num_features, num_labels = counts
+    feature_rows, feature_values, label_rows = [], [], []
+    for line_no, line in lines:
+        tokens = line.split()
+        label_part = tokens[0] if tokens and ":" not in tokens[0] else ""
+        feature_tokens = tokens[1:] if label_part else tokens
+        labels = _ints(label_part.replace(",", " "), path, line_no, "label ids")
+        bad = [lab for lab in labels if not 0 <= lab < num_labels]
+        if bad:
+            raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {num_labels})")
+        ids, vals = _parse_pairs(feature_tokens, num_features, path, line_no, "feature")
+        label_rows.append(labels)
+        feature_rows.append(ids)
+        feature_values.append(vals)
     if num_rows is not None and len(label_rows) != num_rows:
         raise DataError(f"{path}: header says {num_rows} rows but the file has {len(label_rows)}")
     return _csr(feature_rows, feature_values, num_features), _csr(label_rows, None, num_labels)
@@ -172,19 +180,18 @@ def read_single_file(path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
 def read_pair_file(path: Path, num_cols: int, num_rows: int | None = None, what: str = "label") -> sp.csr_matrix:
     """Lines of "doc_id col_id" (0-based). Rows count = num_rows, or the largest doc id + 1."""
     docs, cols = [], []
-    with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            pair = _ints(line, path, line_no, "doc and id")
-            if len(pair) != 2:
-                raise DataError(f"{path}:{line_no}: expected 'doc_id {what}_id', got {line.strip()!r}")
-            if not 0 <= pair[1] < num_cols:
-                raise DataError(f"{path}:{line_no}: {what} id {pair[1]} out of range [0, {num_cols})")
-            if pair[0] < 0 or (num_rows is not None and pair[0] >= num_rows):
-                raise DataError(f"{path}:{line_no}: doc id {pair[0]} out of range [0, {num_rows})")
-            docs.append(pair[0])
-            cols.append(pair[1])
+    for line_no, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        pair = _ints(line, path, line_no, "doc and id")
+        if len(pair) != 2:
+            raise DataError(f"{path}:{line_no}: expected 'doc_id {what}_id', got {line.strip()!r}")
+        if not 0 <= pair[1] < num_cols:
+            raise DataError(f"{path}:{line_no}: {what} id {pair[1]} out of range [0, {num_cols})")
+        if pair[0] < 0 or (num_rows is not None and pair[0] >= num_rows):
+            raise DataError(f"{path}:{line_no}: doc id {pair[0]} out of range [0, {num_rows})")
+        docs.append(pair[0])
+        cols.append(pair[1])
     n = num_rows if num_rows is not None else (max(docs) + 1 if docs else 0)
     matrix = sp.csr_matrix((np.ones(len(docs), np.float32), (docs, cols)), shape=(n, num_cols))
     matrix.sum_duplicates()

@@ -19,6 +19,10 @@ from astra_ds.table import store
 from astra_ds.table.optim import build_optimizer
 
 
+class TableError(ValueError):
+    """A stored table that does not fit the run (another shape)."""
+
+
 @dataclass
 class RowBlock:
     """The rows of one step on the compute device."""
@@ -112,7 +116,7 @@ class ClassifierTable:
         """Read this shard's rows and optimizer state from the table at `path` (any world size wrote it)."""
         group = store.open_table(path)
         if (group.attrs["num_labels"], group.attrs["dim"]) != (self.num_labels, self.dim):
-            raise ValueError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
+            raise TableError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
                              f"expected {self.num_labels} x {self.dim}")
         same_optimizer = group.attrs["optimizer"] == self.cfg.optimizer
         for name, (tensor, _, _) in self._arrays().items():

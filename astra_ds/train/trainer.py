@@ -69,6 +69,9 @@ class Trainer:
             self.data = prepare_data(cfg.data, tokenizer)
         self.train_labels = self.data.dataset.train.labels
         self.num_labels = self.data.dataset.num_labels
+        unlabelled = int((np.diff(self.train_labels.indptr) == 0).sum())
+        if unlabelled:
+            log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
         if len(self.data.train_tokens) < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                               f"{len(self.data.train_tokens)} training queries")
