@@ -85,7 +85,7 @@ def cmd_eval(args) -> None:
     out_dir = Path(args.out_dir) if args.out_dir else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     results = evaluate(encoder, table, data.test_tokens, data.dataset.test.labels, data.dataset.train.labels,
-                       cfg.eval, cfg.table.normalize_rows, out_dir)
+                       cfg.eval, cfg.table.normalize_rows, out_dir, progress=sys.stderr.isatty())
     print(format_table(results, cfg.eval.ks))
 
 

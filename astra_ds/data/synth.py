@@ -148,13 +148,14 @@ class TopicModel:
 
 
 _BLOCK = 65536  # queries or labels generated at once; each query block has its own random stream
+# tqdm bars below: disable=None hides them when stderr is not a terminal
 
 
 def _write_split(path_x: Path, path_y: Path, model: TopicModel, vocabulary: list[str], n: int, split: int,
                  desc: str) -> None:
     with open(path_x, "w") as fx, open(path_y, "w") as fy:
         fy.write(f"{n} {model.cfg.num_labels}\n")
-        for start in tqdm(range(0, n, _BLOCK), desc=desc, unit="block", disable=n <= _BLOCK):
+        for start in tqdm(range(0, n, _BLOCK), desc=desc, unit="block", disable=n <= _BLOCK or None):
             rng = np.random.default_rng([model.cfg.seed, split, start // _BLOCK])
             labels, words = model.sample_queries(rng, min(_BLOCK, n - start))
             fx.write("".join(" ".join(vocabulary[w] for w in ws) + "\n" for ws in words))
@@ -164,7 +165,7 @@ def _write_split(path_x: Path, path_y: Path, model: TopicModel, vocabulary: list
 def _write_label_texts(path: Path, model: TopicModel, vocabulary: list[str]) -> None:
     num_labels = model.cfg.num_labels
     with open(path, "w") as f:
-        for start in tqdm(range(0, num_labels, _BLOCK), desc="label texts", unit="block", disable=num_labels <= _BLOCK):
+        for start in tqdm(range(0, num_labels, _BLOCK), desc="label texts", unit="block", disable=num_labels <= _BLOCK or None):
             words = model.signature_words(np.arange(start, min(start + _BLOCK, num_labels)))
             f.write("".join(" ".join(vocabulary[w] for w in ws) + "\n" for ws in words))
 

@@ -69,7 +69,7 @@ def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | 
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(len(texts), max_len))
         lengths = np.zeros(len(texts), np.int32)
         for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {name}", unit="chunk",
-                          disable=len(texts) <= chunk):
+                          disable=len(texts) <= chunk or None):  # None: no bar when stderr is no terminal
             encoded = tokenizer(texts[start:start + chunk], max_length=max_len, truncation=True)["input_ids"]
             for row, seq in enumerate(encoded, start=start):
                 ids[row, :len(seq)] = seq

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -51,7 +52,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed()
         self.device = self.dist.device
-        self.progress = progress and self.dist.is_main
+        # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
+        self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
         if self.dist.is_main and (self.run_dir / "config.yaml").exists():
             log.warning("out_dir %s holds an earlier run: its files are overwritten", self.run_dir)
@@ -196,10 +198,14 @@ class Trainer:
                 bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4g}")
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.time() - window_start
-                    self.metrics_log.log(self.step, {
-                        "epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"], "bias": stats["bias"],
-                        "rows_per_step": stats["rows"], "steps_per_s": len(window) / elapsed,
-                        "queries_per_s": len(window) * cfg.train.batch_size / elapsed})
+                    values = {"epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"],
+                              "bias": stats["bias"], "rows_per_step": stats["rows"],
+                              "steps_per_s": len(window) / elapsed,
+                              "queries_per_s": len(window) * cfg.train.batch_size / elapsed}
+                    self.metrics_log.log(self.step, values)
+                    if not self.progress:
+                        log.info("step %d/%d | epoch %d | loss %.4g | %.1f queries/s", self.step, self.total_steps,
+                                 epoch, values["loss"], values["queries_per_s"])
                     window, window_start = [], time.time()
         bar.close()
         self.metrics_log.close()
