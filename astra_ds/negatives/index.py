@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from astra_ds.config import IndexConfig
+from astra_ds.config import ConfigError, IndexConfig
 from astra_ds.eval.predict import exact_topk
 from astra_ds.table.table import ClassifierTable
 
@@ -34,8 +34,10 @@ class BuildReport:
 
 
 def _faiss():
-    import faiss
-
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("negatives.strategy=astra needs faiss: pip install faiss-cpu (or faiss-gpu)") from None
     return faiss
 
 
