@@ -169,10 +169,13 @@ class Trainer:
             rows_fetched += len(block.global_ids)
         self.table.apply_gradients(blocks)
         self.step += 1
-        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched, "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
+        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched,
+                "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
 
     def remember_queries(self, queries: torch.Tensor) -> None:
-        """Keep the latest query embeddings (as many as the recall check uses)."""
+        """Keep the latest query embeddings (as many as the recall check uses); only ASTRA's index needs them."""
+        if self.index is None:
+            return
         self.recent_queries.append(queries.detach().float().cpu())
         while sum(len(q) for q in self.recent_queries) - len(self.recent_queries[0]) >= self.cfg.index.recall_queries:
             self.recent_queries.pop(0)
