@@ -56,8 +56,9 @@ class LabelIndex:
         self.offset = 0  # global id of the index's row 0
         self.version = 0  # builds so far
 
-    def _rows(self, table: ClassifierTable, start: int, end: int) -> np.ndarray:
-        rows = table.block_rows(start, end).float()
+    def _vectors(self, rows: torch.Tensor) -> np.ndarray:
+        """Rows as faiss indexes them: normalised when scores use unit rows, contiguous float32."""
+        rows = rows.float()
         if self.normalize_rows:
             rows = F.normalize(rows, dim=-1)
         return np.ascontiguousarray(rows.numpy(), dtype=np.float32)
@@ -92,10 +93,7 @@ class LabelIndex:
             return
         rows = table.num_local_rows
         sample = np.sort(rng.choice(rows, size=min(rows, self.cfg.train_rows), replace=False)) + table.start
-        vectors = table.rows.index_select(0, torch.from_numpy(sample - table.start)).float()
-        if self.normalize_rows:
-            vectors = F.normalize(vectors, dim=-1)
-        index.train(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+        index.train(self._vectors(table.rows.index_select(0, torch.from_numpy(sample - table.start))))
 
     def build(self, table: ClassifierTable, sample_queries: torch.Tensor | None, k: int, seed: int = 0) -> BuildReport:
         """(Re)build over the table's current rows; recall@k is measured on `sample_queries` when given."""
@@ -104,7 +102,7 @@ class LabelIndex:
         index = self._new_index(kind, table)
         self._train(index, table, np.random.default_rng([seed, self.version]))
         for start in range(table.start, table.end, self.cfg.add_block):
-            index.add(self._rows(table, start, min(start + self.cfg.add_block, table.end)))
+            index.add(self._vectors(table.block_rows(start, min(start + self.cfg.add_block, table.end))))
         self.index, self.offset = index, table.start
         self.version += 1
         seconds = time.perf_counter() - started
