@@ -56,6 +56,9 @@ class TableConfig:
     lr: float = 0.05
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
+    # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
+    # (Y.txt / label_names.txt), NGAME/DEXML style.
+    init: str = "random"
     init_std: float = 0.02
     normalize_rows: bool = True  # score with w / ||w||
     chunk_mb: float = 32.0  # zarr chunk size; shards are aligned to chunks
@@ -63,6 +66,7 @@ class TableConfig:
     def __post_init__(self):
         _check(self.optimizer in ("rowwise_adagrad", "lazy_adam"),
                f"table.optimizer must be rowwise_adagrad or lazy_adam, not {self.optimizer!r}")
+        _check(self.init in ("random", "label_text"), f"table.init must be random or label_text, not {self.init!r}")
         _check(self.lr > 0, f"table.lr must be positive, not {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"table.betas must be two numbers in [0, 1), not {self.betas}")
@@ -82,6 +86,9 @@ class NegativesConfig:
     tau: float = 0.1
     shortlist_size: int = 64  # K candidates per query from the index
     shortlist_mode: str = "per_step"  # per_step: search with the current query embedding; precomputed: once per refresh
+    # NGAME: the other queries' positives in the batch join each query's negatives, summed exactly; sampled
+    # negatives then estimate only the labels outside the batch (see astra_ds/negatives/in_batch.py).
+    in_batch: bool = False
 
     def __post_init__(self):
         _check(self.num_negatives >= 1, f"negatives.num_negatives must be >= 1, not {self.num_negatives}")
@@ -93,6 +100,23 @@ class NegativesConfig:
         _check(self.shortlist_size >= 1, f"negatives.shortlist_size must be >= 1, not {self.shortlist_size}")
         _check(self.shortlist_mode in ("per_step", "precomputed"),
                f"negatives.shortlist_mode must be per_step or precomputed, not {self.shortlist_mode!r}")
+
+
+@dataclass
+class BatchingConfig:
+    """How queries are grouped into mini-batches."""
+
+    # random: a fresh permutation each epoch. clustered (NGAME): queries are grouped by balanced k-means on their
+    # embeddings into clusters of cluster_size, rebuilt every recluster_every epochs, and batches are made of
+    # whole clusters, so in-batch labels are hard negatives.
+    mode: str = "random"
+    cluster_size: int = 8
+    recluster_every: int = 5
+
+    def __post_init__(self):
+        _check(self.mode in ("random", "clustered"), f"batching.mode must be random or clustered, not {self.mode!r}")
+        _check(self.cluster_size >= 1, f"batching.cluster_size must be >= 1, not {self.cluster_size}")
+        _check(self.recluster_every >= 1, f"batching.recluster_every must be >= 1, not {self.recluster_every}")
 
 
 @dataclass
@@ -145,6 +169,7 @@ class EvalConfig:
     psp_b: float = 1.5
     batch_size: int = 256  # queries encoded at once
     label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
+    every_epoch: bool = False  # also evaluate after each epoch but the last; P@k go to train_log.jsonl
 
     def __post_init__(self):
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
@@ -158,6 +183,7 @@ class RunConfig:
     table: TableConfig = field(default_factory=TableConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -99,7 +99,7 @@ def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     """One step's loss equals the sampled BCE recomputed densely from the encoder and the table, and only the
     rows of sampled labels change."""
     trainer = _trainer(synth_dir, token_cache, tmp_path / "a")
-    rows = trainer.batch_order(0)[0]
+    rows = trainer.batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp
     full = _trainer(synth_dir, token_cache, tmp_path / "full")
     accumulated = _trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
     for step in range(3):
-        rows = full.batch_order(0)[step]
+        rows = full.batches.epoch_batches(0)[step]
         loss_full, loss_acc = full.train_step(rows)["loss"], accumulated.train_step(rows)["loss"]
         assert loss_acc == pytest.approx(loss_full, rel=1e-4)
     torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
@@ -139,7 +139,7 @@ def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp
     trainer = _trainer(synth_dir, token_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
     assert trainer.engine.zero_optimization_stage() == 3
     for step in range(2):
-        trainer.train_step(trainer.batch_order(0)[step])
+        trainer.train_step(trainer.batches.epoch_batches(0)[step])
     trainer.save_model()
 
     from astra_ds.model.encoder import QueryEncoder

@@ -2,7 +2,8 @@
 
 loss_i = sum_{l in P_i} softplus(-s_il) + (1/m) sum_j softplus(s_{i,l_j}) / Q_i(l_j),   l_j ~ Q_i,
 an unbiased estimate of the full BCE over all L labels; the batch loss is the mean over its queries.
-With importance weights off, every sampled negative weighs 1 (plain sampled BCE).
+With importance weights off, every sampled negative weighs 1 (plain sampled BCE). NGAME's in-batch negatives
+join as a dense block (`in_batch_bce`, see astra_ds/negatives/in_batch.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from astra_ds.negatives.in_batch import InBatch
 from astra_ds.negatives.uniform import Negatives
 
 
@@ -30,17 +32,26 @@ class Pairs:
         return Pairs(*(t.to(device, non_blocking=True) for t in (self.query, self.label, self.target, self.weight)))
 
 
-def make_pairs(positives: sp.csr_matrix, negatives: Negatives, importance_weights: bool) -> Pairs:
+def make_pairs(positives: sp.csr_matrix, negatives: Negatives, importance_weights: bool,
+               in_batch: InBatch | None = None) -> Pairs:
+    """Positive and sampled-negative pairs. With `in_batch`, the positives are scored in the dense in-batch
+    block instead, and sampled negatives inside the batch's labels are dropped (astra_ds/negatives/in_batch.py)."""
     batch, num_negatives = negatives.global_ids.shape
-    pos_query = np.repeat(np.arange(batch), np.diff(positives.indptr))
     neg_query = np.repeat(np.arange(batch), num_negatives)
+    neg_label = negatives.global_ids.reshape(-1)
     if importance_weights:
         neg_weight = np.exp(-negatives.log_q.reshape(-1)) / num_negatives
     else:
         neg_weight = np.ones(batch * num_negatives)
+    if in_batch is None:
+        pos_query, pos_label = np.repeat(np.arange(batch), np.diff(positives.indptr)), positives.indices
+    else:
+        keep = ~in_batch.contains(neg_label)
+        neg_query, neg_label, neg_weight = neg_query[keep], neg_label[keep], neg_weight[keep]
+        pos_query, pos_label = np.zeros(0, np.int64), np.zeros(0, np.int64)
     return Pairs(
         query=torch.from_numpy(np.concatenate([pos_query, neg_query]).astype(np.int64)),
-        label=torch.from_numpy(np.concatenate([positives.indices.astype(np.int64), negatives.global_ids.reshape(-1)])),
+        label=torch.from_numpy(np.concatenate([pos_label, neg_label]).astype(np.int64)),
         target=torch.cat([torch.ones(len(pos_query)), torch.zeros(len(neg_query))]),
         weight=torch.from_numpy(np.concatenate([np.ones(len(pos_query)), neg_weight]).astype(np.float32)),
     )
@@ -54,6 +65,15 @@ def pair_scores(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Te
         rows = F.normalize(rows, dim=-1)
     inner = (queries.index_select(0, pair_query) * rows.index_select(0, slots)).sum(-1)
     return calibration[0].exp() * inner + calibration[1]
+
+
+def in_batch_bce(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                 normalize_rows: bool) -> torch.Tensor:
+    """Summed BCE of every query against every in-batch label: rows (U, d), targets (B, U)."""
+    if normalize_rows:
+        rows = F.normalize(rows, dim=-1)
+    scores = calibration[0].exp() * (queries @ rows.T) + calibration[1]
+    return F.binary_cross_entropy_with_logits(scores, targets, reduction="sum")
 
 
 def sampled_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 One step (global batch of B queries):
   1. encode the queries with the DeepSpeed engine            -> q (B, d), calibration (scale, bias)
   2. sample m negatives per query (uniform, or the ASTRA mixture) -> pairs (query, label, target, weight)
-  3. fetch the pairs' classifier rows from host memory         -> rows (U, d) on the device
+     (NGAME: plus the batch's labels, scored densely against every query)
+  3. fetch the classifier rows of these labels from host memory -> rows (U, d) on the device
   4. score the pairs and compute the sampled BCE               -> loss
   5. backward through rows and encoder; DeepSpeed steps the encoder, the table steps its rows
 """
@@ -23,16 +24,19 @@ from tqdm import tqdm
 from astra_ds.config import ConfigError, RunConfig
 from astra_ds.data.prepare import prepare_data
 from astra_ds.dist import init_distributed
-from astra_ds.eval.evaluate import evaluate
+from astra_ds.eval.evaluate import MODEL, evaluate
 from astra_ds.eval.metrics import format_table
 from astra_ds.eval.predict import encode_queries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+from astra_ds.model.label_init import init_rows_from_label_texts
+from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.index import LabelIndex
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import Negatives, sample_uniform
 from astra_ds.table.table import ClassifierTable
+from astra_ds.train.batching import BatchSampler
 from astra_ds.train.ds_config import resolve_ds_config
-from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from astra_ds.train.metrics_log import MetricsLog
 
 log = logging.getLogger("astra_ds")
@@ -63,7 +67,7 @@ class Trainer:
         import torch.distributed as dist
 
         ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
-        tokenizer = build_tokenizer(cfg.encoder)
+        self.tokenizer = tokenizer = build_tokenizer(cfg.encoder)
         if self.dist.is_main:  # rank 0 fills the token cache, the others read it
             self.data = prepare_data(cfg.data, tokenizer)
         dist.barrier()
@@ -77,6 +81,9 @@ class Trainer:
         if len(self.data.train_tokens) < cfg.train.batch_size:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the "
                               f"{len(self.data.train_tokens)} training queries")
+        if cfg.table.init == "label_text" and self.data.dataset.label_texts is None:
+            raise ConfigError(f"table.init=label_text: the data at {cfg.data.path} has no label texts "
+                              "(Y.txt, or label_names.txt in the pair-file layout)")
 
         torch.manual_seed(cfg.train.seed)
         encoder = QueryEncoder(cfg.encoder, self.num_labels)
@@ -84,12 +91,16 @@ class Trainer:
             model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
         self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,
                                      self.dist.rank, self.dist.world_size)
-        self.table.init_random(cfg.train.seed)
+        if cfg.table.init == "label_text":
+            self.init_table_from_label_texts()
+        else:
+            self.table.init_random(cfg.train.seed)
         self.index = LabelIndex(cfg.index, cfg.table.normalize_rows) if cfg.negatives.strategy == "astra" else None
         self.shortlists: tuple[np.ndarray, np.ndarray] | None = None  # precomputed (ids, scores) per train query
         self.recent_queries: list[torch.Tensor] = []  # for the index's recall check
 
-        self.steps_per_epoch = len(self.data.train_tokens) // cfg.train.batch_size
+        self.batches = BatchSampler(cfg.batching, len(self.data.train_tokens), cfg.train.batch_size, cfg.train.seed)
+        self.steps_per_epoch = self.batches.steps_per_epoch
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.step = 0
@@ -103,13 +114,39 @@ class Trainer:
                  cfg.encoder.model, encoder.dim, ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, self.total_steps, cfg.train.batch_size)
 
-    # ---- one step ---------------------------------------------------------------------------------------------
+    # ---- components that follow the model: table init, index, clusters -----------------------------------------
 
-    def batch_order(self, epoch: int) -> np.ndarray:
-        """(steps_per_epoch, batch_size) query rows of an epoch; a function of (seed, epoch) only."""
-        order = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(len(self.data.train_tokens))
-        return order[:self.steps_per_epoch * self.cfg.train.batch_size].reshape(self.steps_per_epoch, -1)
+    def encode_train_queries(self, tokens) -> torch.Tensor:
+        """Embeddings (N, d) of training queries with the current encoder, on the host."""
+        self.engine.eval()
+        queries, _ = encode_queries(lambda ids, mask: self.engine(ids, mask), tokens, self.cfg.eval.batch_size,
+                                    self.device, progress=self.progress)
+        self.engine.train()
+        return queries
 
+    def init_table_from_label_texts(self) -> None:
+        started = time.time()
+        self.engine.eval()
+        init_rows_from_label_texts(self.table, self.data.dataset.label_texts, self.tokenizer,
+                                   lambda ids, mask: self.engine(ids, mask), self.cfg.data.max_len,
+                                   self.cfg.eval.batch_size, self.device, self.dist.world_size, self.progress)
+        self.engine.train()
+        log.info("classifier rows initialised from label texts in %.1f s", time.time() - started)
+
+    def recluster(self, epoch: int) -> None:
+        """NGAME: cluster the training queries' current embeddings into the batches of the next epochs."""
+        import torch.distributed as dist
+
+        started = time.time()
+        embeddings = self.encode_train_queries(self.data.train_tokens)
+        if self.dist.is_main:
+            self.batches.recluster(embeddings.numpy(), epoch)
+            order = torch.from_numpy(self.batches.clustered_order)
+        else:
+            order = torch.empty(len(embeddings), dtype=torch.int64)
+        dist.broadcast(order, src=0)  # every rank batches by rank 0's clusters
+        self.batches.clustered_order = order.numpy()
+        self.metrics_log.log(self.step, {"recluster_s": time.time() - started})
     def hard_negatives_due(self, epoch: int) -> bool:
         """ASTRA: the index is (re)built at epochs W, W + R, W + 2R, ..."""
         neg = self.cfg.negatives
@@ -123,10 +160,7 @@ class Trainer:
             tokens = self.data.train_tokens
             if neg.shortlist_mode != "precomputed":  # only a sample, for the recall check
                 tokens = tokens.subset(np.arange(min(len(tokens), self.cfg.index.recall_queries)))
-            self.engine.eval()
-            queries, _ = encode_queries(lambda ids, mask: self.engine(ids, mask), tokens, self.cfg.eval.batch_size,
-                                        self.device, progress=self.progress)
-            self.engine.train()
+            queries = self.encode_train_queries(tokens)
             sample = queries[:self.cfg.index.recall_queries] if sample is None else sample
         report = self.index.build(self.table, sample, neg.shortlist_size, seed=self.cfg.train.seed)
         if neg.shortlist_mode == "precomputed":
@@ -145,6 +179,8 @@ class Trainer:
             scores, ids = self.index.search(queries, neg.shortlist_size)
         return sample_mixture(positives, ids, scores, neg.num_negatives, neg.alpha, neg.tau, rng)
 
+    # ---- one step ---------------------------------------------------------------------------------------------
+
     def train_step(self, batch_rows: np.ndarray) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.train.seed, 1, self.step])  # negatives of this step
@@ -155,11 +191,18 @@ class Trainer:
 
             positives = self.train_labels[micro]
             negatives = self.sample_negatives(micro, queries, positives, rng)
-            pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights).to(self.device)
+            in_batch = batch_labels(positives) if cfg.negatives.in_batch else None
+            pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights, in_batch).to(self.device)
 
-            block, slots = self.table.fetch(pairs.label)
-            scores = pair_scores(queries, calibration, block.weights, slots, pairs.query, cfg.table.normalize_rows)
+            in_batch_ids = torch.from_numpy(in_batch.global_ids if in_batch is not None else np.zeros(0, np.int64))
+            block, slots = self.table.fetch(torch.cat([pairs.label.cpu(), in_batch_ids]))
+            pair_slots, in_batch_slots = slots[:len(pairs.label)], slots[len(pairs.label):]
+            scores = pair_scores(queries, calibration, block.weights, pair_slots, pairs.query, cfg.table.normalize_rows)
             loss = sampled_bce(scores, pairs, num_queries=len(micro))
+            if in_batch is not None:
+                targets = torch.from_numpy(in_batch.targets).to(self.device)
+                loss = loss + in_batch_bce(queries, calibration, block.weights[in_batch_slots], targets,
+                                           cfg.table.normalize_rows) / len(micro)
 
             self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
             self.engine.step()  # steps the encoder at the accumulation boundary only
@@ -189,9 +232,11 @@ class Trainer:
         window, window_start = [], time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
+            if self.batches.clustering_due(epoch):
+                self.recluster(epoch)
             if self.hard_negatives_due(epoch):
                 self.refresh_index()
-            order = self.batch_order(epoch)
+            order = self.batches.epoch_batches(epoch)
             for position in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
@@ -210,6 +255,9 @@ class Trainer:
                         log.info("step %d/%d | epoch %d | loss %.4g | %.1f queries/s", self.step, self.total_steps,
                                  epoch, values["loss"], values["queries_per_s"])
                     window, window_start = [], time.time()
+            if cfg.eval.every_epoch and epoch + 1 < cfg.train.epochs and self.step == (epoch + 1) * self.steps_per_epoch:
+                results = self.evaluate()[MODEL]
+                self.metrics_log.log(self.step, {"epoch": epoch} | {f"test_{k}": v for k, v in results.items()})
         bar.close()
         self.metrics_log.close()
 

@@ -1,0 +1,85 @@
+"""The order in which training queries form mini-batches: random, or NGAME clusters (DESIGN §2).
+
+Clustered batching groups the queries by balanced k-means on their current embeddings: recursive balanced
+2-means (NGAME's algorithm), where every split sends whole multiples of cluster_size queries to each side, so
+all clusters hold exactly cluster_size queries but one (the remainder). An epoch's batches are the clusters in
+a random order, concatenated and cut every batch_size queries: the other queries of a batch are similar, and
+their positives are hard in-batch negatives.
+
+The state is a seed and the clustered permutation of the queries, so a resumed run gets the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from astra_ds.config import BatchingConfig
+
+
+def balanced_2means(x: np.ndarray, left_size: int, rng: np.random.Generator, iters: int = 8) -> np.ndarray:
+    """Rows of unit vectors `x` ordered so that the first `left_size` form one spherical cluster and the
+    rest the other: each iteration sends the rows most similar to centroid 0 (relative to centroid 1) left."""
+    centroids = x[rng.choice(len(x), 2, replace=False)]
+    for _ in range(iters):
+        order = np.argsort(x @ (centroids[1] - centroids[0]), kind="stable")
+        centroids = np.stack([x[order[:left_size]].sum(0), x[order[left_size:]].sum(0)])
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return order
+
+
+def balanced_clusters(embeddings: np.ndarray, cluster_size: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of the rows of `embeddings` (N, d) in which each run of cluster_size rows is a cluster."""
+    x = embeddings.astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    clusters, stack = [], [np.arange(len(x))]
+    while stack:  # depth first, left before right: the output order is a function of the inputs only
+        node = stack.pop()
+        if len(node) <= cluster_size:
+            clusters.append(node)
+            continue
+        left_size = cluster_size * (math.ceil(len(node) / cluster_size) // 2)
+        order = node[balanced_2means(x[node], left_size, rng)]
+        stack += [order[left_size:], order[:left_size]]
+    return np.concatenate(clusters)
+
+
+class BatchSampler:
+    """The (steps_per_epoch, batch_size) query rows of each epoch, a function of (seed, epoch, clusters)."""
+
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int):
+        self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
+        self.steps_per_epoch = num_queries // batch_size
+        self.clustered_order: np.ndarray | None = None  # None until the first clustering
+
+    def clustering_due(self, epoch: int) -> bool:
+        return self.cfg.mode == "clustered" and epoch % self.cfg.recluster_every == 0
+
+    def recluster(self, embeddings: np.ndarray, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, 2, epoch])
+        self.clustered_order = balanced_clusters(embeddings, self.cfg.cluster_size, rng)
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.clustered_order is None:
+            order = rng.permutation(self.num_queries)
+        else:  # whole clusters in a random order
+            cluster_of = np.arange(self.num_queries) // self.cfg.cluster_size
+            rank_of_cluster = np.argsort(rng.permutation(cluster_of[-1] + 1))
+            order = self.clustered_order[np.argsort(rank_of_cluster[cluster_of], kind="stable")]
+        return order[:self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+
+    @staticmethod
+    def rank_part(batch_rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+        """This rank's disjoint, contiguous part of a global batch (sizes differ by at most one)."""
+        return np.array_split(batch_rows, world_size)[rank]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "clustered_order": self.clustered_order}
+
+    def load_state_dict(self, state: dict) -> None:
+        order = state["clustered_order"]
+        if order is not None and len(order) != self.num_queries:
+            raise ValueError(f"batch sampler state covers {len(order)} queries, this run has {self.num_queries}")
+        self.seed, self.clustered_order = state["seed"], order

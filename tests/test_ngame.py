@@ -1,0 +1,170 @@
+"""NGAME: in-batch negatives (unbiased with sampled ones), clustered batches, label-text initialisation."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from astra_ds.config import BatchingConfig, ConfigError, load_config
+from astra_ds.negatives.in_batch import batch_labels
+from astra_ds.negatives.mixture import sample_mixture
+from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.train.batching import BatchSampler, balanced_clusters
+from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
+from astra_ds.train.trainer import Trainer
+from tests.conftest import TINY_RUN
+from tests.test_loss_negatives import POSITIVES, _full_bce
+
+
+def test_batch_labels_and_targets():
+    in_batch = batch_labels(POSITIVES)
+    np.testing.assert_array_equal(in_batch.global_ids, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
+    np.testing.assert_array_equal(in_batch.targets[1], [0] * 10 + [1])
+    np.testing.assert_array_equal(in_batch.targets[0], [1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(in_batch.contains(np.array([[10, 11], [0, 12]])), [[False, True], [True, False]])
+
+
+def _in_batch_estimate(queries, calibration, rows, positives, negatives, importance_weights=True):
+    in_batch = batch_labels(positives)
+    pairs = make_pairs(positives, negatives, importance_weights, in_batch)
+    assert not in_batch.contains(pairs.label.numpy()).any() and not pairs.target.any()
+    scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
+    dense = in_batch_bce(queries, calibration, rows[in_batch.global_ids], torch.from_numpy(in_batch.targets), True)
+    return sampled_bce(scores, pairs, num_queries=len(queries)) + dense / len(queries)
+
+
+@pytest.mark.parametrize("proposal", ["uniform", "mixture"])
+def test_in_batch_plus_sampled_loss_is_unbiased_for_the_full_bce(proposal):
+    """The batch's labels summed exactly + sampled negatives outside them, weighted by 1 / (m Q)."""
+    positives = sp.csr_matrix(np.eye(3, 40, dtype=np.float32) + np.eye(3, 40, k=5, dtype=np.float32))
+    torch.manual_seed(0)
+    queries = F.normalize(torch.randn(3, 6), dim=-1)
+    rows = torch.randn(40, 6)
+    calibration = torch.tensor([math.log(4.0), -1.0])
+    full = _full_bce(queries, calibration, rows, positives).item()
+    rng = np.random.default_rng(1)
+    shortlist = np.argsort(-(queries @ rows.T).numpy(), axis=1)[:, :8]
+    estimates = []
+    for _ in range(2000):
+        if proposal == "uniform":
+            negatives = sample_uniform(positives, 4, rng)
+        else:
+            negatives = sample_mixture(positives, shortlist, np.ones(shortlist.shape), 4, 0.5, 1.0, rng)
+        estimates.append(_in_batch_estimate(queries, calibration, rows, positives, negatives).item())
+    estimates = np.array(estimates)
+    standard_error = estimates.std() / math.sqrt(len(estimates))
+    assert abs(estimates.mean() - full) < 4 * standard_error
+    assert standard_error < 0.02 * full
+
+
+def test_plain_ngame_mode_weighs_every_negative_one():
+    negatives = sample_uniform(POSITIVES, 6, np.random.default_rng(0))
+    pairs = make_pairs(POSITIVES, negatives, importance_weights=False, in_batch=batch_labels(POSITIVES))
+    assert torch.all(pairs.weight == 1) and set(pairs.label.tolist()) <= {10}
+
+
+def _grouped_points(groups=6, per_group=8, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((groups, dim)) * 3
+    points = np.repeat(centers, per_group, axis=0) + 0.1 * rng.standard_normal((groups * per_group, dim))
+    shuffle = rng.permutation(len(points))
+    return points[shuffle].astype(np.float32), np.repeat(np.arange(groups), per_group)[shuffle]
+
+
+def test_balanced_clusters_recover_separated_groups():
+    points, group = _grouped_points()
+    order = balanced_clusters(points, cluster_size=8, rng=np.random.default_rng(0))
+    assert sorted(order) == list(range(len(points)))
+    clusters = group[order].reshape(-1, 8)
+    assert all(len(set(c)) == 1 for c in clusters) and len({c[0] for c in clusters}) == 6
+
+
+def test_clustered_batches_are_whole_clusters_and_resume_identically():
+    points, group = _grouped_points(groups=8, per_group=4)
+    sampler = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4, recluster_every=2), 32, 8, seed=3)
+    assert sampler.clustering_due(0) and not sampler.clustering_due(1) and sampler.clustering_due(2)
+    np.testing.assert_array_equal(sampler.epoch_batches(0), BatchSampler(BatchingConfig(), 32, 8, 3).epoch_batches(0))
+    sampler.recluster(points, epoch=0)
+    for epoch in range(2):
+        batches = sampler.epoch_batches(epoch)
+        assert sorted(batches.reshape(-1)) == list(range(32))
+        groups = group[batches].reshape(4, 2, 4)  # each batch = two whole clusters of 4 queries
+        assert (groups == groups[:, :, :1]).all()
+    assert not np.array_equal(sampler.epoch_batches(0), sampler.epoch_batches(1))
+
+    resumed = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4), 32, 8, seed=0)
+    resumed.load_state_dict(sampler.state_dict())
+    np.testing.assert_array_equal(resumed.epoch_batches(5), sampler.epoch_batches(5))
+
+
+def test_ranks_get_disjoint_parts_of_the_global_batch():
+    batch = np.arange(10, 20)
+    parts = [BatchSampler.rank_part(batch, rank, 3) for rank in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), batch)
+    assert [len(p) for p in parts] == [4, 3, 3]
+
+
+def _trainer(synth_dir, token_cache, out, *overrides) -> Trainer:
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             f"out_dir={out}", *overrides])
+    return Trainer(cfg, progress=False)
+
+
+def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache, tmp_path):
+    trainer = _trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
+    texts = trainer.data.dataset.label_texts
+    tokens = trainer.tokenizer(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected, _ = trainer.engine.module.eval()(tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(trainer.table.rows[[0, 1, 2, 3, 4, -2, -1]], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_label_text_init_without_label_texts_is_a_config_error(token_cache, tmp_path):
+    from astra_ds.data.synth import SynthConfig, generate
+
+    data = generate(SynthConfig(num_labels=20, num_train=64, num_test=16, vocab_size=100, label_texts=False),
+                    tmp_path / "data")
+    with pytest.raises(ConfigError, match="no label texts"):
+        _trainer(data, token_cache, tmp_path / "run", "table.init=label_text")
+
+
+def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
+    """One NGAME step: dense BCE over the batch's labels + weighted sampled negatives outside them."""
+    trainer = _trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
+    rows = trainer.batches.epoch_batches(0)[0]
+    before = trainer.table.rows.clone()
+    input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
+    with torch.no_grad():
+        queries, calibration = trainer.engine.module(input_ids, attention_mask)
+    positives = trainer.train_labels[rows]
+    negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, np.random.default_rng([0, 1, 0]))
+    scores = calibration[0].exp() * queries @ F.normalize(before, dim=-1).T + calibration[1]
+    in_batch = np.zeros(trainer.num_labels, bool)
+    in_batch[positives.indices] = True
+    target = torch.from_numpy(positives.toarray())
+    expected = F.binary_cross_entropy_with_logits(scores[:, in_batch], target[:, in_batch], reduction="sum")
+    for i in range(len(rows)):
+        outside = negatives.global_ids[i][~in_batch[negatives.global_ids[i]]]
+        weight = np.exp(-negatives.log_q[i, 0]) / negatives.global_ids.shape[1]
+        expected = expected + F.softplus(scores[i, outside]).sum() * weight
+    stats = trainer.train_step(rows)
+    assert stats["loss"] == pytest.approx(expected.item() / len(rows), rel=1e-4)
+
+
+def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):
+    trainer = _trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
+                       "batching.cluster_size=4", "batching.recluster_every=2", "train.epochs=3",
+                       "eval.every_epoch=true")
+    reclustered = []
+    recluster = trainer.recluster
+    trainer.recluster = lambda epoch: (reclustered.append(epoch), recluster(epoch))
+    trainer.fit()
+    assert reclustered == [0, 2] and trainer.step == 3 * trainer.steps_per_epoch
+    assert sorted(trainer.batches.clustered_order) == list(range(len(trainer.data.train_tokens)))
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "test_P@1" in r] == [0, 1]  # the last epoch is evaluated by `train`
+    assert [r["step"] for r in records if "recluster_s" in r] == [0, 2 * trainer.steps_per_epoch]
