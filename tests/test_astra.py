@@ -1,6 +1,5 @@
 """ASTRA negatives: the mixture proposal is a distribution, its weighted loss is unbiased, the index recalls."""
 
-import math
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from astra_ds.negatives.index import LabelIndex, choose_kind
 from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from tests.test_loss_negatives import assert_unbiased, full_bce, scoring_problem
 
 L = 12
 POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -50,11 +50,7 @@ def test_draws_follow_the_proposal_and_avoid_positives():
 
 
 def test_mixture_weighted_loss_is_unbiased_for_the_full_bce():
-    torch.manual_seed(0)
-    queries, rows = F.normalize(torch.randn(3, 6), dim=-1), torch.randn(L, 6)
-    calibration = torch.tensor([math.log(4.0), -1.0])
-    scores = calibration[0].exp() * queries @ F.normalize(rows, dim=-1).T + calibration[1]
-    full = (F.binary_cross_entropy_with_logits(scores, torch.from_numpy(POSITIVES.toarray()), reduction="sum") / 3)
+    queries, rows, calibration = scoring_problem(3, L)
     rng = np.random.default_rng(1)
     estimates = []
     for _ in range(3000):
@@ -62,9 +58,7 @@ def test_mixture_weighted_loss_is_unbiased_for_the_full_bce():
         pairs = make_pairs(POSITIVES, negatives, importance_weights=True)
         s = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
         estimates.append(sampled_bce(s, pairs, num_queries=3).item())
-    standard_error = np.std(estimates) / math.sqrt(len(estimates))
-    assert abs(np.mean(estimates) - full.item()) < 4 * standard_error
-    assert standard_error < 0.02 * full.item()
+    assert_unbiased(estimates, full_bce(queries, calibration, rows, POSITIVES).item())
 
 
 def _table(num_labels=3000, dim=16):

@@ -36,28 +36,35 @@ def test_a_query_with_every_label_positive_is_an_error():
         sample_uniform(sp.csr_matrix(np.ones((1, 4))), 2, np.random.default_rng(0))
 
 
-def _full_bce(queries, calibration, rows, positives):
+def full_bce(queries, calibration, rows, positives):
     scores = calibration[0].exp() * queries @ F.normalize(rows, dim=-1).T + calibration[1]
     target = torch.from_numpy(positives.toarray())
     return F.binary_cross_entropy_with_logits(scores, target, reduction="sum") / len(queries)
 
 
-def test_importance_weighted_loss_is_unbiased_for_the_full_bce():
+def scoring_problem(num_queries: int, num_labels: int, dim: int = 6):
+    """Seeded random unit queries, classifier rows and a calibration (scale 4, bias -1)."""
     torch.manual_seed(0)
-    queries = F.normalize(torch.randn(3, 6), dim=-1)
-    rows = torch.randn(12, 6)
-    calibration = torch.tensor([math.log(4.0), -1.0])
-    full = _full_bce(queries, calibration, rows, POSITIVES).item()
+    return (F.normalize(torch.randn(num_queries, dim), dim=-1), torch.randn(num_labels, dim),
+            torch.tensor([math.log(4.0), -1.0]))
+
+
+def assert_unbiased(estimates: list[float], full: float) -> None:
+    """The mean of the estimates is within 4 standard errors of `full`, and the check has power."""
+    standard_error = np.std(estimates) / math.sqrt(len(estimates))
+    assert abs(np.mean(estimates) - full) < 4 * standard_error
+    assert standard_error < 0.02 * full
+
+
+def test_importance_weighted_loss_is_unbiased_for_thefull_bce():
+    queries, rows, calibration = scoring_problem(3, 12)
     rng = np.random.default_rng(1)
     estimates = []
     for _ in range(3000):
         pairs = make_pairs(POSITIVES, sample_uniform(POSITIVES, 4, rng), importance_weights=True)
         scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
         estimates.append(sampled_bce(scores, pairs, num_queries=3).item())
-    estimates = np.array(estimates)
-    standard_error = estimates.std() / math.sqrt(len(estimates))
-    assert abs(estimates.mean() - full) < 4 * standard_error
-    assert standard_error < 0.02 * full  # the check has power
+    assert_unbiased(estimates, full_bce(queries, calibration, rows, POSITIVES).item())
 
 
 def test_unweighted_mode_weighs_each_negative_one():

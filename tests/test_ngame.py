@@ -1,7 +1,6 @@
 """NGAME: in-batch negatives (unbiased with sampled ones), clustered batches, label-text initialisation."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from astra_ds.train.batching import BatchSampler, balanced_clusters
 from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from astra_ds.train.trainer import Trainer
 from tests.conftest import TINY_RUN
-from tests.test_loss_negatives import POSITIVES, _full_bce
+from tests.test_loss_negatives import POSITIVES, assert_unbiased, full_bce, scoring_problem
 
 
 def test_batch_labels_and_targets():
@@ -41,11 +40,7 @@ def _in_batch_estimate(queries, calibration, rows, positives, negatives, importa
 def test_in_batch_plus_sampled_loss_is_unbiased_for_the_full_bce(proposal):
     """The batch's labels summed exactly + sampled negatives outside them, weighted by 1 / (m Q)."""
     positives = sp.csr_matrix(np.eye(3, 40, dtype=np.float32) + np.eye(3, 40, k=5, dtype=np.float32))
-    torch.manual_seed(0)
-    queries = F.normalize(torch.randn(3, 6), dim=-1)
-    rows = torch.randn(40, 6)
-    calibration = torch.tensor([math.log(4.0), -1.0])
-    full = _full_bce(queries, calibration, rows, positives).item()
+    queries, rows, calibration = scoring_problem(3, 40)
     rng = np.random.default_rng(1)
     shortlist = np.argsort(-(queries @ rows.T).numpy(), axis=1)[:, :8]
     estimates = []
@@ -55,10 +50,7 @@ def test_in_batch_plus_sampled_loss_is_unbiased_for_the_full_bce(proposal):
         else:
             negatives = sample_mixture(positives, shortlist, np.ones(shortlist.shape), 4, 0.5, 1.0, rng)
         estimates.append(_in_batch_estimate(queries, calibration, rows, positives, negatives).item())
-    estimates = np.array(estimates)
-    standard_error = estimates.std() / math.sqrt(len(estimates))
-    assert abs(estimates.mean() - full) < 4 * standard_error
-    assert standard_error < 0.02 * full
+    assert_unbiased(estimates, full_bce(queries, calibration, rows, positives).item())
 
 
 def test_plain_ngame_mode_weighs_every_negative_one():
