@@ -106,17 +106,20 @@ class NegativesConfig:
 class BatchingConfig:
     """How queries are grouped into mini-batches."""
 
-    # random: a fresh permutation each epoch. clustered (NGAME): queries are grouped by balanced k-means on their
-    # embeddings into clusters of cluster_size, rebuilt every recluster_every epochs, and batches are made of
-    # whole clusters, so in-batch labels are hard negatives.
+    # random: a fresh permutation each epoch. clustered (NGAME): random for warmup_epochs, then queries are
+    # grouped by balanced k-means on their embeddings into clusters of cluster_size, rebuilt every
+    # recluster_every epochs, and batches are made of whole clusters, so in-batch labels are hard negatives.
+    # The embeddings are those the training steps of the previous epoch computed (no extra encoding pass).
     mode: str = "random"
     cluster_size: int = 8
+    warmup_epochs: int = 1
     recluster_every: int = 5
 
     def __post_init__(self):
         _check(self.mode in ("random", "clustered"), f"batching.mode must be random or clustered, not {self.mode!r}")
         _check(self.cluster_size >= 1, f"batching.cluster_size must be >= 1, not {self.cluster_size}")
-        _check(self.recluster_every >= 1, f"batching.recluster_every must be >= 1, not {self.recluster_every}")
+        _check(self.warmup_epochs >= 0 and self.recluster_every >= 1,
+               "batching.warmup_epochs must be >= 0 and batching.recluster_every >= 1")
 
 
 @dataclass

@@ -77,8 +77,9 @@ def test_balanced_clusters_recover_separated_groups():
 
 def test_clustered_batches_are_whole_clusters_and_resume_identically():
     points, group = _grouped_points(groups=8, per_group=4)
-    sampler = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4, recluster_every=2), 32, 8, seed=3)
-    assert sampler.clustering_due(0) and not sampler.clustering_due(1) and sampler.clustering_due(2)
+    sampler = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4, warmup_epochs=1, recluster_every=2),
+                           32, 8, seed=3)
+    assert [epoch for epoch in range(6) if sampler.clustering_due(epoch)] == [1, 3, 5]
     np.testing.assert_array_equal(sampler.epoch_batches(0), BatchSampler(BatchingConfig(), 32, 8, 3).epoch_batches(0))
     sampler.recluster(points, epoch=0)
     for epoch in range(2):
@@ -147,16 +148,26 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     assert stats["loss"] == pytest.approx(expected.item() / len(rows), rel=1e-4)
 
 
+def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_cache, tmp_path):
+    trainer = _trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
+    rows = trainer.batches.epoch_batches(0)[0]
+    with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
+        expected, _ = trainer.engine.module(*trainer.data.train_tokens.batch(rows))
+    trainer.train_step(rows)
+    torch.testing.assert_close(trainer.query_embeddings[rows].float(), expected, rtol=0, atol=1e-3)
+    assert trainer.seen_queries.sum() == len(rows)
+
+
 def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):
+    """Random batches in epoch 0, clusters from epoch 1 on; queries the previous epochs never trained on (the
+    dropped last partial batch) are encoded at clustering time."""
     trainer = _trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
-                       "batching.cluster_size=4", "batching.recluster_every=2", "train.epochs=3",
-                       "eval.every_epoch=true")
-    reclustered = []
-    recluster = trainer.recluster
-    trainer.recluster = lambda epoch: (reclustered.append(epoch), recluster(epoch))
+                       "batching.cluster_size=4", "batching.recluster_every=1", "train.epochs=3",
+                       "train.batch_size=30", "eval.every_epoch=true")
     trainer.fit()
-    assert reclustered == [0, 2] and trainer.step == 3 * trainer.steps_per_epoch
-    assert sorted(trainer.batches.clustered_order) == list(range(len(trainer.data.train_tokens)))
+    num_queries = len(trainer.data.train_tokens)
+    assert trainer.step == 3 * trainer.steps_per_epoch and sorted(trainer.batches.clustered_order) == list(range(num_queries))
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "test_P@1" in r] == [0, 1]  # the last epoch is evaluated by `train`
-    assert [r["step"] for r in records if "recluster_s" in r] == [0, 2 * trainer.steps_per_epoch]
+    reclusters = [(r["step"], r["reclustered_unseen"]) for r in records if "recluster_s" in r]
+    assert reclusters == [(trainer.steps_per_epoch, num_queries % 30), (2 * trainer.steps_per_epoch, 0)]

@@ -4,7 +4,7 @@ Clustered batching groups the queries by balanced k-means on their current embed
 2-means (NGAME's algorithm), where every split sends whole multiples of cluster_size queries to each side, so
 all clusters hold exactly cluster_size queries but one (the remainder). An epoch's batches are the clusters in
 a random order, concatenated and cut every batch_size queries: the other queries of a batch are similar, and
-their positives are hard in-batch negatives.
+their positives are hard in-batch negatives. Random batches are used until the first clustering.
 
 The state is a seed and the clustered permutation of the queries, so a resumed run gets the same batches.
 """
@@ -54,7 +54,9 @@ class BatchSampler:
         self.clustered_order: np.ndarray | None = None  # None until the first clustering
 
     def clustering_due(self, epoch: int) -> bool:
-        return self.cfg.mode == "clustered" and epoch % self.cfg.recluster_every == 0
+        """Clusters are (re)built at epochs W, W + C, W + 2C, ... (W warm-up epochs, C = recluster_every)."""
+        warmup, every = self.cfg.warmup_epochs, self.cfg.recluster_every
+        return self.cfg.mode == "clustered" and epoch >= warmup and (epoch - warmup) % every == 0
 
     def recluster(self, embeddings: np.ndarray, epoch: int) -> None:
         rng = np.random.default_rng([self.seed, 2, epoch])

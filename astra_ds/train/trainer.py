@@ -101,6 +101,11 @@ class Trainer:
 
         self.batches = BatchSampler(cfg.batching, len(self.data.train_tokens), cfg.train.batch_size, cfg.train.seed)
         self.steps_per_epoch = self.batches.steps_per_epoch
+        # NGAME clusters the embeddings the training steps compute; rows never seen are encoded at clustering time
+        self.query_embeddings = self.seen_queries = None
+        if cfg.batching.mode == "clustered":
+            self.query_embeddings = torch.zeros((len(self.data.train_tokens), encoder.dim), dtype=torch.float16)
+            self.seen_queries = np.zeros(len(self.data.train_tokens), bool)
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.step = 0
@@ -134,19 +139,22 @@ class Trainer:
         log.info("classifier rows initialised from label texts in %.1f s", time.time() - started)
 
     def recluster(self, epoch: int) -> None:
-        """NGAME: cluster the training queries' current embeddings into the batches of the next epochs."""
+        """NGAME: cluster the training queries' latest embeddings into the batches of the next epochs."""
         import torch.distributed as dist
 
         started = time.time()
-        embeddings = self.encode_train_queries(self.data.train_tokens)
+        unseen = np.flatnonzero(~self.seen_queries)  # e.g. the queries of the batches each epoch drops
+        if len(unseen):
+            self.query_embeddings[unseen] = self.encode_train_queries(self.data.train_tokens.subset(unseen)).half()
+            self.seen_queries[unseen] = True
         if self.dist.is_main:
-            self.batches.recluster(embeddings.numpy(), epoch)
+            self.batches.recluster(self.query_embeddings.float().numpy(), epoch)
             order = torch.from_numpy(self.batches.clustered_order)
         else:
-            order = torch.empty(len(embeddings), dtype=torch.int64)
+            order = torch.empty(len(self.query_embeddings), dtype=torch.int64)
         dist.broadcast(order, src=0)  # every rank batches by rank 0's clusters
         self.batches.clustered_order = order.numpy()
-        self.metrics_log.log(self.step, {"recluster_s": time.time() - started})
+        self.metrics_log.log(self.step, {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)})
     def hard_negatives_due(self, epoch: int) -> bool:
         """ASTRA: the index is (re)built at epochs W, W + R, W + 2R, ..."""
         neg = self.cfg.negatives
@@ -207,7 +215,7 @@ class Trainer:
             self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
             self.engine.step()  # steps the encoder at the accumulation boundary only
             blocks.append(block)
-            self.remember_queries(queries)
+            self.remember_queries(micro, queries)
             loss_sum += loss.item()
             rows_fetched += len(block.global_ids)
         self.table.apply_gradients(blocks)
@@ -215,8 +223,12 @@ class Trainer:
         return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched,
                 "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
 
-    def remember_queries(self, queries: torch.Tensor) -> None:
-        """Keep the latest query embeddings (as many as the recall check uses); only ASTRA's index needs them."""
+    def remember_queries(self, micro: np.ndarray, queries: torch.Tensor) -> None:
+        """Keep the query embeddings that NGAME's clustering (all queries) and ASTRA's recall check (the latest
+        recall_queries) use."""
+        if self.query_embeddings is not None:
+            self.query_embeddings[micro] = queries.detach().cpu().half()
+            self.seen_queries[micro] = True
         if self.index is None:
             return
         self.recent_queries.append(queries.detach().float().cpu())
