@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import scipy.sparse as sp
+import torch
 
+from astra_ds.collectives import global_topk, world_size
 from astra_ds.config import EvalConfig
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
@@ -19,16 +21,21 @@ MODEL, BASELINE = "astra_ds", "popularity"
 def evaluate(encode, table: ClassifierTable, test_tokens: TokenizedTexts, test_labels: sp.csr_matrix,
              train_labels: sp.csr_matrix, cfg: EvalConfig, normalize_rows: bool, out_dir: str | Path,
              progress: bool = True) -> dict[str, dict[str, float]]:
-    """Writes metrics.json and predictions.npz (top-k scores s = scale * <q, w> + bias, CSR) into out_dir."""
+    """Writes metrics.json and predictions.npz (top-k scores s = scale * <q, w> + bias, CSR) into out_dir.
+
+    With several ranks every rank takes part (each scores its own rows; the top-k are merged) and rank 0
+    writes the files; every rank returns the metrics."""
     k = max(cfg.ks)
     queries, calibration = encode_queries(encode, test_tokens, cfg.batch_size, table.device, progress)
-    scores, ids = exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress)
+    scores, ids = global_topk(*exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress), k)
     inv_psp = inverse_propensity(train_labels, cfg.psp_a, cfg.psp_b)
     results = {
         MODEL: compute_metrics(ids.numpy(), test_labels, inv_psp, cfg.ks),
         BASELINE: compute_metrics(popularity_predictions(train_labels, test_labels.shape[0], k), test_labels,
                                   inv_psp, cfg.ks),
     }
+    if world_size() > 1 and torch.distributed.get_rank() != 0:
+        return results
     out_dir = Path(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(
         {"num_test": test_labels.shape[0], "num_labels": table.num_labels, **results}, indent=2))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from astra_ds.collectives import all_gather_cat, merge_topk, world_size
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.table.table import ClassifierTable
 
@@ -22,19 +23,20 @@ from astra_ds.table.table import ClassifierTable
 def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                    tokens: TokenizedTexts, batch_size: int, device: torch.device,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All query embeddings (N, d) on the host, and the score calibration (log scale, bias)."""
+    """All query embeddings (N, d) on the host, and the score calibration (log scale, bias).
+
+    With W ranks each rank encodes a contiguous 1/W of the queries and every rank gets all of them. The
+    parts are padded (with the last query) to the same length, so that every rank runs the same number of
+    forward passes: ZeRO-3 gathers parameters collectively in each."""
+    ranks, rank = world_size(), (torch.distributed.get_rank() if world_size() > 1 else 0)
+    per_rank = -(-len(tokens) // ranks)
+    rows = np.minimum(np.arange(rank * per_rank, (rank + 1) * per_rank), len(tokens) - 1)
     chunks, calibration = [], None
-    for start in tqdm(range(0, len(tokens), batch_size), desc="encode", unit="batch", disable=not progress):
-        input_ids, attention_mask = tokens.batch(np.arange(start, min(start + batch_size, len(tokens))))
+    for start in tqdm(range(0, per_rank, batch_size), desc="encode", unit="batch", disable=not progress):
+        input_ids, attention_mask = tokens.batch(rows[start:start + batch_size])
         embeddings, calibration = encode(input_ids.to(device), attention_mask.to(device))
         chunks.append(embeddings.float().cpu())
-    return torch.cat(chunks), calibration.float().cpu()
-
-
-def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k along dim 1 of candidate (scores, ids)."""
-    top = scores.topk(min(k, scores.shape[1]), dim=1)
-    return top.values, ids.gather(1, top.indices)
+    return all_gather_cat(torch.cat(chunks))[:len(tokens)], calibration.detach().float().cpu()
 
 
 @torch.no_grad()

@@ -1,0 +1,103 @@
+"""The collectives a step and an evaluation need across ranks; each is the identity with one rank.
+
+Under W ranks each rank encodes 1/W of the global batch, while the table is split by rows: the query embeddings
+are all-gathered so that every rank scores all queries against the labels it owns. The batch loss is the *sum*
+of the ranks' partial losses, but DeepSpeed averages encoder gradients over ranks (divides by W), so the
+gradients that flow back into the encoder are multiplied by W on the way (`gather_rows`, `scale_grad`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along dim 1 of candidate (scores, ids)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1)
+    return top.values, ids.gather(1, top.indices)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_gather_cat(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local` (same shape on all ranks) concatenated along dim 0, in rank order."""
+    if world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, grad_scale: float) -> torch.Tensor:
+        ctx.grad_scale, ctx.rows = grad_scale, local.shape[0]
+        return all_gather_cat(local)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on every query
+        start = dist.get_rank() * ctx.rows
+        return grad[start:start + ctx.rows] * ctx.grad_scale, None
+
+
+def gather_rows(local: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """All ranks' rows (W * n, ...) from this rank's (n, ...), differentiable: the backward sums all ranks'
+    gradients for this rank's rows and multiplies them by `grad_scale`."""
+    return local if world_size() == 1 else _GatherRows.apply(local, grad_scale)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The identity, with its gradient multiplied by `factor`."""
+    return x if factor == 1 else _ScaleGrad.apply(x, factor)
+
+
+def sum_across_ranks(values: list[float]) -> list[float]:
+    if world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def min_across_ranks(value: float) -> float:
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return float(tensor)
+
+
+def global_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k over all ranks of each rank's top-k (scores, global ids), (N, k) each; padding ids (-1) should
+    carry -inf (or very low) scores."""
+    if world_size() == 1:
+        return scores, ids
+    missing = k - scores.shape[1]  # a rank with fewer than k rows
+    if missing > 0:
+        scores = torch.cat([scores, torch.full((len(scores), missing), float("-inf"), dtype=scores.dtype)], 1)
+        ids = torch.cat([ids, torch.full((len(ids), missing), -1, dtype=ids.dtype)], 1)
+    all_scores = all_gather_cat(scores.unsqueeze(0))  # (W, N, k)
+    all_ids = all_gather_cat(ids.unsqueeze(0))
+    return merge_topk(torch.cat(list(all_scores), 1), torch.cat(list(all_ids), 1), k)
+
+
+def global_topk_numpy(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    merged_scores, merged_ids = global_topk(torch.from_numpy(scores), torch.from_numpy(ids), k)
+    return merged_scores.numpy(), merged_ids.numpy()
