@@ -5,6 +5,9 @@
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
 
+Several ranks (see launchers/ and the README): `deepspeed --module astra_ds train ...`, `mpirun -np N python -m
+astra_ds train ...`, or `srun` in launchers/slurm.sbatch.
+
 Config: YAML (see configs/), every key overridable with --set section.key=value; the effective config is
 saved as <out_dir>/config.yaml.
 """
@@ -136,6 +139,8 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astra-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model, then evaluate it",
@@ -172,15 +177,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_rank(code: int) -> int:
+    """In a multi-rank run a failed rank exits at once (the launcher then stops the others), rather than
+    returning through interpreter shutdown, which can wait on peers that wait on it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from astra_ds.dist import discover_launch
+
+        discover_launch()  # rank and world size, for the log lines, from the launcher, MPI or SLURM
     _setup_logging()
+    rank = os.environ.get("RANK", "0")
     try:
         args.func(args)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, (FileNotFoundError, FileExistsError)) and err.args else err
         print(f"astra-ds: error: {message}", file=sys.stderr)
-        return 2
+        return _end_rank(2)
+    except Exception as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            raise
+        hint = ""
+        if "timed out" in str(err).lower() or "timeout" in type(err).__name__.lower():
+            hint = (" (a collective timed out after train.collective_timeout_s: another rank probably failed, "
+                    "see its error, or is stuck)")
+        logging.getLogger("astra_ds").exception("rank %s failed%s", rank, hint)
+        return _end_rank(1)
     return 0
 
 

@@ -157,6 +157,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many optimizer steps
     seed: int = 0
     log_every: int = 20
+    collective_timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) ends the run
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")

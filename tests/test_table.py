@@ -143,6 +143,7 @@ def test_init_and_save_load_do_not_depend_on_world_size(tmp_path):
     torch.testing.assert_close(torch.cat([s.rows for s in shards]), whole.rows)
 
     whole.optimizer.state["sum"].uniform_()
+    whole.create_store(tmp_path / "table")
     whole.save(tmp_path / "table")
     for rank, shard in enumerate(shards):
         shard.load(tmp_path / "table")
@@ -150,9 +151,9 @@ def test_init_and_save_load_do_not_depend_on_world_size(tmp_path):
         torch.testing.assert_close(shard.optimizer.state["sum"], whole.optimizer.state["sum"][shard.start:shard.end])
 
     # shards write their own rows of one table
-    shards[0].save(tmp_path / "joint")
-    for shard in shards[1:]:
-        shard.save(tmp_path / "joint", create=False)
+    shards[0].create_store(tmp_path / "joint")
+    for shard in shards:
+        shard.save(tmp_path / "joint")
     reloaded = ClassifierTable(L, D, cfg)
     reloaded.load(tmp_path / "joint")
     torch.testing.assert_close(reloaded.rows, whole.rows)
@@ -165,6 +166,6 @@ def test_fetch_rejects_rows_of_another_shard():
 
 
 def test_load_rejects_a_table_of_another_shape(tmp_path):
-    ClassifierTable(L, D, TableConfig()).save(tmp_path / "t")
+    ClassifierTable(L, D, TableConfig()).create_store(tmp_path / "t")
     with pytest.raises(ValueError, match="expected"):
         ClassifierTable(L + 1, D, TableConfig()).load(tmp_path / "t")

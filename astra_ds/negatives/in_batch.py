@@ -28,6 +28,11 @@ class InBatch:
         found = np.minimum(np.searchsorted(self.global_ids, labels), max(len(self.global_ids) - 1, 0))
         return self.global_ids[found] == labels if len(self.global_ids) else np.zeros(labels.shape, bool)
 
+    def owned(self, start: int, end: int) -> "InBatch":
+        """The batch's labels among the rows [start, end) a rank owns."""
+        keep = (self.global_ids >= start) & (self.global_ids < end)
+        return InBatch(self.global_ids[keep], self.targets[:, keep])
+
 
 def batch_labels(positives: sp.csr_matrix) -> InBatch:
     positives = sp.csr_matrix(positives)

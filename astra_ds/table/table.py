@@ -98,16 +98,16 @@ class ClassifierTable:
             arrays[f"optim/{name}"] = (tensor, tuple(tensor.shape[1:]), np.dtype(str(tensor.dtype).split(".")[1]))
         return arrays
 
-    def save(self, path: str | Path, create: bool = True, progress: bool = False) -> None:
-        """Write this shard's rows and optimizer state into the table at `path` (created when `create`)."""
-        arrays = self._arrays()
-        if create:
-            group = store.create(path, self.num_labels, self.chunk_rows,
-                                 {name: (shape, dtype) for name, (_, shape, dtype) in arrays.items()},
-                                 {"dim": self.dim, "optimizer": self.cfg.optimizer})
-        else:
-            group = store.open_table(path, mode="r+")
-        for name, (tensor, _, _) in arrays.items():
+    def create_store(self, path: str | Path) -> None:
+        """An empty table at `path` that every rank's `save` then fills (one rank creates it)."""
+        store.create(path, self.num_labels, self.chunk_rows,
+                     {name: (shape, dtype) for name, (_, shape, dtype) in self._arrays().items()},
+                     {"dim": self.dim, "optimizer": self.cfg.optimizer})
+
+    def save(self, path: str | Path, progress: bool = False) -> None:
+        """Write this shard's rows and optimizer state (whole chunks) into the table at `path`."""
+        group = store.open_table(path, mode="r+")
+        for name, (tensor, _, _) in self._arrays().items():
             target = group[name]
             for _, start, end in tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress):
                 target[start:end] = tensor[start - self.start:end - self.start].numpy()

@@ -31,6 +31,11 @@ class Pairs:
     def to(self, device) -> "Pairs":
         return Pairs(*(t.to(device, non_blocking=True) for t in (self.query, self.label, self.target, self.weight)))
 
+    def owned(self, start: int, end: int) -> "Pairs":
+        """The pairs whose label is one of the rows [start, end) a rank owns."""
+        keep = (self.label >= start) & (self.label < end)
+        return Pairs(self.query[keep], self.label[keep], self.target[keep], self.weight[keep])
+
 
 def make_pairs(positives: sp.csr_matrix, negatives: Negatives, importance_weights: bool,
                in_batch: InBatch | None = None) -> Pairs:

@@ -1,13 +1,12 @@
 """The trainer: builds every component and owns the order of a training step.
 
-One step (global batch of B queries):
-  1. encode the queries with the DeepSpeed engine            -> q (B, d), calibration (scale, bias)
-  2. sample m negatives per query (uniform, or the ASTRA mixture) -> pairs (query, label, target, weight)
-     (NGAME: plus the batch's labels, scored densely against every query)
-  3. fetch the classifier rows of these labels from host memory -> rows (U, d) on the device
-  4. score the pairs and compute the sampled BCE               -> loss
-  5. backward through rows and encoder; DeepSpeed steps the encoder, the table steps its rows
-"""
+One step (global batch of B queries, W ranks, each owning a contiguous block of the table's rows):
+  1. each rank encodes its B / W queries with the DeepSpeed engine; all-gather -> q (B, d), calibration
+  2. sample m negatives per query (uniform, or the ASTRA mixture; the same draws on every rank)
+     -> pairs (query, label, target, weight); NGAME: plus the batch's labels, scored densely against every query
+  3. keep the pairs whose label this rank owns; fetch their rows from host memory -> rows (U, d) on the device
+  4. score the pairs and compute this rank's part of the sampled BCE  -> loss (summed over ranks for the log)
+  5. backward through rows, the all-gather and the encoder; DeepSpeed steps the encoder, each rank its rows"""
 
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from astra_ds.collectives import gather_rows, global_topk_numpy, min_across_ranks, scale_grad, sum_across_ranks
 from astra_ds.config import ConfigError, RunConfig
 from astra_ds.data.prepare import prepare_data
 from astra_ds.dist import init_distributed
@@ -54,7 +54,7 @@ def encoder_state_dict(engine) -> dict | None:
 class Trainer:
     def __init__(self, cfg: RunConfig, progress: bool = True):
         self.cfg = cfg
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.train.collective_timeout_s)
         self.device = self.dist.device
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
@@ -155,6 +155,7 @@ class Trainer:
         dist.broadcast(order, src=0)  # every rank batches by rank 0's clusters
         self.batches.clustered_order = order.numpy()
         self.metrics_log.log(self.step, {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)})
+
     def hard_negatives_due(self, epoch: int) -> bool:
         """ASTRA: the index is (re)built at epochs W, W + R, W + 2R, ..."""
         neg = self.cfg.negatives
@@ -172,10 +173,16 @@ class Trainer:
             sample = queries[:self.cfg.index.recall_queries] if sample is None else sample
         report = self.index.build(self.table, sample, neg.shortlist_size, seed=self.cfg.train.seed)
         if neg.shortlist_mode == "precomputed":
-            scores, ids = self.index.search(queries, neg.shortlist_size)
+            scores, ids = self.shortlist(queries)
             self.shortlists = (ids, scores)
+        recall = None if report.recall is None else min_across_ranks(report.recall)  # each rank indexes its rows
         self.metrics_log.log(self.step, {"index_version": self.index.version, "index_build_s": report.seconds,
-                                         "index_recall": report.recall})
+                                         "index_recall": recall})
+
+    def shortlist(self, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global ids) of the K best labels of each query: each rank's index searched, merged."""
+        k = self.cfg.negatives.shortlist_size
+        return global_topk_numpy(*self.index.search(queries, k), k)
 
     def sample_negatives(self, micro: np.ndarray, queries: torch.Tensor, positives, rng) -> Negatives:
         neg = self.cfg.negatives
@@ -184,43 +191,51 @@ class Trainer:
         if neg.shortlist_mode == "precomputed":
             ids, scores = self.shortlists[0][micro], self.shortlists[1][micro]
         else:
-            scores, ids = self.index.search(queries, neg.shortlist_size)
+            scores, ids = self.shortlist(queries)
         return sample_mixture(positives, ids, scores, neg.num_negatives, neg.alpha, neg.tau, rng)
 
     # ---- one step ---------------------------------------------------------------------------------------------
 
     def train_step(self, batch_rows: np.ndarray) -> dict:
-        cfg = self.cfg
+        """One optimizer step on a global batch. Every rank draws the same negatives for the whole batch (from
+        a generator seeded by the step), scores all queries against the labels it owns, and updates its rows."""
+        cfg, ranks = self.cfg, self.dist.world_size
         rng = np.random.default_rng([cfg.train.seed, 1, self.step])  # negatives of this step
-        blocks, loss_sum, rows_fetched = [], 0.0, 0
+        blocks, totals = [], np.zeros(2)  # loss, rows fetched
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
-            input_ids, attention_mask = self.data.train_tokens.batch(micro)
-            queries, calibration = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
+            input_ids, attention_mask = self.data.train_tokens.batch(BatchSampler.rank_part(micro, self.dist.rank, ranks))
+            local_queries, calibration = self.engine(input_ids.to(self.device), attention_mask.to(self.device))
+            queries = gather_rows(local_queries, grad_scale=ranks)  # (len(micro), d) on every rank
+            calibration = scale_grad(calibration, ranks)
 
             positives = self.train_labels[micro]
             negatives = self.sample_negatives(micro, queries, positives, rng)
             in_batch = batch_labels(positives) if cfg.negatives.in_batch else None
-            pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights, in_batch).to(self.device)
+            pairs = make_pairs(positives, negatives, cfg.negatives.importance_weights, in_batch)
+            pairs = pairs.owned(self.table.start, self.table.end).to(self.device)
+            in_batch = in_batch.owned(self.table.start, self.table.end) if in_batch is not None else None
 
             in_batch_ids = torch.from_numpy(in_batch.global_ids if in_batch is not None else np.zeros(0, np.int64))
             block, slots = self.table.fetch(torch.cat([pairs.label.cpu(), in_batch_ids]))
             pair_slots, in_batch_slots = slots[:len(pairs.label)], slots[len(pairs.label):]
             scores = pair_scores(queries, calibration, block.weights, pair_slots, pairs.query, cfg.table.normalize_rows)
-            loss = sampled_bce(scores, pairs, num_queries=len(micro))
+            loss = sampled_bce(scores, pairs, num_queries=len(micro))  # this rank's part of the batch loss
             if in_batch is not None:
                 targets = torch.from_numpy(in_batch.targets).to(self.device)
                 loss = loss + in_batch_bce(queries, calibration, block.weights[in_batch_slots], targets,
                                            cfg.table.normalize_rows) / len(micro)
+            if ranks > 1:  # keep the gather in the graph even if this rank owns no label of the batch
+                loss = loss + 0.0 * queries.sum()
 
             self.engine.backward(loss)  # DeepSpeed divides by grad_accum: the sum over micro-batches is the mean
             self.engine.step()  # steps the encoder at the accumulation boundary only
             blocks.append(block)
             self.remember_queries(micro, queries)
-            loss_sum += loss.item()
-            rows_fetched += len(block.global_ids)
+            totals += [loss.item(), len(block.global_ids)]
         self.table.apply_gradients(blocks)
         self.step += 1
-        return {"loss": loss_sum / cfg.train.grad_accum, "rows": rows_fetched,
+        loss_sum, rows_fetched = sum_across_ranks(totals.tolist())
+        return {"loss": loss_sum / cfg.train.grad_accum, "rows": int(rows_fetched),
                 "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
 
     def remember_queries(self, micro: np.ndarray, queries: torch.Tensor) -> None:
@@ -276,11 +291,16 @@ class Trainer:
     # ---- results ----------------------------------------------------------------------------------------------
 
     def save_model(self) -> None:
-        """The final encoder weights and classifier table, for `astra-ds eval`."""
+        """The final encoder weights and classifier table (each rank writes its rows), for `astra-ds eval`."""
+        import torch.distributed as dist
+
         state = encoder_state_dict(self.engine)
         if self.dist.is_main:
             torch.save(state, self.run_dir / ENCODER_FILE)
+            self.table.create_store(self.run_dir / TABLE_DIR)
+        dist.barrier()
         self.table.save(self.run_dir / TABLE_DIR, progress=self.progress)
+        dist.barrier()
 
     def evaluate(self) -> dict:
         self.engine.eval()

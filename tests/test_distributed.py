@@ -1,0 +1,103 @@
+"""Several ranks on CPU (gloo): 2-rank training under each launcher that runs here equals 1-rank training on
+the same global batch and seeds, and a failing or hanging rank ends the job with its error."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from astra_ds.table import store
+from conftest import REPO, TINY_RUN, run_cli
+
+# every distributed path at once: a table split in two shards, ASTRA shortlists merged across the ranks' indexes
+# (exact, so that they cannot differ), NGAME clusters broadcast from rank 0, in-batch negatives split by owner
+DISTRIBUTED_RUN = [*TINY_RUN, "train.max_steps=3", "train.log_every=1", "table.chunk_mb=0.002",
+                   "negatives.strategy=astra", "negatives.warmup_epochs=0", "index.kind=flat",
+                   "negatives.in_batch=true", "batching.mode=clustered", "batching.warmup_epochs=0",
+                   "batching.cluster_size=4", "encoder.learn_score=true"]
+LAUNCHERS = {"deepspeed": "launchers/deepspeed_local.sh", "mpirun": "launchers/mpirun.sh"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return env | {"MASTER_PORT": str(_free_port())} | extra
+
+
+@pytest.fixture(scope="module")
+def ds_config(tmp_path_factory):
+    """ZeRO-2 with an Adam whose step grows with the gradient (eps = 1, far above sqrt(v)): a wrong scale of
+    the encoder's gradients under several ranks changes the weights (with eps = 1e-8, Adam would hide it)."""
+    path = tmp_path_factory.mktemp("ds") / "zero2_scale_sensitive.json"
+    path.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 0.02, "eps": 1.0, "torch_adam": True}},
+                                "zero_optimization": {"stage": 2}}))
+    return path
+
+
+def _args(synth_dir, token_cache, ds_config, out) -> list[str]:
+    args = []
+    for override in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                     f"train.ds_config={ds_config}"]:
+        args += ["--set", override]
+    return args
+
+
+def _losses(out) -> list[float]:
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_rank(synth_dir, token_cache, ds_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_rank")
+    result = run_cli("train", *_args(synth_dir, token_cache, ds_config, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_ranks_train_like_one(launcher, one_rank, synth_dir, token_cache, ds_config, tmp_path):
+    out = tmp_path / "two_ranks"
+    result = subprocess.run([LAUNCHERS[launcher], *_args(synth_dir, token_cache, ds_config, out)], cwd=REPO,
+                            env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "2 ranks" in result.stdout + result.stderr
+
+    assert len(_losses(out)) == 3
+    np.testing.assert_allclose(_losses(out), _losses(one_rank), rtol=1e-4)
+    rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in (out, one_rank)]
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-6)
+    encoders = [torch.load(run / "encoder.pt") for run in (out, one_rank)]
+    for name, weight in encoders[1].items():
+        torch.testing.assert_close(encoders[0][name], weight, rtol=1e-4, atol=1e-5)
+    metrics = [json.loads((run / "metrics.json").read_text())["astra_ds"] for run in (out, one_rank)]
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-9)  # evaluated with the top-k merged across ranks
+
+
+FAILING_JOB = {"deepspeed": ["deepspeed", "--num_accelerators", "2", "--module", "tests.failing_rank", "train"],
+               "mpirun": ["mpirun", "-np", "2", "python", "-m", "tests.failing_rank", "train"]}
+
+
+@pytest.mark.parametrize("launcher", sorted(FAILING_JOB))
+@pytest.mark.parametrize("failure", ["error", "hang"])
+def test_a_failing_rank_ends_the_job_with_its_error(launcher, failure):
+    started = time.monotonic()
+    result = subprocess.run(FAILING_JOB[launcher], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=_env(DS_ACCELERATOR="cpu", TEST_FAILURE=failure, TEST_TIMEOUT_S="10"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    if failure == "error":
+        assert "rank 1 failed" in output and "injected failure on rank 1" in output
+    else:
+        assert "rank 0 failed (a collective timed out" in output
+    assert time.monotonic() - started < 120
