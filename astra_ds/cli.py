@@ -177,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _end_rank(code: int) -> int:
+def _end_rank(code: int, multi_rank: bool) -> int:
     """In a multi-rank run a failed rank exits at once (the launcher then stops the others), rather than
     returning through interpreter shutdown, which can wait on peers that wait on it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if multi_rank:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -194,22 +194,22 @@ def main(argv: list[str] | None = None) -> int:
 
         discover_launch()  # rank and world size, for the log lines, from the launcher, MPI or SLURM
     _setup_logging()
-    rank = os.environ.get("RANK", "0")
+    rank, multi_rank = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         args.func(args)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, (FileNotFoundError, FileExistsError)) and err.args else err
         print(f"astra-ds: error: {message}", file=sys.stderr)
-        return _end_rank(2)
+        return _end_rank(2, multi_rank)
     except Exception as err:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        if not multi_rank:
             raise
         hint = ""
         if "timed out" in str(err).lower() or "timeout" in type(err).__name__.lower():
             hint = (" (a collective timed out after train.collective_timeout_s: another rank probably failed, "
                     "see its error, or is stuck)")
         logging.getLogger("astra_ds").exception("rank %s failed%s", rank, hint)
-        return _end_rank(1)
+        return _end_rank(1, multi_rank)
     return 0
 
 

@@ -23,6 +23,10 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def all_gather_cat(local: torch.Tensor) -> torch.Tensor:
     """Every rank's `local` (same shape on all ranks) concatenated along dim 0, in rank order."""
     if world_size() == 1:
@@ -42,7 +46,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # every rank's loss depends on every query
-        start = dist.get_rank() * ctx.rows
+        start = rank() * ctx.rows
         return grad[start:start + ctx.rows] * ctx.grad_scale, None
 
 

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import scipy.sparse as sp
-import torch
 
-from astra_ds.collectives import global_topk, world_size
+from astra_ds.collectives import global_topk, rank
 from astra_ds.config import EvalConfig
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
@@ -34,7 +33,7 @@ def evaluate(encode, table: ClassifierTable, test_tokens: TokenizedTexts, test_l
         BASELINE: compute_metrics(popularity_predictions(train_labels, test_labels.shape[0], k), test_labels,
                                   inv_psp, cfg.ks),
     }
-    if world_size() > 1 and torch.distributed.get_rank() != 0:
+    if rank() != 0:
         return results
     out_dir = Path(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(

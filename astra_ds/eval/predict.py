@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from astra_ds.collectives import all_gather_cat, merge_topk, world_size
+from astra_ds.collectives import all_gather_cat, merge_topk, rank, world_size
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.table.table import ClassifierTable
 
@@ -28,9 +28,8 @@ def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Te
     With W ranks each rank encodes a contiguous 1/W of the queries and every rank gets all of them. The
     parts are padded (with the last query) to the same length, so that every rank runs the same number of
     forward passes: ZeRO-3 gathers parameters collectively in each."""
-    ranks, rank = world_size(), (torch.distributed.get_rank() if world_size() > 1 else 0)
-    per_rank = -(-len(tokens) // ranks)
-    rows = np.minimum(np.arange(rank * per_rank, (rank + 1) * per_rank), len(tokens) - 1)
+    per_rank = -(-len(tokens) // world_size())
+    rows = np.minimum(np.arange(rank() * per_rank, (rank() + 1) * per_rank), len(tokens) - 1)
     chunks, calibration = [], None
     for start in tqdm(range(0, per_rank, batch_size), desc="encode", unit="batch", disable=not progress):
         input_ids, attention_mask = tokens.batch(rows[start:start + batch_size])

@@ -25,8 +25,7 @@ class InBatch:
 
     def contains(self, labels: np.ndarray) -> np.ndarray:
         """Whether each of `labels` (any shape) is one of the batch's labels."""
-        found = np.minimum(np.searchsorted(self.global_ids, labels), max(len(self.global_ids) - 1, 0))
-        return self.global_ids[found] == labels if len(self.global_ids) else np.zeros(labels.shape, bool)
+        return np.isin(labels, self.global_ids)
 
     def owned(self, start: int, end: int) -> "InBatch":
         """The batch's labels among the rows [start, end) a rank owns."""

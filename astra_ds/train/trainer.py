@@ -241,12 +241,15 @@ class Trainer:
     def remember_queries(self, micro: np.ndarray, queries: torch.Tensor) -> None:
         """Keep the query embeddings that NGAME's clustering (all queries) and ASTRA's recall check (the latest
         recall_queries) use."""
+        if self.query_embeddings is None and self.index is None:
+            return
+        host = queries.detach().float().cpu()  # one device-to-host copy a step
         if self.query_embeddings is not None:
-            self.query_embeddings[micro] = queries.detach().cpu().half()
+            self.query_embeddings[micro] = host.half()
             self.seen_queries[micro] = True
         if self.index is None:
             return
-        self.recent_queries.append(queries.detach().float().cpu())
+        self.recent_queries.append(host)
         while sum(len(q) for q in self.recent_queries) - len(self.recent_queries[0]) >= self.cfg.index.recall_queries:
             self.recent_queries.pop(0)
 
