@@ -26,6 +26,16 @@ def token_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("token_cache")
 
 
+def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str):
+    """An in-process Trainer of TINY_RUN on the synthetic fixture, writing to `out`."""
+    from astra_ds.config import load_config
+    from astra_ds.train.trainer import Trainer
+
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                             *overrides])
+    return Trainer(cfg, progress=False)
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m astra_ds ARGS` in a fresh process, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

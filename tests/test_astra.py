@@ -12,7 +12,7 @@ from astra_ds.negatives.index import LabelIndex, choose_kind
 from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
-from tests.test_loss_negatives import assert_unbiased, full_bce, scoring_problem
+from test_loss_negatives import assert_unbiased, full_bce, scoring_problem
 
 L = 12
 POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],

@@ -8,15 +8,14 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from astra_ds.config import BatchingConfig, ConfigError, load_config
+from astra_ds.config import BatchingConfig, ConfigError
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.train.batching import BatchSampler, balanced_clusters
 from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
-from astra_ds.train.trainer import Trainer
-from tests.conftest import TINY_RUN
-from tests.test_loss_negatives import POSITIVES, assert_unbiased, full_bce, scoring_problem
+from conftest import make_trainer
+from test_loss_negatives import POSITIVES, assert_unbiased, full_bce, scoring_problem
 
 
 def test_batch_labels_and_targets():
@@ -101,14 +100,8 @@ def test_ranks_get_disjoint_parts_of_the_global_batch():
     assert [len(p) for p in parts] == [4, 3, 3]
 
 
-def _trainer(synth_dir, token_cache, out, *overrides) -> Trainer:
-    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                             f"out_dir={out}", *overrides])
-    return Trainer(cfg, progress=False)
-
-
 def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache, tmp_path):
-    trainer = _trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
     texts = trainer.data.dataset.label_texts
     tokens = trainer.tokenizer(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -122,12 +115,12 @@ def test_label_text_init_without_label_texts_is_a_config_error(token_cache, tmp_
     data = generate(SynthConfig(num_labels=20, num_train=64, num_test=16, vocab_size=100, label_texts=False),
                     tmp_path / "data")
     with pytest.raises(ConfigError, match="no label texts"):
-        _trainer(data, token_cache, tmp_path / "run", "table.init=label_text")
+        make_trainer(data, token_cache, tmp_path / "run", "table.init=label_text")
 
 
 def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     """One NGAME step: dense BCE over the batch's labels + weighted sampled negatives outside them."""
-    trainer = _trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
     rows = trainer.batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
@@ -149,7 +142,7 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
 
 
 def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_cache, tmp_path):
-    trainer = _trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
     rows = trainer.batches.epoch_batches(0)[0]
     with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
         expected, _ = trainer.engine.module(*trainer.data.train_tokens.batch(rows))
@@ -161,7 +154,7 @@ def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_c
 def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):
     """Random batches in epoch 0, clusters from epoch 1 on; queries the previous epochs never trained on (the
     dropped last partial batch) are encoded at clustering time."""
-    trainer = _trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
                        "batching.cluster_size=4", "batching.recluster_every=1", "train.epochs=3",
                        "train.batch_size=30", "eval.every_epoch=true")
     trainer.fit()

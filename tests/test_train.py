@@ -8,10 +8,8 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-from astra_ds.config import load_config
-from astra_ds.train.trainer import Trainer
 
-from conftest import SHARED_DATA, TINY_RUN, run_cli
+from conftest import SHARED_DATA, TINY_RUN, make_trainer, run_cli
 
 
 def _sets(*pairs: str) -> list[str]:
@@ -89,16 +87,10 @@ def test_data_stats_and_help(synth_dir):
     assert "--set" in help_text and "--config" in help_text
 
 
-def _trainer(synth_dir, token_cache, tmp_path, *overrides) -> Trainer:
-    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                             f"out_dir={tmp_path}", *overrides])
-    return Trainer(cfg, progress=False)
-
-
 def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     """One step's loss equals the sampled BCE recomputed densely from the encoder and the table, and only the
     rows of sampled labels change."""
-    trainer = _trainer(synth_dir, token_cache, tmp_path / "a")
+    trainer = make_trainer(synth_dir, token_cache, tmp_path / "a")
     rows = trainer.batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
@@ -122,8 +114,8 @@ def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
 
 
 def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp_path):
-    full = _trainer(synth_dir, token_cache, tmp_path / "full")
-    accumulated = _trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
+    full = make_trainer(synth_dir, token_cache, tmp_path / "full")
+    accumulated = make_trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
     for step in range(3):
         rows = full.batches.epoch_batches(0)[step]
         loss_full, loss_acc = full.train_step(rows)["loss"], accumulated.train_step(rows)["loss"]
@@ -136,7 +128,7 @@ def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp
     ds_config = tmp_path / "zero3_cpu.json"
     ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
                                      "zero_optimization": {"stage": 3}}))
-    trainer = _trainer(synth_dir, token_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
+    trainer = make_trainer(synth_dir, token_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
     assert trainer.engine.zero_optimization_stage() == 3
     for step in range(2):
         trainer.train_step(trainer.batches.epoch_batches(0)[step])
