@@ -57,7 +57,7 @@ class TableConfig:
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
     # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
-    # (Y.txt / label_names.txt), NGAME/DEXML style.
+    # (Y.txt / label_names.txt), NGAME/DEXML style, scaled to the random rows' norm init_std * sqrt(d).
     init: str = "random"
     init_std: float = 0.02
     normalize_rows: bool = True  # score with w / ||w||
@@ -173,10 +173,13 @@ class EvalConfig:
     psp_b: float = 1.5
     batch_size: int = 256  # queries encoded at once
     label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
-    every_epoch: bool = False  # also evaluate after each epoch but the last; P@k go to train_log.jsonl
+    # also evaluate every this many epochs (0.5: twice an epoch; 0: only at the end); P@k, epochs done and
+    # training seconds (evaluations excluded) go to train_log.jsonl
+    every_epochs: float = 0.0
 
     def __post_init__(self):
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
+        _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
 
 
 @dataclass

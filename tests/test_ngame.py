@@ -1,6 +1,7 @@
 """NGAME: in-batch negatives (unbiased with sampled ones), clustered batches, label-text initialisation."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -106,7 +107,9 @@ def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache
     tokens = trainer.tokenizer(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected, _ = trainer.engine.module.eval()(tokens["input_ids"], tokens["attention_mask"])
-    torch.testing.assert_close(trainer.table.rows[[0, 1, 2, 3, 4, -2, -1]], expected, rtol=1e-4, atol=1e-5)
+    random_row_norm = trainer.cfg.table.init_std * math.sqrt(trainer.table.dim)
+    torch.testing.assert_close(trainer.table.rows[[0, 1, 2, 3, 4, -2, -1]], random_row_norm * expected,
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_label_text_init_without_label_texts_is_a_config_error(token_cache, tmp_path):
@@ -156,11 +159,15 @@ def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path)
     dropped last partial batch) are encoded at clustering time."""
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
                        "batching.cluster_size=4", "batching.recluster_every=1", "train.epochs=3",
-                       "train.batch_size=30", "eval.every_epoch=true")
+                       "train.batch_size=30", "eval.every_epochs=0.5")
     trainer.fit()
     num_queries = len(trainer.data.train_tokens)
-    assert trainer.step == 3 * trainer.steps_per_epoch and sorted(trainer.batches.clustered_order) == list(range(num_queries))
+    assert trainer.step == 3 * trainer.steps_per_epoch == 51 and sorted(trainer.batches.clustered_order) == list(range(num_queries))
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "test_P@1" in r] == [0, 1]  # the last epoch is evaluated by `train`
+    evaluations = [r for r in records if "test_P@1" in r]  # the end of training is evaluated by `train`
+    steps_per_epoch = trainer.steps_per_epoch  # 17: every 8.5 steps, rounded, and at each epoch's end
+    assert [r["step"] for r in evaluations] == [8, 17, 26, 34, 42]
+    assert [r["epochs_done"] for r in evaluations] == [r["step"] / steps_per_epoch for r in evaluations]
+    assert all(0 < a["train_seconds"] < b["train_seconds"] for a, b in zip(evaluations, evaluations[1:]))
     reclusters = [(r["step"], r["reclustered_unseen"]) for r in records if "recluster_s" in r]
     assert reclusters == [(trainer.steps_per_epoch, num_queries % 30), (2 * trainer.steps_per_epoch, 0)]

@@ -10,11 +10,13 @@ Variants (DESIGN §2):
                ngame_astra_label_init)
 Each dataset comes with its run config (which names the data); every run is a fresh `python -m astra_ds
 train` with that config, the common overrides and the variant's, and the same seed. The table prints P@1,
-P@5, PSP@5 and wall time per run, and P@1 after each epoch when runs evaluate every epoch
-(--set eval.every_epoch=true); ablation.json keeps everything.
+P@5, PSP@5, wall time and training time (evaluations excluded) per run, and the P@1 curve when runs evaluate
+along the way (--set eval.every_epochs=0.5); then, per dataset, each variant's P@1 at the training time of
+the dataset's fastest run (its last evaluation before that time): the comparison at equal wall time.
+ablation.json keeps everything.
 
     python tools/ablate_negatives.py --dataset synthetic=configs/synthetic.yaml \\
-        --dataset delicious=configs/delicious.yaml \\
+        --dataset delicious=configs/delicious.yaml --set eval.every_epochs=0.5 \\
         --set train.epochs=2 --set negatives.warmup_epochs=1 --set negatives.refresh_every=1
 """
 
@@ -49,9 +51,17 @@ def run_variant(config: str, overrides: list[str], out_dir: Path) -> dict:
         raise SystemExit(f"run failed ({' '.join(args)}):\n{result.stderr[-2000:]}")
     metrics = json.loads((out_dir / "metrics.json").read_text())
     records = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
-    p1_by_epoch = [r["test_P@1"] for r in records if "test_P@1" in r] + [metrics["astra_ds"]["P@1"]]
-    return {"seconds": seconds, **metrics["astra_ds"], "P@1_by_epoch": p1_by_epoch,
-            "popularity_P@1": metrics["popularity"]["P@1"]}
+    end = [r for r in records if "loss" in r][-1]
+    curve = [(r["epochs_done"], r["train_seconds"], r["test_P@1"]) for r in records if "test_P@1" in r]
+    curve.append((end["epochs_done"], end["train_seconds"], metrics["astra_ds"]["P@1"]))
+    return {"seconds": seconds, "train_seconds": end["train_seconds"], **metrics["astra_ds"],
+            "P@1_curve": curve, "popularity_P@1": metrics["popularity"]["P@1"]}
+
+
+def p1_at(curve: list, seconds: float) -> float | None:
+    """P@1 of the last evaluation within `seconds` of training."""
+    within = [p1 for _, trained, p1 in curve if trained <= seconds + 1e-6]
+    return within[-1] if within else None
 
 
 def main() -> None:
@@ -73,10 +83,20 @@ def main() -> None:
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "ablation.json").write_text(json.dumps({"overrides": args.set, "results": results}, indent=2))
 
-    print(f"\n{'dataset / variant':<40}{'P@1':>8}{'P@5':>8}{'PSP@5':>8}{'wall s':>9}   P@1 after each epoch")
+    print(f"\n{'dataset / variant':<36}{'P@1':>7}{'P@5':>7}{'PSP@5':>7}{'wall s':>8}{'train s':>8}"
+          "   P@1 along the way (epochs: P@1)")
     for key, r in results.items():
-        curve = " ".join(f"{100 * p:.2f}" for p in r["P@1_by_epoch"])
-        print(f"{key:<40}{100 * r['P@1']:8.2f}{100 * r['P@5']:8.2f}{100 * r['PSP@5']:8.2f}{r['seconds']:9.0f}   {curve}")
+        curve = " ".join(f"{epochs:.2f}:{100 * p1:.2f}" for epochs, _, p1 in r["P@1_curve"])
+        print(f"{key:<36}{100 * r['P@1']:7.2f}{100 * r['P@5']:7.2f}{100 * r['PSP@5']:7.2f}{r['seconds']:8.0f}"
+              f"{r['train_seconds']:8.0f}   {curve}")
+    for spec in args.dataset:
+        name = spec.partition("=")[0]
+        runs = {key: r for key, r in results.items() if key.startswith(f"{name}/")}
+        budget = min(r["train_seconds"] for r in runs.values())
+        print(f"\n{name}: P@1 within {budget:.0f} s of training (the fastest run's time)")
+        for key, r in runs.items():
+            p1 = p1_at(r["P@1_curve"], budget)
+            print(f"  {key:<34}{'-' if p1 is None else f'{100 * p1:.2f}':>7}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -134,7 +135,9 @@ class Trainer:
         self.engine.eval()
         init_rows_from_label_texts(self.table, self.data.dataset.label_texts, self.tokenizer,
                                    lambda ids, mask: self.engine(ids, mask), self.cfg.data.max_len,
-                                   self.cfg.eval.batch_size, self.device, self.dist.world_size, self.progress)
+                                   self.cfg.eval.batch_size, self.device,
+                                   self.cfg.table.init_std * math.sqrt(self.table.dim), self.dist.world_size,
+                                   self.progress)
         self.engine.train()
         log.info("classifier rows initialised from label texts in %.1f s", time.time() - started)
 
@@ -259,6 +262,9 @@ class Trainer:
         cfg = self.cfg
         self.engine.train()
         start_epoch = self.step // self.steps_per_epoch
+        every = cfg.eval.every_epochs * self.steps_per_epoch  # steps, maybe fractional: epoch ends stay on the grid
+        eval_steps = {round(k * every) for k in range(1, int(self.total_steps / every) + 1)} if every else set()
+        fit_started, eval_seconds = time.time(), 0.0
         window, window_start = [], time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -276,18 +282,25 @@ class Trainer:
                 bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4g}")
                 if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
                     elapsed = time.time() - window_start
-                    values = {"epoch": epoch, "loss": float(np.mean(window)), "scale": stats["scale"],
+                    values = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
+                              "loss": float(np.mean(window)), "scale": stats["scale"],
                               "bias": stats["bias"], "rows_per_step": stats["rows"],
                               "steps_per_s": len(window) / elapsed,
-                              "queries_per_s": len(window) * cfg.train.batch_size / elapsed}
+                              "queries_per_s": len(window) * cfg.train.batch_size / elapsed,
+                              "train_seconds": time.time() - fit_started - eval_seconds}
                     self.metrics_log.log(self.step, values)
                     if not self.progress:
                         log.info("step %d/%d | epoch %d | loss %.4g | %.1f queries/s", self.step, self.total_steps,
                                  epoch, values["loss"], values["queries_per_s"])
                     window, window_start = [], time.time()
-            if cfg.eval.every_epoch and epoch + 1 < cfg.train.epochs and self.step == (epoch + 1) * self.steps_per_epoch:
-                results = self.evaluate()[MODEL]
-                self.metrics_log.log(self.step, {"epoch": epoch} | {f"test_{k}": v for k, v in results.items()})
+                if self.step in eval_steps and self.step < self.total_steps:
+                    eval_started = time.time()
+                    trained = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
+                               "train_seconds": eval_started - fit_started - eval_seconds}
+                    results = self.evaluate()[MODEL]
+                    eval_seconds += time.time() - eval_started
+                    window_start += time.time() - eval_started  # throughput figures leave evaluations out
+                    self.metrics_log.log(self.step, trained | {f"test_{k}": v for k, v in results.items()})
         bar.close()
         self.metrics_log.close()
 
