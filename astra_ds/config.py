@@ -57,7 +57,7 @@ class TableConfig:
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
     # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
-    # (Y.txt / label_names.txt), NGAME/DEXML style, scaled to the random rows' norm init_std * sqrt(d).
+    # (Y.txt / label_names.txt), NGAME/DEXML style (unit rows).
     init: str = "random"
     init_std: float = 0.02
     normalize_rows: bool = True  # score with w / ||w||

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -135,9 +134,7 @@ class Trainer:
         self.engine.eval()
         init_rows_from_label_texts(self.table, self.data.dataset.label_texts, self.tokenizer,
                                    lambda ids, mask: self.engine(ids, mask), self.cfg.data.max_len,
-                                   self.cfg.eval.batch_size, self.device,
-                                   self.cfg.table.init_std * math.sqrt(self.table.dim), self.dist.world_size,
-                                   self.progress)
+                                   self.cfg.eval.batch_size, self.device, self.dist.world_size, self.progress)
         self.engine.train()
         log.info("classifier rows initialised from label texts in %.1f s", time.time() - started)
 
