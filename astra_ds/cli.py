@@ -24,8 +24,10 @@ from pathlib import Path
 from astra_ds.config import ConfigError, load_config
 from astra_ds.data.readers import DataError
 from astra_ds.table.table import TableError
+from astra_ds.train.checkpoint import CheckpointError
 
-USER_ERRORS = (ConfigError, DataError, TableError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ConfigError, DataError, TableError, CheckpointError, FileNotFoundError, FileExistsError,
+               NotADirectoryError)
 
 
 def _quiet_libraries() -> None:
@@ -54,8 +56,10 @@ def cmd_train(args) -> None:
     _quiet_libraries()
     from astra_ds.train.trainer import Trainer
 
+    if args.resume and args.init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
     cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=args.resume, init_from=args.init_from)
     trainer.fit()
     trainer.save_model()
     if not args.no_eval:
@@ -150,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    train.add_argument("--resume", metavar="auto|PATH",
+                       help="continue a run from a checkpoint: auto = the latest one in checkpoint.dir (start "
+                            "from scratch if there is none), or a global_step<N> directory; any number of ranks")
+    train.add_argument("--init-from", metavar="PATH",
+                       help="start a new run from a checkpoint's weights (encoder, classifier rows), with fresh "
+                            "optimizer states")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run",

@@ -158,12 +158,27 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     collective_timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) ends the run
+    record_batches: bool = False  # log each step's query rows to train_log.jsonl (to audit resumes)
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, not {self.batch_size}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, not {self.grad_accum}")
         _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, not {self.max_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Full-state checkpoints under dir/global_step<N>/ (see astra_ds/train/checkpoint.py)."""
+
+    dir: str | None = None  # default: <out_dir>/checkpoints
+    save_every: int | None = None  # optimizer steps between checkpoints; one is always written at the end
+    keep_last: int = 2  # older checkpoints are deleted
+
+    def __post_init__(self):
+        _check(self.save_every is None or self.save_every >= 1,
+               f"checkpoint.save_every must be >= 1, not {self.save_every}")
+        _check(self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, not {self.keep_last}")
 
 
 @dataclass
@@ -192,6 +207,7 @@ class RunConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:

@@ -83,10 +83,30 @@ class LabelIndex:
                     raise ValueError(f"index.pq_m={pq_m} must divide the row dimension {dim}")
                 index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, metric)
             index.nprobe = min(cfg.nprobe, nlist)
-        if kind != "hnsw" and cfg.use_gpu and torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources"):
-            self._gpu_resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._gpu_resources, torch.cuda.current_device(), index)
-        return index
+        return self._to_gpu(index) if kind != "hnsw" else index
+
+    def _to_gpu(self, index):
+        """The index on the GPU when faiss-gpu, CUDA and index.use_gpu allow it."""
+        faiss = _faiss()
+        if not (self.cfg.use_gpu and torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")):
+            return index
+        self._gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self._gpu_resources, torch.cuda.current_device(), index)
+
+    def state_dict(self) -> dict:
+        """The built index (serialised, from host memory), its row offset and version."""
+        faiss, index = _faiss(), self.index
+        if index is not None and hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
+            index = faiss.index_gpu_to_cpu(index)
+        return {"version": self.version, "offset": self.offset,
+                "index": None if index is None else faiss.serialize_index(index),
+                "on_gpu": hasattr(self, "_gpu_resources")}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version, self.offset = state["version"], state["offset"]
+        self.index = None if state["index"] is None else _faiss().deserialize_index(state["index"])
+        if self.index is not None and state["on_gpu"]:
+            self.index = self._to_gpu(self.index)
 
     def _train(self, index, table: ClassifierTable, rng: np.random.Generator) -> None:
         if index.is_trained:

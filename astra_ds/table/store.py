@@ -45,3 +45,8 @@ def open_table(path: str | Path, mode: str = "r") -> zarr.Group:
     if not (path / "zarr.json").is_file() or not (path / "rows" / "zarr.json").is_file():
         raise FileNotFoundError(f"no classifier table at {path}")
     return zarr.open_group(str(path), mode=mode)
+
+
+def chunk_file(path: str | Path, name: str, chunk: int, ndim: int) -> Path:
+    """The file of row chunk `chunk` of array `name` (zarr v3 default chunk keys: c/<row chunk>/0...)."""
+    return Path(path, name, "c", str(chunk), *["0"] * (ndim - 1))

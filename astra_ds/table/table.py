@@ -7,6 +7,7 @@ on the number of rows fetched, never on L.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class ClassifierTable:
         pin = torch.cuda.is_available()
         self.rows = torch.zeros((self.end - self.start, dim), dtype=torch.float32, pin_memory=pin)
         self.optimizer = build_optimizer(cfg, self.end - self.start, dim, pin)
+        # chunks changed since the table was last saved or loaded (a checkpoint rewrites only these)
+        self.dirty = np.ones(len(list(self._chunks())), bool)
 
     @property
     def num_local_rows(self) -> int:
@@ -85,6 +88,7 @@ class ClassifierTable:
             grads = torch.zeros_like(weights).index_add_(0, slots, torch.cat([b.weights.grad for b in blocks]))
         new_weights = self.optimizer.step(local_rows, weights, grads)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
+        self.dirty[np.unique((local_rows.numpy() + self.start) // self.chunk_rows - self.start // self.chunk_rows)] = True
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of this shard (global ids), as a view of host memory."""
@@ -106,22 +110,40 @@ class ClassifierTable:
 
     def save(self, path: str | Path, progress: bool = False) -> None:
         """Write this shard's rows and optimizer state (whole chunks) into the table at `path`."""
+        self._write(path, None, progress)
+
+    def save_checkpoint(self, path: str | Path, previous: str | Path | None) -> None:
+        """`save`, except that chunks no step changed since the `previous` checkpoint's table (the last one
+        saved or loaded) become hard links to its files instead of being written again."""
+        self._write(path, previous, progress=False)
+        self.dirty[:] = False
+
+    def _write(self, path: str | Path, unchanged_from: str | Path | None, progress: bool) -> None:
         group = store.open_table(path, mode="r+")
-        for name, (tensor, _, _) in self._arrays().items():
+        for name, (tensor, trailing, _) in self._arrays().items():
             target = group[name]
-            for _, start, end in tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress):
+            for i, (chunk, start, end) in enumerate(tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress)):
+                if unchanged_from is not None and not self.dirty[i]:
+                    source = store.chunk_file(unchanged_from, name, chunk, 1 + len(trailing))
+                    if source.exists():  # absent: the chunk held only zeros (zarr's fill value), nothing to link
+                        destination = store.chunk_file(path, name, chunk, 1 + len(trailing))
+                        destination.parent.mkdir(parents=True, exist_ok=True)
+                        os.link(source, destination)
+                    continue
                 target[start:end] = tensor[start - self.start:end - self.start].numpy()
 
-    def load(self, path: str | Path, progress: bool = False) -> None:
-        """Read this shard's rows and optimizer state from the table at `path` (any world size wrote it)."""
+    def load(self, path: str | Path, rows_only: bool = False, progress: bool = False) -> None:
+        """Read this shard's rows and optimizer state (not with `rows_only`) from the table at `path` (any world
+        size wrote it)."""
         group = store.open_table(path)
         if (group.attrs["num_labels"], group.attrs["dim"]) != (self.num_labels, self.dim):
             raise TableError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
                              f"expected {self.num_labels} x {self.dim}")
         same_optimizer = group.attrs["optimizer"] == self.cfg.optimizer
         for name, (tensor, _, _) in self._arrays().items():
-            if name.startswith("optim/") and not same_optimizer:
-                continue  # a different optimizer starts from fresh state
+            if name.startswith("optim/") and (rows_only or not same_optimizer):
+                continue  # fresh optimizer state
             source = group[name]
             for _, start, end in tqdm(list(self._chunks()), desc=f"load {name}", disable=not progress):
                 tensor[start - self.start:end - self.start] = torch.from_numpy(np.asarray(source[start:end]))
+        self.dirty[:] = rows_only or not same_optimizer  # else the same bytes as the table at `path`

@@ -8,12 +8,19 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None):
+        """A run resumed from the checkpoint of `resumed_step` keeps the log lines up to that step (the lines
+        after it belong to steps the resumed run does again) and appends."""
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
-        self.file = open(run_dir / "train_log.jsonl", "w")
+        path = run_dir / "train_log.jsonl"
+        kept = []
+        if resumed_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
+        self.file = open(path, "w")
+        self.file.writelines(line + "\n" for line in kept)
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import Negatives, sample_uniform
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.batching import BatchSampler
+from astra_ds.train.checkpoint import META, CheckpointManager, check_checkpoint, step_of
 from astra_ds.train.ds_config import resolve_ds_config
 from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from astra_ds.train.metrics_log import MetricsLog
@@ -42,6 +46,7 @@ from astra_ds.train.metrics_log import MetricsLog
 log = logging.getLogger("astra_ds")
 
 ENCODER_FILE, TABLE_DIR = "encoder.pt", "table"
+ENCODER_TAG, UNIVERSAL_TAG = "encoder", "encoder_universal"
 
 
 def encoder_state_dict(engine) -> dict | None:
@@ -52,10 +57,19 @@ def encoder_state_dict(engine) -> dict | None:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, progress: bool = True):
+    def __init__(self, cfg: RunConfig, progress: bool = True, resume: str | None = None, init_from: str | None = None):
+        """`resume`: "auto" (the latest checkpoint of this run, if any) or a checkpoint directory, continued with
+        its full state; `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh run."""
         self.cfg = cfg
         self.dist = init_distributed(cfg.train.collective_timeout_s)
         self.device = self.dist.device
+        self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.is_main)
+        resume_path = self.checkpoints.resolve(resume) if resume else None
+        resume_meta = check_checkpoint(resume_path) if resume_path else None
+        if resume == "auto" and resume_path is None:
+            log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
+        if init_from:
+            check_checkpoint(Path(init_from))
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
@@ -67,6 +81,8 @@ class Trainer:
         import torch.distributed as dist
 
         ds_config, ds_path = resolve_ds_config(cfg.train, self.dist.world_size, self.device.type == "cuda")
+        if resume_meta and resume_meta["world_size"] != self.dist.world_size:  # re-sliced via a universal checkpoint
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.tokenizer = tokenizer = build_tokenizer(cfg.encoder)
         if self.dist.is_main:  # rank 0 fills the token cache, the others read it
             self.data = prepare_data(cfg.data, tokenizer)
@@ -91,7 +107,9 @@ class Trainer:
             model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
         self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,
                                      self.dist.rank, self.dist.world_size)
-        if cfg.table.init == "label_text":
+        if resume_path or init_from:
+            pass  # the rows come from the checkpoint
+        elif cfg.table.init == "label_text":
             self.init_table_from_label_texts()
         else:
             self.table.init_random(cfg.train.seed)
@@ -112,7 +130,11 @@ class Trainer:
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main)
+        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, resume_meta["step"] if resume_meta else None)
+        if resume_path:
+            self.load_checkpoint(resume_path, resume_meta)
+        elif init_from:
+            self.init_from_checkpoint(Path(init_from))
         d = self.data.dataset
         log.info("data %s: %d train / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
                  "%d ranks | %d steps of %d queries", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
@@ -265,15 +287,18 @@ class Trainer:
         window, window_start = [], time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
-            if self.batches.clustering_due(epoch):
+            first_position = self.step - epoch * self.steps_per_epoch  # > 0 when resumed within the epoch
+            if first_position == 0 and self.batches.clustering_due(epoch):
                 self.recluster(epoch)
-            if self.hard_negatives_due(epoch):
+            if first_position == 0 and self.hard_negatives_due(epoch):
                 self.refresh_index()
             order = self.batches.epoch_batches(epoch)
-            for position in range(self.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+            for position in range(first_position, self.steps_per_epoch):
                 if self.step >= self.total_steps:
                     break
                 stats = self.train_step(order[position])
+                if cfg.train.record_batches:  # as step n (1-based), like the loss of the step
+                    self.metrics_log.log(self.step, {"batch": order[position].tolist()})
                 window.append(stats["loss"])
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{stats['loss']:.4g}")
@@ -290,6 +315,8 @@ class Trainer:
                         log.info("step %d/%d | epoch %d | loss %.4g | %.1f queries/s", self.step, self.total_steps,
                                  epoch, values["loss"], values["queries_per_s"])
                     window, window_start = [], time.time()
+                if self.checkpoints.due(self.step):
+                    self.save_checkpoint()
                 if self.step in eval_steps and self.step < self.total_steps:
                     eval_started = time.time()
                     trained = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
@@ -299,7 +326,101 @@ class Trainer:
                     window_start += time.time() - eval_started  # throughput figures leave evaluations out
                     self.metrics_log.log(self.step, trained | {f"test_{k}": v for k, v in results.items()})
         bar.close()
+        if self.checkpoints.previous is None or step_of(self.checkpoints.previous.name) != self.step:
+            self.save_checkpoint()  # the end of the run
         self.metrics_log.close()
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The trainer state every rank shares (each rank's own part is `rank_state`)."""
+        return {"step": self.step, "batches": self.batches.state_dict(), "shortlists": self.shortlists,
+                "recent_queries": self.recent_queries, "query_embeddings": self.query_embeddings,
+                "seen_queries": self.seen_queries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.batches.load_state_dict(state["batches"])
+        self.shortlists, self.recent_queries = state["shortlists"], state["recent_queries"]
+        self.query_embeddings, self.seen_queries = state["query_embeddings"], state["seen_queries"]
+
+    def rank_state(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "index": self.index.state_dict() if self.index is not None else None}
+
+    def load_rank_state(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        if self.index is not None and state["index"] is not None:
+            self.index.load_state_dict(state["index"])
+
+    def save_checkpoint(self) -> Path:
+        def write(directory: Path, previous: Path | None) -> None:
+            import torch.distributed as dist
+            from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+            self.engine.save_checkpoint(str(directory), tag=ENCODER_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: {}},
+                                        save_latest=False)
+            if self.dist.is_main:
+                self.table.create_store(directory / TABLE_DIR)
+            dist.barrier()
+            self.table.save_checkpoint(directory / TABLE_DIR, previous / TABLE_DIR if previous else None)
+            torch.save(self.rank_state(), directory / f"rank{self.dist.rank}.pt")
+            if self.dist.is_main:
+                torch.save(self.state_dict(), directory / "trainer_state.pt")
+                meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
+                        "world_size": self.dist.world_size, "num_labels": self.num_labels,
+                        "index_version": self.index.version if self.index is not None else 0}
+                (directory / META).write_text(json.dumps(meta, indent=2))
+
+        return self.checkpoints.save(self.step, write)
+
+    def load_checkpoint(self, path: Path, meta: dict) -> None:
+        """Continue exactly from `path`; written by another number of ranks, the encoder state goes through a
+        universal checkpoint and the index is rebuilt over the re-sliced rows."""
+        same_world = meta["world_size"] == self.dist.world_size
+        tag = ENCODER_TAG if same_world else self.universal_encoder(path)
+        self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.table.load(path / TABLE_DIR, progress=self.progress)
+        self.load_state_dict(torch.load(path / "trainer_state.pt", weights_only=False))
+        if same_world:
+            self.load_rank_state(torch.load(path / f"rank{self.dist.rank}.pt", weights_only=False))
+        elif self.index is not None and meta["index_version"] > 0:
+            log.warning("resumed on %d ranks from %d: each rank's index is rebuilt over its new rows",
+                        self.dist.world_size, meta["world_size"])
+            self.index.version = meta["index_version"] - 1
+            self.index.build(self.table, None, self.cfg.negatives.shortlist_size, seed=self.cfg.train.seed)
+        self.checkpoints.previous = path
+        log.info("resumed from %s (step %d, epoch %d)", path, self.step, meta["epoch"])
+
+    def universal_encoder(self, path: Path) -> str:
+        """Convert the encoder's ZeRO state in `path` to DeepSpeed's universal format (once, by rank 0)."""
+        import torch.distributed as dist
+        from types import SimpleNamespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as convert_to_universal
+
+        target = path / UNIVERSAL_TAG
+        if self.dist.is_main and not target.is_dir():
+            tmp = path / (UNIVERSAL_TAG + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_to_universal(SimpleNamespace(input_folder=str(path / ENCODER_TAG), output_folder=str(tmp),
+                                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                                 strict=True, inject_missing_state=False))
+            os.replace(tmp, target)
+        dist.barrier()
+        return UNIVERSAL_TAG
+
+    def init_from_checkpoint(self, path: Path) -> None:
+        """Weights only: the encoder and classifier rows of `path`, fresh optimizer states, step 0."""
+        self.engine.load_checkpoint(str(path), tag=ENCODER_TAG, load_module_only=True, load_optimizer_states=False,
+                                    load_lr_scheduler_states=False)
+        self.table.load(path / TABLE_DIR, rows_only=True, progress=self.progress)
+        log.info("encoder and classifier rows initialised from %s", path)
 
     # ---- results ----------------------------------------------------------------------------------------------
 

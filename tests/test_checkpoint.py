@@ -1,0 +1,169 @@
+"""Checkpoints: resumed == uninterrupted, a kill -9 during a save loses nothing, re-slicing to another number of
+ranks, clear errors for a bad checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from astra_ds.config import BatchingConfig
+from astra_ds.data.synth import SynthConfig, generate
+from astra_ds.table import store
+from astra_ds.train.batching import BatchSampler
+from conftest import REPO, TINY_RUN, run_cli
+from test_distributed import LAUNCHERS, _env
+
+# ASTRA (index rebuilt every epoch) and NGAME clusters, so that resuming within an epoch must restore both
+RESUMABLE_RUN = [*TINY_RUN, "train.epochs=2", "train.log_every=1", "train.record_batches=true",
+                 "negatives.strategy=astra", "index.kind=flat",  # an exact index: rebuilt alike in both runs
+                 "negatives.warmup_epochs=0", "negatives.refresh_every=1", "negatives.in_batch=true",
+                 "batching.mode=clustered", "batching.warmup_epochs=0", "batching.recluster_every=1",
+                 "batching.cluster_size=4"]
+
+
+def _sets(*overrides: str) -> list[str]:
+    args = []
+    for override in overrides:
+        args += ["--set", override]
+    return args
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def _losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _log(out) if "loss" in r}
+
+
+def _batches(out) -> list[tuple[int, list[int]]]:
+    return [(r["step"], r["batch"]) for r in _log(out) if "batch" in r]
+
+
+def _rows(checkpoint_or_run) -> np.ndarray:
+    return np.asarray(store.open_table(checkpoint_or_run / "table")["rows"][:])
+
+
+def _train(synth_dir, token_cache, out, *overrides, resume=None):
+    args = ["train", "--no-eval", *_sets(*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                                         f"out_dir={out}", *overrides)]
+    result = run_cli(*args, *(["--resume", resume] if resume else []))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def straight(synth_dir, token_cache, tmp_path_factory):
+    """20 steps without interruption (16 steps an epoch: the run crosses an epoch boundary)."""
+    out = tmp_path_factory.mktemp("straight")
+    _train(synth_dir, token_cache, out, "train.max_steps=20")
+    return out
+
+
+def test_resumed_run_equals_uninterrupted(straight, synth_dir, token_cache, tmp_path):
+    out = tmp_path / "resumed"
+    _train(synth_dir, token_cache, out, "train.max_steps=10")  # stops within epoch 0, checkpoint at step 10
+    assert (out / "checkpoints" / "latest").read_text() == "global_step10"
+    _train(synth_dir, token_cache, out, "train.max_steps=20", resume="auto")
+
+    assert _batches(out) == _batches(straight) and [s for s, _ in _batches(out)] == list(range(1, 21))
+    expected = _losses(straight)
+    assert sorted(_losses(out)) == sorted(expected)
+    np.testing.assert_allclose([_losses(out)[s] for s in expected], list(expected.values()), rtol=1e-5)
+    np.testing.assert_allclose(_rows(out / "checkpoints" / "global_step20"),
+                               _rows(straight / "checkpoints" / "global_step20"), rtol=1e-5, atol=1e-7)
+
+
+def test_unchanged_table_chunks_are_links_to_the_previous_checkpoint(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    # 2 rows a chunk over 50 labels: a step touches some chunks only
+    _train(synth_dir, token_cache, out, "train.max_steps=2", "checkpoint.save_every=1", "checkpoint.keep_last=5",
+           "table.chunk_mb=0.0003", "negatives.num_negatives=1", "negatives.in_batch=false",
+           "train.batch_size=2", "negatives.strategy=uniform", "batching.mode=random")
+    first, second = out / "checkpoints" / "global_step1", out / "checkpoints" / "global_step2"
+    chunks = sorted((first / "table" / "rows" / "c").iterdir(), key=lambda p: int(p.name))
+    linked = [c.name for c in chunks if os.path.samefile(c / "0", second / "table" / "rows" / "c" / c.name / "0")]
+    assert 0 < len(linked) < len(chunks)
+    np.testing.assert_array_equal(_rows(second), np.asarray(store.open_table(out / "table")["rows"][:]))
+
+
+@pytest.fixture(scope="module")
+def wide_data(tmp_path_factory):
+    """Enough labels (200k) that writing a checkpoint takes long enough to be killed in the middle."""
+    return generate(SynthConfig(num_labels=200_000, num_train=512, num_test=64, vocab_size=500, seed=2),
+                    tmp_path_factory.mktemp("wide") / "data")
+
+
+def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "astra_ds", "train", "--no-eval",
+            *_sets(*TINY_RUN, "train.log_every=1", "train.record_batches=true", "train.max_steps=12",
+                   "checkpoint.save_every=3", f"data.path={wide_data}", f"data.cache_dir={token_cache}",
+                   f"out_dir={out}")]
+    process = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = out / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "global_step6.tmp").exists():  # the second save has begun
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its second save"
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert (checkpoints / "latest").read_text() == "global_step3"
+    result = run_cli("train", "--no-eval", "--resume", "auto", *args[5:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr and "step 3" in result.stderr
+    steps = [s for s, _ in _batches(out)]
+    assert steps == list(range(1, 13))  # no batch lost, none repeated
+    expected = BatchSampler(BatchingConfig(), 512, 32, seed=0).epoch_batches(0)[:12]
+    assert [b for _, b in _batches(out)] == expected.tolist()
+    assert not (checkpoints / "global_step6.tmp").exists() and (checkpoints / "latest").read_text() == "global_step12"
+
+
+UNIFORM_RUN = [*TINY_RUN, "train.log_every=1", "table.chunk_mb=0.002"]  # 2 shards of the 50 rows with 2 ranks
+
+
+@pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks(saved_by, resumed_by, synth_dir, token_cache, tmp_path):
+    """The table is re-sliced, the encoder state goes through DeepSpeed's universal checkpoint, and the
+    resumed run has the losses of an uninterrupted one."""
+    def train(out, steps, ranks, resume=None):
+        args = _sets(*UNIFORM_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                     f"train.max_steps={steps}") + ["--no-eval"] + (["--resume", resume] if resume else [])
+        if ranks == 1:
+            result = run_cli("train", *args)
+        else:
+            result = subprocess.run([LAUNCHERS["mpirun"], *args], cwd=REPO, env=_env(NPROC="2"),
+                                    capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+    train(tmp_path / "straight", 6, 1)
+    train(tmp_path / "resumed", 3, saved_by)
+    train(tmp_path / "resumed", 6, resumed_by, resume="auto")
+    expected, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-4)
+    np.testing.assert_allclose(_rows(tmp_path / "resumed"), _rows(tmp_path / "straight"), rtol=1e-4, atol=1e-6)
+
+
+def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    _train(synth_dir, token_cache, out, "train.max_steps=2", "negatives.strategy=uniform", "batching.mode=random")
+    checkpoint = out / "checkpoints" / "global_step2"
+    common = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}")
+
+    result = run_cli("train", *common, "--resume", str(out / "checkpoints" / "global_step99"))
+    assert result.returncode == 2 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+
+    (checkpoint / "meta.json").write_text("{not json")
+    result = run_cli("train", *common, "--resume", "auto")
+    assert result.returncode == 2 and "unreadable meta.json" in result.stderr
+
+    (checkpoint / "trainer_state.pt").unlink()
+    result = run_cli("train", *common, "--resume", str(checkpoint))
+    assert result.returncode == 2 and "incomplete (missing trainer_state.pt)" in result.stderr
