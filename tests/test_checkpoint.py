@@ -3,6 +3,7 @@ ranks, clear errors for a bad checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,3 +168,42 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache
     (checkpoint / "trainer_state.pt").unlink()
     result = run_cli("train", *common, "--resume", str(checkpoint))
     assert result.returncode == 2 and "incomplete (missing trainer_state.pt)" in result.stderr
+
+
+def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints" / "global_step20", checkpoints / "global_step20")
+    shutil.copytree(straight / "checkpoints" / "global_step20", checkpoints / "global_step30")
+    rows = store.open_table(checkpoints / "global_step30" / "table", mode="r+")["rows"]
+    rows[7] = rows[7] + 1
+    (checkpoints / "global_step40.tmp").mkdir()  # a save that never finished
+    (checkpoints / "latest").write_text("global_step30")
+
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(checkpoints)],
+                            capture_output=True, text=True, cwd=REPO, env=_env(PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("global_step20: step 20, epoch 1, 1 ranks, index version 2")
+    assert lines[2].startswith("global_step30 (latest): step 20")  # a copy: its meta says step 20
+    assert lines[4].startswith("global_step40.tmp: unusable: checkpoint") and "incomplete" in lines[4]
+    checksum_20, checksum_30 = lines[1].split()[-1], lines[3].split()[-1]
+    assert lines[1].split()[:4] == ["rank", "0", "[0,", "50)"] and checksum_20 != checksum_30
+
+
+def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth_dir, token_cache, tmp_path):
+    import torch
+
+    from astra_ds.config import load_config
+    from astra_ds.train.trainer import ENCODER_FILE, Trainer
+
+    checkpoint = straight / "checkpoints" / "global_step20"  # the end of the straight run: its encoder.pt
+    cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             f"out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, progress=False, init_from=str(checkpoint))
+    assert trainer.step == 0 and trainer.batches.clustered_order is None
+    np.testing.assert_array_equal(trainer.table.rows.numpy(), _rows(checkpoint))
+    assert not trainer.table.optimizer.state["sum"].any()  # Adagrad sums start at zero
+    assert not trainer.engine.optimizer.state  # no Adam moments yet
+    weights = torch.load(straight / ENCODER_FILE)
+    for name, value in trainer.engine.module.state_dict().items():
+        torch.testing.assert_close(value, weights[name], rtol=0, atol=0)
