@@ -123,7 +123,8 @@ def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     assert steps == list(range(1, 13))  # no batch lost, none repeated
     expected = BatchSampler(BatchingConfig(), 512, 32, seed=0).epoch_batches(0)[:12]
     assert [b for _, b in _batches(out)] == expected.tolist()
-    assert not (checkpoints / "global_step6.tmp").exists() and (checkpoints / "latest").read_text() == "global_step12"
+    assert (checkpoints / "latest").read_text() == "global_step12"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step12", "global_step9", "latest"]  # keep_last 2
 
 
 UNIFORM_RUN = [*TINY_RUN, "train.log_every=1", "table.chunk_mb=0.002"]  # 2 shards of the 50 rows with 2 ranks

@@ -85,6 +85,25 @@ def check_checkpoint(path: Path) -> dict:
     return meta
 
 
+def convert_encoder_to_universal(path: Path, tag: str, is_main: bool) -> str:
+    """Convert the encoder's ZeRO state `path/tag` to DeepSpeed's universal format, which loads on any number of
+    ranks (rank 0 converts, once: the result stays in the checkpoint); returns the universal tag."""
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    universal = tag + "_universal"
+    if is_main and not (path / universal).is_dir():
+        tmp = path / (universal + TMP_SUFFIX)
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(SimpleNamespace(input_folder=str(path / tag), output_folder=str(tmp), num_extract_workers=1,
+                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=False))
+        os.replace(tmp, path / universal)
+    dist.barrier()
+    return universal
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, out_dir: str | Path, is_main: bool):
         self.cfg, self.is_main = cfg, is_main

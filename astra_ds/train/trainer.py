@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,8 @@ from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import Negatives, sample_uniform
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.batching import BatchSampler
-from astra_ds.train.checkpoint import META, CheckpointManager, check_checkpoint, step_of
+from astra_ds.train.checkpoint import (META, CheckpointManager, check_checkpoint, convert_encoder_to_universal,
+                                       step_of)
 from astra_ds.train.ds_config import resolve_ds_config
 from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from astra_ds.train.metrics_log import MetricsLog
@@ -46,7 +45,7 @@ from astra_ds.train.metrics_log import MetricsLog
 log = logging.getLogger("astra_ds")
 
 ENCODER_FILE, TABLE_DIR = "encoder.pt", "table"
-ENCODER_TAG, UNIVERSAL_TAG = "encoder", "encoder_universal"
+ENCODER_TAG = "encoder"
 
 
 def encoder_state_dict(engine) -> dict | None:
@@ -383,7 +382,7 @@ class Trainer:
         """Continue exactly from `path`; written by another number of ranks, the encoder state goes through a
         universal checkpoint and the index is rebuilt over the re-sliced rows."""
         same_world = meta["world_size"] == self.dist.world_size
-        tag = ENCODER_TAG if same_world else self.universal_encoder(path)
+        tag = ENCODER_TAG if same_world else convert_encoder_to_universal(path, ENCODER_TAG, self.dist.is_main)
         self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         self.table.load(path / TABLE_DIR, progress=self.progress)
         self.load_state_dict(torch.load(path / "trainer_state.pt", weights_only=False))
@@ -396,24 +395,6 @@ class Trainer:
             self.index.build(self.table, None, self.cfg.negatives.shortlist_size, seed=self.cfg.train.seed)
         self.checkpoints.previous = path
         log.info("resumed from %s (step %d, epoch %d)", path, self.step, meta["epoch"])
-
-    def universal_encoder(self, path: Path) -> str:
-        """Convert the encoder's ZeRO state in `path` to DeepSpeed's universal format (once, by rank 0)."""
-        import torch.distributed as dist
-        from types import SimpleNamespace
-
-        from deepspeed.checkpoint.ds_to_universal import main as convert_to_universal
-
-        target = path / UNIVERSAL_TAG
-        if self.dist.is_main and not target.is_dir():
-            tmp = path / (UNIVERSAL_TAG + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            convert_to_universal(SimpleNamespace(input_folder=str(path / ENCODER_TAG), output_folder=str(tmp),
-                                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                                 strict=True, inject_missing_state=False))
-            os.replace(tmp, target)
-        dist.barrier()
-        return UNIVERSAL_TAG
 
     def init_from_checkpoint(self, path: Path) -> None:
         """Weights only: the encoder and classifier rows of `path`, fresh optimizer states, step 0."""
