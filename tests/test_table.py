@@ -169,3 +169,13 @@ def test_load_rejects_a_table_of_another_shape(tmp_path):
     ClassifierTable(L, D, TableConfig()).create_store(tmp_path / "t")
     with pytest.raises(ValueError, match="expected"):
         ClassifierTable(L + 1, D, TableConfig()).load(tmp_path / "t")
+
+
+def test_a_table_smaller_than_a_chunk_is_one_chunk_of_its_size(tmp_path):
+    table = ClassifierTable(L, D, TableConfig())  # 32 MB chunks hold far more than L rows
+    table.init_random(seed=0)
+    table.create_store(tmp_path / "t")
+    table.save(tmp_path / "t")
+    rows = store.open_table(tmp_path / "t")["rows"]
+    assert rows.chunks == (L, D)
+    assert (tmp_path / "t" / "rows" / "c" / "0" / "0").stat().st_size == L * D * 4  # no padding to 32 MB

@@ -38,7 +38,7 @@ class ClassifierTable:
                  rank: int = 0, world_size: int = 1):
         self.num_labels, self.dim, self.cfg = num_labels, dim, cfg
         self.device = torch.device(device)
-        self.chunk_rows = store.chunk_rows_for(dim, 4, cfg.chunk_mb)
+        self.chunk_rows = min(store.chunk_rows_for(dim, 4, cfg.chunk_mb), num_labels)  # no chunk past the table
         self.start, self.end = store.shard_range(num_labels, self.chunk_rows, rank, world_size)
         pin = torch.cuda.is_available()
         self.rows = torch.zeros((self.end - self.start, dim), dtype=torch.float32, pin_memory=pin)
