@@ -91,6 +91,9 @@ def test_unchanged_table_chunks_are_links_to_the_previous_checkpoint(synth_dir, 
     linked = [c.name for c in chunks if os.path.samefile(c / "0", second / "table" / "rows" / "c" / c.name / "0")]
     assert 0 < len(linked) < len(chunks)
     np.testing.assert_array_equal(_rows(second), np.asarray(store.open_table(out / "table")["rows"][:]))
+    # the run's final table is the last checkpoint's, linked rather than written again
+    assert all(os.path.samefile(c / "0", out / "table" / "rows" / "c" / c.name / "0")
+               for c in (second / "table" / "rows" / "c").iterdir())
 
 
 @pytest.fixture(scope="module")

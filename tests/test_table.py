@@ -1,5 +1,10 @@
 """The classifier table against dense PyTorch references: the same rows, the same loss, torch.optim updates."""
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -179,3 +184,26 @@ def test_a_table_smaller_than_a_chunk_is_one_chunk_of_its_size(tmp_path):
     rows = store.open_table(tmp_path / "t")["rows"]
     assert rows.chunks == (L, D)
     assert (tmp_path / "t" / "rows" / "c" / "0" / "0").stat().st_size == L * D * 4  # no padding to 32 MB
+
+
+def test_unchanged_chunks_link_or_are_written_across_file_systems(tmp_path):
+    cfg = TableConfig(chunk_mb=D * 4 * 5 / 2**20)  # 5 rows a chunk
+    table = ClassifierTable(L, D, cfg)
+    table.init_random(seed=3)
+    table.create_store(tmp_path / "first")
+    table.save_checkpoint(tmp_path / "first", None)
+    block, slots = table.fetch(torch.tensor([7]))  # row 7: chunk 1 only
+    block.weights[slots].sum().backward()
+    table.apply_gradients([block])
+    shm = Path("/dev/shm")
+    other_fs = tmp_path.stat().st_dev != shm.stat().st_dev if shm.is_dir() else False
+    targets = [tmp_path / "second"] + ([Path(tempfile.mkdtemp(dir=shm)) / "second"] if other_fs else [])
+    for target in targets:
+        table.create_store(target)
+        table.save(target, unchanged_from=tmp_path / "first")
+        np.testing.assert_array_equal(np.asarray(store.open_table(target)["rows"][:]), table.rows.numpy())
+    linked = [os.path.samefile(tmp_path / "first" / "rows" / "c" / str(c) / "0",
+                               targets[0] / "rows" / "c" / str(c) / "0") for c in range(L // 5)]
+    assert linked == [c != 1 for c in range(L // 5)]
+    for target in targets[1:]:  # another file system: written, not linked
+        shutil.rmtree(target.parent)

@@ -88,7 +88,7 @@ class ClassifierTable:
             grads = torch.zeros_like(weights).index_add_(0, slots, torch.cat([b.weights.grad for b in blocks]))
         new_weights = self.optimizer.step(local_rows, weights, grads)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
-        self.dirty[np.unique((local_rows.numpy() + self.start) // self.chunk_rows - self.start // self.chunk_rows)] = True
+        self.dirty[np.unique(local_rows.numpy() // self.chunk_rows)] = True  # shards start on a chunk boundary
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of this shard (global ids), as a view of host memory."""
@@ -108,29 +108,23 @@ class ClassifierTable:
                      {name: (shape, dtype) for name, (_, shape, dtype) in self._arrays().items()},
                      {"dim": self.dim, "optimizer": self.cfg.optimizer})
 
-    def save(self, path: str | Path, progress: bool = False) -> None:
-        """Write this shard's rows and optimizer state (whole chunks) into the table at `path`."""
-        self._write(path, None, progress)
-
-    def save_checkpoint(self, path: str | Path, previous: str | Path | None) -> None:
-        """`save`, except that chunks no step changed since the `previous` checkpoint's table (the last one
-        saved or loaded) become hard links to its files instead of being written again."""
-        self._write(path, previous, progress=False)
-        self.dirty[:] = False
-
-    def _write(self, path: str | Path, unchanged_from: str | Path | None, progress: bool) -> None:
+    def save(self, path: str | Path, unchanged_from: str | Path | None = None, progress: bool = False) -> None:
+        """Write this shard's rows and optimizer state (whole chunks) into the table at `path`. Chunks no step
+        changed since the table `unchanged_from` (the last checkpoint's, saved or loaded) become hard links to
+        its files instead of being written again."""
         group = store.open_table(path, mode="r+")
         for name, (tensor, trailing, _) in self._arrays().items():
             target = group[name]
             for i, (chunk, start, end) in enumerate(tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress)):
-                if unchanged_from is not None and not self.dirty[i]:
-                    source = store.chunk_file(unchanged_from, name, chunk, 1 + len(trailing))
-                    if source.exists():  # absent: the chunk held only zeros (zarr's fill value), nothing to link
-                        destination = store.chunk_file(path, name, chunk, 1 + len(trailing))
-                        destination.parent.mkdir(parents=True, exist_ok=True)
-                        os.link(source, destination)
+                if unchanged_from is not None and not self.dirty[i] and _link_chunk(
+                        unchanged_from, path, name, chunk, 1 + len(trailing)):
                     continue
                 target[start:end] = tensor[start - self.start:end - self.start].numpy()
+
+    def save_checkpoint(self, path: str | Path, previous: str | Path | None) -> None:
+        """`save` into a new checkpoint's table; the chunks changed from now on are counted against it."""
+        self.save(path, previous)
+        self.dirty[:] = False
 
     def load(self, path: str | Path, rows_only: bool = False, progress: bool = False) -> None:
         """Read this shard's rows and optimizer state (not with `rows_only`) from the table at `path` (any world
@@ -147,3 +141,18 @@ class ClassifierTable:
             for _, start, end in tqdm(list(self._chunks()), desc=f"load {name}", disable=not progress):
                 tensor[start - self.start:end - self.start] = torch.from_numpy(np.asarray(source[start:end]))
         self.dirty[:] = rows_only or not same_optimizer  # else the same bytes as the table at `path`
+
+
+def _link_chunk(source_table: str | Path, table: str | Path, name: str, chunk: int, ndim: int) -> bool:
+    """Hard-link chunk `chunk` of array `name` from `source_table` into `table`; False where the file systems
+    differ (the caller writes the chunk instead)."""
+    source = store.chunk_file(source_table, name, chunk, ndim)
+    if not source.exists():  # the chunk holds only zeros (zarr's fill value): nothing to link
+        return True
+    destination = store.chunk_file(table, name, chunk, ndim)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:  # EXDEV: checkpoint.dir on another file system than out_dir
+        return False
+    return True

@@ -414,7 +414,8 @@ class Trainer:
             torch.save(state, self.run_dir / ENCODER_FILE)
             self.table.create_store(self.run_dir / TABLE_DIR)
         dist.barrier()
-        self.table.save(self.run_dir / TABLE_DIR, progress=self.progress)
+        previous = self.checkpoints.previous  # written at the end of `fit`: its table is this one, linked not copied
+        self.table.save(self.run_dir / TABLE_DIR, previous / TABLE_DIR if previous else None, progress=self.progress)
         dist.barrier()
 
     def evaluate(self) -> dict:
