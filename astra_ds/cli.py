@@ -4,6 +4,7 @@
     astra-ds data stats data/synthetic                  summarise a dataset (any layout)
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
+    astra-ds plan --config configs/synthetic.yaml       memory per rank, and whether the run fits
 
 Several ranks (see launchers/ and the README): `deepspeed --module astra_ds train ...`, `mpirun -np N python -m
 astra_ds train ...`, or `srun` in launchers/slurm.sbatch.
@@ -65,6 +66,42 @@ def cmd_train(args) -> None:
     if not args.no_eval:
         trainer.evaluate()
         logging.getLogger("astra_ds").info("metrics written to %s", Path(cfg.out_dir) / "metrics.json")
+    trainer.report_memory()
+
+
+def cmd_plan(args) -> None:
+    from astra_ds.dist import configure_accelerator
+
+    configure_accelerator()
+    _quiet_libraries()
+    import deepspeed  # noqa: F401  (held by every training process: the measured part of the plan includes it)
+    import torch
+
+    from astra_ds.data.prepare import prepare_data
+    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.negatives.index import import_faiss
+    from astra_ds.plan import GiB, advice, available_host_bytes, plan_run, process_bytes
+
+    cfg = load_config(args.config, args.set)
+    if args.world_size < 1 or args.ranks_per_host < 1:
+        raise ConfigError("--world-size and --ranks-per-host must be >= 1")
+    if cfg.negatives.strategy == "astra":
+        import_faiss()
+    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
+    held = process_bytes()
+    labels = data.dataset.train.labels
+    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
+    on_gpu = torch.cuda.is_available()
+    plan = plan_run(cfg, data.dataset.num_labels, labels.shape[0], len(data.test_tokens),
+                    labels.nnz / max(1, labels.shape[0]), encoder, args.world_size, 0, on_gpu, held)
+    print(plan.format())
+    per_host = min(args.ranks_per_host, args.world_size)
+    need = per_host * (plan.total("host") - held) + held
+    available = available_host_bytes() + held
+    print(f"\nthis host: {per_host} rank(s) x plan = {need / GiB:.2f} GiB of {available / GiB:.2f} GiB available: "
+          + ("fits" if need <= available else "does NOT fit"))
+    if need > available:
+        raise ConfigError(f"the run does not fit this host's memory. {advice(plan)}")
 
 
 def cmd_eval(args) -> None:
@@ -169,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a key of the run's config, e.g. --set data.path=other/data")
     evaluate.set_defaults(func=cmd_eval)
+
+    plan = commands.add_parser("plan", help="memory per rank of a run, and whether it fits this host",
+                               description="Bytes per rank for the classifier table and its optimizer state, "
+                                           "the encoder under its ZeRO stage, the index, staging buffers and "
+                                           "evaluation, from the run's config and data. `train` checks the same "
+                                           "plan at start-up and refuses a run that does not fit.")
+    plan.add_argument("--config", help="YAML run config")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    plan.add_argument("--world-size", type=int, default=1, help="ranks of the run (the table is split over them)")
+    plan.add_argument("--ranks-per-host", type=int, default=1, help="ranks that share this host's memory")
+    plan.set_defaults(func=cmd_plan)
 
     data = commands.add_parser("data", help="create or inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -61,11 +61,14 @@ class TableConfig:
     init: str = "random"
     init_std: float = 0.02
     normalize_rows: bool = True  # score with w / ||w||
+    # float32, or bfloat16: half the memory, rows updated in float32 and stored with stochastic rounding
+    dtype: str = "float32"
     chunk_mb: float = 32.0  # zarr chunk size; shards are aligned to chunks
 
     def __post_init__(self):
         _check(self.optimizer in ("rowwise_adagrad", "lazy_adam"),
                f"table.optimizer must be rowwise_adagrad or lazy_adam, not {self.optimizer!r}")
+        _check(self.dtype in ("float32", "bfloat16"), f"table.dtype must be float32 or bfloat16, not {self.dtype!r}")
         _check(self.init in ("random", "label_text"), f"table.init must be random or label_text, not {self.init!r}")
         _check(self.lr > 0, f"table.lr must be positive, not {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -159,6 +162,7 @@ class TrainConfig:
     log_every: int = 20
     collective_timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) ends the run
     record_batches: bool = False  # log each step's query rows to train_log.jsonl (to audit resumes)
+    memory_check: bool = True  # refuse to start when the memory plan (astra-ds plan) exceeds what the hosts have
 
     def __post_init__(self):
         _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")

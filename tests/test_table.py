@@ -11,7 +11,7 @@ import torch
 
 from astra_ds.config import TableConfig
 from astra_ds.table import store
-from astra_ds.table.table import ClassifierTable
+from astra_ds.table.table import ClassifierTable, round_to_bfloat16
 
 L, D = 40, 8
 
@@ -207,3 +207,58 @@ def test_unchanged_chunks_link_or_are_written_across_file_systems(tmp_path):
     assert linked == [c != 1 for c in range(L // 5)]
     for target in targets[1:]:  # another file system: written, not linked
         shutil.rmtree(target.parent)
+
+
+def test_stochastic_rounding_to_bfloat16_is_unbiased_and_picks_a_neighbour():
+    values = torch.tensor([1.0 + 2**-9, -3.3, 1e-3, 0.1234567])  # each between two bfloat16 numbers
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([round_to_bfloat16(values, generator).float() for _ in range(4000)])
+    for column, value in enumerate(values):
+        low, high = sorted(draws[:, column].unique().tolist())  # exactly two outcomes, around the value
+        assert low < value < high and (high - low) <= abs(value) * 2**-7
+        assert value.to(torch.bfloat16).float().item() in (low, high)  # the nearest one among them
+    torch.testing.assert_close(draws.mean(0), values, rtol=2e-4, atol=0)  # unbiased, unlike round-to-nearest
+
+
+def test_bfloat16_table_updates_in_float32_and_rounds_to_a_neighbour(tmp_path):
+    """A step of a bfloat16 table = the float32 update of the widened rows, rounded to one of its two
+    neighbouring bfloat16 numbers; saving and loading keeps the bits and the rounding stream."""
+    cfg = TableConfig(lr=0.1, dtype="bfloat16")
+    table = ClassifierTable(L, D, cfg)
+    table.init_random(seed=3)
+    reference = ClassifierTable(L, D, TableConfig(lr=0.1))
+    reference.rows.copy_(table.rows.float())
+    assert table.rows.dtype == torch.bfloat16 and table.rows.element_size() == 2
+    for ids, queries in list(_batches(3)):
+        for t in (table, reference):
+            block, slots = t.fetch(ids)
+            assert block.weights.dtype == torch.float32
+            _loss(block.weights[slots], queries).backward()
+            t.apply_gradients([block])
+        # the float32 result lies within one bfloat16 step of the stored row
+        step = reference.rows.abs() * 2**-7
+        assert ((table.rows.float() - reference.rows).abs() <= step).all()
+        assert (table.rows.float() != reference.rows.to(torch.bfloat16).float()).any()  # not round-to-nearest
+        reference.rows.copy_(table.rows.float())  # next step from the same rows
+        reference.optimizer.state["sum"].copy_(table.optimizer.state["sum"])
+
+    table.create_store(tmp_path / "t")
+    table.save(tmp_path / "t")
+    assert (tmp_path / "t" / "rows" / "c" / "0" / "0").stat().st_size == L * D * 2
+    resumed = ClassifierTable(L, D, cfg)
+    resumed.load(tmp_path / "t")
+    assert torch.equal(resumed.rows.view(torch.int16), table.rows.view(torch.int16)) and resumed.updates == 3
+    for t in (table, resumed):  # the next update rounds the same way
+        block, slots = t.fetch(torch.arange(L))
+        block.weights[slots].sum().backward()
+        t.apply_gradients([block])
+    assert torch.equal(resumed.rows.view(torch.int16), table.rows.view(torch.int16))
+
+    widened = ClassifierTable(L, D, TableConfig())  # a float32 run can start from the bfloat16 table
+    widened.load(tmp_path / "t", rows_only=True)
+    assert torch.equal(widened.rows, _stored_rows(tmp_path / "t"))
+
+
+def _stored_rows(path) -> torch.Tensor:
+    bits = torch.from_numpy(np.asarray(store.open_table(path)["rows"][:]).view(np.int16))
+    return bits.view(torch.bfloat16).float()

@@ -53,7 +53,7 @@ def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_
         best_scores = torch.full((len(q), 0), float("-inf"), device=device)
         best_ids = torch.zeros((len(q), 0), dtype=torch.long, device=device)
         for start, end in blocks:
-            rows = table.block_rows(start, end).to(device, non_blocking=True)
+            rows = table.block_rows(start, end).to(device, non_blocking=True).float()
             if normalize_rows:
                 rows = F.normalize(rows, dim=-1)
             block_scores = q @ rows.T

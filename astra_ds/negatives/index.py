@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ class BuildReport:
     k: int
 
 
-def _faiss():
+def import_faiss():
     try:
         import faiss
     except ImportError:
@@ -47,6 +48,15 @@ def choose_kind(cfg: IndexConfig, rows: int) -> str:
     if rows <= cfg.hnsw_max_rows:
         return "hnsw"
     return "ivf_pq" if rows >= cfg.ivf_pq_min_rows else "ivf_flat"
+
+
+def nlist_for(cfg: IndexConfig, rows: int) -> int:
+    """IVF lists: index.nlist, or 4 sqrt(rows) (at least 39 training rows a list)."""
+    return cfg.nlist or max(1, min(rows // 39, int(4 * math.sqrt(rows))))
+
+
+def pq_m_for(cfg: IndexConfig, dim: int) -> int:
+    return cfg.pq_m or max(1, dim // 4)
 
 
 class LabelIndex:
@@ -64,7 +74,7 @@ class LabelIndex:
         return np.ascontiguousarray(rows.numpy(), dtype=np.float32)
 
     def _new_index(self, kind: str, table: ClassifierTable):
-        faiss, cfg, dim, rows = _faiss(), self.cfg, table.dim, table.num_local_rows
+        faiss, cfg, dim, rows = import_faiss(), self.cfg, table.dim, table.num_local_rows
         metric = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -73,12 +83,12 @@ class LabelIndex:
             index.hnsw.efConstruction = cfg.ef_construction
             index.hnsw.efSearch = cfg.ef_search
         else:
-            nlist = cfg.nlist or max(1, min(rows // 39, int(4 * math.sqrt(rows))))
+            nlist = nlist_for(cfg, rows)
             quantizer = faiss.IndexFlatIP(dim)
             if kind == "ivf_flat":
                 index = faiss.IndexIVFFlat(quantizer, dim, nlist, metric)
             else:
-                pq_m = cfg.pq_m or max(1, dim // 4)
+                pq_m = pq_m_for(cfg, dim)
                 if dim % pq_m:
                     raise ValueError(f"index.pq_m={pq_m} must divide the row dimension {dim}")
                 index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, 8, metric)
@@ -87,24 +97,28 @@ class LabelIndex:
 
     def _to_gpu(self, index):
         """The index on the GPU when faiss-gpu, CUDA and index.use_gpu allow it."""
-        faiss = _faiss()
+        faiss = import_faiss()
         if not (self.cfg.use_gpu and torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")):
             return index
         self._gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self._gpu_resources, torch.cuda.current_device(), index)
 
     def state_dict(self) -> dict:
-        """The built index (serialised, from host memory), its row offset and version."""
-        faiss, index = _faiss(), self.index
-        if index is not None and hasattr(faiss, "index_gpu_to_cpu") and hasattr(self, "_gpu_resources"):
-            index = faiss.index_gpu_to_cpu(index)
-        return {"version": self.version, "offset": self.offset,
-                "index": None if index is None else faiss.serialize_index(index),
+        """Version, row offset and placement; the index itself goes to a file (`save`)."""
+        return {"version": self.version, "offset": self.offset, "built": self.index is not None,
                 "on_gpu": hasattr(self, "_gpu_resources")}
 
-    def load_state_dict(self, state: dict) -> None:
+    def save(self, path: str | Path) -> None:
+        """The built index, streamed to `path` by faiss (serialising it to bytes for pickle would hold it
+        twice more in memory)."""
+        faiss, index = import_faiss(), self.index
+        if hasattr(self, "_gpu_resources"):
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(path))
+
+    def load_state_dict(self, state: dict, index_file: str | Path) -> None:
         self.version, self.offset = state["version"], state["offset"]
-        self.index = None if state["index"] is None else _faiss().deserialize_index(state["index"])
+        self.index = import_faiss().read_index(str(index_file)) if state["built"] else None
         if self.index is not None and state["on_gpu"]:
             self.index = self._to_gpu(self.index)
 
@@ -118,6 +132,7 @@ class LabelIndex:
     def build(self, table: ClassifierTable, sample_queries: torch.Tensor | None, k: int, seed: int = 0) -> BuildReport:
         """(Re)build over the table's current rows; recall@k is measured on `sample_queries` when given."""
         started = time.perf_counter()
+        self.index = None  # the old index goes first: memory never holds two
         kind = choose_kind(self.cfg, table.num_local_rows)
         index = self._new_index(kind, table)
         self._train(index, table, np.random.default_rng([seed, self.version]))

@@ -3,6 +3,10 @@
 A step fetches the unique rows of its sampled labels (`fetch`), scores them through autograd, then
 `apply_gradients` runs the row-sparse optimizer on the device and writes the rows back. Work per step depends
 on the number of rows fetched, never on L.
+
+Rows are stored in float32, or in bfloat16 (`table.dtype`: half the memory) with float32 arithmetic: fetched
+rows are widened, updated in float32 and written back with stochastic rounding, so that updates smaller than
+a bfloat16 step still move a row on average.
 """
 
 from __future__ import annotations
@@ -24,6 +28,17 @@ class TableError(ValueError):
     """A stored table that does not fit the run (another shape)."""
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def round_to_bfloat16(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Stochastic rounding of float32 `values` to bfloat16: up with probability (dropped low bits) / 2^16, so
+    the result is unbiased. Adding the noise to the bit pattern carries into the kept bits when it overflows."""
+    bits = values.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
 @dataclass
 class RowBlock:
     """The rows of one step on the compute device."""
@@ -38,10 +53,14 @@ class ClassifierTable:
                  rank: int = 0, world_size: int = 1):
         self.num_labels, self.dim, self.cfg = num_labels, dim, cfg
         self.device = torch.device(device)
-        self.chunk_rows = min(store.chunk_rows_for(dim, 4, cfg.chunk_mb), num_labels)  # no chunk past the table
+        self.dtype = DTYPES[cfg.dtype]
+        self.chunk_rows = min(store.chunk_rows_for(dim, self.dtype.itemsize, cfg.chunk_mb), num_labels)  # no chunk past the table
         self.start, self.end = store.shard_range(num_labels, self.chunk_rows, rank, world_size)
         pin = torch.cuda.is_available()
-        self.rows = torch.zeros((self.end - self.start, dim), dtype=torch.float32, pin_memory=pin)
+        self.rows = torch.zeros((self.end - self.start, dim), dtype=self.dtype, pin_memory=pin)
+        # bfloat16 write-backs: update u of rank r rounds with a generator seeded by (r, u), so a resumed run
+        # (the count is saved with the table) rounds as an uninterrupted one
+        self.rank, self.updates = rank, 0
         self.optimizer = build_optimizer(cfg, self.end - self.start, dim, pin)
         # chunks changed since the table was last saved or loaded (a checkpoint rewrites only these)
         self.dirty = np.ones(len(list(self._chunks())), bool)
@@ -68,13 +87,14 @@ class ClassifierTable:
         if len(unique_ids) and (unique_ids[0] < self.start or unique_ids[-1] >= self.end):
             raise IndexError(f"label ids outside this shard's rows [{self.start}, {self.end})")
         local_rows = unique_ids - self.start
-        weights = self.rows.index_select(0, local_rows).to(self.device, non_blocking=True).requires_grad_(True)
+        weights = self.rows.index_select(0, local_rows).to(self.device, non_blocking=True).float().requires_grad_(True)
         return RowBlock(unique_ids, local_rows, weights), slots.reshape(global_ids.shape).to(self.device)
 
     @torch.no_grad()
     def apply_gradients(self, blocks: list[RowBlock]) -> None:
         """One optimizer step on the rows of `blocks` (several with gradient accumulation: their gradients
         are summed per row); rows without a gradient are left untouched."""
+        self.updates += 1  # every rank counts every step, with or without rows to update
         blocks = [b for b in blocks if b.weights.grad is not None]
         if not blocks:
             return
@@ -87,6 +107,9 @@ class ClassifierTable:
             weights.index_copy_(0, slots, torch.cat([b.weights.detach() for b in blocks]))
             grads = torch.zeros_like(weights).index_add_(0, slots, torch.cat([b.weights.grad for b in blocks]))
         new_weights = self.optimizer.step(local_rows, weights, grads)
+        if self.dtype == torch.bfloat16:
+            generator = torch.Generator(self.device).manual_seed(self.rank * 1_000_003 + self.updates)
+            new_weights = round_to_bfloat16(new_weights, generator)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
         self.dirty[np.unique(local_rows.numpy() // self.chunk_rows)] = True  # shards start on a chunk boundary
 
@@ -97,7 +120,8 @@ class ClassifierTable:
     # ---- persistence: zarr in global label order -------------------------------------------------------------
 
     def _arrays(self) -> dict[str, tuple[torch.Tensor, tuple[int, ...], np.dtype]]:
-        arrays = {"rows": (self.rows, (self.dim,), np.dtype(np.float32))}
+        """name -> (host tensor, trailing shape, numpy dtype on disk); bfloat16 rows are stored as their bits."""
+        arrays = {"rows": (self.rows, (self.dim,), np.dtype(np.float32 if self.dtype == torch.float32 else np.uint16))}
         for name, tensor in self.optimizer.state.items():
             arrays[f"optim/{name}"] = (tensor, tuple(tensor.shape[1:]), np.dtype(str(tensor.dtype).split(".")[1]))
         return arrays
@@ -106,7 +130,8 @@ class ClassifierTable:
         """An empty table at `path` that every rank's `save` then fills (one rank creates it)."""
         store.create(path, self.num_labels, self.chunk_rows,
                      {name: (shape, dtype) for name, (_, shape, dtype) in self._arrays().items()},
-                     {"dim": self.dim, "optimizer": self.cfg.optimizer})
+                     {"dim": self.dim, "optimizer": self.cfg.optimizer, "dtype": self.cfg.dtype,
+                      "updates": self.updates})
 
     def save(self, path: str | Path, unchanged_from: str | Path | None = None, progress: bool = False) -> None:
         """Write this shard's rows and optimizer state (whole chunks) into the table at `path`. Chunks no step
@@ -119,7 +144,7 @@ class ClassifierTable:
                 if unchanged_from is not None and not self.dirty[i] and _link_chunk(
                         unchanged_from, path, name, chunk, 1 + len(trailing)):
                     continue
-                target[start:end] = tensor[start - self.start:end - self.start].numpy()
+                target[start:end] = _to_numpy(tensor[start - self.start:end - self.start])
 
     def save_checkpoint(self, path: str | Path, previous: str | Path | None) -> None:
         """`save` into a new checkpoint's table; the chunks changed from now on are counted against it."""
@@ -134,13 +159,23 @@ class ClassifierTable:
             raise TableError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
                              f"expected {self.num_labels} x {self.dim}")
         same_optimizer = group.attrs["optimizer"] == self.cfg.optimizer
+        stored_dtype = group.attrs.get("dtype", "float32")
         for name, (tensor, _, _) in self._arrays().items():
             if name.startswith("optim/") and (rows_only or not same_optimizer):
                 continue  # fresh optimizer state
             source = group[name]
             for _, start, end in tqdm(list(self._chunks()), desc=f"load {name}", disable=not progress):
-                tensor[start - self.start:end - self.start] = torch.from_numpy(np.asarray(source[start:end]))
-        self.dirty[:] = rows_only or not same_optimizer  # else the same bytes as the table at `path`
+                values = torch.from_numpy(np.asarray(source[start:end]))
+                if name == "rows" and stored_dtype == "bfloat16":
+                    values = values.view(torch.bfloat16)
+                tensor[start - self.start:end - self.start] = values  # float32 <-> bfloat16 converts (to nearest)
+        self.updates = 0 if rows_only else group.attrs.get("updates", 0)
+        same_bytes = same_optimizer and not rows_only and stored_dtype == self.cfg.dtype
+        self.dirty[:] = not same_bytes  # else the chunks are those of the table at `path`
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.view(torch.int16).numpy().view(np.uint16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
 def _link_chunk(source_table: str | Path, table: str | Path, name: str, chunk: int, ndim: int) -> bool:

@@ -5,7 +5,8 @@
     table/              classifier rows and their optimizer state (zarr, global label order); chunks no step
                         changed since the previous checkpoint are hard links to its files
     trainer_state.pt    what every rank shares: batch sampler (clusters), ASTRA shortlists, NGAME embeddings
-    rank<r>.pt          rank r's RNG states (python, numpy, torch) and its faiss index, serialised
+    rank<r>.pt          rank r's RNG states (python, numpy, torch), its index's version and row offset
+    rank<r>.faiss       rank r's faiss index (ASTRA, once built), written by faiss.write_index
 
 A checkpoint is written as global_step<N>.tmp, fsynced and renamed; then the file `latest` (naming the tag) is
 replaced atomically, and checkpoints beyond keep_last are deleted. A crash at any point leaves the previous
@@ -79,7 +80,8 @@ def check_checkpoint(path: Path) -> dict:
         meta = json.loads((path / META).read_text())
     except (json.JSONDecodeError, OSError) as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {META}: {err}") from None
-    absent = [f"rank{r}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r}.pt").is_file()]
+    files = ["rank{}.pt"] + (["rank{}.faiss"] if meta.get("index_version", 0) > 0 else [])
+    absent = [f.format(r) for r in range(meta["world_size"]) for f in files if not (path / f.format(r)).is_file()]
     if absent:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(absent)})")
     return meta

@@ -31,9 +31,10 @@ from astra_ds.eval.predict import encode_queries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.model.label_init import init_rows_from_label_texts
 from astra_ds.negatives.in_batch import batch_labels
-from astra_ds.negatives.index import LabelIndex
+from astra_ds.negatives.index import LabelIndex, import_faiss
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import Negatives, sample_uniform
+from astra_ds.plan import GiB, MemoryPlan, check_fits, peak_rss_bytes, plan_run, process_bytes
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.batching import BatchSampler
 from astra_ds.train.checkpoint import (META, CheckpointManager, check_checkpoint, convert_encoder_to_universal,
@@ -100,8 +101,12 @@ class Trainer:
             raise ConfigError(f"table.init=label_text: the data at {cfg.data.path} has no label texts "
                               "(Y.txt, or label_names.txt in the pair-file layout)")
 
+        if cfg.negatives.strategy == "astra":
+            import_faiss()  # imported now, so that the memory plan measures it with the process
+        held_before_model = process_bytes()
         torch.manual_seed(cfg.train.seed)
         encoder = QueryEncoder(cfg.encoder, self.num_labels)
+        self.memory_plan = self.plan_memory(encoder, held_before_model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
         self.table = ClassifierTable(self.num_labels, encoder.dim, cfg.table, self.device,
@@ -139,6 +144,26 @@ class Trainer:
                  "%d ranks | %d steps of %d queries", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
                  cfg.encoder.model, encoder.dim, ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, self.total_steps, cfg.train.batch_size)
+
+    def plan_memory(self, encoder: QueryEncoder, held: int) -> MemoryPlan:
+        """This rank's memory plan, logged and saved in memory.json; the run stops here if it does not fit."""
+        labels = self.train_labels
+        plan = plan_run(self.cfg, self.num_labels, labels.shape[0], len(self.data.test_tokens),
+                        labels.nnz / max(1, labels.shape[0]), encoder, self.dist.world_size, self.dist.rank,
+                        self.device.type == "cuda", held)
+        log.info("memory plan of rank %d:\n%s", self.dist.rank, plan.format())
+        if self.cfg.train.memory_check:
+            check_fits(plan, self.device.type == "cuda")
+        return plan
+
+    def report_memory(self) -> dict:
+        """Peak resident memory of this process next to the plan's total (memory.json from rank 0)."""
+        report = {"plan_host_bytes": self.memory_plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
+                  "plan": [vars(line) for line in self.memory_plan.resident + self.memory_plan.phases]}
+        log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
+        if self.dist.is_main:
+            (self.run_dir / "memory.json").write_text(json.dumps(report, indent=2))
+        return report
 
     # ---- components that follow the model: table init, index, clusters -----------------------------------------
 
@@ -348,14 +373,14 @@ class Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "index": self.index.state_dict() if self.index is not None else None}
 
-    def load_rank_state(self, state: dict) -> None:
+    def load_rank_state(self, state: dict, index_file: Path) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         if self.index is not None and state["index"] is not None:
-            self.index.load_state_dict(state["index"])
+            self.index.load_state_dict(state["index"], index_file)
 
     def save_checkpoint(self) -> Path:
         def write(directory: Path, previous: Path | None) -> None:
@@ -369,6 +394,8 @@ class Trainer:
             dist.barrier()
             self.table.save_checkpoint(directory / TABLE_DIR, previous / TABLE_DIR if previous else None)
             torch.save(self.rank_state(), directory / f"rank{self.dist.rank}.pt")
+            if self.index is not None and self.index.index is not None:
+                self.index.save(directory / f"rank{self.dist.rank}.faiss")
             if self.dist.is_main:
                 torch.save(self.state_dict(), directory / "trainer_state.pt")
                 meta = {"step": self.step, "epoch": self.step // self.steps_per_epoch,
@@ -387,7 +414,8 @@ class Trainer:
         self.table.load(path / TABLE_DIR, progress=self.progress)
         self.load_state_dict(torch.load(path / "trainer_state.pt", weights_only=False))
         if same_world:
-            self.load_rank_state(torch.load(path / f"rank{self.dist.rank}.pt", weights_only=False))
+            self.load_rank_state(torch.load(path / f"rank{self.dist.rank}.pt", weights_only=False),
+                                 path / f"rank{self.dist.rank}.faiss")
         elif self.index is not None and meta["index_version"] > 0:
             log.warning("resumed on %d ranks from %d: each rank's index is rebuilt over its new rows",
                         self.dist.world_size, meta["world_size"])

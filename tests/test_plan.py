@@ -1,0 +1,80 @@
+"""The memory plan: its parts by hand, its total against a real run's peak RSS, and the refusal of a run that
+does not fit."""
+
+import json
+
+import pytest
+
+from astra_ds.config import load_config
+from astra_ds.data.synth import SynthConfig, generate
+from astra_ds.plan import GiB, encoder_state_bytes, index_bytes
+from conftest import run_cli
+
+MB = 2**20
+
+
+def test_encoder_state_under_each_zero_stage():
+    params, ranks = 1000, 4
+    assert encoder_state_bytes(params, 0, ranks, False) == {"weights": 4000, "grads": 4000, "master": 4000, "adam": 8000}
+    # stages 1 and 2 shard the master copy and Adam; the partition's reduced gradients sit beside the full ones
+    assert encoder_state_bytes(params, 2, ranks, False) == {"weights": 4000, "grads": 5000, "master": 1000, "adam": 2000}
+    assert encoder_state_bytes(params, 3, ranks, False) == {"weights": 1000, "grads": 1000, "master": 1000, "adam": 2000}
+    assert encoder_state_bytes(params, 3, ranks, True) == {"weights": 500, "grads": 500, "master": 1000, "adam": 2000}
+
+
+def test_index_bytes_by_kind():
+    cfg = load_config(None, ["index.nlist=100", "index.pq_m=8"])
+    cfg.index.kind = "flat"
+    assert index_bytes(cfg, 10_000, 32) == (10_000 * 128, "flat")
+    cfg.index.kind = "ivf_pq"  # 8 code bytes + an 8-byte id a row, list slack, centroids, codebooks
+    assert index_bytes(cfg, 10_000, 32) == (int(10_000 * 16 * 1.25) + 100 * 128 + 256 * 128, "ivf_pq, 100 lists")
+
+
+@pytest.fixture(scope="module")
+def million_labels(tmp_path_factory):
+    return generate(SynthConfig(num_labels=1_000_000, num_train=512, num_test=64, vocab_size=500, label_texts=False),
+                    tmp_path_factory.mktemp("data") / "million")
+
+
+def _run_sets(data, token_cache, out, *overrides):
+    sets = [f"data.path={data}", f"data.cache_dir={token_cache}", f"out_dir={out}", "encoder.model=tiny-random",
+            "encoder.dim=128", "data.max_len=16", "train.batch_size=32", "train.max_steps=3",
+            "negatives.strategy=astra", "negatives.warmup_epochs=0", "index.kind=flat", *overrides]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def test_plan_is_within_15_percent_of_the_peak_rss(million_labels, token_cache, tmp_path):
+    """A run whose table and index dominate its memory: trains, checkpoints, evaluates; its peak RSS is
+    measured by the kernel (ru_maxrss)."""
+    result = run_cli("train", *_run_sets(million_labels, token_cache, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    plan, peak = memory["plan_host_bytes"], memory["peak_rss_bytes"]
+    parts = {line["component"]: line["host"] for line in memory["plan"]}
+    assert parts["table rows"] == 1_000_000 * 128 * 4 and parts["index"] == 1_000_000 * 128 * 4
+    assert parts["table rows"] + parts["index"] > 0.45 * plan  # not a plan of the interpreter alone
+    assert abs(plan - peak) <= 0.15 * peak, f"plan {plan / GiB:.2f} GiB, peak RSS {peak / GiB:.2f} GiB"
+
+
+def test_a_run_that_does_not_fit_is_refused_with_what_to_change(million_labels, token_cache, tmp_path):
+    # 1M rows x 100k dims: 400 GB of float32 rows
+    result = run_cli("train", *_run_sets(million_labels, token_cache, tmp_path / "run", "encoder.dim=100000"))
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("astra-ds: error: this run needs") and "Traceback" not in result.stderr
+    assert "table.dtype=bfloat16 (saves 186.3 GiB)" in error and "index.kind=ivf_pq" in error
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before anything was built
+
+    plan = run_cli("plan", *_run_sets(million_labels, token_cache, tmp_path / "run", "encoder.dim=100000"))
+    assert plan.returncode == 2 and "does NOT fit" in plan.stdout and "table.dtype=bfloat16" in plan.stderr
+
+
+def test_plan_splits_the_table_over_ranks(million_labels, token_cache, tmp_path):
+    sets = _run_sets(million_labels, token_cache, tmp_path / "run", "table.dtype=bfloat16", "table.chunk_mb=1")
+    one, four = (run_cli("plan", *sets, "--world-size", str(w)) for w in (1, 4))
+    assert one.returncode == 0 and four.returncode == 0, one.stderr[-2000:]
+    rows = {w: next(line for line in r.stdout.splitlines() if line.startswith("table rows"))
+            for w, r in ((1, one), (4, four))}
+    assert "1,000,000 of 1,000,000 rows x 128 x bfloat16" in rows[1]
+    assert "253,952 of 1,000,000 rows" in rows[4]  # whole 4,096-row chunks: 62 of 245 on rank 0
+    assert "fits" in one.stdout
