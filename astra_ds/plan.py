@@ -169,8 +169,8 @@ def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, pos
 
     phases = [
         PlanLine("step staging", **place(staging), detail=f"~{step_rows:,} rows a step"),
-        PlanLine("evaluation", **place(num_test * dim * 4 + scoring(min(num_test, 4096))),
-                 detail="test embeddings, exact top-k blocks"),
+        PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + scoring(min(num_test, 4096)),
+                 detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"),
     ]
     if neg.strategy == "astra":
         build = (min(rows, cfg.index.train_rows) * dim * 4 + cfg.index.add_block * dim * 8

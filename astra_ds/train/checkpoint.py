@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -128,6 +129,7 @@ class CheckpointManager:
         """Write checkpoint `global_step<step>`; `write_state(directory, previous)` writes every rank's part."""
         tag = f"global_step{step}"
         final, tmp = self.dir / tag, self.dir / (tag + TMP_SUFFIX)
+        started = time.time()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
             tmp.mkdir(parents=True)
@@ -142,7 +144,7 @@ class CheckpointManager:
             fsync_dir(self.dir)
             write_atomically(self.dir / LATEST, tag)
             self.prune(keep=final)
-            log.info("checkpoint %s written", final)
+            log.info("checkpoint %s written in %.1f s", final, time.time() - started)
         dist.barrier()
         self.previous = final
         return final
