@@ -130,6 +130,23 @@ def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step12", "global_step9", "latest"]  # keep_last 2
 
 
+def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide_data, token_cache, tmp_path):
+    """The 120M-label configuration in small: bfloat16 rows (stochastic rounding) and an IVF-PQ index, which
+    the checkpoint stores as a file; the resumed run takes the same negatives and the same rounding."""
+    small = ["table.dtype=bfloat16", "index.kind=ivf_pq", "index.nlist=16", "index.train_rows=5000",
+             "index.recall_queries=32"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(wide_data, token_cache, straight, *small, "train.max_steps=8")
+    _train(wide_data, token_cache, resumed, *small, "train.max_steps=4")
+    assert (resumed / "checkpoints" / "global_step4" / "rank0.faiss").is_file()
+    _train(wide_data, token_cache, resumed, *small, "train.max_steps=8", resume="auto")
+    expected = _losses(straight)
+    assert sorted(_losses(resumed)) == sorted(expected)
+    np.testing.assert_allclose([_losses(resumed)[s] for s in expected], list(expected.values()), rtol=1e-5)
+    np.testing.assert_array_equal(_rows(resumed / "checkpoints" / "global_step8"),
+                                  _rows(straight / "checkpoints" / "global_step8"))  # the same bits
+
+
 UNIFORM_RUN = [*TINY_RUN, "train.log_every=1", "table.chunk_mb=0.002"]  # 2 shards of the 50 rows with 2 ranks
 
 

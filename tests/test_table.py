@@ -262,3 +262,44 @@ def test_bfloat16_table_updates_in_float32_and_rounds_to_a_neighbour(tmp_path):
 def _stored_rows(path) -> torch.Tensor:
     bits = torch.from_numpy(np.asarray(store.open_table(path)["rows"][:]).view(np.int16))
     return bits.view(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefetch_one_step_ahead_with_the_overlap_patch_equals_fetching_in_order(dtype):
+    """Rows of step t + 1 read before step t's update: the rows that update changed are patched, so training
+    is the same as fetching each step's rows after the previous update."""
+    cfg = TableConfig(lr=0.3, dtype=dtype)
+    steps = list(_batches(6, seed=5))
+    in_order, ahead = ClassifierTable(L, D, cfg), ClassifierTable(L, D, cfg)
+    in_order.init_random(2)
+    ahead.init_random(2)
+    for ids, queries in steps:
+        block, slots = in_order.fetch(ids)
+        _loss(block.weights[slots], queries).backward()
+        in_order.apply_gradients([block])
+
+    prefetched, patched_rows = ahead.prefetch(steps[0][0]), 0
+    for t, (ids, queries) in enumerate(steps):
+        stale = prefetched.weights.clone()
+        block, slots = ahead.fetch(ids, prefetched)
+        patched_rows += int((stale != block.weights.detach()).any(1).sum())
+        _loss(block.weights[slots], queries).backward()
+        if t + 1 < len(steps):
+            prefetched = ahead.prefetch(steps[t + 1][0])  # before this step's update
+        ahead.apply_gradients([block])
+    assert patched_rows > 0  # steps share rows: the patch was needed
+    assert torch.equal(ahead.rows.view(torch.int16 if dtype == "bfloat16" else torch.int32),
+                       in_order.rows.view(torch.int16 if dtype == "bfloat16" else torch.int32))
+
+
+def test_prefetch_more_than_one_step_ahead_or_for_other_ids_is_refused():
+    table = ClassifierTable(L, D, TableConfig())
+    early = table.prefetch(torch.tensor([1, 2]))
+    for _ in range(2):
+        block, slots = table.fetch(torch.tensor([2, 3]))
+        block.weights[slots].sum().backward()
+        table.apply_gradients([block])
+    with pytest.raises(RuntimeError, match="one step ahead"):
+        table.fetch(torch.tensor([1, 2]), early)
+    with pytest.raises(ValueError, match="other label ids"):
+        table.fetch(torch.tensor([1, 5]), table.prefetch(torch.tensor([1, 2])))

@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 
 from astra_ds.config import TableConfig
+from astra_ds.table.host_memory import host_zeros
 
 
 class RowSparseOptimizer:
     def __init__(self, num_rows: int, dim: int, cfg: TableConfig, pin: bool):
         self.lr, self.eps = cfg.lr, cfg.eps
-        self.state = {name: torch.zeros((num_rows, *shape), dtype=dtype, pin_memory=pin)
+        self.state = {name: host_zeros((num_rows, *shape), dtype, pin)
                       for name, (shape, dtype) in self.state_layout(dim).items()}
 
     @staticmethod
@@ -49,8 +50,10 @@ class RowwiseAdagrad(RowSparseOptimizer):
         return {"sum": ((), torch.float32)}
 
     def _update(self, weights, grads, state):
-        state["sum"] += grads.float().pow(2).mean(dim=1)
-        return weights - self.lr * grads / (state["sum"].sqrt() + self.eps).unsqueeze(1)
+        # mean(g^2) as ||g||^2 / d and one fused multiply-add: two passes over the (U, d) block, not five
+        state["sum"] += torch.linalg.vector_norm(grads.float(), dim=1).square_() / grads.shape[1]
+        step = (state["sum"].sqrt() + self.eps).reciprocal_().mul_(-self.lr)
+        return torch.addcmul(weights, grads, step.unsqueeze(1))
 
 
 class LazyAdam(RowSparseOptimizer):

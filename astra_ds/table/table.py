@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from astra_ds.config import TableConfig
 from astra_ds.table import store
+from astra_ds.table.host_memory import host_zeros
 from astra_ds.table.optim import build_optimizer
 
 
@@ -48,6 +49,18 @@ class RowBlock:
     weights: torch.Tensor  # (U, d) on the device, a leaf that collects the step's gradients
 
 
+@dataclass
+class Prefetch:
+    """Rows of a coming step on their way to the device (`ClassifierTable.prefetch`)."""
+
+    requested: torch.Tensor  # the ids asked for (any shape), host
+    global_ids: torch.Tensor  # (U,) sorted unique, host
+    slots: torch.Tensor  # each requested id's row in the block, host
+    weights: torch.Tensor  # (U, d) float32 on the device; on CUDA being copied until `ready`
+    updates: int  # the table's update count when the rows were read
+    ready: object = None  # torch.cuda.Event on CUDA
+
+
 class ClassifierTable:
     def __init__(self, num_labels: int, dim: int, cfg: TableConfig, device: torch.device | str = "cpu",
                  rank: int = 0, world_size: int = 1):
@@ -57,10 +70,17 @@ class ClassifierTable:
         self.chunk_rows = min(store.chunk_rows_for(dim, self.dtype.itemsize, cfg.chunk_mb), num_labels)  # no chunk past the table
         self.start, self.end = store.shard_range(num_labels, self.chunk_rows, rank, world_size)
         pin = torch.cuda.is_available()
-        self.rows = torch.zeros((self.end - self.start, dim), dtype=self.dtype, pin_memory=pin)
+        self.rows = host_zeros((self.end - self.start, dim), self.dtype, pin)
         # bfloat16 write-backs: update u of rank r rounds with a generator seeded by (r, u), so a resumed run
         # (the count is saved with the table) rounds as an uninterrupted one
         self.rank, self.updates = rank, 0
+        # the rows (sorted, on the device) and stored values of the latest update: a prefetch made before it
+        # is patched with them (`fetch`)
+        self.last_update = (torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros((0, dim), device=self.device))
+        # CUDA paging: a side stream for host-to-device copies and two pinned staging buffers used in turn (a
+        # prefetch fills one while the other may still be copying), each with the event of its last copy
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.staging: list[tuple[torch.Tensor, object]] = []
         self.optimizer = build_optimizer(cfg, self.end - self.start, dim, pin)
         # chunks changed since the table was last saved or loaded (a checkpoint rewrites only these)
         self.dirty = np.ones(len(list(self._chunks())), bool)
@@ -81,20 +101,75 @@ class ClassifierTable:
             block = torch.randn((end - start, self.dim), generator=generator) * self.cfg.init_std
             self.rows[start - self.start:end - self.start] = block
 
-    def fetch(self, global_ids: torch.Tensor) -> tuple[RowBlock, torch.Tensor]:
-        """Rows of `global_ids` (any shape, repeats allowed) on the device, and each id's slot in the block."""
+    def _unique(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unique_ids, slots = torch.unique(global_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
         if len(unique_ids) and (unique_ids[0] < self.start or unique_ids[-1] >= self.end):
             raise IndexError(f"label ids outside this shard's rows [{self.start}, {self.end})")
+        return unique_ids, slots.reshape(global_ids.shape)
+
+    def _staging_buffer(self, num_rows: int) -> torch.Tensor:
+        """The next pinned staging buffer (grown when needed), once its previous copy has finished."""
+        buffer, copied = self.staging.pop(0) if len(self.staging) == 2 else (None, None)
+        if copied is not None:
+            copied.synchronize()
+        if buffer is None or len(buffer) < num_rows:
+            buffer = torch.empty((max(num_rows, 1024), self.dim), dtype=self.dtype, pin_memory=True)
+        return buffer[:num_rows]
+
+    def prefetch(self, global_ids: torch.Tensor) -> Prefetch:
+        """Start paging the rows of `global_ids` to the device. On CUDA they are gathered into pinned staging
+        and copied on a side stream, overlapping whatever the default stream runs meanwhile (one step ahead:
+        the current step's update). `fetch(global_ids, prefetched)` then takes them."""
+        unique_ids, slots = self._unique(global_ids)
         local_rows = unique_ids - self.start
-        weights = self.rows.index_select(0, local_rows).to(self.device, non_blocking=True).float().requires_grad_(True)
-        return RowBlock(unique_ids, local_rows, weights), slots.reshape(global_ids.shape).to(self.device)
+        if self.copy_stream is None:
+            weights = self.rows.index_select(0, local_rows).to(self.device).float()
+            return Prefetch(global_ids, unique_ids, slots, weights, self.updates)
+        staging = self._staging_buffer(len(local_rows))
+        torch.index_select(self.rows, 0, local_rows, out=staging)
+        with torch.cuda.stream(self.copy_stream):
+            weights = staging.to(self.device, non_blocking=True).float()
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        self.staging.append((staging.base if staging.base is not None else staging, ready))
+        return Prefetch(global_ids, unique_ids, slots, weights, self.updates, ready)
+
+    def fetch(self, global_ids: torch.Tensor, prefetched: Prefetch | None = None) -> tuple[RowBlock, torch.Tensor]:
+        """Rows of `global_ids` (any shape, repeats allowed) on the device, and each id's slot in the block;
+        from `prefetched` (made for the same ids before the latest update, at most) when given."""
+        if prefetched is None:
+            prefetched = self.prefetch(global_ids)
+        elif not torch.equal(prefetched.requested, global_ids):
+            raise ValueError("fetch: the prefetched rows are those of other label ids")
+        weights = prefetched.weights
+        if prefetched.ready is not None:
+            torch.cuda.current_stream().wait_event(prefetched.ready)
+            weights.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
+        self._patch(prefetched)
+        local_rows = prefetched.global_ids - self.start
+        return RowBlock(prefetched.global_ids, local_rows, weights.requires_grad_(True)), prefetched.slots.to(self.device)
+
+    def _patch(self, prefetched: Prefetch) -> None:
+        """The overlap patch: prefetched rows that the update since then changed take their new values."""
+        behind = self.updates - prefetched.updates
+        if behind == 0:
+            return
+        if behind > 1:
+            raise RuntimeError(f"rows prefetched {behind} updates ago: prefetch at most one step ahead")
+        updated_rows, values = self.last_update
+        if len(updated_rows) == 0:
+            return
+        local_rows = (prefetched.global_ids - self.start).to(self.device)
+        position = torch.searchsorted(updated_rows, local_rows).clamp_max(len(updated_rows) - 1)
+        hit = updated_rows[position] == local_rows
+        prefetched.weights[hit] = values[position[hit]]
 
     @torch.no_grad()
     def apply_gradients(self, blocks: list[RowBlock]) -> None:
         """One optimizer step on the rows of `blocks` (several with gradient accumulation: their gradients
         are summed per row); rows without a gradient are left untouched."""
         self.updates += 1  # every rank counts every step, with or without rows to update
+        self.last_update = (self.last_update[0][:0], self.last_update[1][:0])
         blocks = [b for b in blocks if b.weights.grad is not None]
         if not blocks:
             return
@@ -111,7 +186,8 @@ class ClassifierTable:
             generator = torch.Generator(self.device).manual_seed(self.rank * 1_000_003 + self.updates)
             new_weights = round_to_bfloat16(new_weights, generator)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
-        self.dirty[np.unique(local_rows.numpy() // self.chunk_rows)] = True  # shards start on a chunk boundary
+        self.last_update = (local_rows.to(self.device), new_weights.float())
+        self.dirty[local_rows.numpy() // self.chunk_rows] = True  # shards start on a chunk boundary
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of this shard (global ids), as a view of host memory."""
