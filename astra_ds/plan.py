@@ -47,6 +47,7 @@ class MemoryPlan:
     resident: list[PlanLine]  # held through the run
     phases: list[PlanLine]  # held during one phase; phases do not overlap
     world_size: int
+    rank: int
 
     def total(self, where: str = "host") -> int:
         return sum(getattr(line, where) for line in self.resident) + max((getattr(p, where) for p in self.phases), default=0)
@@ -56,7 +57,7 @@ class MemoryPlan:
 
     def format(self) -> str:
         on_device = any(line.device for line in self.resident + self.phases)
-        head = f"{'per rank (' + str(self.world_size) + ' ranks)':<34}{'host':>10}" + (f"{'GPU':>10}" if on_device else "")
+        head = f"{f'rank {self.rank} of {self.world_size}':<34}{'host':>10}" + (f"{'GPU':>10}" if on_device else "")
         rows = [head, "-" * len(head)]
 
         def add(line: PlanLine, prefix: str = "") -> None:
@@ -105,16 +106,16 @@ def index_bytes(cfg: RunConfig, rows: int, dim: int) -> tuple[int, str]:
     kind = choose_kind(index, rows)
     if kind == "flat":
         return rows * dim * 4, kind
-    if kind == "hnsw":  # vectors, 2M level-0 links, upper levels (1/M of the rows, M links), level bookkeeping
-        return rows * (dim * 4 + 2 * index.hnsw_m * 4 + index.hnsw_m * 4 // max(1, index.hnsw_m - 1) + 16), kind
+    if kind == "hnsw":  # vectors, 2M level-0 links, upper levels (1/M of the rows, M links: ~4 B), bookkeeping
+        return rows * (dim * 4 + 2 * index.hnsw_m * 4 + 4 + 16), kind
     nlist = nlist_for(index, rows)
     code = dim * 4 if kind == "ivf_flat" else pq_m_for(index, dim)
     return int(rows * (code + 8) * IVF_LIST_SLACK) + nlist * dim * 4 + 256 * dim * 4, f"{kind}, {nlist} lists"
 
 
 def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, positives_per_query: float,
-             encoder: torch.nn.Module, world_size: int, rank: int, on_gpu: bool, process_bytes: int) -> MemoryPlan:
-    """The memory plan of rank `rank`; `process_bytes` is what the process already holds (measured)."""
+             encoder: torch.nn.Module, world_size: int, rank: int, on_gpu: bool, held_bytes: int) -> MemoryPlan:
+    """The memory plan of rank `rank`; `held_bytes` is what the process already holds (measured)."""
     from astra_ds.train.ds_config import resolve_ds_config
 
     ds_config, ds_path = resolve_ds_config(cfg.train, world_size, on_gpu)
@@ -136,7 +137,7 @@ def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, pos
     encoder_state = encoder_state_bytes(num_params, stage, world_size, mixed)
     micro_batch = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
     resident = [
-        PlanLine("process (measured)", process_bytes, detail="interpreter, libraries, dataset, token ids"),
+        PlanLine("process (measured)", held_bytes, detail="interpreter, libraries, dataset, token ids"),
         PlanLine("DeepSpeed engine, process group", RUNTIME_BYTES, detail="measured on CPU, any encoder"),
         PlanLine("table rows", rows * dim * dtype.itemsize,
                  detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}"),
@@ -163,6 +164,7 @@ def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, pos
         step_rows = min(rows, step_rows + math.ceil(cfg.train.batch_size * positives_per_query))
     # fetched rows, their gradient, the optimizer's gathered state and new weights, the host copy back
     staging = step_rows * (dim * 4 * 5 + state_per_row * 3)
+
     def scoring(queries: int) -> int:  # exact top-k (predict.exact_topk): a score block, its top-k, a row block
         label_block = min(cfg.eval.label_block, rows)
         return queries * label_block * 4 * 2 + label_block * dim * 8
@@ -176,7 +178,7 @@ def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, pos
         build = (min(rows, cfg.index.train_rows) * dim * 4 + cfg.index.add_block * dim * 8
                  + scoring(cfg.index.recall_queries))
         phases.append(PlanLine("index rebuild", build, detail="training sample, added blocks, recall check"))
-    return MemoryPlan(resident, phases, world_size)
+    return MemoryPlan(resident, phases, world_size, rank)
 
 
 def available_host_bytes() -> int:
