@@ -38,6 +38,11 @@ def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str)
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m astra_ds ARGS` in a fresh process, as a user runs it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return subprocess.run([sys.executable, "-m", "astra_ds", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+                          timeout=timeout, cwd=REPO, env=fresh_process_env())
+
+
+def fresh_process_env() -> dict[str, str]:
+    """This environment without the launch variables an in-process Trainer set (a child would otherwise
+    join, or bind the port of, this process's group)."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -3,11 +3,12 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, fresh_process_env
 
 
 def _tool(*args: str) -> str:
-    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env=fresh_process_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

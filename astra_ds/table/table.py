@@ -114,7 +114,7 @@ class ClassifierTable:
             copied.synchronize()
         if buffer is None or len(buffer) < num_rows:
             buffer = torch.empty((max(num_rows, 1024), self.dim), dtype=self.dtype, pin_memory=True)
-        return buffer[:num_rows]
+        return buffer
 
     def prefetch(self, global_ids: torch.Tensor) -> Prefetch:
         """Start paging the rows of `global_ids` to the device. On CUDA they are gathered into pinned staging
@@ -125,13 +125,14 @@ class ClassifierTable:
         if self.copy_stream is None:
             weights = self.rows.index_select(0, local_rows).to(self.device).float()
             return Prefetch(global_ids, unique_ids, slots, weights, self.updates)
-        staging = self._staging_buffer(len(local_rows))
+        buffer = self._staging_buffer(len(local_rows))
+        staging = buffer[:len(local_rows)]
         torch.index_select(self.rows, 0, local_rows, out=staging)
         with torch.cuda.stream(self.copy_stream):
             weights = staging.to(self.device, non_blocking=True).float()
             ready = torch.cuda.Event()
             ready.record(self.copy_stream)
-        self.staging.append((staging.base if staging.base is not None else staging, ready))
+        self.staging.append((buffer, ready))
         return Prefetch(global_ids, unique_ids, slots, weights, self.updates, ready)
 
     def fetch(self, global_ids: torch.Tensor, prefetched: Prefetch | None = None) -> tuple[RowBlock, torch.Tensor]:
