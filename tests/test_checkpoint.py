@@ -73,6 +73,8 @@ def test_resumed_run_equals_uninterrupted(straight, synth_dir, token_cache, tmp_
     _train(synth_dir, token_cache, out, "train.max_steps=20", resume="auto")
 
     assert _batches(out) == _batches(straight) and [s for s, _ in _batches(out)] == list(range(1, 21))
+    seconds = [r["train_seconds"] for r in _log(out) if "loss" in r]  # the resumed run carries on the clock
+    assert len(seconds) == 20 and all(a < b for a, b in zip(seconds, seconds[1:]))
     expected = _losses(straight)
     assert sorted(_losses(out)) == sorted(expected)
     np.testing.assert_allclose([_losses(out)[s] for s in expected], list(expected.values()), rtol=1e-5)

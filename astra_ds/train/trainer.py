@@ -131,6 +131,8 @@ class Trainer:
         total = self.steps_per_epoch * cfg.train.epochs
         self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
         self.step = 0
+        self.trained_seconds_before = 0.0  # training time of the runs this one resumes (evaluations left out)
+        self.fit_started, self.eval_seconds = time.time(), 0.0
         if self.dist.is_main:
             cfg.save(self.run_dir / "config.yaml")
             (self.run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -307,7 +309,7 @@ class Trainer:
         start_epoch = self.step // self.steps_per_epoch
         every = cfg.eval.every_epochs * self.steps_per_epoch  # steps, maybe fractional: epoch ends stay on the grid
         eval_steps = {round(k * every) for k in range(1, int(self.total_steps / every) + 1)} if every else set()
-        fit_started, eval_seconds = time.time(), 0.0
+        self.fit_started, self.eval_seconds = time.time(), 0.0
         window, window_start = [], time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -333,7 +335,7 @@ class Trainer:
                               "bias": stats["bias"], "rows_per_step": stats["rows"],
                               "steps_per_s": len(window) / elapsed,
                               "queries_per_s": len(window) * cfg.train.batch_size / elapsed,
-                              "train_seconds": time.time() - fit_started - eval_seconds}
+                              "train_seconds": self.train_seconds()}
                     self.metrics_log.log(self.step, values)
                     if not self.progress:
                         log.info("step %d/%d | epoch %d | loss %.4g | %.1f queries/s", self.step, self.total_steps,
@@ -344,9 +346,9 @@ class Trainer:
                 if self.step in eval_steps and self.step < self.total_steps:
                     eval_started = time.time()
                     trained = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
-                               "train_seconds": eval_started - fit_started - eval_seconds}
+                               "train_seconds": self.train_seconds()}
                     results = self.evaluate()[MODEL]
-                    eval_seconds += time.time() - eval_started
+                    self.eval_seconds += time.time() - eval_started
                     window_start += time.time() - eval_started  # throughput figures leave evaluations out
                     self.metrics_log.log(self.step, trained | {f"test_{k}": v for k, v in results.items()})
         bar.close()
@@ -354,16 +356,21 @@ class Trainer:
             self.save_checkpoint()  # the end of the run
         self.metrics_log.close()
 
+    def train_seconds(self) -> float:
+        """Seconds spent training so far, over this run and the runs it resumes, evaluations left out."""
+        return self.trained_seconds_before + time.time() - self.fit_started - self.eval_seconds
+
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """The trainer state every rank shares (each rank's own part is `rank_state`)."""
-        return {"step": self.step, "batches": self.batches.state_dict(), "shortlists": self.shortlists,
-                "recent_queries": self.recent_queries, "query_embeddings": self.query_embeddings,
-                "seen_queries": self.seen_queries}
+        return {"step": self.step, "train_seconds": self.train_seconds(), "batches": self.batches.state_dict(),
+                "shortlists": self.shortlists, "recent_queries": self.recent_queries,
+                "query_embeddings": self.query_embeddings, "seen_queries": self.seen_queries}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+        self.trained_seconds_before = state.get("train_seconds", 0.0)  # absent from older checkpoints
         self.batches.load_state_dict(state["batches"])
         self.shortlists, self.recent_queries = state["shortlists"], state["recent_queries"]
         self.query_embeddings, self.seen_queries = state["query_embeddings"], state["seen_queries"]
