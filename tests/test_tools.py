@@ -1,9 +1,10 @@
 """The benchmark tools run end to end at small sizes and print their tables (figures come from full runs)."""
 
+import json
 import subprocess
 import sys
 
-from conftest import REPO, fresh_process_env
+from conftest import REPO, TINY_RUN, fresh_process_env
 
 
 def _tool(*args: str) -> str:
@@ -28,3 +29,18 @@ def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
     assert len(rows) == 2
     assert [cell.split()[1] for cell in rows[0][1:]] == ["1.00", "1.00", "1.00"]  # classifier, whole, dense
     assert all(float(cell.split()[0]) > 0 for cell in rows[1][1:])
+
+
+def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_dir, token_cache, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")
+    out = _tool("tools/ablate_negatives.py", "--dataset", f"synth={config}", "--variants", "uniform",
+                "astra_label_init", *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25",
+                                                  "negatives.warmup_epochs=0"] for a in ("--set", s)],
+                "--reach", "0", "1.01", "--out-dir", str(tmp_path / "ablation"))
+    results = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["results"]
+    for key in ("synth/uniform", "synth/astra_label_init"):
+        curve = results[key]["P@1_curve"]  # (epochs, training seconds, P@1): 16 steps an epoch, every 4 steps
+        assert [epochs for epochs, _, _ in curve] == [0.0, 0.25, 0.5]
+        line = next(line for line in out.split("epochs to reach")[1].splitlines() if line.strip().startswith(key))
+        assert line.split()[1:] == ["0.00", "-"]  # P@1 >= 0 before training; 1.01 never

@@ -13,7 +13,8 @@ train` with that config, the common overrides and the variant's, and the same se
 P@5, PSP@5, wall time and training time (evaluations excluded) per run, and the P@1 curve when runs evaluate
 along the way (--set eval.every_epochs=0.5); then, per dataset, each variant's P@1 at the training time of
 the dataset's fastest run (its last evaluation before that time): the comparison at equal wall time.
-ablation.json keeps everything.
+With --reach 0.5 0.6, also the epochs each run took to reach each P@1 (its first evaluation at or above it;
+a curve starts with an evaluation before training). ablation.json keeps everything.
 
     python tools/ablate_negatives.py --dataset synthetic=configs/synthetic.yaml \\
         --dataset delicious=configs/delicious.yaml --set eval.every_epochs=0.5 \\
@@ -64,6 +65,11 @@ def p1_at(curve: list, seconds: float) -> float | None:
     return within[-1] if within else None
 
 
+def epochs_to_reach(curve: list, p1: float) -> float | None:
+    """Epochs done at the first evaluation with a P@1 of at least `p1`."""
+    return next((epochs for epochs, _, reached in curve if reached >= p1), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", action="append", required=True, metavar="NAME=CONFIG",
@@ -71,6 +77,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--out-dir", default="runs/ablation")
+    parser.add_argument("--reach", nargs="+", type=float, default=[], metavar="P@1",
+                        help="print the epochs each run took to reach these P@1 values (0.6 for 60%%)")
     args = parser.parse_args()
 
     results = {}
@@ -97,6 +105,11 @@ def main() -> None:
         for key, r in runs.items():
             p1 = p1_at(r["P@1_curve"], budget)
             print(f"  {key:<34}{'-' if p1 is None else f'{100 * p1:.2f}':>7}")
+        if args.reach:
+            print(f"\n{name}: epochs to reach a P@1 of " + ", ".join(f"{100 * p1:.1f}" for p1 in args.reach))
+            for key, r in runs.items():
+                reached = [epochs_to_reach(r["P@1_curve"], p1) for p1 in args.reach]
+                print(f"  {key:<34}" + "".join(f"{'-' if e is None else f'{e:.2f}':>7}" for e in reached))
 
 
 if __name__ == "__main__":

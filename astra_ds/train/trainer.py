@@ -311,6 +311,8 @@ class Trainer:
         eval_steps = {round(k * every) for k in range(1, int(self.total_steps / every) + 1)} if every else set()
         self.fit_started, self.eval_seconds = time.time(), 0.0
         window, window_start = [], time.time()
+        if every and self.step == 0:
+            self.evaluate_along(epoch=0)  # where the curve starts: the initial rows (random or label-text)
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
         for epoch in range(start_epoch, cfg.train.epochs):
             first_position = self.step - epoch * self.steps_per_epoch  # > 0 when resumed within the epoch
@@ -344,17 +346,22 @@ class Trainer:
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
                 if self.step in eval_steps and self.step < self.total_steps:
-                    eval_started = time.time()
-                    trained = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
-                               "train_seconds": self.train_seconds()}
-                    results = self.evaluate()[MODEL]
-                    self.eval_seconds += time.time() - eval_started
-                    window_start += time.time() - eval_started  # throughput figures leave evaluations out
-                    self.metrics_log.log(self.step, trained | {f"test_{k}": v for k, v in results.items()})
+                    window_start += self.evaluate_along(epoch)  # throughput figures leave evaluations out
         bar.close()
         if self.checkpoints.previous is None or step_of(self.checkpoints.previous.name) != self.step:
             self.save_checkpoint()  # the end of the run
         self.metrics_log.close()
+
+    def evaluate_along(self, epoch: int) -> float:
+        """An evaluation during training, logged with the epochs and training seconds so far; its duration."""
+        started = time.time()
+        trained = {"epoch": epoch, "epochs_done": self.step / self.steps_per_epoch,
+                   "train_seconds": self.train_seconds()}
+        results = self.evaluate()[MODEL]
+        self.metrics_log.log(self.step, trained | {f"test_{k}": v for k, v in results.items()})
+        seconds = time.time() - started
+        self.eval_seconds += seconds
+        return seconds
 
     def train_seconds(self) -> float:
         """Seconds spent training so far, over this run and the runs it resumes, evaluations left out."""
