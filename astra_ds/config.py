@@ -192,8 +192,8 @@ class EvalConfig:
     psp_b: float = 1.5
     batch_size: int = 256  # queries encoded at once
     label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
-    # also evaluate every this many epochs (0.5: twice an epoch; 0: only at the end); P@k, epochs done and
-    # training seconds (evaluations excluded) go to train_log.jsonl
+    # also evaluate before the first step and every this many epochs (0.5: twice an epoch; 0: only at the end);
+    # P@k, epochs done and training seconds (evaluations excluded) go to train_log.jsonl
     every_epochs: float = 0.0
 
     def __post_init__(self):
