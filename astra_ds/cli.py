@@ -89,14 +89,11 @@ def cmd_plan(args) -> None:
         import_faiss()
     data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
     held = process_bytes()
-    labels = data.dataset.train.labels
     encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
-    on_gpu = torch.cuda.is_available()
-    plan = plan_run(cfg, data.dataset.num_labels, labels.shape[0], len(data.test_tokens),
-                    labels.nnz / max(1, labels.shape[0]), encoder, args.world_size, 0, on_gpu, held)
+    plan = plan_run(cfg, data, encoder, args.world_size, 0, torch.cuda.is_available(), held)
     print(plan.format())
     per_host = min(args.ranks_per_host, args.world_size)
-    need = per_host * (plan.total("host") - held) + held
+    need = per_host * plan.to_allocate() + held  # shown with this process's own part
     available = available_host_bytes() + held
     print(f"\nthis host: {per_host} rank(s) x plan = {need / GiB:.2f} GiB of {available / GiB:.2f} GiB available: "
           + ("fits" if need <= available else "does NOT fit"))

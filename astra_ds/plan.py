@@ -23,12 +23,14 @@ import psutil
 import torch
 
 from astra_ds.config import ConfigError, RunConfig
+from astra_ds.data.prepare import PreparedData
 from astra_ds.negatives.index import choose_kind, nlist_for, pq_m_for
 from astra_ds.table import store
 from astra_ds.table.optim import OPTIMIZERS
 from astra_ds.table.table import DTYPES
 
 GiB = 2**30
+PROCESS = "process (measured)"  # the plan line of what the process held when planned
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 66  # fp32 tensors a BERT layer keeps for backward, per token and hidden unit
 RUNTIME_BYTES = 150 * 2**20  # what deepspeed.initialize and the process group add beyond the encoder's state
 IVF_LIST_SLACK = 1.25  # faiss inverted lists grow by doubling: capacity over size, on average
@@ -51,6 +53,10 @@ class MemoryPlan:
 
     def total(self, where: str = "host") -> int:
         return sum(getattr(line, where) for line in self.resident) + max((getattr(p, where) for p in self.phases), default=0)
+
+    def to_allocate(self) -> int:
+        """Host bytes the run still has to allocate: the total less what the process held when planned."""
+        return self.total("host") - self.line(PROCESS).host
 
     def line(self, component: str) -> PlanLine:
         return next(line for line in self.resident + self.phases if line.component == component)
@@ -113,11 +119,14 @@ def index_bytes(cfg: RunConfig, rows: int, dim: int) -> tuple[int, str]:
     return int(rows * (code + 8) * IVF_LIST_SLACK) + nlist * dim * 4 + 256 * dim * 4, f"{kind}, {nlist} lists"
 
 
-def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, positives_per_query: float,
-             encoder: torch.nn.Module, world_size: int, rank: int, on_gpu: bool, held_bytes: int) -> MemoryPlan:
+def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world_size: int, rank: int,
+             on_gpu: bool, held_bytes: int) -> MemoryPlan:
     """The memory plan of rank `rank`; `held_bytes` is what the process already holds (measured)."""
     from astra_ds.train.ds_config import resolve_ds_config
 
+    labels = data.dataset.train.labels
+    num_labels, num_train, num_test = data.dataset.num_labels, labels.shape[0], len(data.test_tokens)
+    positives_per_query = labels.nnz / max(1, num_train)
     ds_config, ds_path = resolve_ds_config(cfg.train, world_size, on_gpu)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
@@ -137,7 +146,7 @@ def plan_run(cfg: RunConfig, num_labels: int, num_train: int, num_test: int, pos
     encoder_state = encoder_state_bytes(num_params, stage, world_size, mixed)
     micro_batch = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
     resident = [
-        PlanLine("process (measured)", held_bytes, detail="interpreter, libraries, dataset, token ids"),
+        PlanLine(PROCESS, held_bytes, detail="interpreter, libraries, dataset, token ids"),
         PlanLine("DeepSpeed engine, process group", RUNTIME_BYTES, detail="measured on CPU, any encoder"),
         PlanLine("table rows", rows * dim * dtype.itemsize,
                  detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}"),
@@ -201,9 +210,8 @@ def check_fits(plan: MemoryPlan, on_gpu: bool) -> None:
     every rank calls it (ranks that share a host add up)."""
     import torch.distributed as dist
 
-    # memory still to allocate: the process part is already held (and not counted as available)
-    need = plan.total("host") - plan.line("process (measured)").host
-    mine = (socket.gethostname(), need, available_host_bytes(),
+    # the process part is already held (and not counted as available)
+    mine = (socket.gethostname(), plan.to_allocate(), available_host_bytes(),
             plan.total("device"), torch.cuda.mem_get_info()[0] if on_gpu else 0)
     everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
     if dist.is_initialized():

@@ -149,9 +149,7 @@ class Trainer:
 
     def plan_memory(self, encoder: QueryEncoder, held: int) -> MemoryPlan:
         """This rank's memory plan, logged and saved in memory.json; the run stops here if it does not fit."""
-        labels = self.train_labels
-        plan = plan_run(self.cfg, self.num_labels, labels.shape[0], len(self.data.test_tokens),
-                        labels.nnz / max(1, labels.shape[0]), encoder, self.dist.world_size, self.dist.rank,
+        plan = plan_run(self.cfg, self.data, encoder, self.dist.world_size, self.dist.rank,
                         self.device.type == "cuda", held)
         log.info("memory plan of rank %d:\n%s", self.dist.rank, plan.format())
         if self.cfg.train.memory_check:
