@@ -74,9 +74,9 @@ class ClassifierTable:
         # bfloat16 write-backs: update u of rank r rounds with a generator seeded by (r, u), so a resumed run
         # (the count is saved with the table) rounds as an uninterrupted one
         self.rank, self.updates = rank, 0
-        # the rows (sorted, on the device) and stored values of the latest update: a prefetch made before it
-        # is patched with them (`fetch`)
-        self.last_update = (torch.zeros(0, dtype=torch.long, device=self.device), torch.zeros((0, dim), device=self.device))
+        # the local rows (sorted, host) and stored values (device) of the latest update: a prefetch made before
+        # it is patched with them (`fetch`)
+        self.last_update = (torch.zeros(0, dtype=torch.long), torch.zeros((0, dim), device=self.device))
         # CUDA paging: a side stream for host-to-device copies and two pinned staging buffers used in turn (a
         # prefetch fills one while the other may still be copying), each with the event of its last copy
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -160,10 +160,10 @@ class ClassifierTable:
         updated_rows, values = self.last_update
         if len(updated_rows) == 0:
             return
-        local_rows = (prefetched.global_ids - self.start).to(self.device)
+        local_rows = prefetched.global_ids - self.start
         position = torch.searchsorted(updated_rows, local_rows).clamp_max(len(updated_rows) - 1)
         hit = updated_rows[position] == local_rows
-        prefetched.weights[hit] = values[position[hit]]
+        prefetched.weights[hit.to(self.device)] = values[position[hit].to(self.device)].float()
 
     @torch.no_grad()
     def apply_gradients(self, blocks: list[RowBlock]) -> None:
@@ -187,7 +187,7 @@ class ClassifierTable:
             generator = torch.Generator(self.device).manual_seed(self.rank * 1_000_003 + self.updates)
             new_weights = round_to_bfloat16(new_weights, generator)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
-        self.last_update = (local_rows.to(self.device), new_weights.float())
+        self.last_update = (local_rows, new_weights)  # kept as they are: only a prefetch's patch reads them
         self.dirty[local_rows.numpy() // self.chunk_rows] = True  # shards start on a chunk boundary
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
