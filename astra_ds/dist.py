@@ -1,25 +1,16 @@
-"""Process-group setup for every launch path.
-
-The rank, world size and rendezvous address come from, in this order:
-  - the environment a launcher set (`deepspeed`, torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
-  - MPI (`mpirun -np N`, MPICH or Open MPI): mpi4py gives the rank, rank 0 broadcasts its host and a free port;
-  - SLURM (`srun`): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, MASTER_ADDR exported by the batch script;
-  - nothing: a single process, which makes its own one-rank group.
-Collectives time out after `timeout_s` (gloo and nccl), so a lost rank ends the job instead of hanging it.
+"""Process-group setup: join the job's group (rank and rendezvous from astra_ds/launch.py), gloo on CPU and
+nccl on GPUs. Collectives time out after `timeout_s`, so a lost rank ends the job instead of hanging it.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from astra_ds.config import ConfigError
-
-MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+from astra_ds.launch import discover_launch
 
 
 def configure_accelerator() -> None:
@@ -38,51 +29,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def _from_mpi() -> dict[str, str]:
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise ConfigError("started by mpirun, but mpi4py is not installed: pip install mpi4py") from None
-    world = MPI.COMM_WORLD
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    single_node = node.Get_size() == world.Get_size()
-    rendezvous = None
-    if world.Get_rank() == 0:
-        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else socket.gethostname())
-        rendezvous = (host, os.environ.get("MASTER_PORT") or str(_free_port()))
-    host, port = world.bcast(rendezvous, root=0)
-    return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()), "LOCAL_RANK": str(node.Get_rank()),
-            "MASTER_ADDR": host, "MASTER_PORT": port}
-
-
-def _from_slurm() -> dict[str, str]:
-    if "MASTER_ADDR" not in os.environ:
-        raise ConfigError("under srun, MASTER_ADDR must name the first node (launchers/slurm.sbatch exports it)")
-    return {"RANK": os.environ["SLURM_PROCID"], "WORLD_SIZE": os.environ["SLURM_NTASKS"],
-            "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"), "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
-
-
-def discover_launch() -> str:
-    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from whatever started this process; returns
-    the launch path's name."""
-    if "RANK" in os.environ:
-        return "launcher"
-    if any(v in os.environ for v in MPI_RANK_VARIABLES):
-        os.environ.update(_from_mpi())
-        return "mpi"
-    if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        os.environ.update(_from_slurm())
-        return "slurm"
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    return "single"
 
 
 def init_distributed(timeout_s: float = 600.0) -> DistInfo:

@@ -15,25 +15,33 @@ need more than their hosts have, naming what to change.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
 
-from astra_ds.config import ConfigError, RunConfig
+from astra_ds import layout
+from astra_ds.collectives import all_gather_objects
+from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData
-from astra_ds.negatives.index import choose_kind, nlist_for, pq_m_for
-from astra_ds.table import store
-from astra_ds.table.optim import OPTIMIZERS
+from astra_ds.ds_config import resolve_ds_config
+from astra_ds.errors import ConfigError
+from astra_ds.eval.predict import exact_topk_bytes
+from astra_ds.negatives import SAMPLERS
+from astra_ds.table import OPTIMIZERS, store
 from astra_ds.table.table import DTYPES
+
+log = logging.getLogger("astra_ds")
 
 GiB = 2**30
 PROCESS = "process (measured)"  # the plan line of what the process held when planned
 ACTIVATION_BYTES_PER_TOKEN_CHANNEL = 66  # fp32 tensors a BERT layer keeps for backward, per token and hidden unit
 RUNTIME_BYTES = 150 * 2**20  # what deepspeed.initialize and the process group add beyond the encoder's state
-IVF_LIST_SLACK = 1.25  # faiss inverted lists grow by doubling: capacity over size, on average
 
 
 @dataclass
@@ -106,24 +114,9 @@ def activation_bytes(encoder: torch.nn.Module, micro_batch: int, max_len: int) -
     return config.num_hidden_layers * per_layer
 
 
-def index_bytes(cfg: RunConfig, rows: int, dim: int) -> tuple[int, str]:
-    """Bytes of the faiss index over `rows` rows, and its kind."""
-    index = cfg.index
-    kind = choose_kind(index, rows)
-    if kind == "flat":
-        return rows * dim * 4, kind
-    if kind == "hnsw":  # vectors, 2M level-0 links, upper levels (1/M of the rows, M links: ~4 B), bookkeeping
-        return rows * (dim * 4 + 2 * index.hnsw_m * 4 + 4 + 16), kind
-    nlist = nlist_for(index, rows)
-    code = dim * 4 if kind == "ivf_flat" else pq_m_for(index, dim)
-    return int(rows * (code + 8) * IVF_LIST_SLACK) + nlist * dim * 4 + 256 * dim * 4, f"{kind}, {nlist} lists"
-
-
 def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world_size: int, rank: int,
              on_gpu: bool, held_bytes: int) -> MemoryPlan:
     """The memory plan of rank `rank`; `held_bytes` is what the process already holds (measured)."""
-    from astra_ds.train.ds_config import resolve_ds_config
-
     labels = data.dataset.train.labels
     num_labels, num_train, num_test = data.dataset.num_labels, labels.shape[0], len(data.test_tokens)
     positives_per_query = labels.nnz / max(1, num_train)
@@ -133,10 +126,9 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
     mixed = on_gpu and ds_config.get("bf16", {}).get("enabled", False)
     offload = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     dim, dtype = encoder.dim, DTYPES[cfg.table.dtype]
-    chunk_rows = min(store.chunk_rows_for(dim, dtype.itemsize, cfg.table.chunk_mb), num_labels)
-    start, end = store.shard_range(num_labels, chunk_rows, rank, world_size)
+    start, end = store.ShardGeometry.of(num_labels, dim, dtype.itemsize, cfg.table.chunk_mb, world_size).range(rank)
     rows = end - start
-    state_layout = OPTIMIZERS[cfg.table.optimizer].state_layout(dim)
+    state_layout = OPTIMIZERS.get(cfg.table.optimizer).state_layout(dim)
     state_per_row = sum(math.prod(shape) * dt.itemsize for shape, dt in state_layout.values())
 
     def place(nbytes: int, on_host: bool = False) -> dict:
@@ -158,36 +150,46 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
         PlanLine("encoder activations", **place(activation_bytes(encoder, micro_batch, cfg.data.max_len)),
                  detail=f"micro-batch {micro_batch} x {cfg.data.max_len} tokens"),
     ]
-    neg = cfg.negatives
-    if neg.strategy == "astra":
-        index_size, kind = index_bytes(cfg, rows, dim)
-        resident.append(PlanLine("index", index_size, detail=kind))
-        if neg.shortlist_mode == "precomputed":
-            resident.append(PlanLine("shortlists", num_train * neg.shortlist_size * 12,
-                                     detail=f"{neg.shortlist_size} per training query"))
+    sampler_resident, sampler_phases = SAMPLERS.get(cfg.negatives.strategy).memory(cfg, rows, dim, num_train)
+    resident += [PlanLine(name, host, detail=detail) for name, host, detail in sampler_resident]
     if cfg.batching.mode == "clustered":
         resident.append(PlanLine("NGAME query embeddings", num_train * (dim * 2 + 1)))
 
+    neg = cfg.negatives
     step_rows = min(rows, math.ceil(cfg.train.batch_size * (neg.num_negatives + positives_per_query)))
     if neg.in_batch:
         step_rows = min(rows, step_rows + math.ceil(cfg.train.batch_size * positives_per_query))
     # fetched rows, their gradient, the optimizer's gathered state and new weights, the host copy back
     staging = step_rows * (dim * 4 * 5 + state_per_row * 3)
-
-    def scoring(queries: int) -> int:  # exact top-k (predict.exact_topk): a score block, its top-k, a row block
-        label_block = min(cfg.eval.label_block, rows)
-        return queries * label_block * 4 * 2 + label_block * dim * 8
-
+    evaluation = exact_topk_bytes(min(num_test, 4096), rows, dim, cfg.eval.label_block)
     phases = [
         PlanLine("step staging", **place(staging), detail=f"~{step_rows:,} rows a step"),
-        PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + scoring(min(num_test, 4096)),
+        PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation,
                  detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"),
+        *(PlanLine(name, host, detail=detail) for name, host, detail in sampler_phases),
     ]
-    if neg.strategy == "astra":
-        build = (min(rows, cfg.index.train_rows) * dim * 4 + cfg.index.add_block * dim * 8
-                 + scoring(cfg.index.recall_queries))
-        phases.append(PlanLine("index rebuild", build, detail="training sample, added blocks, recall check"))
     return MemoryPlan(resident, phases, world_size, rank)
+
+
+def plan_and_check(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, dist, held_bytes: int) -> MemoryPlan:
+    """This rank's plan, logged; the run stops here, before allocating, when its host cannot hold it (unless
+    train.memory_check is off). Collective."""
+    on_gpu = dist.device.type == "cuda"
+    plan = plan_run(cfg, data, encoder, dist.world_size, dist.rank, on_gpu, held_bytes)
+    log.info("memory plan of rank %d:\n%s", dist.rank, plan.format())
+    if cfg.train.memory_check:
+        check_fits(plan, on_gpu)
+    return plan
+
+
+def report_memory(plan: MemoryPlan, run_dir: Path, is_main: bool) -> dict:
+    """Peak resident memory of this process next to the plan's total (memory.json, from rank 0)."""
+    report = {"plan_host_bytes": plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
+              "plan": [vars(line) for line in plan.resident + plan.phases]}
+    log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
+    if is_main:
+        (run_dir / layout.MEMORY).write_text(json.dumps(report, indent=2))
+    return report
 
 
 def available_host_bytes() -> int:
@@ -208,14 +210,10 @@ def peak_rss_bytes() -> int:
 def check_fits(plan: MemoryPlan, on_gpu: bool) -> None:
     """Raise ConfigError when the ranks of this host need more memory than it has available. Collective:
     every rank calls it (ranks that share a host add up)."""
-    import torch.distributed as dist
-
     # the process part is already held (and not counted as available)
     mine = (socket.gethostname(), plan.to_allocate(), available_host_bytes(),
             plan.total("device"), torch.cuda.mem_get_info()[0] if on_gpu else 0)
-    everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-    if dist.is_initialized():
-        dist.all_gather_object(everyone, mine)
+    everyone = all_gather_objects(mine)
     host_ranks = [r for r in everyone if r[0] == mine[0]]
     host_need, available = sum(r[1] for r in host_ranks), mine[2]
     if host_need > available:

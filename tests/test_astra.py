@@ -1,5 +1,6 @@
 """ASTRA negatives: the mixture proposal is a distribution, its weighted loss is unbiased, the index recalls."""
 
+import json
 
 import numpy as np
 import pytest
@@ -7,11 +8,14 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from astra_ds.config import IndexConfig, TableConfig
+from astra_ds.config import IndexConfig, TableConfig, load_config
+from astra_ds.negatives.astra import AstraSampler
+from astra_ds.negatives.base import SamplerContext
 from astra_ds.negatives.index import LabelIndex, choose_kind
 from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
 from astra_ds.table.table import ClassifierTable
 from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from conftest import make_trainer
 from test_loss_negatives import assert_unbiased, full_bce, scoring_problem
 
 L = 12
@@ -72,9 +76,9 @@ def test_index_search_and_recall_against_exact(kind):
     table = _table()
     queries = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
     index = LabelIndex(IndexConfig(kind=kind, nlist=16, nprobe=16, pq_m=4, add_block=700), normalize_rows=True)
-    report = index.build(table, queries, k=10)
-    assert report.kind == kind and report.rows == 3000 and index.version == 1
-    assert report.recall >= {"flat": 1.0, "hnsw": 0.9, "ivf_flat": 0.99, "ivf_pq": 0.3}[kind]
+    report = index.build(table, np.random.default_rng(0))
+    assert report.kind == kind and report.rows == 3000
+    assert index.recall(table, queries, 10) >= {"flat": 1.0, "hnsw": 0.9, "ivf_flat": 0.99, "ivf_pq": 0.3}[kind]
     scores, ids = index.search(queries[:4], 10)
     assert ids.shape == (4, 10) and ids.min() >= 0 and ids.max() < 3000
     if kind in ("flat", "ivf_flat"):  # exact scores: the stale scores t_il are true inner products
@@ -88,7 +92,8 @@ def test_recall_collapse_is_visible():
     table = _table()
     queries = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
     index = LabelIndex(IndexConfig(kind="flat"), normalize_rows=True)
-    index.build(table, queries, k=10)
+    index.build(table, np.random.default_rng(0))
+    assert index.recall(table, queries, 10) == 1.0
     table.rows.copy_(torch.randn(table.rows.shape, generator=torch.Generator().manual_seed(3)))
     assert index.recall(table, queries, 10) < 0.2
 
@@ -100,38 +105,45 @@ def test_index_kind_by_size():
 
 
 @pytest.mark.parametrize("mode", ["per_step", "precomputed"])
-def test_astra_schedule_in_training(synth_dir, token_cache, tmp_path, mode):
-    """Uniform for the warm-up epochs, then the index is built at epochs W, W + R, ... and shortlist
-    negatives are drawn."""
-    import json
+def test_astra_sampler_is_uniform_until_its_index_is_built_then_draws_from_shortlists(mode):
+    """Uniform for the warm-up epochs, the index built at epochs W, W + R, ..., then shortlist negatives."""
+    cfg = load_config(None, ["negatives.strategy=astra", "negatives.warmup_epochs=1", "negatives.refresh_every=2",
+                             "negatives.shortlist_size=8", f"negatives.shortlist_mode={mode}", "index.kind=flat",
+                             "negatives.num_negatives=16"])
+    table = _table(num_labels=50)
+    train_queries = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(4)), dim=-1)
+    encoded = []
 
-    from astra_ds.config import load_config
-    from astra_ds.train.trainer import Trainer
+    def encode_train(rows):
+        encoded.append(None if rows is None else len(rows))
+        return train_queries if rows is None else train_queries[rows]
 
-    from conftest import TINY_RUN
+    sampler = AstraSampler(SamplerContext(cfg, table, encode_train, num_train=40))
+    positives = sp.csr_matrix((np.ones(8), np.arange(8), np.arange(9)), shape=(8, 50))
+    query_ids = np.arange(8, 16)
+    rng = np.random.default_rng(0)
+    builds = [epoch for epoch in range(5) if sampler.on_epoch_start(epoch)]
+    assert builds == [1, 3] and sampler.version == 2
+    # precomputed: every training query at each build; per step, with no queries observed: a recall sample
+    assert encoded == ([None, None] if mode == "precomputed" else [40, 40])
 
-    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                             f"out_dir={tmp_path}", "train.epochs=4", "negatives.strategy=astra",
-                             "negatives.warmup_epochs=1", "negatives.refresh_every=2", "negatives.shortlist_size=8",
-                             f"negatives.shortlist_mode={mode}", "index.kind=flat"])
-    trainer = Trainer(cfg, progress=False)
-    drawn_from_shortlist = []
-    sample = trainer.sample_negatives
+    sampler.version = 0  # before the first build: uniform, whatever the index holds
+    uniform = sampler.sample(query_ids, train_queries[query_ids], positives, rng)
+    np.testing.assert_allclose(uniform.log_q, -np.log(49))
+    sampler.version = 2
+    negatives = sampler.sample(query_ids, train_queries[query_ids], positives, rng)
+    shortlists = sampler.shortlist(train_queries[query_ids])[1]
+    from_shortlist = (negatives.global_ids[:, :, None] == shortlists[:, None, :]).any(-1).mean()
+    assert from_shortlist > 0.5  # alpha = 0.5 of the draws, plus uniform draws that fall in the 8 of 50
+    assert not (negatives.global_ids == np.arange(8)[:, None]).any()  # positives are never drawn
 
-    def spy(micro, queries, positives, rng):
-        negatives = sample(micro, queries, positives, rng)
-        if trainer.index.version:
-            ids = trainer.shortlists[0][micro] if mode == "precomputed" else trainer.index.search(queries, 8)[1]
-            drawn_from_shortlist.append((negatives.global_ids[:, :, None] == ids[:, None, :]).any(-1).mean())
-        return negatives
 
-    trainer.sample_negatives = spy
+def test_astra_index_builds_on_schedule_in_training(synth_dir, token_cache, tmp_path):
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "train.epochs=4", "negatives.strategy=astra",
+                           "negatives.warmup_epochs=1", "negatives.refresh_every=2", "negatives.shortlist_size=8",
+                           "index.kind=flat")
     trainer.fit()
     builds = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
               if "index_version" in line]
-    steps_per_epoch = trainer.steps_per_epoch
-    assert [b["step"] for b in builds] == [1 * steps_per_epoch, 3 * steps_per_epoch]
+    assert [b["step"] for b in builds] == [1 * trainer.steps_per_epoch, 3 * trainer.steps_per_epoch]
     assert all(b["index_recall"] == 1.0 for b in builds)  # a flat index is exact
-    assert len(drawn_from_shortlist) == 3 * steps_per_epoch
-    # alpha = 0.5: at least half the negatives come from the 8-label shortlists (of 50 labels)
-    assert np.mean(drawn_from_shortlist) > 0.5

@@ -140,7 +140,7 @@ def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _train(wide_data, token_cache, straight, *small, "train.max_steps=8")
     _train(wide_data, token_cache, resumed, *small, "train.max_steps=4")
-    assert (resumed / "checkpoints" / "global_step4" / "rank0.faiss").is_file()
+    assert (resumed / "checkpoints" / "global_step4" / "negatives" / "rank0.faiss").is_file()
     _train(wide_data, token_cache, resumed, *small, "train.max_steps=8", resume="auto")
     expected = _losses(straight)
     assert sorted(_losses(resumed)) == sorted(expected)
@@ -184,13 +184,19 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache
     result = run_cli("train", *common, "--resume", str(out / "checkpoints" / "global_step99"))
     assert result.returncode == 2 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
 
+    meta = json.loads((checkpoint / "meta.json").read_text())
     (checkpoint / "meta.json").write_text("{not json")
     result = run_cli("train", *common, "--resume", "auto")
     assert result.returncode == 2 and "unreadable meta.json" in result.stderr
 
-    (checkpoint / "trainer_state.pt").unlink()
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    (checkpoint / "state.pt").unlink()
     result = run_cli("train", *common, "--resume", str(checkpoint))
-    assert result.returncode == 2 and "incomplete (missing trainer_state.pt)" in result.stderr
+    assert result.returncode == 2 and "incomplete (missing state.pt)" in result.stderr
+
+    (checkpoint / "meta.json").write_text(json.dumps(meta | {"files": [], "num_labels": 51}))
+    result = run_cli("train", *common, "--resume", str(checkpoint))
+    assert result.returncode == 2 and "has num_labels=51, this run has 50" in result.stderr
 
 
 def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
@@ -206,7 +212,7 @@ def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
                             capture_output=True, text=True, cwd=REPO, env=_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("global_step20: step 20, epoch 1, 1 ranks, index version 2")
+    assert lines[0].startswith("global_step20: step 20, epoch 1, 1 ranks, components encoder, table, negatives")
     assert lines[2].startswith("global_step30 (latest): step 20")  # a copy: its meta says step 20
     assert lines[4].startswith("global_step40.tmp: unusable: checkpoint") and "incomplete" in lines[4]
     checksum_20, checksum_30 = lines[1].split()[-1], lines[3].split()[-1]
@@ -217,7 +223,8 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     import torch
 
     from astra_ds.config import load_config
-    from astra_ds.train.trainer import ENCODER_FILE, Trainer
+    from astra_ds.layout import ENCODER_WEIGHTS
+    from astra_ds.train.trainer import Trainer
 
     checkpoint = straight / "checkpoints" / "global_step20"  # the end of the straight run: its encoder.pt
     cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
@@ -227,6 +234,6 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     np.testing.assert_array_equal(trainer.table.rows.numpy(), _rows(checkpoint))
     assert not trainer.table.optimizer.state["sum"].any()  # Adagrad sums start at zero
     assert not trainer.engine.optimizer.state  # no Adam moments yet
-    weights = torch.load(straight / ENCODER_FILE)
+    weights = torch.load(straight / ENCODER_WEIGHTS)
     for name, value in trainer.engine.module.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)

@@ -1,9 +1,17 @@
 import json
+import typing
 
 import pytest
 
-from astra_ds.config import ConfigError, RunConfig, load_config
-from astra_ds.train.ds_config import resolve_ds_config
+from astra_ds import config as config_module
+from astra_ds.config import ConfigError, RunConfig, describe, load_config
+from astra_ds.data import READERS
+from astra_ds.ds_config import resolve_ds_config
+from astra_ds.negatives import INDEX_KINDS, SAMPLERS
+from astra_ds.negatives.base import NegativeSampler
+from astra_ds.negatives.index import check_index_config
+from astra_ds.table import OPTIMIZERS
+from astra_ds.table.optim import RowSparseOptimizer
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -28,7 +36,10 @@ def test_saved_config_loads_back(tmp_path):
     ("table.normalize_rows=maybe", "table.normalize_rows must be true or false"),
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("eval.ks=[0]", "eval.ks must be positive"),
-    ("data.format=csv", "data.format must be"),
+    ("data.format=csv", "data.format must be one of auto, raw_text, bow, pairs, not 'csv'"),
+    ("negatives.strategy=hard", "negatives.strategy must be one of uniform, astra, not 'hard'"),
+    ("index.kind=lsh", "index.kind must be one of auto, flat, hnsw, ivf_flat, ivf_pq"),
+    ("index.pq_m=0", "index.pq_m must be >= 1"),
     ("epochs", "--set expects key=value"),
 ])
 def test_bad_values_are_config_errors(override, message):
@@ -55,3 +66,29 @@ def test_ds_config_is_checked_against_the_trainer_config(tmp_path):
     train.ds_config, train.batch_size = "cpu", 30
     with pytest.raises(ConfigError, match="not divisible"):
         resolve_ds_config(train, 4, False)
+
+
+@pytest.mark.parametrize("alias, registry, extra", [
+    ("DataFormat", READERS, ("auto",)), ("TableOptimizer", OPTIMIZERS, ()), ("SamplerName", SAMPLERS, ()),
+    ("IndexKind", INDEX_KINDS, ("auto",)),
+])
+def test_config_choices_are_the_registries_names_and_each_entry_imports(alias, registry, extra):
+    assert typing.get_args(getattr(config_module, alias)) == (*extra, *registry.names)
+    base = {"SamplerName": NegativeSampler, "TableOptimizer": RowSparseOptimizer}.get(alias)
+    for name in registry.names:
+        entry = registry.get(name)
+        assert callable(entry) and (base is None or issubclass(entry, base)), name
+
+
+def test_choices_that_depend_on_the_row_width_are_checked():
+    check_index_config(load_config(None, ["index.pq_m=8"]).index, 32)
+    with pytest.raises(ConfigError, match="index.pq_m=5 must divide the row dimension 32"):
+        check_index_config(load_config(None, ["index.pq_m=5"]).index, 32)
+
+
+def test_describe_lists_every_key_with_default_and_effective_value():
+    lines = describe(load_config(None, ["train.epochs=3"])).splitlines()
+    rows = {line[2:].split()[0]: (line[0], line[2:].split()[1:]) for line in lines[1:]}
+    assert len(rows) == len(config_module.flat_items(RunConfig()))
+    assert rows["train.epochs"] == ("*", ["1", "3"]) and rows["train.batch_size"] == (" ", ["64", "64"])
+    assert rows["eval.ks"] == (" ", ["[1,", "3,", "5]", "[1,", "3,", "5]"])

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.config import BatchingConfig, ConfigError
+from astra_ds.model.encoder import build_tokenizer
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.rng import Stream, numpy_rng
 from astra_ds.train.batching import BatchSampler, balanced_clusters
 from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from conftest import make_trainer
@@ -103,7 +105,7 @@ def test_ranks_get_disjoint_parts_of_the_global_batch():
 def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
     texts = trainer.data.dataset.label_texts
-    tokens = trainer.tokenizer(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
+    tokens = build_tokenizer(trainer.cfg.encoder)(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected, _ = trainer.engine.module.eval()(tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(trainer.table.rows[[0, 1, 2, 3, 4, -2, -1]], expected, rtol=1e-4, atol=1e-5)
@@ -127,9 +129,9 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     with torch.no_grad():
         queries, calibration = trainer.engine.module(input_ids, attention_mask)
     positives = trainer.train_labels[rows]
-    negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, np.random.default_rng([0, 1, 0]))
+    negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, numpy_rng(0, Stream.NEGATIVES, 0))
     scores = calibration[0].exp() * queries @ F.normalize(before, dim=-1).T + calibration[1]
-    in_batch = np.zeros(trainer.num_labels, bool)
+    in_batch = np.zeros(trainer.table.num_labels, bool)
     in_batch[positives.indices] = True
     target = torch.from_numpy(positives.toarray())
     expected = F.binary_cross_entropy_with_logits(scores[:, in_batch], target[:, in_batch], reduction="sum")
@@ -147,8 +149,8 @@ def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_c
     with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
         expected, _ = trainer.engine.module(*trainer.data.train_tokens.batch(rows))
     trainer.train_step(rows)
-    torch.testing.assert_close(trainer.query_embeddings[rows].float(), expected, rtol=0, atol=1e-3)
-    assert trainer.seen_queries.sum() == len(rows)
+    torch.testing.assert_close(trainer.batches.bank.embeddings[rows].float(), expected, rtol=0, atol=1e-3)
+    assert trainer.batches.bank.seen.sum() == len(rows)
 
 
 def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):

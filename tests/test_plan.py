@@ -7,7 +7,8 @@ import pytest
 
 from astra_ds.config import load_config
 from astra_ds.data.synth import SynthConfig, generate
-from astra_ds.plan import GiB, encoder_state_bytes, index_bytes
+from astra_ds.negatives.index import index_bytes
+from astra_ds.plan import GiB, encoder_state_bytes
 from conftest import run_cli
 
 MB = 2**20
@@ -25,9 +26,9 @@ def test_encoder_state_under_each_zero_stage():
 def test_index_bytes_by_kind():
     cfg = load_config(None, ["index.nlist=100", "index.pq_m=8"])
     cfg.index.kind = "flat"
-    assert index_bytes(cfg, 10_000, 32) == (10_000 * 128, "flat")
+    assert index_bytes(cfg.index, 10_000, 32) == (10_000 * 128, "flat")
     cfg.index.kind = "ivf_pq"  # 8 code bytes + an 8-byte id a row, list slack, centroids, codebooks
-    assert index_bytes(cfg, 10_000, 32) == (int(10_000 * 16 * 1.25) + 100 * 128 + 256 * 128, "ivf_pq, 100 lists")
+    assert index_bytes(cfg.index, 10_000, 32) == (int(10_000 * 16 * 1.25) + 100 * 128 + 256 * 128, "ivf_pq, 100 lists")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 
 from astra_ds.config import TableConfig
 from astra_ds.table import store
+from astra_ds.table.pager import RowPager
 from astra_ds.table.table import ClassifierTable, round_to_bfloat16
 
 L, D = 40, 8
@@ -130,7 +131,7 @@ def test_untouched_rows_do_not_change():
 
 def test_shards_are_chunk_aligned_and_cover_all_rows():
     for num_labels, chunk, world in [(100, 7, 3), (10, 20, 4), (64, 8, 8), (1000, 1, 7)]:
-        ranges = [store.shard_range(num_labels, chunk, r, world) for r in range(world)]
+        ranges = [store.ShardGeometry(num_labels, chunk, world).range(r) for r in range(world)]
         assert ranges[0][0] == 0 and ranges[-1][1] == num_labels
         for (_, end), (start, _) in zip(ranges, ranges[1:]):
             assert end == start
@@ -190,8 +191,7 @@ def test_unchanged_chunks_link_or_are_written_across_file_systems(tmp_path):
     cfg = TableConfig(chunk_mb=D * 4 * 5 / 2**20)  # 5 rows a chunk
     table = ClassifierTable(L, D, cfg)
     table.init_random(seed=3)
-    table.create_store(tmp_path / "first")
-    table.save_checkpoint(tmp_path / "first", None)
+    table.save_files(tmp_path / "first", previous=None)  # as a checkpoint component
     block, slots = table.fetch(torch.tensor([7]))  # row 7: chunk 1 only
     block.weights[slots].sum().backward()
     table.apply_gradients([block])
@@ -278,28 +278,29 @@ def test_prefetch_one_step_ahead_with_the_overlap_patch_equals_fetching_in_order
         _loss(block.weights[slots], queries).backward()
         in_order.apply_gradients([block])
 
-    prefetched, patched_rows = ahead.prefetch(steps[0][0]), 0
+    pager = RowPager(ahead)
+    prefetched, patched_rows = pager.prefetch(steps[0][0]), 0
     for t, (ids, queries) in enumerate(steps):
         stale = prefetched.weights.clone()
-        block, slots = ahead.fetch(ids, prefetched)
+        block, slots = pager.fetch(ids, prefetched)
         patched_rows += int((stale != block.weights.detach()).any(1).sum())
         _loss(block.weights[slots], queries).backward()
         if t + 1 < len(steps):
-            prefetched = ahead.prefetch(steps[t + 1][0])  # before this step's update
-        ahead.apply_gradients([block])
+            prefetched = pager.prefetch(steps[t + 1][0])  # before this step's update
+        pager.apply_gradients([block])
     assert patched_rows > 0  # steps share rows: the patch was needed
     assert torch.equal(ahead.rows.view(torch.int16 if dtype == "bfloat16" else torch.int32),
                        in_order.rows.view(torch.int16 if dtype == "bfloat16" else torch.int32))
 
 
 def test_prefetch_more_than_one_step_ahead_or_for_other_ids_is_refused():
-    table = ClassifierTable(L, D, TableConfig())
-    early = table.prefetch(torch.tensor([1, 2]))
+    pager = RowPager(ClassifierTable(L, D, TableConfig()))
+    early = pager.prefetch(torch.tensor([1, 2]))
     for _ in range(2):
-        block, slots = table.fetch(torch.tensor([2, 3]))
+        block, slots = pager.table.fetch(torch.tensor([2, 3]))
         block.weights[slots].sum().backward()
-        table.apply_gradients([block])
+        pager.apply_gradients([block])
     with pytest.raises(RuntimeError, match="one step ahead"):
-        table.fetch(torch.tensor([1, 2]), early)
+        pager.fetch(torch.tensor([1, 2]), early)
     with pytest.raises(ValueError, match="other label ids"):
-        table.fetch(torch.tensor([1, 5]), table.prefetch(torch.tensor([1, 2])))
+        pager.fetch(torch.tensor([1, 5]), pager.prefetch(torch.tensor([1, 2])))

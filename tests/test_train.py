@@ -1,6 +1,8 @@
 """Training end to end: the CLI, what a run writes, evaluation, and the step against its definition."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,8 +10,10 @@ import scipy.sparse as sp
 import torch
 import yaml
 
-
-from conftest import SHARED_DATA, TINY_RUN, make_trainer, run_cli
+import astra_ds
+from astra_ds.cli import main
+from astra_ds.rng import Stream, numpy_rng
+from conftest import REPO, SHARED_DATA, TINY_RUN, make_trainer, run_cli
 
 
 def _sets(*pairs: str) -> list[str]:
@@ -54,37 +58,69 @@ def test_train_on_bibtex_from_the_cli(token_cache, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["train", "--set", "train.epoch=3"], "unknown config key train.epoch "),
     (["train", "--set", "train.epochs=many"], "train.epochs must be an integer"),
-    (["train", "--set", "table.optimizer=sgd"], "table.optimizer must be rowwise_adagrad or lazy_adam"),
+    (["train", "--set", "table.optimizer=sgd"], "table.optimizer must be one of rowwise_adagrad, lazy_adam, not 'sgd'"),
     (["train", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
-    (["train", "--set", "data.path=no/such/dir"], "dataset directory not found: no/such/dir"),
+    (["train", "--resume", "auto", "--init-from", "x"], "--resume continues a run, --init-from starts a new one"),
+    (["train", "--set", "encoder.model=tiny-random", "--set", "data.path=no/such/dir"],
+     "dataset directory not found: no/such/dir"),
     (["train", "--set", "train.ds_config=zero9"], "train.ds_config='zero9' is neither a file nor one of"),
     (["eval", "--run-dir", "no/such/run"], "no/such/run is not a finished run"),
+    (["plan", "--world-size", "0"], "--world-size and --ranks-per-host must be >= 1"),
+    (["config", "show", "--set", "batching.mode=kmeans"], "batching.mode must be one of random, clustered"),
     (["data", "synth", "--out", "x", "--min-words", "9", "--max-words", "2"], "need 1 <= min_words <= max_words"),
 ])
-def test_user_mistakes_give_one_line_errors(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert result.stderr.startswith("astra-ds: error: ") and message in result.stderr
+def test_user_mistakes_give_one_line_errors(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0, err
+    assert err.startswith("astra-ds: error: ") and message in err
 
 
-def test_malformed_dataset_gives_one_line_error(synth_dir, tmp_path):
+def test_a_choice_that_depends_on_the_encoder_is_refused_at_start_up(synth_dir, token_cache, tmp_path, capsys):
+    """index.pq_m must divide the row width (32 for tiny-random): refused before training, not after warm-up."""
+    args = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path}",
+                 "negatives.strategy=astra", "index.kind=ivf_pq", "index.pq_m=5")
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "astra-ds: error: index.pq_m=5 must divide the row dimension 32"
+    assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_malformed_dataset_gives_one_line_error(synth_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     for path in synth_dir.iterdir():
         if path.is_file():
             (bad / path.name).write_bytes(path.read_bytes())
     (bad / "tst_X_Y.txt").write_text("128 50\n" + "51:1\n" * 128)
-    result = run_cli("train", "--set", f"data.path={bad}", "--set", "encoder.model=tiny-random")
-    assert result.returncode == 2 and "tst_X_Y.txt:2: label id 51 out of range [0, 50)" in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+    assert main(["train", "--set", f"data.path={bad}", "--set", "encoder.model=tiny-random"]) == 2
+    err = capsys.readouterr().err
+    assert "tst_X_Y.txt:2: label id 51 out of range [0, 50)" in err and err.strip().count("\n") == 0
 
 
-def test_data_stats_and_help(synth_dir):
-    stats = run_cli("data", "stats", str(synth_dir))
-    assert stats.returncode == 0 and "50 labels" in stats.stdout and "train: 512 queries" in stats.stdout
-    help_text = run_cli("train", "--help").stdout
-    assert "--set" in help_text and "--config" in help_text
+def test_data_stats_help_version_and_config_show(synth_dir, capsys):
+    assert main(["data", "stats", str(synth_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "50 labels" in out and "train: 512 queries" in out
+    for args in (["train", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "--set" in out and "--config" in out and f"astra-ds {astra_ds.__version__}" in out
+    assert main(["config", "show", "--config", "configs/synthetic.yaml", "--set", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "* train.epochs" in out and "* out_dir" in out and "  train.seed" in out
+
+
+def test_help_answers_before_torch_is_imported():
+    """--help and a config mistake never load torch: they answer at once."""
+    code = ("import sys; from astra_ds.cli import main\n"
+            "assert main(['config', 'show', '--set', 'train.epochs=0']) == 2\n"
+            "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "train.epochs must be >= 1" in result.stderr
 
 
 def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
@@ -96,7 +132,7 @@ def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
     with torch.no_grad():
         queries, calibration = trainer.engine.module(input_ids, attention_mask)
-    rng = np.random.default_rng([trainer.cfg.train.seed, 1, 0])
+    rng = numpy_rng(trainer.cfg.train.seed, Stream.NEGATIVES, 0)
     positives = trainer.train_labels[rows]
     from astra_ds.negatives.uniform import sample_uniform
 
@@ -136,7 +172,7 @@ def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp
 
     from astra_ds.model.encoder import QueryEncoder
 
-    encoder = QueryEncoder(trainer.cfg.encoder, trainer.num_labels)
+    encoder = QueryEncoder(trainer.cfg.encoder, trainer.table.num_labels)
     encoder.load_state_dict(torch.load(tmp_path / "z3" / "encoder.pt"))
     input_ids, attention_mask = trainer.data.test_tokens.batch(np.arange(8))
     trainer.engine.eval()

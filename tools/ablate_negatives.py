@@ -1,6 +1,6 @@
 """Negative-sampling ablation: the same model trained with each negative sampler, on each dataset.
 
-Variants (DESIGN §2):
+Variants:
   uniform      uniform negatives only, importance-weighted
   hard_only    stale hard negatives only: shortlist softmax (alpha = 1), no uniform part, no weights
   astra        the ASTRA mixture (alpha from the config), importance-weighted

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from astra_ds.config import TableConfig
+from astra_ds.table.pager import RowPager
 from astra_ds.table.table import ClassifierTable
 
 
@@ -60,15 +61,16 @@ def page_steps(table: ClassifierTable, rows_per_step: int, steps: int, prefetch:
            for _ in range(steps + 2)]
     grad = torch.full((rows_per_step, table.dim), 1e-3, device=table.device)
     times = []
-    prefetched = table.prefetch(ids[0]) if prefetch else None
+    pager = RowPager(table)
+    prefetched = pager.prefetch(ids[0]) if prefetch else None
     for step in range(steps + 2):
         _sync()
         start = time.perf_counter()
-        block, _ = table.fetch(ids[step], prefetched)
+        block, _ = pager.fetch(ids[step], prefetched) if prefetch else table.fetch(ids[step])
         block.weights.grad = grad
         if prefetch and step + 1 < len(ids):
-            prefetched = table.prefetch(ids[step + 1])  # pages while this step's update runs
-        table.apply_gradients([block])
+            prefetched = pager.prefetch(ids[step + 1])  # pages while this step's update runs
+        pager.apply_gradients([block])
         _sync()
         if step >= 2:
             times.append(time.perf_counter() - start)

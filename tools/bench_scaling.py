@@ -32,7 +32,7 @@ from astra_ds.config import TableConfig, load_config
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.train.step import classifier_loss
 
 
 def median_time(step, steps: int, warmup: int = 3) -> float:
@@ -58,11 +58,10 @@ def classifier_step_time(num_labels: int, dim: int, batch: int, num_negatives: i
                                    np.arange(0, batch * 3 + 1, 3)), shape=(batch, num_labels))
         positives.sum_duplicates()
         queries = F.normalize(torch.randn(batch, dim), dim=-1)
-        pairs = make_pairs(positives, sample_uniform(positives, num_negatives, rng), importance_weights=True)
-        block, slots = table.fetch(pairs.label)
-        sampled_bce(pair_scores(queries, calibration, block.weights, slots, pairs.query, True), pairs, batch).backward()
-        table.apply_gradients([block])
-        rows.append(len(block.global_ids))
+        part = classifier_loss(table, queries, calibration, positives, sample_uniform(positives, num_negatives, rng))
+        part.loss.backward()
+        table.apply_gradients([part.block])
+        rows.append(len(part.block.global_ids))
 
     return median_time(step, steps), float(np.mean(rows))
 

@@ -1,4 +1,4 @@
-"""List the checkpoints of a run: tag, step, epoch, world size, index version, and a checksum of each rank's
+"""List the checkpoints of a run: tag, step, epoch, world size, components, and a checksum of each rank's
 table shard (rows and optimizer state, as the ranks that wrote it held them).
 
     python tools/inspect_checkpoint.py runs/synthetic/checkpoints
@@ -12,16 +12,19 @@ from pathlib import Path
 
 import numpy as np
 
+from astra_ds import layout
+from astra_ds.errors import CheckpointError
 from astra_ds.table import store
-from astra_ds.train.checkpoint import LATEST, CheckpointError, check_checkpoint, step_of
+from astra_ds.train.checkpoint import check_checkpoint
 
 
 def shard_checksums(table_dir: Path, world_size: int) -> list[str]:
     group = store.open_table(table_dir)
     names = ["rows", *(f"optim/{name}" for name in group["optim"].array_keys())] if "optim" in group else ["rows"]
+    geometry = store.ShardGeometry(group.attrs["num_labels"], group.attrs["chunk_rows"], world_size)
     sums = []
     for rank in range(world_size):
-        start, end = store.shard_range(group.attrs["num_labels"], group.attrs["chunk_rows"], rank, world_size)
+        start, end = geometry.range(rank)
         digest = hashlib.sha1()
         for name in names:
             digest.update(np.ascontiguousarray(group[name][start:end]).tobytes())
@@ -35,9 +38,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoint_dir.is_dir():
         raise SystemExit(f"inspect_checkpoint: no directory {args.checkpoint_dir}")
-    latest = (args.checkpoint_dir / LATEST).read_text().strip() if (args.checkpoint_dir / LATEST).is_file() else None
-    tags = sorted((p for p in args.checkpoint_dir.glob("global_step*") if p.is_dir()),
-                  key=lambda p: step_of(p.name.removesuffix(".tmp")))
+    latest_file = args.checkpoint_dir / layout.LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    tags = sorted((p for p in args.checkpoint_dir.glob(layout.CHECKPOINT_PREFIX + "*") if p.is_dir()),
+                  key=lambda p: layout.step_of(p.name))
     for path in tags:
         marker = " (latest)" if path.name == latest else ""
         try:
@@ -46,8 +50,8 @@ def main() -> None:
             print(f"{path.name}{marker}: unusable: {err}")
             continue
         print(f"{path.name}{marker}: step {meta['step']}, epoch {meta['epoch']}, {meta['world_size']} ranks, "
-              f"index version {meta['index_version']}")
-        for line in shard_checksums(path / "table", meta["world_size"]):
+              f"components {', '.join(meta['components'])}")
+        for line in shard_checksums(path / layout.TABLE, meta["world_size"]):
             print(f"    {line}")
 
 

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-
-class DataError(ValueError):
-    """Malformed or missing input data; the message names the file and line."""
+from astra_ds.data import READERS
+from astra_ds.errors import DataError
 
 
 @dataclass
@@ -282,9 +281,6 @@ def read_pairs(directory: Path) -> XCDataset:
     return _check_label_counts(dataset, directory)
 
 
-READERS = {"raw_text": read_raw_text, "bow": read_bow, "pairs": read_pairs}
-
-
 def detect_format(directory: Path) -> str:
     if _resolve(directory / "trn_X.txt"):
         return "raw_text"
@@ -300,4 +296,4 @@ def read_dataset(path: str | Path, fmt: str = "auto") -> XCDataset:
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
-    return READERS[detect_format(directory) if fmt == "auto" else fmt](directory)
+    return READERS.get(detect_format(directory) if fmt == "auto" else fmt)(directory)

@@ -65,6 +65,12 @@ def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_
     return torch.cat(all_scores), torch.cat(all_ids)
 
 
+def exact_topk_bytes(num_queries: int, rows: int, dim: int, label_block: int = 65536) -> int:
+    """Memory `exact_topk` holds at once for a block of queries: a score block and its top-k, a row block."""
+    label_block = min(label_block, rows)
+    return num_queries * label_block * 4 * 2 + label_block * dim * 8
+
+
 def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
     """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it)."""
     n, k = ids.shape

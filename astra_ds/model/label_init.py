@@ -12,15 +12,13 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from astra_ds.table import store
 from astra_ds.table.table import ClassifierTable
 
 
 @torch.no_grad()
 def init_rows_from_label_texts(table: ClassifierTable, label_texts: list[str], tokenizer,
                                encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                               max_len: int, batch_size: int, device: torch.device, world_size: int = 1,
-                               progress: bool = True) -> None:
+                               max_len: int, batch_size: int, progress: bool = True) -> None:
     """Row l <- encode(label_texts[l]) (a unit vector) for the rows of this rank's shard.
 
     Unit rows are 2.5x longer than random ones (init_std * sqrt(d) = 0.39 for MiniLM): with normalised scoring a
@@ -29,14 +27,12 @@ def init_rows_from_label_texts(table: ClassifierTable, label_texts: list[str], t
     """
     # Every rank runs as many forward passes as the largest shard needs (ZeRO-3 gathers parameters in each
     # forward, collectively); a rank whose shard is done encodes a dummy batch.
-    largest = max(end - start for start, end in (store.shard_range(table.num_labels, table.chunk_rows, r, world_size)
-                                                  for r in range(world_size)))
-    for batch in tqdm(range(math.ceil(largest / batch_size)), desc="label-text init", unit="batch",
+    for batch in tqdm(range(math.ceil(table.geometry.largest_shard / batch_size)), desc="label-text init", unit="batch",
                       disable=not progress):
         start = table.start + batch * batch_size
         end = min(start + batch_size, table.end)
         texts = label_texts[start:end] if start < end else label_texts[:1]
         tokens = tokenizer(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")
-        embeddings, _ = encode(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        embeddings, _ = encode(tokens["input_ids"].to(table.device), tokens["attention_mask"].to(table.device))
         if start < end:
             table.block_rows(start, end).copy_(embeddings.float().cpu())

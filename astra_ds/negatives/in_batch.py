@@ -1,4 +1,4 @@
-"""NGAME in-batch negatives, with the loss kept an unbiased estimate of the full BCE (DESIGN §1, §2).
+"""NGAME in-batch negatives, with the loss kept an unbiased estimate of the full BCE.
 
 The batch's labels U (the union of its queries' positives) are scored densely against every query of the
 batch: for query i, the labels of U outside P_i are negatives summed exactly (weight 1), and the m sampled

@@ -1,4 +1,4 @@
-"""The ASTRA proposal: a mixture of hard negatives from a shortlist and uniform negatives (DESIGN §2).
+"""The ASTRA proposal: a mixture of hard negatives from a shortlist and uniform negatives.
 
     Q_i(l) = alpha_i * softmax_{S_i \\ P_i}(t_il / tau)(l) + (1 - alpha_i) / (L - |P_i|)
 
@@ -14,7 +14,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from astra_ds.data.membership import CSRMembership
-from astra_ds.negatives.uniform import Negatives, sample_uniform
+from astra_ds.negatives.base import Negatives
+from astra_ds.negatives.uniform import sample_uniform
 
 
 def shortlist_distribution(positives: sp.csr_matrix, shortlist_ids: np.ndarray, shortlist_scores: np.ndarray,

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import scipy.sparse as sp
 
-
-@dataclass
-class Negatives:
-    global_ids: np.ndarray  # (B, m) int64 label ids, never a positive of their query
-    log_q: np.ndarray  # (B, m) float64 log proposal probability Q_i(l) of each draw
+from astra_ds.negatives.base import NegativeSampler, Negatives
 
 
 def sample_uniform(positives: sp.csr_matrix, num_negatives: int, rng: np.random.Generator) -> Negatives:
@@ -36,3 +30,10 @@ def sample_uniform(positives: sp.csr_matrix, num_negatives: int, rng: np.random.
     skipped = np.searchsorted(keys, probes, side="right") - positives.indptr[:-1, None]
     log_q = -np.log(num_candidates.astype(np.float64))
     return Negatives(draws + skipped, np.broadcast_to(log_q[:, None], draws.shape).copy())
+
+
+class UniformSampler(NegativeSampler):
+    """`negatives.num_negatives` uniform draws per query, throughout training."""
+
+    def sample(self, query_ids, queries, positives, rng) -> Negatives:
+        return sample_uniform(positives, self.cfg.num_negatives, rng)

@@ -74,10 +74,3 @@ class LazyAdam(RowSparseOptimizer):
         bias_correction2_sqrt = (1 - self.beta2 ** step).sqrt().float().unsqueeze(1)
         denom = state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + self.eps
         return weights - (self.lr / bias_correction1) * state["exp_avg"] / denom
-
-
-OPTIMIZERS = {"rowwise_adagrad": RowwiseAdagrad, "lazy_adam": LazyAdam}
-
-
-def build_optimizer(cfg: TableConfig, num_rows: int, dim: int, pin: bool) -> RowSparseOptimizer:
-    return OPTIMIZERS[cfg.optimizer](num_rows, dim, cfg, pin)

@@ -10,23 +10,38 @@ files do not depend on the world size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 
-def chunk_rows_for(dim: int, itemsize: int, chunk_mb: float) -> int:
-    return max(1, int(chunk_mb * 2**20) // (dim * itemsize))
+@dataclass(frozen=True)
+class ShardGeometry:
+    """How L rows split into chunks of `chunk_rows` and into W contiguous, chunk-aligned rank shards."""
 
+    num_labels: int
+    chunk_rows: int
+    world_size: int
 
-def shard_range(num_labels: int, chunk_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows [start, end) of `rank`: whole chunks, split as evenly as possible."""
-    num_chunks = -(-num_labels // chunk_rows)
-    base, extra = divmod(num_chunks, world_size)
-    first = rank * base + min(rank, extra)
-    count = base + (1 if rank < extra else 0)
-    return min(first * chunk_rows, num_labels), min((first + count) * chunk_rows, num_labels)
+    @classmethod
+    def of(cls, num_labels: int, dim: int, itemsize: int, chunk_mb: float, world_size: int) -> "ShardGeometry":
+        """Chunks of about `chunk_mb` MiB of rows, none longer than the table."""
+        chunk_rows = max(1, int(chunk_mb * 2**20) // (dim * itemsize))
+        return cls(num_labels, min(chunk_rows, num_labels), world_size)
+
+    def range(self, rank: int) -> tuple[int, int]:
+        """Rows [start, end) of `rank`: whole chunks, split as evenly as possible."""
+        num_chunks = -(-self.num_labels // self.chunk_rows)
+        base, extra = divmod(num_chunks, self.world_size)
+        first = rank * base + min(rank, extra)
+        count = base + (1 if rank < extra else 0)
+        return min(first * self.chunk_rows, self.num_labels), min((first + count) * self.chunk_rows, self.num_labels)
+
+    @property
+    def largest_shard(self) -> int:
+        return max(end - start for start, end in map(self.range, range(self.world_size)))
 
 
 def create(path: str | Path, num_labels: int, chunk_rows: int, arrays: dict[str, tuple[tuple[int, ...], np.dtype]],

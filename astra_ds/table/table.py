@@ -19,14 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from astra_ds.collectives import barrier
 from astra_ds.config import TableConfig
-from astra_ds.table import store
+from astra_ds.errors import TableError
+from astra_ds.rng import Stream, torch_generator
+from astra_ds.table import OPTIMIZERS, store
 from astra_ds.table.host_memory import host_zeros
-from astra_ds.table.optim import build_optimizer
-
-
-class TableError(ValueError):
-    """A stored table that does not fit the run (another shape)."""
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,39 +47,21 @@ class RowBlock:
     weights: torch.Tensor  # (U, d) on the device, a leaf that collects the step's gradients
 
 
-@dataclass
-class Prefetch:
-    """Rows of a coming step on their way to the device (`ClassifierTable.prefetch`)."""
-
-    requested: torch.Tensor  # the ids asked for (any shape), host
-    global_ids: torch.Tensor  # (U,) sorted unique, host
-    slots: torch.Tensor  # each requested id's row in the block, host
-    weights: torch.Tensor  # (U, d) float32 on the device; on CUDA being copied until `ready`
-    updates: int  # the table's update count when the rows were read
-    ready: object = None  # torch.cuda.Event on CUDA
-
-
 class ClassifierTable:
     def __init__(self, num_labels: int, dim: int, cfg: TableConfig, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
         self.num_labels, self.dim, self.cfg = num_labels, dim, cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[cfg.dtype]
-        self.chunk_rows = min(store.chunk_rows_for(dim, self.dtype.itemsize, cfg.chunk_mb), num_labels)  # no chunk past the table
-        self.start, self.end = store.shard_range(num_labels, self.chunk_rows, rank, world_size)
+        self.geometry = store.ShardGeometry.of(num_labels, dim, self.dtype.itemsize, cfg.chunk_mb, world_size)
+        self.chunk_rows = self.geometry.chunk_rows
+        self.start, self.end = self.geometry.range(rank)
         pin = torch.cuda.is_available()
         self.rows = host_zeros((self.end - self.start, dim), self.dtype, pin)
-        # bfloat16 write-backs: update u of rank r rounds with a generator seeded by (r, u), so a resumed run
-        # (the count is saved with the table) rounds as an uninterrupted one
-        self.rank, self.updates = rank, 0
-        # the local rows (sorted, host) and stored values (device) of the latest update: a prefetch made before
-        # it is patched with them (`fetch`)
-        self.last_update = (torch.zeros(0, dtype=torch.long), torch.zeros((0, dim), device=self.device))
-        # CUDA paging: a side stream for host-to-device copies and two pinned staging buffers used in turn (a
-        # prefetch fills one while the other may still be copying), each with the event of its last copy
-        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.staging: list[tuple[torch.Tensor, object]] = []
-        self.optimizer = build_optimizer(cfg, self.end - self.start, dim, pin)
+        # bfloat16 write-backs: update u of rank r rounds with the stream (seed, r, u), so a resumed run (the
+        # count is saved with the table) rounds as an uninterrupted one
+        self.rank, self.seed, self.updates = rank, seed, 0
+        self.optimizer = OPTIMIZERS.get(cfg.optimizer)(self.end - self.start, dim, cfg, pin)
         # chunks changed since the table was last saved or loaded (a checkpoint rewrites only these)
         self.dirty = np.ones(len(list(self._chunks())), bool)
 
@@ -97,83 +77,34 @@ class ClassifierTable:
     def init_random(self, seed: int) -> None:
         """N(0, init_std) rows, each chunk seeded by (seed, chunk index): the same table for any world size."""
         for chunk, start, end in self._chunks():
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
+            generator = torch_generator(seed, Stream.TABLE_INIT, chunk)
             block = torch.randn((end - start, self.dim), generator=generator) * self.cfg.init_std
             self.rows[start - self.start:end - self.start] = block
 
-    def _unique(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unique_rows(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted unique ids of `global_ids` (any shape) and each id's slot among them, on the host."""
         unique_ids, slots = torch.unique(global_ids.reshape(-1).cpu(), sorted=True, return_inverse=True)
         if len(unique_ids) and (unique_ids[0] < self.start or unique_ids[-1] >= self.end):
             raise IndexError(f"label ids outside this shard's rows [{self.start}, {self.end})")
         return unique_ids, slots.reshape(global_ids.shape)
 
-    def _staging_buffer(self, num_rows: int) -> torch.Tensor:
-        """The next pinned staging buffer (grown when needed), once its previous copy has finished."""
-        buffer, copied = self.staging.pop(0) if len(self.staging) == 2 else (None, None)
-        if copied is not None:
-            copied.synchronize()
-        if buffer is None or len(buffer) < num_rows:
-            buffer = torch.empty((max(num_rows, 1024), self.dim), dtype=self.dtype, pin_memory=True)
-        return buffer
-
-    def prefetch(self, global_ids: torch.Tensor) -> Prefetch:
-        """Start paging the rows of `global_ids` to the device. On CUDA they are gathered into pinned staging
-        and copied on a side stream, overlapping whatever the default stream runs meanwhile (one step ahead:
-        the current step's update). `fetch(global_ids, prefetched)` then takes them."""
-        unique_ids, slots = self._unique(global_ids)
+    def fetch(self, global_ids: torch.Tensor) -> tuple[RowBlock, torch.Tensor]:
+        """Rows of `global_ids` (any shape, repeats allowed) on the device in float32, and each id's slot in
+        the block."""
+        unique_ids, slots = self.unique_rows(global_ids)
         local_rows = unique_ids - self.start
-        if self.copy_stream is None:
-            weights = self.rows.index_select(0, local_rows).to(self.device).float()
-            return Prefetch(global_ids, unique_ids, slots, weights, self.updates)
-        buffer = self._staging_buffer(len(local_rows))
-        staging = buffer[:len(local_rows)]
-        torch.index_select(self.rows, 0, local_rows, out=staging)
-        with torch.cuda.stream(self.copy_stream):
-            weights = staging.to(self.device, non_blocking=True).float()
-            ready = torch.cuda.Event()
-            ready.record(self.copy_stream)
-        self.staging.append((buffer, ready))
-        return Prefetch(global_ids, unique_ids, slots, weights, self.updates, ready)
-
-    def fetch(self, global_ids: torch.Tensor, prefetched: Prefetch | None = None) -> tuple[RowBlock, torch.Tensor]:
-        """Rows of `global_ids` (any shape, repeats allowed) on the device, and each id's slot in the block;
-        from `prefetched` (made for the same ids before the latest update, at most) when given."""
-        if prefetched is None:
-            prefetched = self.prefetch(global_ids)
-        elif not torch.equal(prefetched.requested, global_ids):
-            raise ValueError("fetch: the prefetched rows are those of other label ids")
-        weights = prefetched.weights
-        if prefetched.ready is not None:
-            torch.cuda.current_stream().wait_event(prefetched.ready)
-            weights.record_stream(torch.cuda.current_stream())  # made on the side stream, used on this one
-        self._patch(prefetched)
-        local_rows = prefetched.global_ids - self.start
-        return RowBlock(prefetched.global_ids, local_rows, weights.requires_grad_(True)), prefetched.slots.to(self.device)
-
-    def _patch(self, prefetched: Prefetch) -> None:
-        """The overlap patch: prefetched rows that the update since then changed take their new values."""
-        behind = self.updates - prefetched.updates
-        if behind == 0:
-            return
-        if behind > 1:
-            raise RuntimeError(f"rows prefetched {behind} updates ago: prefetch at most one step ahead")
-        updated_rows, values = self.last_update
-        if len(updated_rows) == 0:
-            return
-        local_rows = prefetched.global_ids - self.start
-        position = torch.searchsorted(updated_rows, local_rows).clamp_max(len(updated_rows) - 1)
-        hit = updated_rows[position] == local_rows
-        prefetched.weights[hit.to(self.device)] = values[position[hit].to(self.device)].float()
+        weights = self.rows.index_select(0, local_rows).to(self.device).float()
+        return RowBlock(unique_ids, local_rows, weights.requires_grad_(True)), slots.to(self.device)
 
     @torch.no_grad()
-    def apply_gradients(self, blocks: list[RowBlock]) -> None:
+    def apply_gradients(self, blocks: list[RowBlock]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on the rows of `blocks` (several with gradient accumulation: their gradients
-        are summed per row); rows without a gradient are left untouched."""
+        are summed per row); rows without a gradient are left untouched. Returns the updated local rows (sorted,
+        host) and their stored values (device)."""
         self.updates += 1  # every rank counts every step, with or without rows to update
-        self.last_update = (self.last_update[0][:0], self.last_update[1][:0])
         blocks = [b for b in blocks if b.weights.grad is not None]
         if not blocks:
-            return
+            return torch.zeros(0, dtype=torch.long), torch.zeros((0, self.dim), device=self.device)
         if len(blocks) == 1:
             local_rows, weights, grads = blocks[0].local_rows, blocks[0].weights.detach(), blocks[0].weights.grad
         else:
@@ -184,11 +115,11 @@ class ClassifierTable:
             grads = torch.zeros_like(weights).index_add_(0, slots, torch.cat([b.weights.grad for b in blocks]))
         new_weights = self.optimizer.step(local_rows, weights, grads)
         if self.dtype == torch.bfloat16:
-            generator = torch.Generator(self.device).manual_seed(self.rank * 1_000_003 + self.updates)
+            generator = torch_generator(self.seed, Stream.BF16_ROUNDING, self.rank, self.updates, device=self.device)
             new_weights = round_to_bfloat16(new_weights, generator)
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
-        self.last_update = (local_rows, new_weights)  # kept as they are: only a prefetch's patch reads them
         self.dirty[local_rows.numpy() // self.chunk_rows] = True  # shards start on a chunk boundary
+        return local_rows, new_weights
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of this shard (global ids), as a view of host memory."""
@@ -223,10 +154,22 @@ class ClassifierTable:
                     continue
                 target[start:end] = _to_numpy(tensor[start - self.start:end - self.start])
 
-    def save_checkpoint(self, path: str | Path, previous: str | Path | None) -> None:
-        """`save` into a new checkpoint's table; the chunks changed from now on are counted against it."""
-        self.save(path, previous)
+    # ---- as a checkpoint component (astra_ds/train/checkpoint.py) ---------------------------------------------
+
+    def save_files(self, directory: Path, previous: Path | None) -> None:
+        """Every rank writes its shard into one table at `directory`, linking the chunks unchanged since the
+        table at `previous`; the chunks changed from now on are counted against this one."""
+        if self.rank == 0:
+            self.create_store(directory)
+        barrier()
+        self.save(directory, previous)
         self.dirty[:] = False
+
+    def load_files(self, directory: Path, resharded: bool) -> None:
+        self.load(directory)  # the table is stored in global label order: any world size reads it
+
+    def load_weights(self, directory: Path) -> None:
+        self.load(directory, rows_only=True)
 
     def load(self, path: str | Path, rows_only: bool = False, progress: bool = False) -> None:
         """Read this shard's rows and optimizer state (not with `rows_only`) from the table at `path` (any world

@@ -1,4 +1,4 @@
-"""The order in which training queries form mini-batches: random, or NGAME clusters (DESIGN §2).
+"""The order in which training queries form mini-batches: random, or NGAME clusters.
 
 Clustered batching groups the queries by balanced k-means on their current embeddings: recursive balanced
 2-means (NGAME's algorithm), where every split sends whole multiples of cluster_size queries to each side, so
@@ -6,16 +6,23 @@ all clusters hold exactly cluster_size queries but one (the remainder). An epoch
 a random order, concatenated and cut every batch_size queries: the other queries of a batch are similar, and
 their positives are hard in-batch negatives. Random batches are used until the first clustering.
 
-The state is a seed and the clustered permutation of the queries, so a resumed run gets the same batches.
+The clusters come from the embeddings the training steps computed (a QueryBank fed by `observe`, in fp16 on
+the host), so clustering costs no encoding pass; only queries no step has seen are encoded. The state is the
+clustered permutation of the queries and the bank, so a resumed run gets the same batches.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import numpy as np
+import torch
 
+from astra_ds.collectives import broadcast_from_main, rank
 from astra_ds.config import BatchingConfig
+from astra_ds.rng import Stream, numpy_rng
 
 
 def balanced_2means(x: np.ndarray, left_size: int, rng: np.random.Generator, iters: int = 8) -> np.ndarray:
@@ -45,13 +52,33 @@ def balanced_clusters(embeddings: np.ndarray, cluster_size: int, rng: np.random.
     return np.concatenate(clusters)
 
 
+class QueryBank:
+    """The latest embedding of every training query (fp16, host), as the training steps computed them."""
+
+    def __init__(self, num_queries: int, dim: int):
+        self.embeddings = torch.zeros((num_queries, dim), dtype=torch.float16)
+        self.seen = np.zeros(num_queries, bool)
+
+    def store(self, query_ids: np.ndarray, queries: torch.Tensor) -> None:
+        self.embeddings[query_ids] = queries.half()
+        self.seen[query_ids] = True
+
+    def state_dict(self) -> dict:
+        return {"embeddings": self.embeddings, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.embeddings, self.seen = state["embeddings"], state["seen"]
+
+
 class BatchSampler:
     """The (steps_per_epoch, batch_size) query rows of each epoch, a function of (seed, epoch, clusters)."""
 
-    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int):
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int | None = None):
+        """`dim`: the width of the query embeddings the clustered mode keeps."""
         self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
         self.steps_per_epoch = num_queries // batch_size
         self.clustered_order: np.ndarray | None = None  # None until the first clustering
+        self.bank = QueryBank(num_queries, dim) if cfg.mode == "clustered" and dim else None
 
     def clustering_due(self, epoch: int) -> bool:
         """Clusters are (re)built at epochs W, W + C, W + 2C, ... (W warm-up epochs, C = recluster_every)."""
@@ -59,11 +86,31 @@ class BatchSampler:
         return self.cfg.mode == "clustered" and epoch >= warmup and (epoch - warmup) % every == 0
 
     def recluster(self, embeddings: np.ndarray, epoch: int) -> None:
-        rng = np.random.default_rng([self.seed, 2, epoch])
+        rng = numpy_rng(self.seed, Stream.CLUSTERS, epoch)
         self.clustered_order = balanced_clusters(embeddings, self.cfg.cluster_size, rng)
 
+    def observe(self, query_ids: np.ndarray, queries: torch.Tensor) -> None:
+        """The embeddings (host) a training step computed for these queries."""
+        if self.bank is not None:
+            self.bank.store(query_ids, queries)
+
+    def on_epoch_start(self, epoch: int, encode: Callable[[np.ndarray], torch.Tensor]) -> dict:
+        """NGAME: cluster the bank's embeddings into the batches of the coming epochs, when due; queries no step
+        has seen (the dropped last batches) are encoded with `encode` first. Rank 0 clusters, every rank gets
+        its order. Returns values for the training log."""
+        if not self.clustering_due(epoch):
+            return {}
+        started = time.time()
+        unseen = np.flatnonzero(~self.bank.seen)
+        if len(unseen):
+            self.bank.store(unseen, encode(unseen))
+        if rank() == 0:
+            self.recluster(self.bank.embeddings.float().numpy(), epoch)
+        self.clustered_order = broadcast_from_main(self.clustered_order, self.num_queries)
+        return {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)}
+
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
+        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, epoch)
         if self.clustered_order is None:
             order = rng.permutation(self.num_queries)
         else:  # whole clusters in a random order
@@ -78,10 +125,13 @@ class BatchSampler:
         return np.array_split(batch_rows, world_size)[rank]
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "clustered_order": self.clustered_order}
+        return {"seed": self.seed, "clustered_order": self.clustered_order,
+                "bank": self.bank.state_dict() if self.bank is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         order = state["clustered_order"]
         if order is not None and len(order) != self.num_queries:
             raise ValueError(f"batch sampler state covers {len(order)} queries, this run has {self.num_queries}")
         self.seed, self.clustered_order = state["seed"], order
+        if self.bank is not None and state["bank"] is not None:
+            self.bank.load_state_dict(state["bank"])

@@ -1,16 +1,16 @@
-"""Full-state checkpoints (DESIGN §5): <dir>/global_step<N>/ holds
+"""Full-state checkpoints: the components of a run register under a name, and a checkpoint holds each one's
+state (file names: astra_ds/layout.py).
 
-    meta.json           step, epoch, world size, index version: small, read before anything is built
-    encoder/            the DeepSpeed engine state (each rank's ZeRO shard), with universal-checkpoint info
-    table/              classifier rows and their optimizer state (zarr, global label order); chunks no step
-                        changed since the previous checkpoint are hard links to its files
-    trainer_state.pt    what every rank shares: batch sampler (clusters), ASTRA shortlists, NGAME embeddings
-    rank<r>.pt          rank r's RNG states (python, numpy, torch), its index's version and row offset
-    rank<r>.faiss       rank r's faiss index (ASTRA, once built), written by faiss.write_index
+A component has `state_dict()` / `load_state_dict()` (small state, pickled: shared by all ranks, or per rank),
+and may have `save_files(directory, previous)` / `load_files(directory, resharded)` for state too large for a
+pickle (the DeepSpeed engine's ZeRO shards, the table's zarr chunks, faiss indexes), written into its own
+directory `<checkpoint>/<name>/` by every rank, and `load_weights(directory)` for `--init-from`. Components are
+loaded in the order they were registered, state before files.
 
 A checkpoint is written as global_step<N>.tmp, fsynced and renamed; then the file `latest` (naming the tag) is
 replaced atomically, and checkpoints beyond keep_last are deleted. A crash at any point leaves the previous
-checkpoint and `latest` as they were.
+checkpoint and `latest` as they were. meta.json lists the checkpoint's files; a checkpoint missing one of them
+is refused before anything is built.
 """
 
 from __future__ import annotations
@@ -22,18 +22,14 @@ import shutil
 import time
 from pathlib import Path
 
-import torch.distributed as dist
+import torch
 
+from astra_ds import layout
+from astra_ds.collectives import barrier
 from astra_ds.config import CheckpointConfig
+from astra_ds.errors import CheckpointError
 
 log = logging.getLogger("astra_ds")
-
-LATEST, META, TMP_SUFFIX = "latest", "meta.json", ".tmp"
-REQUIRED = (META, "encoder", "table", "trainer_state.pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or unreadable."""
 
 
 def fsync_tree(path: Path) -> None:
@@ -57,7 +53,7 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -66,52 +62,58 @@ def write_atomically(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def step_of(tag: str) -> int:
-    return int(tag.removeprefix("global_step"))
+def _files_under(path: Path) -> list[str]:
+    return sorted(str(Path(root, name).relative_to(path)) for root, _, files in os.walk(path) for name in files)
 
 
 def check_checkpoint(path: Path) -> dict:
     """The checkpoint's meta.json, or a CheckpointError that says what is wrong."""
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
-    missing = [name for name in REQUIRED if not (path / name).exists()]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)})")
+    if not (path / layout.META).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {layout.META})")
     try:
-        meta = json.loads((path / META).read_text())
-    except (json.JSONDecodeError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {META}: {err}") from None
-    files = ["rank{}.pt"] + (["rank{}.faiss"] if meta.get("index_version", 0) > 0 else [])
-    absent = [f.format(r) for r in range(meta["world_size"]) for f in files if not (path / f.format(r)).is_file()]
-    if absent:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(absent)})")
+        meta = json.loads((path / layout.META).read_text())
+        files = meta["files"]
+    except (json.JSONDecodeError, KeyError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {layout.META}: {err}") from None
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing[:3])}{more})")
     return meta
 
 
-def convert_encoder_to_universal(path: Path, tag: str, is_main: bool) -> str:
-    """Convert the encoder's ZeRO state `path/tag` to DeepSpeed's universal format, which loads on any number of
-    ranks (rank 0 converts, once: the result stays in the checkpoint); returns the universal tag."""
+def convert_encoder_to_universal(directory: Path, tag: str) -> str:
+    """Convert the ZeRO state `directory/tag` to DeepSpeed's universal format, which loads on any number of ranks
+    (rank 0 converts, once: the result stays in the checkpoint); returns the universal tag."""
     from types import SimpleNamespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    from astra_ds.collectives import rank
+
     universal = tag + "_universal"
-    if is_main and not (path / universal).is_dir():
-        tmp = path / (universal + TMP_SUFFIX)
+    if rank() == 0 and not (directory / universal).is_dir():
+        tmp = directory / (universal + layout.TMP_SUFFIX)
         shutil.rmtree(tmp, ignore_errors=True)
-        ds_to_universal(SimpleNamespace(input_folder=str(path / tag), output_folder=str(tmp), num_extract_workers=1,
-                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                        inject_missing_state=False))
-        os.replace(tmp, path / universal)
-    dist.barrier()
+        ds_to_universal(SimpleNamespace(input_folder=str(directory / tag), output_folder=str(tmp),
+                                        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                        strict=True, inject_missing_state=False))
+        os.replace(tmp, directory / universal)
+    barrier()
     return universal
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, out_dir: str | Path, is_main: bool):
-        self.cfg, self.is_main = cfg, is_main
-        self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / "checkpoints"
+    def __init__(self, cfg: CheckpointConfig, out_dir: str | Path, rank: int, world_size: int):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / layout.CHECKPOINTS
+        self.components: dict[str, tuple[object, bool]] = {}  # name -> (component, per rank)
         self.previous: Path | None = None  # the last checkpoint saved or loaded: its unchanged table chunks are linked
+
+    def register(self, name: str, component, per_rank: bool = False) -> None:
+        self.components[name] = (component, per_rank)
 
     def due(self, step: int) -> bool:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
@@ -120,38 +122,72 @@ class CheckpointManager:
         """`auto`: the checkpoint `latest` names (None when this run has none yet); else a checkpoint path."""
         if resume != "auto":
             return Path(resume)
-        latest = self.dir / LATEST
+        latest = self.dir / layout.LATEST
         if not latest.is_file():
             return None
         return self.dir / latest.read_text().strip()
 
-    def save(self, step: int, write_state) -> Path:
-        """Write checkpoint `global_step<step>`; `write_state(directory, previous)` writes every rank's part."""
-        tag = f"global_step{step}"
-        final, tmp = self.dir / tag, self.dir / (tag + TMP_SUFFIX)
+    def _states(self, per_rank: bool) -> dict:
+        return {name: component.state_dict() for name, (component, own) in self.components.items()
+                if own == per_rank and hasattr(component, "state_dict")}
+
+    def save(self, step: int, meta: dict) -> Path:
+        """Write checkpoint `global_step<step>` (collective: every rank writes its part); `meta` joins meta.json."""
+        tag = layout.checkpoint_tag(step)
+        final, tmp = self.dir / tag, self.dir / (tag + layout.TMP_SUFFIX)
         started = time.time()
-        if self.is_main:
+        with_files = [name for name, (component, _) in self.components.items() if hasattr(component, "save_files")]
+        if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        write_state(tmp, self.previous)
-        dist.barrier()
-        if self.is_main:
+            for name in with_files:
+                (tmp / name).mkdir(parents=True)
+        barrier()
+        for name in with_files:
+            previous = self.previous / name if self.previous else None
+            self.components[name][0].save_files(tmp / name, previous)
+        torch.save(self._states(per_rank=True), tmp / layout.rank_state(self.rank))
+        if self.rank == 0:
+            torch.save(self._states(per_rank=False), tmp / layout.SHARED_STATE)
+        barrier()
+        if self.rank == 0:
+            meta = meta | {"world_size": self.world_size, "components": list(self.components),
+                           "files": _files_under(tmp)}
+            (tmp / layout.META).write_text(json.dumps(meta, indent=2))
             fsync_tree(tmp)
             if final.exists():  # saved again at the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.dir)
-            write_atomically(self.dir / LATEST, tag)
+            write_atomically(self.dir / layout.LATEST, tag)
             self.prune(keep=final)
             log.info("checkpoint %s written in %.1f s", final, time.time() - started)
-        dist.barrier()
+        barrier()
         self.previous = final
         return final
 
+    def load(self, path: Path, meta: dict) -> None:
+        """Every component's state from `path` (checked by `check_checkpoint`). Written by another number of
+        ranks, per-rank states are left out and components with files are told to re-slice."""
+        resharded = meta["world_size"] != self.world_size
+        shared = torch.load(path / layout.SHARED_STATE, weights_only=False)
+        own = {} if resharded else torch.load(path / layout.rank_state(self.rank), weights_only=False)
+        for name, (component, per_rank) in self.components.items():
+            state = (own if per_rank else shared).get(name)
+            if state is not None:
+                component.load_state_dict(state)
+            if hasattr(component, "load_files"):
+                component.load_files(path / name, resharded)
+        self.previous = path
+
+    def load_weights(self, path: Path) -> None:
+        """`--init-from`: the weights of the components that have them, nothing else."""
+        for name, (component, _) in self.components.items():
+            if hasattr(component, "load_weights"):
+                component.load_weights(path / name)
+
     def prune(self, keep: Path) -> None:
-        tags = sorted((p for p in self.dir.glob("global_step*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX)),
-                      key=lambda p: step_of(p.name))
+        tags = sorted((p for p in self.dir.glob(layout.CHECKPOINT_PREFIX + "*")
+                       if p.is_dir() and not p.name.endswith(layout.TMP_SUFFIX)), key=lambda p: layout.step_of(p.name))
         for old in tags[:-self.cfg.keep_last]:
             if old != keep:
                 shutil.rmtree(old)

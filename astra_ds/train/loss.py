@@ -1,4 +1,4 @@
-"""Sampled one-vs-all BCE (DESIGN §1).
+"""Sampled one-vs-all BCE.
 
 loss_i = sum_{l in P_i} softplus(-s_il) + (1/m) sum_j softplus(s_{i,l_j}) / Q_i(l_j),   l_j ~ Q_i,
 an unbiased estimate of the full BCE over all L labels; the batch loss is the mean over its queries.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.negatives.in_batch import InBatch
-from astra_ds.negatives.uniform import Negatives
+from astra_ds.negatives.base import Negatives
 
 
 @dataclass

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from astra_ds.config import ConfigError, TrainConfig
+from astra_ds.config import TrainConfig
+from astra_ds.errors import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"  # package data: shipped with the package
 
 
 def _config_path(name: str, on_gpu: bool) -> Path:
+    """A file path, or the name of a config shipped in astra_ds/ds_configs/."""
     if name == "auto":
         name = "zero2" if on_gpu else "cpu"
     path = Path(name)

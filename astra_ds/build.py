@@ -1,0 +1,155 @@
+"""One builder for every command: the data, the encoder, the table, the negative sampler, the batches and the
+DeepSpeed engine of a run are built here, for `train`, `plan` and `eval`.
+
+Everything a config and the data decide together is checked here, before anything large is allocated: a
+mistake ends the command with one line at start-up, not a traceback after the warm-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astra_ds import layout
+from astra_ds.collectives import barrier
+from astra_ds.config import RunConfig, load_config
+from astra_ds.data.prepare import PreparedData, prepare_data
+from astra_ds.dist import DistInfo
+from astra_ds.ds_config import resolve_ds_config
+from astra_ds.errors import CheckpointError, ConfigError
+from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+from astra_ds.model.label_init import init_rows_from_label_texts
+from astra_ds.negatives import SAMPLERS
+from astra_ds.negatives.base import NegativeSampler, SamplerContext
+from astra_ds.negatives.index import check_index_config
+from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
+from astra_ds.table.table import ClassifierTable
+from astra_ds.train.batching import BatchSampler
+from astra_ds.train.engine import build_engine, encode_with
+
+log = logging.getLogger("astra_ds")
+
+
+def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, PreparedData]:
+    """The tokenizer and the tokenised dataset; with several ranks, rank 0 fills the token cache first."""
+    tokenizer = build_tokenizer(cfg.encoder)
+    if dist is None or dist.is_main:
+        data = prepare_data(cfg.data, tokenizer)
+    barrier()
+    if dist is not None and not dist.is_main:
+        data = prepare_data(cfg.data, tokenizer)
+    return tokenizer, data
+
+
+def check_data(cfg: RunConfig, data: PreparedData) -> None:
+    """What the config asks of the data."""
+    num_train = len(data.train_tokens)
+    if num_train < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_train} training queries")
+    if cfg.table.init == "label_text" and data.dataset.label_texts is None:
+        raise ConfigError(f"table.init=label_text: the data at {cfg.data.path} has no label texts "
+                          "(Y.txt, or label_names.txt in the pair-file layout)")
+    unlabelled = int((np.diff(data.dataset.train.labels.indptr) == 0).sum())
+    if unlabelled:
+        log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
+
+
+def build_encoder(cfg: RunConfig, num_labels: int) -> QueryEncoder:
+    """The encoder, its random parts (projection, tiny-random) drawn from the run's seed; checked against the
+    choices that depend on its width."""
+    torch.manual_seed(cfg.train.seed)
+    encoder = QueryEncoder(cfg.encoder, num_labels)
+    if cfg.negatives.strategy == "astra":
+        check_index_config(cfg.index, encoder.dim)
+    return encoder
+
+
+def check_checkpoint_fits(meta: dict, path: Path, data: PreparedData, dim: int) -> None:
+    """A checkpoint of another dataset or model width is refused before it is loaded."""
+    expected = {"num_labels": data.dataset.num_labels, "num_train": len(data.train_tokens), "dim": dim}
+    for key, value in expected.items():
+        if key in meta and meta[key] != value:
+            raise CheckpointError(f"checkpoint {path} has {key}={meta[key]}, this run has {value}: "
+                                  "another dataset or encoder.dim")
+
+
+@dataclass
+class Training:
+    """Everything a training run is made of, built and checked."""
+
+    tokenizer: object
+    data: PreparedData
+    engine: object  # the DeepSpeed engine around the QueryEncoder
+    ds_config: dict
+    ds_path: Path
+    table: ClassifierTable
+    sampler: NegativeSampler
+    batches: BatchSampler
+    memory_plan: MemoryPlan
+
+    def encode_train(self, rows: np.ndarray | None, batch_size: int, progress: bool) -> torch.Tensor:
+        tokens = self.data.train_tokens if rows is None else self.data.train_tokens.subset(rows)
+        return encode_with(self.engine, tokens, batch_size, self.table.device, progress)
+
+
+def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict] | None = None,
+                   fresh_rows: bool = True, progress: bool = False) -> Training:
+    """`checkpoint`: (path, meta) of the checkpoint the run resumes or starts from (checked against the data and
+    encoder); `fresh_rows`: initialise the table (random or label-text rows), else a checkpoint provides them."""
+    ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
+    tokenizer, data = build_data(cfg, dist)
+    check_data(cfg, data)
+    sampler_class = SAMPLERS.get(cfg.negatives.strategy)
+    sampler_class.import_dependencies()
+    held = process_bytes()  # before the model: the plan measures the process as it is now
+    encoder = build_encoder(cfg, data.dataset.num_labels)
+    if checkpoint is not None:
+        check_checkpoint_fits(checkpoint[1], checkpoint[0], data, encoder.dim)
+        if checkpoint[1]["world_size"] != dist.world_size:  # re-sliced through a universal checkpoint
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    memory_plan = plan_and_check(cfg, data, encoder, dist, held)
+    engine = build_engine(encoder, ds_config)
+    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
+                            dist.world_size, cfg.train.seed)
+    batches = BatchSampler(cfg.batching, len(data.train_tokens), cfg.train.batch_size, cfg.train.seed, encoder.dim)
+    training = Training(tokenizer, data, engine, ds_config, ds_path, table, None, batches, memory_plan)
+    context = SamplerContext(cfg, table, lambda rows: training.encode_train(rows, cfg.eval.batch_size, progress),
+                             len(data.train_tokens))
+    training.sampler = sampler_class(context)
+    if fresh_rows and cfg.table.init == "label_text":
+        engine.eval()
+        init_rows_from_label_texts(table, data.dataset.label_texts, tokenizer, lambda ids, mask: engine(ids, mask),
+                                   cfg.data.max_len, cfg.eval.batch_size, progress)
+        engine.train()
+    elif fresh_rows:
+        table.init_random(cfg.train.seed)
+    return training
+
+
+@dataclass
+class TrainedModel:
+    """A finished run, loaded for evaluation: its config, data, encoder (eval mode) and table."""
+
+    cfg: RunConfig
+    data: PreparedData
+    encoder: QueryEncoder
+    table: ClassifierTable
+
+
+def load_trained(run_dir: str | Path, overrides: list[str] = ()) -> TrainedModel:
+    run_dir = Path(run_dir)
+    if not (run_dir / layout.CONFIG).is_file() or not (run_dir / layout.ENCODER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (needs {layout.CONFIG} and {layout.ENCODER_WEIGHTS})")
+    cfg = load_config(run_dir / layout.CONFIG, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, data = build_data(cfg)
+    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
+    encoder.load_state_dict(torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu"))
+    encoder.to(device).eval()
+    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)
+    table.load(run_dir / layout.TABLE)
+    return TrainedModel(cfg, data, encoder, table)

@@ -1,0 +1,46 @@
+"""The names of the files a run writes, in one place.
+
+Run directory (`out_dir`):
+    config.yaml, ds_config.json      the effective run and DeepSpeed configs
+    train_log.jsonl, tensorboard/    metrics along training
+    encoder.pt, table/               the final encoder weights and classifier table (zarr)
+    metrics.json, predictions.npz    the evaluation on the test split
+    memory.json                      the memory plan and the measured peak RSS
+    checkpoints/                     full-state checkpoints (below)
+
+Checkpoint directory (`checkpoints/global_step<N>/`):
+    meta.json                        step, epoch, world size, labels, components, files: read first
+    state.pt                         the state every rank shares, a dict component name -> state_dict
+    rank<r>.pt                       rank r's own state (RNG streams), same form
+    <component>/                     the files of components too large for a state dict (encoder, table,
+                                     negatives: ZeRO shards, zarr chunks, faiss indexes)
+"""
+
+CONFIG = "config.yaml"
+DS_CONFIG = "ds_config.json"
+TRAIN_LOG = "train_log.jsonl"
+TENSORBOARD = "tensorboard"
+ENCODER_WEIGHTS = "encoder.pt"
+TABLE = "table"
+METRICS = "metrics.json"
+PREDICTIONS = "predictions.npz"
+MEMORY = "memory.json"
+CHECKPOINTS = "checkpoints"
+
+LATEST = "latest"
+META = "meta.json"
+SHARED_STATE = "state.pt"
+TMP_SUFFIX = ".tmp"
+CHECKPOINT_PREFIX = "global_step"
+
+
+def rank_state(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix(CHECKPOINT_PREFIX).removesuffix(TMP_SUFFIX))

@@ -1,0 +1,46 @@
+"""Named random streams: every random draw of a run comes from one of these, keyed by the run's seed and a
+counter (epoch, step, chunk, ...), so that a run is reproducible and a resumed run draws what an uninterrupted
+one would. Streams never share a key: (seed, stream, counters...) is unique per draw site."""
+
+from __future__ import annotations
+
+import random
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+
+class Stream(IntEnum):
+    EPOCH_ORDER = 1  # the random batch order of an epoch (counter: epoch)
+    NEGATIVES = 2  # the negatives of a step (counter: step)
+    CLUSTERS = 3  # NGAME's balanced 2-means initial centroids (counter: epoch)
+    INDEX_TRAINING = 4  # the rows an IVF index trains its centroids on (counters: index version, rank)
+    TABLE_INIT = 5  # random classifier rows (counter: chunk)
+    BF16_ROUNDING = 6  # stochastic rounding of bfloat16 rows (counters: rank, update)
+
+
+def numpy_rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:
+    return np.random.default_rng([seed, int(stream), *counters])
+
+
+def torch_generator(seed: int, stream: Stream, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on `device`, seeded from the same (seed, stream, counters) key as `numpy_rng`."""
+    state = np.random.SeedSequence([seed, int(stream), *counters]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state) >> 1)  # manual_seed takes a signed 64-bit value
+
+
+class GlobalRngState:
+    """The process-wide generators (python, numpy, torch, CUDA) that libraries draw from (dropout, for one): a
+    per-rank checkpoint component."""
+
+    def state_dict(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,61 @@
+"""The encoder under DeepSpeed: the engine, its full weights, and the engine as a checkpoint component."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from astra_ds.eval.predict import encode_queries
+from astra_ds.model.encoder import QueryEncoder
+from astra_ds.train.checkpoint import convert_encoder_to_universal
+
+ZERO_TAG = "zero"  # the DeepSpeed checkpoint tag inside the checkpoint's encoder/ directory
+
+
+def build_engine(encoder: QueryEncoder, ds_config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
+    return engine
+
+
+def encoder_state_dict(engine) -> dict | None:
+    """Full encoder weights (on rank 0 under ZeRO-3, where each rank holds a shard)."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+class EngineCheckpoint:
+    """The DeepSpeed engine (weights, ZeRO optimizer shards, scheduler) as a checkpoint component. Loaded on
+    another number of ranks, it goes through DeepSpeed's universal checkpoint (the engine must have been built
+    with `checkpoint.load_universal`)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def save_files(self, directory: Path, previous: Path | None) -> None:
+        from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+        self.engine.save_checkpoint(str(directory), tag=ZERO_TAG, client_state={UNIVERSAL_CHECKPOINT_INFO: {}},
+                                    save_latest=False)
+
+    def load_files(self, directory: Path, resharded: bool) -> None:
+        tag = convert_encoder_to_universal(directory, ZERO_TAG) if resharded else ZERO_TAG
+        self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+
+    def load_weights(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_only=True,
+                                    load_optimizer_states=False, load_lr_scheduler_states=False)
+
+
+@torch.no_grad()
+def encode_with(engine, tokens, batch_size: int, device: torch.device, progress: bool) -> torch.Tensor:
+    """Embeddings (N, d) of `tokens` on the host, the engine in eval mode for the pass."""
+    engine.eval()
+    queries, _ = encode_queries(lambda ids, mask: engine(ids, mask), tokens, batch_size, device, progress)
+    engine.train()
+    return queries
