@@ -36,6 +36,13 @@ def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str)
     return Trainer(cfg, progress=False)
 
 
+def run_main(*args: str) -> None:
+    """`astra-ds ARGS` in this process (no interpreter start-up or imports to pay): it must succeed."""
+    from astra_ds.cli import main
+
+    assert main(list(args)) == 0
+
+
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m astra_ds ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "astra_ds", *args], capture_output=True, text=True,

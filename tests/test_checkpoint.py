@@ -16,7 +16,8 @@ from astra_ds.config import BatchingConfig
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.table import store
 from astra_ds.train.batching import BatchSampler
-from conftest import REPO, TINY_RUN, run_cli
+from astra_ds.cli import main
+from conftest import REPO, TINY_RUN, run_cli, run_main
 from test_distributed import LAUNCHERS, _env
 
 # ASTRA (index rebuilt every epoch) and NGAME clusters, so that resuming within an epoch must restore both
@@ -53,9 +54,7 @@ def _rows(checkpoint_or_run) -> np.ndarray:
 def _train(synth_dir, token_cache, out, *overrides, resume=None):
     args = ["train", "--no-eval", *_sets(*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
                                          f"out_dir={out}", *overrides)]
-    result = run_cli(*args, *(["--resume", resume] if resume else []))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    run_main(*args, *(["--resume", resume] if resume else []))
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,7 @@ def straight(synth_dir, token_cache, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted(straight, synth_dir, token_cache, tmp_path):
     out = tmp_path / "resumed"
     _train(synth_dir, token_cache, out, "train.max_steps=10")  # stops within epoch 0, checkpoint at step 10
@@ -105,6 +105,7 @@ def wide_data(tmp_path_factory):
                     tmp_path_factory.mktemp("wide") / "data")
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "astra_ds", "train", "--no-eval",
@@ -132,6 +133,7 @@ def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step12", "global_step9", "latest"]  # keep_last 2
 
 
+@pytest.mark.slow
 def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide_data, token_cache, tmp_path):
     """The 120M-label configuration in small: bfloat16 rows (stochastic rounding) and an IVF-PQ index, which
     the checkpoint stores as a file; the resumed run takes the same negatives and the same rounding."""
@@ -152,51 +154,63 @@ def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide
 UNIFORM_RUN = [*TINY_RUN, "train.log_every=1", "table.chunk_mb=0.002"]  # 2 shards of the 50 rows with 2 ranks
 
 
+def _train_on(ranks, synth_dir, token_cache, out, steps, resume=None):
+    args = _sets(*UNIFORM_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                 f"train.max_steps={steps}") + ["--no-eval"] + (["--resume", resume] if resume else [])
+    if ranks == 1:
+        run_main("train", *args)
+        return
+    result = subprocess.run([LAUNCHERS["mpirun"], *args], cwd=REPO, env=_env(NPROC="2"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.fixture(scope="module")
+def straight_uniform(synth_dir, token_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight_uniform")
+    _train_on(1, synth_dir, token_cache, out, 6)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("saved_by, resumed_by", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks(saved_by, resumed_by, synth_dir, token_cache, tmp_path):
+def test_resume_on_another_number_of_ranks(saved_by, resumed_by, straight_uniform, synth_dir, token_cache, tmp_path):
     """The table is re-sliced, the encoder state goes through DeepSpeed's universal checkpoint, and the
     resumed run has the losses of an uninterrupted one."""
-    def train(out, steps, ranks, resume=None):
-        args = _sets(*UNIFORM_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
-                     f"train.max_steps={steps}") + ["--no-eval"] + (["--resume", resume] if resume else [])
-        if ranks == 1:
-            result = run_cli("train", *args)
-        else:
-            result = subprocess.run([LAUNCHERS["mpirun"], *args], cwd=REPO, env=_env(NPROC="2"),
-                                    capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-
-    train(tmp_path / "straight", 6, 1)
-    train(tmp_path / "resumed", 3, saved_by)
-    train(tmp_path / "resumed", 6, resumed_by, resume="auto")
-    expected, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    _train_on(saved_by, synth_dir, token_cache, tmp_path / "resumed", 3)
+    _train_on(resumed_by, synth_dir, token_cache, tmp_path / "resumed", 6, resume="auto")
+    expected, got = _losses(straight_uniform), _losses(tmp_path / "resumed")
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-4)
-    np.testing.assert_allclose(_rows(tmp_path / "resumed"), _rows(tmp_path / "straight"), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(_rows(tmp_path / "resumed"), _rows(straight_uniform), rtol=1e-4, atol=1e-6)
 
 
-def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache, tmp_path):
+@pytest.mark.slow
+def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache, tmp_path, capsys):
     out = tmp_path / "run"
     _train(synth_dir, token_cache, out, "train.max_steps=2", "negatives.strategy=uniform", "batching.mode=random")
     checkpoint = out / "checkpoints" / "global_step2"
     common = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}")
 
-    result = run_cli("train", *common, "--resume", str(out / "checkpoints" / "global_step99"))
-    assert result.returncode == 2 and "no checkpoint at" in result.stderr and "Traceback" not in result.stderr
+    def error(*resume: str) -> str:
+        capsys.readouterr()
+        assert main(["train", *common, *resume]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("astra-ds: error: ") and err.count("\n") == 1, err
+        return err
 
+    assert "no checkpoint at" in error("--resume", str(out / "checkpoints" / "global_step99"))
     meta = json.loads((checkpoint / "meta.json").read_text())
     (checkpoint / "meta.json").write_text("{not json")
-    result = run_cli("train", *common, "--resume", "auto")
-    assert result.returncode == 2 and "unreadable meta.json" in result.stderr
+    assert "unreadable meta.json" in error("--resume", "auto")
 
     (checkpoint / "meta.json").write_text(json.dumps(meta))
     (checkpoint / "state.pt").unlink()
-    result = run_cli("train", *common, "--resume", str(checkpoint))
-    assert result.returncode == 2 and "incomplete (missing state.pt)" in result.stderr
+    assert "incomplete (missing state.pt)" in error("--resume", str(checkpoint))
 
     (checkpoint / "meta.json").write_text(json.dumps(meta | {"files": [], "num_labels": 51}))
-    result = run_cli("train", *common, "--resume", str(checkpoint))
-    assert result.returncode == 2 and "has num_labels=51, this run has 50" in result.stderr
+    assert "has num_labels=51, this run has 50" in error("--resume", str(checkpoint))
 
 
 def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from astra_ds.table import store
-from conftest import REPO, TINY_RUN, run_cli
+from conftest import REPO, TINY_RUN, run_main
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 # every distributed path at once: a table split in two shards, ASTRA shortlists merged across the ranks' indexes
 # (exact, so that they cannot differ), NGAME clusters broadcast from rank 0, in-batch negatives split by owner
@@ -60,8 +62,7 @@ def _losses(out) -> list[float]:
 @pytest.fixture(scope="module")
 def one_rank(synth_dir, token_cache, ds_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_rank")
-    result = run_cli("train", *_args(synth_dir, token_cache, ds_config, out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_main("train", *_args(synth_dir, token_cache, ds_config, out))
     return out
 
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, TINY_RUN, fresh_process_env
 
 
@@ -22,6 +24,7 @@ def test_bench_pager_prints_throughput_beside_memcpy():
     assert all(float(r[2]) > 0 and float(r[4]) >= 0 and r[5].endswith("%") for r in rows)  # ms, GB/s, share
 
 
+@pytest.mark.slow
 def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
     out = _tool("tools/bench_scaling.py", "--labels", "1e3", "1e4", "--encoder", "tiny-random", "--steps", "2",
                 "--batch", "16", "--negatives", "8", "--data-root", str(tmp_path))
@@ -31,6 +34,7 @@ def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
     assert all(float(cell.split()[0]) > 0 for cell in rows[1][1:])
 
 
+@pytest.mark.slow
 def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_dir, token_cache, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")

@@ -20,6 +20,7 @@ def _sets(*pairs: str) -> list[str]:
     return [arg for pair in pairs for arg in ("--set", pair)]
 
 
+@pytest.mark.slow
 def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", *_sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
@@ -44,6 +45,7 @@ def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
         assert recomputed["astra_ds"][name] == pytest.approx(value, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_train_on_bibtex_from_the_cli(token_cache, tmp_path):
     if not (SHARED_DATA / "Bibtex").is_dir():
         pytest.skip("shared Bibtex data not present")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -125,8 +126,9 @@ class Trainer:
         self.table.apply_gradients(blocks)
         self.step += 1
         loss_sum, rows_fetched = sum_across_ranks(totals.tolist())
-        return {"loss": loss_sum / cfg.train.grad_accum, "rows": int(rows_fetched),
-                "scale": float(calibration[0].exp()), "bias": float(calibration[1])}
+        log_scale, bias = calibration.detach().tolist()
+        return {"loss": loss_sum / cfg.train.grad_accum, "rows": int(rows_fetched), "scale": math.exp(log_scale),
+                "bias": bias}
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
