@@ -8,6 +8,7 @@ mistake ends the command with one line at start-up, not a traceback after the wa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,29 +20,34 @@ from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, load_config
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.dist import DistInfo
-from astra_ds.ds_config import resolve_ds_config
+from astra_ds.ds_config import add_scheduler, resolve_ds_config
 from astra_ds.errors import CheckpointError, ConfigError
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.model.label_init import init_rows_from_label_texts
+from astra_ds.model.label_text import LabelEmbeddings, encode_label_texts
 from astra_ds.negatives import SAMPLERS
 from astra_ds.negatives.base import NegativeSampler, SamplerContext
 from astra_ds.negatives.index import check_index_config
 from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.batching import BatchSampler
 from astra_ds.train.engine import build_engine, encode_with
 
 log = logging.getLogger("astra_ds")
 
 
+def uses_label_texts(cfg: RunConfig) -> bool:
+    return cfg.siamese.epochs > 0 or cfg.table.init == "label_text" or cfg.eval.label_text_weight > 0
+
+
 def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, PreparedData]:
-    """The tokenizer and the tokenised dataset; with several ranks, rank 0 fills the token cache first."""
+    """The tokenizer and the tokenised dataset (label texts too when the run uses them); with several ranks, rank 0
+    fills the token cache first."""
     tokenizer = build_tokenizer(cfg.encoder)
+    label_max_len = cfg.siamese.label_max_len if uses_label_texts(cfg) else None
     if dist is None or dist.is_main:
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_data(cfg.data, tokenizer, label_max_len)
     barrier()
     if dist is not None and not dist.is_main:
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_data(cfg.data, tokenizer, label_max_len)
     return tokenizer, data
 
 
@@ -50,9 +56,10 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
     num_train = len(data.train_tokens)
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_train} training queries")
-    if cfg.table.init == "label_text" and data.dataset.label_texts is None:
-        raise ConfigError(f"table.init=label_text: the data at {cfg.data.path} has no label texts "
-                          "(Y.txt, or label_names.txt in the pair-file layout)")
+    if uses_label_texts(cfg) and data.dataset.label_texts is None:
+        raise ConfigError(f"siamese.epochs > 0, table.init=label_text and eval.label_text_weight > 0 need label "
+                          f"texts, and the data at {cfg.data.path} has none (Y.txt, or label_names.txt in the "
+                          "pair-file layout)")
     unlabelled = int((np.diff(data.dataset.train.labels.indptr) == 0).sum())
     if unlabelled:
         log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
@@ -88,12 +95,24 @@ class Training:
     ds_path: Path
     table: ClassifierTable
     sampler: NegativeSampler
-    batches: BatchSampler
     memory_plan: MemoryPlan
+    frozen_queries: torch.Tensor | None = None  # every training query's embedding while the encoder is frozen
 
     def encode_train(self, rows: np.ndarray | None, batch_size: int, progress: bool) -> torch.Tensor:
+        """Embeddings (host) of the training queries at `rows` (None: all) with the current encoder."""
+        if self.frozen_queries is not None:
+            return self.frozen_queries if rows is None else self.frozen_queries[rows]
         tokens = self.data.train_tokens if rows is None else self.data.train_tokens.subset(rows)
         return encode_with(self.engine, tokens, batch_size, self.table.device, progress)
+
+    def encode_label_texts(self, target, batch_size: int, progress: bool) -> None:
+        """This rank's rows of `target` (the table, LabelEmbeddings) <- the current encoder's label-text embeddings."""
+        started = time.time()
+        self.engine.eval()
+        encode_label_texts(target, self.data.label_tokens, lambda ids, mask: self.engine(ids, mask), batch_size,
+                           progress)
+        self.engine.train()
+        log.info("label texts encoded in %.1f s", time.time() - started)
 
 
 def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict] | None = None,
@@ -103,6 +122,8 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
     tokenizer, data = build_data(cfg, dist)
     check_data(cfg, data)
+    add_scheduler(ds_config, cfg.train,  # the encoder steps: those of the Siamese and joint stages
+                  (cfg.siamese.epochs + cfg.train.epochs) * (len(data.train_tokens) // cfg.train.batch_size))
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
     sampler_class.import_dependencies()
     held = process_bytes()  # before the model: the plan measures the process as it is now
@@ -115,41 +136,48 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     engine = build_engine(encoder, ds_config)
     table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
                             dist.world_size, cfg.train.seed)
-    batches = BatchSampler(cfg.batching, len(data.train_tokens), cfg.train.batch_size, cfg.train.seed, encoder.dim)
-    training = Training(tokenizer, data, engine, ds_config, ds_path, table, None, batches, memory_plan)
+    training = Training(tokenizer, data, engine, ds_config, ds_path, table, None, memory_plan)
     context = SamplerContext(cfg, table, lambda rows: training.encode_train(rows, cfg.eval.batch_size, progress),
                              len(data.train_tokens))
     training.sampler = sampler_class(context)
-    if fresh_rows and cfg.table.init == "label_text":
-        engine.eval()
-        init_rows_from_label_texts(table, data.dataset.label_texts, tokenizer, lambda ids, mask: engine(ids, mask),
-                                   cfg.data.max_len, cfg.eval.batch_size, progress)
-        engine.train()
-    elif fresh_rows:
+    if fresh_rows and cfg.table.init == "label_text" and cfg.siamese.epochs == 0:
+        training.encode_label_texts(table, cfg.eval.batch_size, progress)
+    elif fresh_rows:  # random rows; label-text rows wait for the Siamese stage's encoder
         table.init_random(cfg.train.seed)
     return training
 
 
 @dataclass
 class TrainedModel:
-    """A finished run, loaded for evaluation: its config, data, encoder (eval mode) and table."""
+    """A finished run, loaded for evaluation: its config, data, encoder (eval mode), table and, for dual scoring,
+    the label-text embeddings."""
 
     cfg: RunConfig
     data: PreparedData
     encoder: QueryEncoder
     table: ClassifierTable
+    label_embeddings: LabelEmbeddings | None
 
 
-def load_trained(run_dir: str | Path, overrides: list[str] = ()) -> TrainedModel:
+def load_trained(run_dir: str | Path, overrides: list[str] = (), progress: bool = False) -> TrainedModel:
     run_dir = Path(run_dir)
     if not (run_dir / layout.CONFIG).is_file() or not (run_dir / layout.ENCODER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run (needs {layout.CONFIG} and {layout.ENCODER_WEIGHTS})")
     cfg = load_config(run_dir / layout.CONFIG, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, data = build_data(cfg)
+    check_data(cfg, data)
     encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
     encoder.load_state_dict(torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu"))
     encoder.to(device).eval()
     table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)
     table.load(run_dir / layout.TABLE)
-    return TrainedModel(cfg, data, encoder, table)
+    label_embeddings = None
+    if cfg.eval.label_text_weight > 0:
+        label_embeddings = LabelEmbeddings(table)
+        if (run_dir / layout.LABEL_EMBEDDINGS).is_dir():
+            label_embeddings.load(run_dir / layout.LABEL_EMBEDDINGS)
+        else:  # a run trained without dual scoring: its encoder embeds the label texts now
+            with torch.no_grad():
+                encode_label_texts(label_embeddings, data.label_tokens, encoder, cfg.eval.batch_size, progress)
+    return TrainedModel(cfg, data, encoder, table, label_embeddings)

@@ -110,13 +110,17 @@ def cmd_eval(args) -> None:
     from astra_ds.build import load_trained
     from astra_ds.eval.evaluate import evaluate
     from astra_ds.eval.metrics import format_table
+    from astra_ds.eval.predict import encode_queries
 
-    model = load_trained(args.run_dir, args.set)
+    progress = sys.stderr.isatty()
+    model = load_trained(args.run_dir, args.set, progress)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate(model.encoder, model.table, model.data.test_tokens, model.data.dataset.test.labels,
+    queries, calibration = encode_queries(model.encoder, model.data.test_tokens, model.cfg.eval.batch_size,
+                                          model.table.device, progress)
+    results = evaluate(queries, calibration, model.table, model.data.dataset.test.labels,
                        model.data.dataset.train.labels, model.cfg.eval, model.cfg.table.normalize_rows, out_dir,
-                       progress=sys.stderr.isatty())
+                       model.label_embeddings, progress)
     print(format_table(results, model.cfg.eval.ks))
 
 

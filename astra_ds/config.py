@@ -24,6 +24,7 @@ TableDtype = typing.Literal["float32", "bfloat16"]
 SamplerName = SAMPLERS.literal()
 ShortlistMode = typing.Literal["per_step", "precomputed"]
 BatchingMode = typing.Literal["random", "clustered"]
+EncoderDecay = typing.Literal["constant", "linear"]
 IndexKind = INDEX_KINDS.literal("auto")
 
 
@@ -153,14 +154,49 @@ class IndexConfig:
 
 
 @dataclass
+class SiameseConfig:
+    """Stage 1 (NGAME's first module), before the others: the encoder alone learns to embed each query near the
+    texts of its labels, the batch's other labels being its negatives (a softmax over them, both ways: queries
+    to labels and labels to queries). Batches follow `batching` (NGAME clusters make in-batch labels hard).
+    Rows initialised from label texts (`table.init: label_text`) then take this encoder's embeddings."""
+
+    epochs: int = 0  # 0: no Siamese stage
+    label_max_len: int = 16  # tokens per label text
+    scale: float = 20.0  # the softmax runs over scale * cosine similarity
+
+    def __post_init__(self):
+        _check(self.epochs >= 0, f"siamese.epochs must be >= 0, not {self.epochs}")
+        _check(self.label_max_len >= 2, f"siamese.label_max_len must be >= 2, not {self.label_max_len}")
+        _check(self.scale > 0, f"siamese.scale must be positive, not {self.scale}")
+
+
+@dataclass
+class ClassifierConfig:
+    """Stage 2, after the Siamese stage and before the joint one: the classifier rows alone, trained on the
+    query embeddings of the frozen encoder (computed once, kept on the host): an epoch costs the table's updates
+    only. Negatives, in-batch labels and the optimizer are those of `negatives` and `table`."""
+
+    epochs: int = 0  # 0: no classifier stage
+    batch_size: int = 512  # queries a step
+
+    def __post_init__(self):
+        _check(self.epochs >= 0, f"classifier.epochs must be >= 0, not {self.epochs}")
+        _check(self.batch_size >= 1, f"classifier.batch_size must be >= 1, not {self.batch_size}")
+
+
+@dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: int = 1  # epochs of the joint stage (encoder and rows together), after the stages above
     batch_size: int = 64  # global batch; must agree with the DeepSpeed config
     grad_accum: int = 1
     # A DeepSpeed config file, or a name in ds_configs/ (zero1, zero2, zero3, zero3_offload, cpu);
     # "auto" picks zero2 with a GPU and cpu (ZeRO-2, fp32) without.
     ds_config: str = "auto"
     encoder_lr: float | None = None  # overrides the DeepSpeed config's optimizer lr when set
+    # the encoder's learning rate over its steps (Siamese and joint stages): a linear warm-up over this fraction
+    # of them, then constant or a linear decay to 0 (a DeepSpeed scheduler; a DeepSpeed file may set its own)
+    encoder_warmup: float = 0.0
+    encoder_decay: EncoderDecay = "constant"
     max_steps: int | None = None  # stop early after this many optimizer steps
     seed: int = 0
     log_every: int = 20
@@ -169,9 +205,10 @@ class TrainConfig:
     memory_check: bool = True  # refuse to start when the memory plan (astra-ds plan) exceeds what the hosts have
 
     def __post_init__(self):
-        _check(self.epochs >= 1, f"train.epochs must be >= 1, not {self.epochs}")
+        _check(self.epochs >= 0, f"train.epochs must be >= 0, not {self.epochs}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, not {self.batch_size}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, not {self.grad_accum}")
+        _check(0 <= self.encoder_warmup < 1, f"train.encoder_warmup must be in [0, 1), not {self.encoder_warmup}")
         _check(self.max_steps is None or self.max_steps >= 1, f"train.max_steps must be >= 1, not {self.max_steps}")
 
 
@@ -199,10 +236,14 @@ class EvalConfig:
     # also evaluate before the first step and every this many epochs (0.5: twice an epoch; 0: only at the end);
     # P@k, epochs done and training seconds (evaluations excluded) go to train_log.jsonl
     every_epochs: float = 0.0
+    # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
+    # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
+    label_text_weight: float = 0.0
 
     def __post_init__(self):
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
+        _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
 
 
 @dataclass
@@ -214,9 +255,15 @@ class RunConfig:
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    siamese: SiameseConfig = field(default_factory=SiameseConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _check(self.siamese.epochs + self.classifier.epochs + self.train.epochs > 0,
+               "nothing to train: siamese.epochs, classifier.epochs and train.epochs are all 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

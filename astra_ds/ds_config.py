@@ -57,4 +57,21 @@ def resolve_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> tupl
         raise ConfigError(f"{path} enables bf16, which CPU runs do not use; pick train.ds_config=cpu (or auto)")
     if train.encoder_lr is not None:
         config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = train.encoder_lr
+    if (train.encoder_warmup > 0 or train.encoder_decay == "linear") and "scheduler" in config:
+        raise ConfigError(f"{path} sets a scheduler, and so do train.encoder_warmup / train.encoder_decay: keep one")
     return config, path
+
+
+def add_scheduler(config: dict, train: TrainConfig, steps: int) -> None:
+    """train.encoder_warmup / encoder_decay over the encoder's `steps` optimizer steps: DeepSpeed's linear warm-up
+    to the optimizer's lr (WarmupLR), or warm-up then linear decay to 0 (WarmupDecayLR)."""
+    if train.encoder_warmup == 0 and train.encoder_decay == "constant":
+        return
+    lr = config.get("optimizer", {}).get("params", {}).get("lr", 1e-3)
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_type": "linear",
+              "warmup_num_steps": max(1, round(train.encoder_warmup * steps))}
+    if train.encoder_decay == "constant":
+        config["scheduler"] = {"type": "WarmupLR", "params": params}
+    else:
+        total = max(steps, params["warmup_num_steps"] + 1)
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": params | {"total_num_steps": total}}

@@ -4,6 +4,7 @@ Run directory (`out_dir`):
     config.yaml, ds_config.json      the effective run and DeepSpeed configs
     train_log.jsonl, tensorboard/    metrics along training
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
+    label_embeddings/                the final encoder's label-text embeddings (zarr; dual scoring)
     metrics.json, predictions.npz    the evaluation on the test split
     memory.json                      the memory plan and the measured peak RSS
     checkpoints/                     full-state checkpoints (below)
@@ -22,6 +23,7 @@ TRAIN_LOG = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 ENCODER_WEIGHTS = "encoder.pt"
 TABLE = "table"
+LABEL_EMBEDDINGS = "label_embeddings"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"
 MEMORY = "memory.json"

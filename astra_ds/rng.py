@@ -12,9 +12,9 @@ import torch
 
 
 class Stream(IntEnum):
-    EPOCH_ORDER = 1  # the random batch order of an epoch (counter: epoch)
+    EPOCH_ORDER = 1  # the random batch order of an epoch (counters: stage, epoch)
     NEGATIVES = 2  # the negatives of a step (counter: step)
-    CLUSTERS = 3  # NGAME's balanced 2-means initial centroids (counter: epoch)
+    CLUSTERS = 3  # NGAME's balanced 2-means initial centroids (counters: stage, epoch)
     INDEX_TRAINING = 4  # the rows an IVF index trains its centroids on (counters: index version, rank)
     TABLE_INIT = 5  # random classifier rows (counter: chunk)
     BF16_ROUNDING = 6  # stochastic rounding of bfloat16 rows (counters: rank, update)

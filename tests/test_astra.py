@@ -145,5 +145,5 @@ def test_astra_index_builds_on_schedule_in_training(synth_dir, token_cache, tmp_
     trainer.fit()
     builds = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
               if "index_version" in line]
-    assert [b["step"] for b in builds] == [1 * trainer.steps_per_epoch, 3 * trainer.steps_per_epoch]
+    assert [b["step"] for b in builds] == [1 * trainer.stages[-1].steps_per_epoch, 3 * trainer.stages[-1].steps_per_epoch]
     assert all(b["index_recall"] == 1.0 for b in builds)  # a flat index is exact

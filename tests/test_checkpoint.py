@@ -226,7 +226,7 @@ def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
                             capture_output=True, text=True, cwd=REPO, env=_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("global_step20: step 20, epoch 1, 1 ranks, components encoder, table, negatives")
+    assert lines[0].startswith("global_step20: step 20 (joint stage), 1 ranks, components encoder, table, negatives")
     assert lines[2].startswith("global_step30 (latest): step 20")  # a copy: its meta says step 20
     assert lines[4].startswith("global_step40.tmp: unusable: checkpoint") and "incomplete" in lines[4]
     checksum_20, checksum_30 = lines[1].split()[-1], lines[3].split()[-1]
@@ -244,7 +244,7 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
                              f"out_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg, progress=False, init_from=str(checkpoint))
-    assert trainer.step == 0 and trainer.batches.clustered_order is None
+    assert trainer.step == 0 and trainer.stages[-1].batches.clustered_order is None
     np.testing.assert_array_equal(trainer.table.rows.numpy(), _rows(checkpoint))
     assert not trainer.table.optimizer.state["sum"].any()  # Adagrad sums start at zero
     assert not trainer.engine.optimizer.state  # no Adam moments yet

@@ -116,19 +116,19 @@ def test_label_text_init_without_label_texts_is_a_config_error(token_cache, tmp_
 
     data = generate(SynthConfig(num_labels=20, num_train=64, num_test=16, vocab_size=100, label_texts=False),
                     tmp_path / "data")
-    with pytest.raises(ConfigError, match="no label texts"):
+    with pytest.raises(ConfigError, match="table.init=label_text and eval.label_text_weight > 0 need label texts"):
         make_trainer(data, token_cache, tmp_path / "run", "table.init=label_text")
 
 
 def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     """One NGAME step: dense BCE over the batch's labels + weighted sampled negatives outside them."""
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
-    rows = trainer.batches.epoch_batches(0)[0]
+    rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
     with torch.no_grad():
         queries, calibration = trainer.engine.module(input_ids, attention_mask)
-    positives = trainer.train_labels[rows]
+    positives = trainer.data.dataset.train.labels[rows]
     negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, numpy_rng(0, Stream.NEGATIVES, 0))
     scores = calibration[0].exp() * queries @ F.normalize(before, dim=-1).T + calibration[1]
     in_batch = np.zeros(trainer.table.num_labels, bool)
@@ -139,18 +139,18 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
         outside = negatives.global_ids[i][~in_batch[negatives.global_ids[i]]]
         weight = np.exp(-negatives.log_q[i, 0]) / negatives.global_ids.shape[1]
         expected = expected + F.softplus(scores[i, outside]).sum() * weight
-    stats = trainer.train_step(rows)
+    stats = trainer.stages[-1].step(rows, 0)
     assert stats["loss"] == pytest.approx(expected.item() / len(rows), rel=1e-4)
 
 
 def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
-    rows = trainer.batches.epoch_batches(0)[0]
+    rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
         expected, _ = trainer.engine.module(*trainer.data.train_tokens.batch(rows))
-    trainer.train_step(rows)
-    torch.testing.assert_close(trainer.batches.bank.embeddings[rows].float(), expected, rtol=0, atol=1e-3)
-    assert trainer.batches.bank.seen.sum() == len(rows)
+    trainer.stages[-1].step(rows, 0)
+    torch.testing.assert_close(trainer.stages[-1].batches.bank.embeddings[rows].float(), expected, rtol=0, atol=1e-3)
+    assert trainer.stages[-1].batches.bank.seen.sum() == len(rows)
 
 
 def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):
@@ -161,12 +161,12 @@ def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path)
                        "train.batch_size=30", "eval.every_epochs=0.5")
     trainer.fit()
     num_queries = len(trainer.data.train_tokens)
-    assert trainer.step == 3 * trainer.steps_per_epoch == 51 and sorted(trainer.batches.clustered_order) == list(range(num_queries))
+    assert trainer.step == 3 * trainer.stages[-1].steps_per_epoch == 51 and sorted(trainer.stages[-1].batches.clustered_order) == list(range(num_queries))
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "test_P@1" in r]  # the end of training is evaluated by `train`
-    steps_per_epoch = trainer.steps_per_epoch  # 17: every 8.5 steps, rounded, and at each epoch's end
+    steps_per_epoch = trainer.stages[-1].steps_per_epoch  # 17: every 8.5 steps, rounded, and at each epoch's end
     assert [r["step"] for r in evaluations] == [0, 8, 17, 26, 34, 42]  # the curve starts before training
     assert [r["epochs_done"] for r in evaluations] == [r["step"] / steps_per_epoch for r in evaluations]
     assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(evaluations, evaluations[1:]))
     reclusters = [(r["step"], r["reclustered_unseen"]) for r in records if "recluster_s" in r]
-    assert reclusters == [(trainer.steps_per_epoch, num_queries % 30), (2 * trainer.steps_per_epoch, 0)]
+    assert reclusters == [(trainer.stages[-1].steps_per_epoch, num_queries % 30), (2 * trainer.stages[-1].steps_per_epoch, 0)]

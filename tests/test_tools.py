@@ -38,13 +38,19 @@ def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
 def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_dir, token_cache, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")
-    out = _tool("tools/ablate_negatives.py", "--dataset", f"synth={config}", "--variants", "uniform",
-                "astra_label_init", *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25",
-                                                  "negatives.warmup_epochs=0"] for a in ("--set", s)],
+    out = _tool("tools/ablate.py", "--dataset", f"synth={config}", "--variants", "uniform",
+                "--variant", "label_init:negatives.strategy=astra,table.init=label_text", "--seeds", "3",
+                *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25",
+                              "negatives.warmup_epochs=0"] for a in ("--set", s)],
                 "--reach", "0", "1.01", "--out-dir", str(tmp_path / "ablation"))
-    results = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["results"]
-    for key in ("synth/uniform", "synth/astra_label_init"):
-        curve = results[key]["P@1_curve"]  # (epochs, training seconds, P@1): 16 steps an epoch, every 4 steps
+    ablation = json.loads((tmp_path / "ablation" / "ablation.json").read_text())
+    assert ablation["variants"]["label_init"] == ["negatives.strategy=astra", "table.init=label_text"]
+    header = next(line for line in out.splitlines() if line.startswith("dataset / variant"))
+    assert header.split()[3:10] == ["P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5", "P@1"]
+    for key in ("synth/uniform", "synth/label_init"):
+        result = ablation["results"][key]
+        assert result["seeds"] == 1 and (tmp_path / "ablation" / f"{key}_seed3" / "metrics.json").is_file()
+        curve = result["P@1_curve"]  # (epochs, training seconds, P@1): 16 steps an epoch, every 4 steps
         assert [epochs for epochs, _, _ in curve] == [0.0, 0.25, 0.5]
         line = next(line for line in out.split("epochs to reach")[1].splitlines() if line.strip().startswith(key))
         assert line.split()[1:] == ["0.00", "-"]  # P@1 >= 0 before training; 1.01 never

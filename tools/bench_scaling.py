@@ -78,8 +78,8 @@ def whole_step_time(data: Path, encoder: str, dim: int, batch: int, num_negative
                              f"train.batch_size={batch}", f"negatives.num_negatives={num_negatives}",
                              f"out_dir={tempfile.mkdtemp(prefix='bench_scaling_')}"])
     trainer = Trainer(cfg, progress=False)
-    order = trainer.batches.epoch_batches(0)
-    seconds = median_time(lambda i: trainer.train_step(order[i % len(order)]), steps)
+    order = trainer.stages[-1].batches.epoch_batches(0)
+    seconds = median_time(lambda i: trainer.stages[-1].step(order[i % len(order)], i), steps)
     del trainer
     gc.collect()
     return seconds

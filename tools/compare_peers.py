@@ -1,12 +1,15 @@
 """Our P@k beside PECOS XR-Linear and omikuji (Parabel/Bonsai-style label trees) on the same splits.
 
-The peers train on TF-IDF features of the same query texts our readers produce (for the BoW benchmarks: the
-documents' words) and are scored by our metrics code (xclib conventions). They pin numpy < 2, so they run
+The peers train on TF-IDF features (sublinear tf, word n-grams up to --ngrams) of the same query texts our
+readers produce (for the BoW benchmarks: the documents' words) and are scored by our metrics code (xclib
+conventions, P@k and PSP@k computed on their top-5 predictions). They pin numpy < 2, so they run
 in their own virtual environment, .venv-peers, which this tool creates on first use (libpecos is installed
 without its optional deep-learning dependencies, which XR-Linear does not use).
 
     python tools/compare_peers.py --dataset bibtex=../shared/data/Bibtex --ours bibtex=runs/bibtex \\
         --dataset delicious=../shared/data/Delicious --ours delicious=runs/delicious
+    python tools/compare_peers.py --ngrams 2 --dataset wordnet=../shared/data/WordNetHyper \\
+        --ours wordnet=runs/wordnet_hyper
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ def _ensure_venv() -> Path:
     return python
 
 
-def _tfidf(dataset):
+def _tfidf(dataset, ngrams: int):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizer = TfidfVectorizer(token_pattern=r"\S+", sublinear_tf=True, dtype="float32")
+    vectorizer = TfidfVectorizer(token_pattern=r"\S+", sublinear_tf=True, dtype="float32", ngram_range=(1, ngrams))
     return vectorizer.fit_transform(dataset.train.texts), vectorizer.transform(dataset.test.texts)
 
 
@@ -90,7 +93,7 @@ def _topk_ids(scores, k: int):
     return ids
 
 
-def run_peers(datasets: dict[str, str], k: int = 5) -> dict:
+def run_peers(datasets: dict[str, str], ngrams: int, k: int = 5) -> dict:
     """In the peer venv: train both peers on each dataset, return their metrics and timings."""
     sys.path.insert(0, str(REPO))
     from astra_ds.data.readers import read_dataset
@@ -99,7 +102,7 @@ def run_peers(datasets: dict[str, str], k: int = 5) -> dict:
     results = {}
     for name, path in datasets.items():
         dataset = read_dataset(path)
-        x_train, x_test = _tfidf(dataset)
+        x_train, x_test = _tfidf(dataset, ngrams)
         inv_psp = inverse_propensity(dataset.train.labels)
         for peer, train in (("pecos_xr_linear", train_pecos), ("omikuji", train_omikuji)):
             started = time.perf_counter()
@@ -115,18 +118,19 @@ def main() -> None:
     parser.add_argument("--dataset", action="append", required=True, metavar="NAME=PATH")
     parser.add_argument("--ours", action="append", default=[], metavar="NAME=RUN_DIR",
                         help="a finished astra-ds run on that dataset (its metrics.json)")
+    parser.add_argument("--ngrams", type=int, default=1, help="TF-IDF over word n-grams up to this n")
     parser.add_argument("--peers-json", help=argparse.SUPPRESS)  # set when re-run inside the peer venv
     args = parser.parse_args()
     datasets = dict(spec.partition("=")[::2] for spec in args.dataset)
 
     if args.peers_json:  # inside the venv
-        Path(args.peers_json).write_text(json.dumps(run_peers(datasets)))
+        Path(args.peers_json).write_text(json.dumps(run_peers(datasets, args.ngrams)))
         return
     python = _ensure_venv()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
         command = [str(python), str(Path(__file__).resolve()), *sum((["--dataset", d] for d in args.dataset), []),
-                   "--peers-json", str(out)]
+                   "--ngrams", str(args.ngrams), "--peers-json", str(out)]
         with open(Path(tmp) / "peers.log", "w+") as log:  # omikuji draws progress bars on stderr
             done = subprocess.run(command, stderr=log, env={**os.environ, "PYTHONPATH": str(REPO)})
             if done.returncode != 0:
@@ -138,10 +142,10 @@ def main() -> None:
         metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
         results[f"{name}/astra_ds"] = metrics["astra_ds"]
 
-    print(f"\n{'dataset / method':<28}{'P@1':>8}{'P@3':>8}{'P@5':>8}{'PSP@5':>8}")
+    columns = ["P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5"]
+    print(f"\n{'dataset / method':<28}" + "".join(f"{c:>8}" for c in columns))
     for key in sorted(results):
-        r = results[key]
-        print(f"{key:<28}{100 * r['P@1']:8.2f}{100 * r['P@3']:8.2f}{100 * r['P@5']:8.2f}{100 * r['PSP@5']:8.2f}")
+        print(f"{key:<28}" + "".join(f"{100 * results[key][c]:8.2f}" for c in columns))
 
 
 if __name__ == "__main__":

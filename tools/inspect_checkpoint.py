@@ -1,4 +1,4 @@
-"""List the checkpoints of a run: tag, step, epoch, world size, components, and a checksum of each rank's
+"""List the checkpoints of a run: tag, step, stage, world size, components, and a checksum of each rank's
 table shard (rows and optimizer state, as the ranks that wrote it held them).
 
     python tools/inspect_checkpoint.py runs/synthetic/checkpoints
@@ -49,7 +49,7 @@ def main() -> None:
         except CheckpointError as err:
             print(f"{path.name}{marker}: unusable: {err}")
             continue
-        print(f"{path.name}{marker}: step {meta['step']}, epoch {meta['epoch']}, {meta['world_size']} ranks, "
+        print(f"{path.name}{marker}: step {meta['step']} ({meta['stage']} stage), {meta['world_size']} ranks, "
               f"components {', '.join(meta['components'])}")
         for line in shard_checksums(path / layout.TABLE, meta["world_size"]):
             print(f"    {line}")

@@ -40,9 +40,10 @@ def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Te
 
 @torch.no_grad()
 def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_rows: bool,
-               label_block: int = 65536, query_block: int = 4096,
-               progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+               label_block: int = 65536, query_block: int = 4096, progress: bool = True,
+               label_embeddings=None, label_text_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products of `queries` (N, d) against this shard's rows: (scores, global ids), (N, k) each.
+    With `label_embeddings` (dual scoring), a row is w / |w| + label_text_weight * e.
 
     Queries and rows are scored on the table's device, block by block, with a running top-k."""
     device = table.device
@@ -56,6 +57,8 @@ def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_
             rows = table.block_rows(start, end).to(device, non_blocking=True).float()
             if normalize_rows:
                 rows = F.normalize(rows, dim=-1)
+            if label_embeddings is not None and label_text_weight:
+                rows = rows + label_text_weight * label_embeddings.block_rows(start, end).to(device)
             block_scores = q @ rows.T
             top = block_scores.topk(min(k, end - start), dim=1)
             best_scores, best_ids = merge_topk(torch.cat([best_scores, top.values], 1),

@@ -73,9 +73,12 @@ class QueryBank:
 class BatchSampler:
     """The (steps_per_epoch, batch_size) query rows of each epoch, a function of (seed, epoch, clusters)."""
 
-    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int | None = None):
-        """`dim`: the width of the query embeddings the clustered mode keeps."""
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int | None = None,
+                 stage: int = 0):
+        """`dim`: the width of the query embeddings the clustered mode keeps; `stage`: the training stage the
+        batches are for (each stage draws its own orders)."""
         self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
+        self.stage = stage
         self.steps_per_epoch = num_queries // batch_size
         self.clustered_order: np.ndarray | None = None  # None until the first clustering
         self.bank = QueryBank(num_queries, dim) if cfg.mode == "clustered" and dim else None
@@ -86,7 +89,7 @@ class BatchSampler:
         return self.cfg.mode == "clustered" and epoch >= warmup and (epoch - warmup) % every == 0
 
     def recluster(self, embeddings: np.ndarray, epoch: int) -> None:
-        rng = numpy_rng(self.seed, Stream.CLUSTERS, epoch)
+        rng = numpy_rng(self.seed, Stream.CLUSTERS, self.stage, epoch)
         self.clustered_order = balanced_clusters(embeddings, self.cfg.cluster_size, rng)
 
     def observe(self, query_ids: np.ndarray, queries: torch.Tensor) -> None:
@@ -110,7 +113,7 @@ class BatchSampler:
         return {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)}
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, epoch)
+        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stage, epoch)
         if self.clustered_order is None:
             order = rng.permutation(self.num_queries)
         else:  # whole clusters in a random order

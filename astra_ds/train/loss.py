@@ -84,3 +84,20 @@ def in_batch_bce(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.T
 def sampled_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int) -> torch.Tensor:
     per_pair = F.binary_cross_entropy_with_logits(scores, pairs.target, reduction="none")
     return (pairs.weight * per_pair).sum() / num_queries
+
+
+def siamese_softmax(queries: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Siamese stage's loss: each (query, positive label) pair scored against the batch's non-positives, both
+    ways (the label among the query's negatives, the query among the label's), mean over the pairs.
+
+    queries (B, d) and labels (U, d) unit vectors, targets (B, U) 1 where the label is a positive of the query.
+    A query's other positives are left out of its softmax (DEXML's decoupled softmax), so a query with several
+    labels is not asked to rank one above the others."""
+    scores = scale * queries @ labels.T
+    positive = targets > 0
+
+    def one_way(scores: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+        negatives = torch.logsumexp(scores.masked_fill(positive, float("-inf")), dim=1, keepdim=True)
+        return -(scores - torch.logaddexp(scores, negatives))[positive].sum()
+
+    return (one_way(scores, positive) + one_way(scores.T, positive.T)) / positive.sum().clamp_min(1)
