@@ -127,7 +127,7 @@ def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     assert "resumed from" in result.stderr and "step 3" in result.stderr
     steps = [s for s, _ in _batches(out)]
     assert steps == list(range(1, 13))  # no batch lost, none repeated
-    expected = BatchSampler(BatchingConfig(), 512, 32, seed=0).epoch_batches(0)[:12]
+    expected = BatchSampler(BatchingConfig(), 512, 32, seed=0, stage=2).epoch_batches(0)[:12]  # the joint stage
     assert [b for _, b in _batches(out)] == expected.tolist()
     assert (checkpoints / "latest").read_text() == "global_step12"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step12", "global_step9", "latest"]  # keep_last 2

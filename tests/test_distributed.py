@@ -22,6 +22,11 @@ DISTRIBUTED_RUN = [*TINY_RUN, "train.max_steps=3", "train.log_every=1", "table.c
                    "negatives.strategy=astra", "negatives.warmup_epochs=0", "index.kind=flat",
                    "negatives.in_batch=true", "batching.mode=clustered", "batching.warmup_epochs=0",
                    "batching.cluster_size=4", "encoder.learn_score=true"]
+# the three stages, two steps each (256 of the 512 queries a step): the Siamese gathers of queries and of label
+# texts, the classifier stage on embeddings every rank holds, then the joint stage
+STAGED_RUN = ["siamese.epochs=1", "classifier.epochs=1", "train.epochs=1", "train.batch_size=256",
+              "classifier.batch_size=256", "table.init=label_text", "eval.label_text_weight=0.5",
+              "train.max_steps=6"]
 LAUNCHERS = {"deepspeed": "launchers/deepspeed_local.sh", "mpirun": "launchers/mpirun.sh"}
 
 
@@ -46,10 +51,10 @@ def ds_config(tmp_path_factory):
     return path
 
 
-def _args(synth_dir, token_cache, ds_config, out) -> list[str]:
+def _args(synth_dir, token_cache, ds_config, out, *overrides: str) -> list[str]:
     args = []
     for override in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
-                     f"train.ds_config={ds_config}"]:
+                     f"train.ds_config={ds_config}", *overrides]:
         args += ["--set", override]
     return args
 
@@ -83,6 +88,23 @@ def test_two_ranks_train_like_one(launcher, one_rank, synth_dir, token_cache, ds
         torch.testing.assert_close(encoders[0][name], weight, rtol=1e-4, atol=1e-5)
     metrics = [json.loads((run / "metrics.json").read_text())["astra_ds"] for run in (out, one_rank)]
     assert metrics[0] == pytest.approx(metrics[1], abs=1e-9)  # evaluated with the top-k merged across ranks
+
+
+def test_two_ranks_run_the_stages_like_one(synth_dir, token_cache, ds_config, tmp_path):
+    runs = {ranks: tmp_path / f"ranks{ranks}" for ranks in (1, 2)}
+    run_main("train", *_args(synth_dir, token_cache, ds_config, runs[1], *STAGED_RUN))
+    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, token_cache, ds_config, runs[2], *STAGED_RUN)],
+                            cwd=REPO, env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    stages = [[(r["stage"], r["loss"]) for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+               if "loss" in r] for run in (runs[1], runs[2])]
+    assert [s for s, _ in stages[0]] == ["siamese"] * 2 + ["classifier"] * 2 + ["joint"] * 2 == [s for s, _ in stages[1]]
+    np.testing.assert_allclose([loss for _, loss in stages[1]], [loss for _, loss in stages[0]], rtol=1e-4)
+    for name in ("table", "label_embeddings"):
+        rows = [np.asarray(store.open_table(run / name)["rows"][:]) for run in (runs[2], runs[1])]
+        np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-6)
+    metrics = [json.loads((run / "metrics.json").read_text())["astra_ds"] for run in (runs[2], runs[1])]
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-9)
 
 
 FAILING_JOB = {"deepspeed": ["deepspeed", "--num_accelerators", "2", "--module", "tests.failing_rank", "train"],
