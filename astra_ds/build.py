@@ -1,5 +1,6 @@
 """One builder for every command: the data, the encoder, the table, the negative sampler, the batches and the
-DeepSpeed engine of a run are built here, for `train`, `plan` and `eval`.
+DeepSpeed engine of a run are built here, for `train`, `plan` and `eval` (`predict` loads a run with
+astra_ds.serve.model).
 
 Everything a config and the data decide together is checked here, before anything large is allocated: a
 mistake ends the command with one line at start-up, not a traceback after the warm-up.
@@ -15,15 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astra_ds import layout
 from astra_ds.collectives import barrier
-from astra_ds.config import RunConfig, load_config
+from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.dist import DistInfo
 from astra_ds.ds_config import add_scheduler, resolve_ds_config
 from astra_ds.errors import CheckpointError, ConfigError
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.model.label_text import LabelEmbeddings, encode_label_texts
+from astra_ds.model.label_text import encode_label_texts
 from astra_ds.negatives import SAMPLERS
 from astra_ds.negatives.base import NegativeSampler, SamplerContext
 from astra_ds.negatives.index import check_index_config
@@ -147,37 +147,14 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     return training
 
 
-@dataclass
-class TrainedModel:
-    """A finished run, loaded for evaluation: its config, data, encoder (eval mode), table and, for dual scoring,
-    the label-text embeddings."""
+def load_for_eval(run_dir: str | Path, overrides: list[str] = (), progress: bool = False):
+    """A finished run (XCModel) and the data it is evaluated on: the run's dataset, or another one of the same
+    labels (--set data.path=...)."""
+    from astra_ds.serve.model import XCModel
 
-    cfg: RunConfig
-    data: PreparedData
-    encoder: QueryEncoder
-    table: ClassifierTable
-    label_embeddings: LabelEmbeddings | None
-
-
-def load_trained(run_dir: str | Path, overrides: list[str] = (), progress: bool = False) -> TrainedModel:
-    run_dir = Path(run_dir)
-    if not (run_dir / layout.CONFIG).is_file() or not (run_dir / layout.ENCODER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (needs {layout.CONFIG} and {layout.ENCODER_WEIGHTS})")
-    cfg = load_config(run_dir / layout.CONFIG, overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, data = build_data(cfg)
-    check_data(cfg, data)
-    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
-    encoder.load_state_dict(torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu"))
-    encoder.to(device).eval()
-    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, device)
-    table.load(run_dir / layout.TABLE)
-    label_embeddings = None
-    if cfg.eval.label_text_weight > 0:
-        label_embeddings = LabelEmbeddings(table)
-        if (run_dir / layout.LABEL_EMBEDDINGS).is_dir():
-            label_embeddings.load(run_dir / layout.LABEL_EMBEDDINGS)
-        else:  # a run trained without dual scoring: its encoder embeds the label texts now
-            with torch.no_grad():
-                encode_label_texts(label_embeddings, data.label_tokens, encoder, cfg.eval.batch_size, progress)
-    return TrainedModel(cfg, data, encoder, table, label_embeddings)
+    model = XCModel.load(run_dir, overrides, progress=progress)
+    _, data = build_data(model.cfg)
+    if data.dataset.num_labels != model.num_labels:
+        raise ConfigError(f"the data at {model.cfg.data.path} has {data.dataset.num_labels} labels, the model "
+                          f"{model.num_labels}")
+    return model, data

@@ -4,6 +4,9 @@
     astra-ds data stats data/synthetic                  summarise a dataset (any layout)
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
+    astra-ds predict --run-dir runs/synthetic --text "..."   tag new text (also --input FILE, or - for stdin)
+    astra-ds index --run-dir runs/synthetic             (re)build the run's serving ANN index
+    astra-ds export --run-dir runs/synthetic --out x    the encoder for sentence-transformers, label vectors, index
     astra-ds plan --config configs/synthetic.yaml       memory per rank, and whether the run fits
     astra-ds config show --config configs/synthetic.yaml   every key: its default and effective value
 
@@ -26,25 +29,15 @@ import os
 import sys
 from pathlib import Path
 
-from astra_ds import __version__
+from astra_ds import __version__, layout
 from astra_ds.config import describe, load_config
 from astra_ds.data import READERS
 from astra_ds.data.synth import SynthConfig
 from astra_ds.errors import ConfigError, UserError
 from astra_ds.launch import discover_launch
+from astra_ds.libraries import quiet_libraries
 
 log = logging.getLogger("astra_ds")
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are never downloaded
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each CPU variant it tries
 
 
 def _setup_logging() -> None:
@@ -62,7 +55,7 @@ def cmd_train(args) -> None:
     from astra_ds.dist import configure_accelerator
 
     configure_accelerator()
-    _quiet_libraries()
+    quiet_libraries()
     from astra_ds.plan import report_memory
     from astra_ds.train.trainer import Trainer
 
@@ -82,7 +75,7 @@ def cmd_plan(args) -> None:
     from astra_ds.dist import configure_accelerator
 
     configure_accelerator()
-    _quiet_libraries()
+    quiet_libraries()
     import deepspeed  # noqa: F401  (held by every training process: the measured part of the plan includes it)
     import torch
 
@@ -105,23 +98,142 @@ def cmd_plan(args) -> None:
         raise ConfigError(f"the run does not fit this host's memory. {advice(plan)}")
 
 
+def _fresh_output(path: Path, overwrite: bool) -> Path:
+    """`path`, refused when it exists (results are never overwritten silently) unless --overwrite."""
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists: pass --overwrite to replace it, or choose another path")
+    return path
+
+
+def _eval_dir(run_dir: Path, out_dir: str | None, overwrite: bool) -> Path:
+    """--out-dir, or the next free <run>/evals/<n>."""
+    if out_dir:
+        _fresh_output(Path(out_dir) / layout.METRICS, overwrite)
+        path = Path(out_dir)
+    else:
+        taken = [int(p.name) for p in (run_dir / layout.EVALS).glob("*") if p.name.isdigit()]
+        path = run_dir / layout.EVALS / str(max(taken, default=0) + 1)
+    return path
+
+
 def cmd_eval(args) -> None:
-    _quiet_libraries()
-    from astra_ds.build import load_trained
-    from astra_ds.eval.evaluate import evaluate
+    if args.exact and args.ann:
+        raise ConfigError("--exact uses exact search only, --ann both: pick one")
+    quiet_libraries()
+    import time
+
+    from astra_ds.build import load_for_eval
+    from astra_ds.eval.evaluate import MODEL, MODEL_ANN, ann_recall, evaluate
     from astra_ds.eval.metrics import format_table
-    from astra_ds.eval.predict import encode_queries
 
     progress = sys.stderr.isatty()
-    model = load_trained(args.run_dir, args.set, progress)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.run_dir)
+    model, data = load_for_eval(args.run_dir, args.set, progress)
+    if args.ann and model.index is None:
+        raise UserError(f"{args.run_dir} has no serving index: build it with `astra-ds index --run-dir {args.run_dir}`")
+    k = max(model.cfg.eval.ks)
+    out_dir = _eval_dir(Path(args.run_dir), args.out_dir, args.overwrite)
+    queries, calibration = model.encode_tokens(data.test_tokens)
+    if args.ann:
+        searches = {MODEL: "exact", MODEL_ANN: "ann"}
+    else:
+        searches = {MODEL: "exact" if args.exact or model.index is None else "ann"}
+    topk, seconds = {}, {}
+    for name, kind in searches.items():
+        started = time.perf_counter()
+        topk[name] = model.topk(queries, k, exact=kind == "exact")
+        seconds[kind] = time.perf_counter() - started
+    about = {"step": model.card.step, "dataset": str(Path(model.cfg.data.path).resolve()),
+             "topk": " and ".join(seconds), "topk_seconds": {kind: round(s, 3) for kind, s in seconds.items()}}
+    if args.ann:
+        about[f"ann_recall@{k}"] = ann_recall(topk[MODEL_ANN][1], topk[MODEL][1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    queries, calibration = encode_queries(model.encoder, model.data.test_tokens, model.cfg.eval.batch_size,
-                                          model.table.device, progress)
-    results = evaluate(queries, calibration, model.table, model.data.dataset.test.labels,
-                       model.data.dataset.train.labels, model.cfg.eval, model.cfg.table.normalize_rows, out_dir,
-                       model.label_embeddings, progress)
+    results = evaluate(topk, calibration, data.dataset.test.labels, data.dataset.train.labels, model.cfg.eval,
+                       model.num_labels, out_dir, about)
     print(format_table(results, model.cfg.eval.ks))
+    print(f"top-k of {len(queries)} queries: " + ", ".join(f"{kind} {s:.2f} s" for kind, s in seconds.items())
+          + (f" | ANN recall@{k} against exact: {about[f'ann_recall@{k}']:.4f}" if args.ann else "")
+          + f"\nwritten to {out_dir}")
+
+
+def _read_texts(args) -> list[str]:
+    if args.text:
+        return args.text
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8", errors="replace")
+    with stream:
+        texts = [line.rstrip("\n") for line in stream]
+    empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
+    if empty:
+        raise UserError(f"{args.input}: line {empty[0]} is empty ({len(empty)} empty lines): one text a line")
+    return texts
+
+
+def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels: int) -> None:
+    import json
+
+    if fmt == "npz":
+        from astra_ds.eval.predict import save_predictions
+
+        save_predictions(out, predictions.scores, predictions.ids, num_labels)
+        return
+    stream = open(out, "w", encoding="utf-8") if out else sys.stdout
+    for text, ids, scores, names in zip(texts, predictions.ids, predictions.scores, predictions.names):
+        if fmt == "jsonl":
+            stream.write(json.dumps({"text": text, "ids": ids.tolist(), "names": names,
+                                     "scores": [round(float(s), 6) for s in scores]}, ensure_ascii=False) + "\n")
+        else:
+            stream.write("".join(f"{text}\t{rank}\t{i}\t{s:.6g}\t{name}\n"
+                                 for rank, (i, s, name) in enumerate(zip(ids, scores, names), 1)))
+    if out:
+        stream.close()
+
+
+def cmd_predict(args) -> None:
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, not {args.top_k}")
+    fmt = args.format or (Path(args.out).suffix.lstrip(".") if args.out else "jsonl")
+    if fmt not in ("jsonl", "tsv", "npz"):
+        raise ConfigError(f"--out {args.out}: the format comes from the extension, .jsonl, .tsv or .npz (or --format)")
+    if fmt == "npz" and not args.out:
+        raise ConfigError("--format npz needs --out FILE.npz")
+    if args.out:
+        _fresh_output(Path(args.out), args.overwrite)
+    texts = _read_texts(args)
+    quiet_libraries()
+    import time
+
+    from astra_ds.serve.model import XCModel
+
+    model = XCModel.load(args.run_dir, args.set, progress=sys.stderr.isatty())
+    if args.top_k > model.num_labels:
+        raise ConfigError(f"--top-k {args.top_k} exceeds the model's {model.num_labels} labels")
+    started = time.perf_counter()
+    predictions = model.predict(texts, args.top_k, exact=args.exact, logits=args.logits)
+    log.info("%d texts: top-%d by %s search in %.2f s", len(texts), args.top_k,
+             "exact" if args.exact or model.index is None else "ANN", time.perf_counter() - started)
+    _write_predictions(predictions, texts, args.out, fmt, model.num_labels)
+
+
+def cmd_index(args) -> None:
+    quiet_libraries()
+    from astra_ds.config import load_config
+    from astra_ds.serve.ann import build_serving_index
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / layout.CONFIG).is_file():
+        raise UserError(f"{run_dir} is not a finished run: {layout.CONFIG} is missing")
+    cfg = load_config(run_dir / layout.CONFIG, args.set)
+    info = build_serving_index(run_dir, cfg.index, cfg.train.seed, sys.stderr.isatty())
+    print(f"serving index ({info['kind']}) over {info['num_labels']} labels, built in {info['build_seconds']:.1f} s: "
+          f"{run_dir / layout.ANN_DIR}")
+
+
+def cmd_export(args) -> None:
+    quiet_libraries()
+    from astra_ds.serve.export import export
+
+    out = export(args.run_dir, args.out, sys.stderr.isatty())
+    print(f"exported to {out}: SentenceTransformer('{out}') encodes queries; {out}/labels holds the label "
+          "vectors, the index and the score card")
 
 
 def cmd_config_show(args) -> None:
@@ -176,6 +288,25 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.epochs=3 (repeatable)")
 
 
+def _run_command(commands, name: str, func, help_text: str, description: str, output: str | None = None):
+    """A command that reads a finished run (see _run_arguments)."""
+    parser = commands.add_parser(name, help=help_text, description=description)
+    parser.set_defaults(func=func)
+    _run_arguments(parser, output)
+    return parser
+
+
+def _run_arguments(parser: argparse.ArgumentParser, output: str | None = None) -> None:
+    """--run-dir and --set of the commands that read a finished run; for those that search it and write `output`,
+    --exact and --overwrite."""
+    parser.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the run's config, e.g. --set index.nprobe=64")
+    if output:
+        parser.add_argument("--exact", action="store_true", help="exact search over the rows, not the serving index")
+        parser.add_argument("--overwrite", action="store_true", help=f"replace {output} when it exists")
+
+
 def _command_group(commands, name: str, help_text: str):
     """A command with subcommands of its own (`astra-ds data synth`)."""
     return commands.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
@@ -202,13 +333,40 @@ def build_parser() -> argparse.ArgumentParser:
                             "optimizer states")
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a trained run",
-                                   description="Recompute predictions and metrics of a finished run.")
-    evaluate.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
-    evaluate.add_argument("--out-dir", help="where metrics.json and predictions.npz go (default: the run dir)")
-    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a key of the run's config, e.g. --set data.path=other/data")
-    evaluate.set_defaults(func=cmd_eval)
+    evaluate = _run_command(
+        commands, "eval", cmd_eval, "evaluate a trained run",
+        "Predictions and metrics of a finished run on its test split (or another dataset of the same labels: --set "
+        "data.path=...). The top-k comes from the run's serving index when it has one.", "the results in --out-dir")
+    evaluate.add_argument("--out-dir", help="where metrics.json and predictions.npz go (default: the next "
+                                            "<run-dir>/evals/<n>)")
+    evaluate.add_argument("--ann", action="store_true",
+                          help="both searches: metrics of each and the recall of the ANN top-k against exact")
+
+    predict = _run_command(
+        commands, "predict", cmd_predict, "tag new text with a trained run",
+        "The top-k labels of each text: JSONL (text, ids, names, scores) on stdout or --out; .tsv (text, rank, id, "
+        "score, name a line) and .npz (an N x L CSR matrix of scores) by extension. Scores are sigmoid "
+        "probabilities (--logits: scale * <q, v> + bias).", "--out")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to tag (repeatable)")
+    source.add_argument("--input", metavar="FILE", help="one text a line; - reads standard input")
+    predict.add_argument("--top-k", type=int, default=5, help="labels a text (default 5)")
+    predict.add_argument("--out", help="output file (.jsonl, .tsv, .npz); default: JSONL on stdout")
+    predict.add_argument("--format", choices=["jsonl", "tsv", "npz"], help="output format, if not the extension's")
+    predict.add_argument("--logits", action="store_true", help="scores as logits, not probabilities")
+
+    _run_command(commands, "index", cmd_index, "build the serving index of a trained run",
+                 "A faiss index over the run's scoring vectors (classifier rows, plus label-text embeddings with dual "
+                 "scoring) in <run-dir>/ann/, the kind chosen by L as for training (index.kind to force one): "
+                 "predict and eval use it. `train` builds it at its end unless eval.ann_index=false.")
+
+    export = commands.add_parser("export", help="export a trained run for serving",
+                                 description="The encoder as a sentence-transformers model (SentenceTransformer(OUT)"
+                                             " loads it), and in OUT/labels the label vectors (.npy), the faiss "
+                                             "index, the label names and a card with the score formula.")
+    export.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
+    export.add_argument("--out", required=True, help="a new directory")
+    export.set_defaults(func=cmd_export)
 
     plan = commands.add_parser("plan", help="memory per rank of a run, and whether it fits this host",
                                description="Bytes per rank for the classifier table and its optimizer state, "

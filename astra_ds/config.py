@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -239,6 +240,9 @@ class EvalConfig:
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
     label_text_weight: float = 0.0
+    # at the end of training, build the serving index over the final rows (<out_dir>/ann/, the kind chosen by the
+    # index section, as for training); `astra-ds index` builds it later
+    ann_index: bool = True
 
     def __post_init__(self):
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
@@ -267,6 +271,17 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """The config with its data paths (and a local model directory) absolute: as a run directory keeps it,
+        so that `eval` works from any directory."""
+        cfg = copy.deepcopy(self)
+        cfg.data.path = str(Path(cfg.data.path).resolve())
+        if cfg.data.cache_dir:
+            cfg.data.cache_dir = str(Path(cfg.data.cache_dir).resolve())
+        if Path(cfg.encoder.model).is_dir():
+            cfg.encoder.model = str(Path(cfg.encoder.model).resolve())
+        return cfg
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

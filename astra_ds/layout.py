@@ -5,6 +5,10 @@ Run directory (`out_dir`):
     train_log.jsonl, tensorboard/    metrics along training
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
     label_embeddings/                the final encoder's label-text embeddings (zarr; dual scoring)
+    model.json                       what predicting needs besides the weights: step, L, d, the score formula
+    label_names.txt                  one name a label (the dataset's label texts), for predictions
+    ann/                             the serving index: index.faiss over the scoring vectors, index.json
+    evals/<n>/                       the results of each `astra-ds eval` (never overwritten)
     metrics.json, predictions.npz    the evaluation on the test split
     memory.json                      the memory plan and the measured peak RSS
     checkpoints/                     full-state checkpoints (below)
@@ -24,6 +28,12 @@ TENSORBOARD = "tensorboard"
 ENCODER_WEIGHTS = "encoder.pt"
 TABLE = "table"
 LABEL_EMBEDDINGS = "label_embeddings"
+MODEL_CARD = "model.json"
+LABEL_NAMES = "label_names.txt"
+ANN_DIR = "ann"
+ANN_INDEX = "ann/index.faiss"
+ANN_INFO = "ann/index.json"
+EVALS = "evals"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"
 MEMORY = "memory.json"

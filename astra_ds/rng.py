@@ -18,6 +18,7 @@ class Stream(IntEnum):
     INDEX_TRAINING = 4  # the rows an IVF index trains its centroids on (counters: index version, rank)
     TABLE_INIT = 5  # random classifier rows (counter: chunk)
     BF16_ROUNDING = 6  # stochastic rounding of bfloat16 rows (counters: rank, update)
+    SERVING_INDEX = 7  # the rows the serving index of a finished run trains on (no counter)
 
 
 def numpy_rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

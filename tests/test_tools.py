@@ -54,3 +54,12 @@ def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_d
         assert [epochs for epochs, _, _ in curve] == [0.0, 0.25, 0.5]
         line = next(line for line in out.split("epochs to reach")[1].splitlines() if line.strip().startswith(key))
         assert line.split()[1:] == ["0.00", "-"]  # P@1 >= 0 before training; 1.01 never
+
+
+def test_bench_inference_prints_latency_and_recall():
+    out = _tool("tools/bench_inference.py", "--labels", "2000", "5000", "--dim", "16", "--queries", "50",
+                "--exact-queries", "5", "--encoder", "tiny-random", "--set", "kind=ivf_flat", "--set", "nprobe=1000")
+    assert "encoder tiny-random, one query" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("2,000", "5,000"))]
+    assert [(r[0], r[1]) for r in rows] == [("2,000", "ivf_flat"), ("5,000", "ivf_flat")]
+    assert all(float(r[-1]) == 1.0 for r in rows)  # every list probed: the exact top-k

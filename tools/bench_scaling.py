@@ -133,9 +133,9 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true", help="skip the dense baseline")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from astra_ds.cli import _quiet_libraries
+    from astra_ds.libraries import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     sizes = [int(x) for x in args.labels]
     print(f"batch {args.batch}, {args.negatives} uniform negatives/query, d={args.dim}, encoder {args.encoder}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")

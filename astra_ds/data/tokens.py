@@ -56,6 +56,23 @@ def _texts_digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
+def _tokenize_into(ids: np.ndarray, lengths: np.ndarray, first: int, texts: list[str], tokenizer, max_len: int) -> None:
+    """Rows first, first + 1, ... of (ids, lengths) <- the padded token ids of `texts`."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
+    for row, seq in enumerate(encoded, start=first):
+        ids[row, :len(seq)] = seq
+        ids[row, len(seq):] = pad_id
+        lengths[row] = len(seq)
+
+
+def tokenize(texts: list[str], tokenizer, max_len: int) -> TokenizedTexts:
+    """Token ids of `texts` in memory (new text at prediction time), as `tokenize_cached` makes them."""
+    ids, lengths = np.zeros((len(texts), max_len), np.int32), np.zeros(len(texts), np.int32)
+    _tokenize_into(ids, lengths, 0, texts, tokenizer, max_len)
+    return TokenizedTexts(ids, lengths)
+
+
 def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | Path, name: str,
                     chunk: int = 8192) -> TokenizedTexts:
     """Token ids of `texts`, from `cache_dir` when this (tokenizer, max_len, texts) was seen before."""
@@ -65,16 +82,11 @@ def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | 
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(len(texts), max_len))
         lengths = np.zeros(len(texts), np.int32)
         for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {name}", unit="chunk",
                           disable=len(texts) <= chunk or None):  # None: no bar when stderr is no terminal
-            encoded = tokenizer(texts[start:start + chunk], max_length=max_len, truncation=True)["input_ids"]
-            for row, seq in enumerate(encoded, start=start):
-                ids[row, :len(seq)] = seq
-                ids[row, len(seq):] = pad_id
-                lengths[row] = len(seq)
+            _tokenize_into(ids, lengths, start, texts[start:start + chunk], tokenizer, max_len)
         ids.flush()
         del ids
         np.save(tmp / "lengths.npy", lengths)

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from astra_ds.collectives import all_gather_cat, merge_topk, rank, world_size
 from astra_ds.data.tokens import TokenizedTexts
-from astra_ds.table.table import ClassifierTable
 
 
 @torch.no_grad()
@@ -38,29 +37,45 @@ def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Te
     return all_gather_cat(torch.cat(chunks))[:len(tokens)], calibration.detach().float().cpu()
 
 
+class ScoringRows:
+    """The vectors queries are scored against, a block at a time: a label's row w (w / |w| with `normalize`),
+    plus `label_text_weight` x its label-text embedding e with dual scoring. `rows` and `label_embeddings` hold
+    the same rows [start, end): a ClassifierTable and LabelEmbeddings in memory, or StoredRows on disk."""
+
+    def __init__(self, rows, normalize: bool, label_embeddings=None, label_text_weight: float = 0.0):
+        self.rows, self.normalize = rows, normalize
+        self.label_embeddings = label_embeddings if label_text_weight else None
+        self.label_text_weight = label_text_weight
+        self.start, self.end, self.dim, self.device = rows.start, rows.end, rows.dim, rows.device
+
+    def block_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) as float32 on the device."""
+        rows = self.rows.block_rows(start, end).to(self.device, non_blocking=True).float()
+        if self.normalize:
+            rows = F.normalize(rows, dim=-1)
+        if self.label_embeddings is not None:
+            rows = rows + self.label_text_weight * self.label_embeddings.block_rows(start, end).to(self.device).float()
+        return rows
+
+
 @torch.no_grad()
-def exact_topk(queries: torch.Tensor, table: ClassifierTable, k: int, normalize_rows: bool,
+def exact_topk(queries: torch.Tensor, table, k: int, normalize_rows: bool,
                label_block: int = 65536, query_block: int = 4096, progress: bool = True,
                label_embeddings=None, label_text_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k inner products of `queries` (N, d) against this shard's rows: (scores, global ids), (N, k) each.
-    With `label_embeddings` (dual scoring), a row is w / |w| + label_text_weight * e.
+    """Top-k inner products of `queries` (N, d) against this shard's rows of `table` as ScoringRows scores them
+    (`label_embeddings`: dual scoring): (scores, global ids), (N, k) each.
 
     Queries and rows are scored on the table's device, block by block, with a running top-k."""
-    device = table.device
+    scoring = ScoringRows(table, normalize_rows, label_embeddings, label_text_weight)
+    device = scoring.device
     all_scores, all_ids = [], []
-    blocks = [(s, min(s + label_block, table.end)) for s in range(table.start, table.end, label_block)]
+    blocks = [(s, min(s + label_block, scoring.end)) for s in range(scoring.start, scoring.end, label_block)]
     for q_start in tqdm(range(0, len(queries), query_block), desc="top-k", unit="block", disable=not progress):
         q = queries[q_start:q_start + query_block].to(device)
         best_scores = torch.full((len(q), 0), float("-inf"), device=device)
         best_ids = torch.zeros((len(q), 0), dtype=torch.long, device=device)
         for start, end in blocks:
-            rows = table.block_rows(start, end).to(device, non_blocking=True).float()
-            if normalize_rows:
-                rows = F.normalize(rows, dim=-1)
-            if label_embeddings is not None and label_text_weight:
-                rows = rows + label_text_weight * label_embeddings.block_rows(start, end).to(device)
-            block_scores = q @ rows.T
-            top = block_scores.topk(min(k, end - start), dim=1)
+            top = (q @ scoring.block_rows(start, end).T).topk(min(k, end - start), dim=1)
             best_scores, best_ids = merge_topk(torch.cat([best_scores, top.values], 1),
                                                torch.cat([best_ids, top.indices + start], 1), k)
         all_scores.append(best_scores.cpu())

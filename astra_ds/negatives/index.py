@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from astra_ds.config import IndexConfig
 from astra_ds.errors import ConfigError
-from astra_ds.eval.predict import exact_topk, exact_topk_bytes
+from astra_ds.eval.predict import exact_topk
 from astra_ds.negatives import INDEX_KINDS
 from astra_ds.table.table import ClassifierTable
 
@@ -105,6 +106,16 @@ def ivf_pq_index(cfg: IndexConfig, dim: int, rows: int):
     return index
 
 
+def _gather(rows, global_ids: np.ndarray, blocks: range, block: int) -> torch.Tensor:
+    """The rows at sorted `global_ids`, read a block at a time."""
+    parts = []
+    for start in blocks:
+        lo, hi = np.searchsorted(global_ids, [start, start + block])
+        if hi > lo:
+            parts.append(rows.block_rows(start, min(start + block, rows.end))[torch.from_numpy(global_ids[lo:hi] - start)])
+    return torch.cat(parts)
+
+
 class LabelIndex:
     def __init__(self, cfg: IndexConfig, normalize_rows: bool):
         self.cfg, self.normalize_rows = cfg, normalize_rows
@@ -128,20 +139,22 @@ class LabelIndex:
         self.gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self.gpu_resources, torch.cuda.current_device(), index)
 
-    def build(self, table: ClassifierTable, rng: np.random.Generator) -> BuildReport:
-        """(Re)build over the table's current rows; `rng` samples the rows an IVF index trains on."""
+    def build(self, rows, rng: np.random.Generator, progress: bool = False) -> BuildReport:
+        """(Re)build over rows [rows.start, rows.end) of `rows` (a ClassifierTable, ScoringRows: anything with
+        `block_rows`); `rng` samples the rows an IVF index trains on."""
         started = time.perf_counter()
         self.index, self.gpu_resources = None, None  # the old index goes first: memory never holds two
-        kind = choose_kind(self.cfg, table.num_local_rows)
-        index = self._to_gpu(INDEX_KINDS.get(kind)(self.cfg, table.dim, table.num_local_rows), kind)
+        count = rows.end - rows.start
+        kind = choose_kind(self.cfg, count)
+        index = self._to_gpu(INDEX_KINDS.get(kind)(self.cfg, rows.dim, count), kind)
+        blocks = range(rows.start, rows.end, self.cfg.add_block)
         if not index.is_trained:
-            rows = table.num_local_rows
-            sample = np.sort(rng.choice(rows, size=min(rows, self.cfg.train_rows), replace=False))
-            index.train(self._vectors(table.rows.index_select(0, torch.from_numpy(sample))))
-        for start in range(table.start, table.end, self.cfg.add_block):
-            index.add(self._vectors(table.block_rows(start, min(start + self.cfg.add_block, table.end))))
-        self.index, self.offset = index, table.start
-        return BuildReport(kind, table.num_local_rows, time.perf_counter() - started)
+            sample = np.sort(rng.choice(count, size=min(count, self.cfg.train_rows), replace=False)) + rows.start
+            index.train(self._vectors(_gather(rows, sample, blocks, self.cfg.add_block)))
+        for start in tqdm(blocks, desc=f"index ({kind})", unit="block", disable=not progress):
+            index.add(self._vectors(rows.block_rows(start, min(start + self.cfg.add_block, rows.end))))
+        self.index, self.offset = index, rows.start
+        return BuildReport(kind, count, time.perf_counter() - started)
 
     def save(self, path: str | Path) -> None:
         """The built index, streamed to `path` by faiss (serialising it to bytes for pickle would hold it
@@ -151,14 +164,19 @@ class LabelIndex:
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(path))
 
-    def load(self, path: str | Path, table: ClassifierTable) -> None:
+    def load(self, path: str | Path, rows) -> None:
+        """The index saved at `path`, over rows [rows.start, rows.end)."""
         index = import_faiss().read_index(str(path))
-        self.index, self.offset = self._to_gpu(index, choose_kind(self.cfg, table.num_local_rows)), table.start
+        if hasattr(index, "nprobe"):  # the config's, which may differ from the one it was built with
+            index.nprobe = min(self.cfg.nprobe, index.nlist)
+        self.index, self.offset = self._to_gpu(index, choose_kind(self.cfg, rows.end - rows.start)), rows.start
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, global ids), (B, k) each; ids are -1 where the index has fewer than k results."""
         if self.index is None:
             raise RuntimeError("the index has not been built")
+        if hasattr(self.index, "hnsw"):  # HNSW returns at most efSearch results
+            self.index.hnsw.efSearch = max(self.cfg.ef_search, k)
         scores, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
         return scores, np.where(ids >= 0, ids + self.offset, -1)
 
@@ -167,5 +185,9 @@ class LabelIndex:
         queries = queries[:self.cfg.recall_queries]
         _, exact = exact_topk(queries, table, k, self.normalize_rows, progress=False)
         _, approx = self.search(queries, k)
-        exact = exact.numpy()
-        return float(np.mean([len(np.intersect1d(a, e)) / e.shape[0] for a, e in zip(approx, exact)]))
+        return recall_at_k(approx, exact.numpy())
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean |approximate top-k ∩ exact top-k| / k over the rows of two (N, k) id arrays."""
+    return float(np.mean([len(np.intersect1d(a, e)) / e.shape[0] for a, e in zip(approx, exact)]))

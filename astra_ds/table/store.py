@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import zarr
 
 
@@ -65,3 +66,31 @@ def open_table(path: str | Path, mode: str = "r") -> zarr.Group:
 def chunk_file(path: str | Path, name: str, chunk: int, ndim: int) -> Path:
     """The file of row chunk `chunk` of array `name` (zarr v3 default chunk keys: c/<row chunk>/0...)."""
     return Path(path, name, "c", str(chunk), *["0"] * (ndim - 1))
+
+
+class StoredRows:
+    """The rows of a saved table (or of label embeddings), read as float32 blocks: from disk a block at a time,
+    or from memory after `load` (which keeps bfloat16 rows in bfloat16)."""
+
+    def __init__(self, path: str | Path):
+        group = open_table(path)
+        self.array, self.bfloat16 = group["rows"], group.attrs.get("dtype", "float32") == "bfloat16"
+        self.start, self.end, self.dim = 0, int(group.attrs["num_labels"]), int(group.attrs["dim"])
+        self.device = torch.device("cpu")
+        self.rows: torch.Tensor | None = None
+
+    def _read(self, start: int, end: int) -> torch.Tensor:
+        values = torch.from_numpy(np.asarray(self.array[start:end]))
+        return values.view(torch.bfloat16) if self.bfloat16 else values
+
+    def load(self) -> "StoredRows":
+        """All rows into memory, a chunk at a time."""
+        if self.rows is None:
+            self.rows = torch.empty((self.end, self.dim), dtype=torch.bfloat16 if self.bfloat16 else torch.float32)
+            step = self.array.chunks[0]
+            for start in range(0, self.end, step):
+                self.rows[start:start + step] = self._read(start, min(start + step, self.end))
+        return self
+
+    def block_rows(self, start: int, end: int) -> torch.Tensor:
+        return (self.rows[start:end] if self.rows is not None else self._read(start, end)).float()

@@ -27,11 +27,13 @@ from astra_ds.build import build_training
 from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, summary
 from astra_ds.dist import init_distributed
-from astra_ds.eval.evaluate import MODEL, evaluate
+from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks
 from astra_ds.eval.metrics import format_table
 from astra_ds.eval.predict import encode_queries
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.rng import GlobalRngState
+from astra_ds.serve.ann import build_serving_index
+from astra_ds.serve.card import write_model_files
 from astra_ds.train.checkpoint import CheckpointManager, check_checkpoint
 from astra_ds.train.engine import EngineCheckpoint, encoder_state_dict
 from astra_ds.train.metrics_log import MetricsLog
@@ -79,7 +81,7 @@ class Trainer:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            cfg.save(self.run_dir / layout.CONFIG)
+            cfg.with_absolute_paths().save(self.run_dir / layout.CONFIG)
             (self.run_dir / layout.DS_CONFIG).write_text(json.dumps(parts.ds_config, indent=2))
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
         for name, component in (("encoder", EngineCheckpoint(self.engine)), (layout.TABLE, self.table),
@@ -226,7 +228,8 @@ class Trainer:
     # ---- results ----------------------------------------------------------------------------------------------
 
     def save_model(self) -> None:
-        """The final encoder weights and classifier table (each rank writes its rows), for `astra-ds eval`."""
+        """The final encoder weights and classifier table (each rank writes its rows), the files `astra-ds eval`
+        and `predict` read besides."""
         state = encoder_state_dict(self.engine)
         if self.dist.is_main:
             torch.save(state, self.run_dir / layout.ENCODER_WEIGHTS)
@@ -237,6 +240,12 @@ class Trainer:
         barrier()
         if self.cfg.eval.label_text_weight > 0:
             self.current_label_embeddings().save(self.run_dir / layout.LABEL_EMBEDDINGS)
+        if self.dist.is_main:  # what predicting needs: the score formula, label names, the serving index
+            write_model_files(self.run_dir, self.cfg, self.table.num_labels, self.table.dim, self.step,
+                              state["calibration"], self.data.dataset.label_texts)
+            if self.cfg.eval.ann_index:
+                build_serving_index(self.run_dir, self.cfg.index, self.cfg.train.seed, self.progress)
+        barrier()
 
     def evaluate(self) -> dict:
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
@@ -246,9 +255,12 @@ class Trainer:
                                                self.cfg.eval.batch_size, self.device, self.progress)
             self.engine.train()
             self.test_queries_step = self.encoder_steps()
-        results = evaluate(*self.test_queries, self.table, self.data.dataset.test.labels,
-                           self.data.dataset.train.labels, self.cfg.eval, self.cfg.table.normalize_rows,
-                           self.run_dir, label_embeddings, progress=self.progress)
+        queries, calibration = self.test_queries
+        topk = exact_topk_all_ranks(queries, self.table, self.cfg.eval, self.cfg.table.normalize_rows,
+                                    label_embeddings, self.progress)
+        about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "topk": "exact"}
+        results = evaluate({MODEL: topk}, calibration, self.data.dataset.test.labels, self.data.dataset.train.labels,
+                           self.cfg.eval, self.table.num_labels, self.run_dir, about)
         if self.dist.is_main:
             print(format_table(results, self.cfg.eval.ks), flush=True)
         return results

@@ -1,0 +1,72 @@
+"""The serving index of a finished run: faiss over the vectors that exact top-k scores queries against
+(ScoringRows: classifier rows, plus the weighted label-text embeddings with dual scoring), so that the approximate
+top-k ranks by the same score. Built from the saved arrays a block at a time (any number of ranks wrote them),
+kind chosen by L as for training (HNSW, IVF-Flat, IVF-PQ; faiss-gpu when present), saved in <run>/ann/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from astra_ds import layout
+from astra_ds.config import IndexConfig
+from astra_ds.errors import UserError
+from astra_ds.eval.predict import ScoringRows
+from astra_ds.negatives.index import LabelIndex
+from astra_ds.rng import Stream, numpy_rng
+from astra_ds.serve.card import ModelCard, read_card
+from astra_ds.table.store import StoredRows
+
+log = logging.getLogger("astra_ds")
+
+
+def stored_scoring_rows(run_dir: Path, card: ModelCard) -> ScoringRows:
+    """The scoring vectors of a run, read from its table (and label embeddings) on disk."""
+    embeddings = StoredRows(run_dir / layout.LABEL_EMBEDDINGS) if card.label_text_weight else None
+    return ScoringRows(StoredRows(run_dir / layout.TABLE), card.normalize_rows, embeddings, card.label_text_weight)
+
+
+def build_serving_index(run_dir: str | Path, cfg: IndexConfig, seed: int = 0, progress: bool = False) -> dict:
+    """Builds <run>/ann/ (replacing an older one only once the new one is complete); returns its description."""
+    run_dir = Path(run_dir)
+    card = read_card(run_dir)
+    index = LabelIndex(cfg, normalize_rows=False)  # ScoringRows already are what is scored
+    report = index.build(stored_scoring_rows(run_dir, card), numpy_rng(seed, Stream.SERVING_INDEX), progress)
+    info = {"kind": report.kind, "num_labels": report.rows, "dim": card.dim, "step": card.step,
+            "build_seconds": round(report.seconds, 3), "normalize_rows": card.normalize_rows,
+            "label_text_weight": card.label_text_weight, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
+    final = run_dir / layout.ANN_DIR
+    tmp = final.with_name(final.name + layout.TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    index.save(tmp / Path(layout.ANN_INDEX).name)
+    (tmp / Path(layout.ANN_INFO).name).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    log.info("serving index (%s) over %d labels built in %.1f s: %s", report.kind, report.rows, report.seconds, final)
+    return info
+
+
+def load_serving_index(run_dir: Path, cfg: IndexConfig, card: ModelCard,
+                       label_text_weight: float) -> LabelIndex | None:
+    """The run's serving index, or None when it has none or it scores with another label-text weight; refused
+    when it is not of this model's rows."""
+    if not (run_dir / layout.ANN_INDEX).is_file():
+        return None
+    info = json.loads((run_dir / layout.ANN_INFO).read_text())
+    if info["label_text_weight"] != label_text_weight:
+        log.warning("the serving index scores with eval.label_text_weight=%g, not %g: exact search instead",
+                    info["label_text_weight"], label_text_weight)
+        return None
+    if (info["num_labels"], info["dim"], info["step"]) != (card.num_labels, card.dim, card.step):
+        raise UserError(f"{run_dir / layout.ANN_DIR} was built for other rows ({info['num_labels']} x {info['dim']} "
+                        f"at step {info['step']}): rebuild it with `astra-ds index --run-dir {run_dir}`")
+    index = LabelIndex(cfg, normalize_rows=False)
+    started = time.perf_counter()
+    index.load(run_dir / layout.ANN_INDEX, stored_scoring_rows(run_dir, card))
+    log.debug("serving index loaded in %.2f s", time.perf_counter() - started)
+    return index

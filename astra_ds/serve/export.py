@@ -1,0 +1,106 @@
+"""Export a finished run for a serving stack:
+
+    <out>/                          the query encoder as a sentence-transformers model: SentenceTransformer(<out>)
+        config.json, model.safetensors, tokenizer files       (Hugging Face save_pretrained)
+        modules.json, sentence_bert_config.json, 1_Pooling/, [2_Dense/], N_Normalize/
+    <out>/labels/
+        label_vectors.npy           (L, d) float32 scoring vectors v (memory-mappable): score = <q, v>
+        index.faiss                 the serving index over them (inner product)
+        label_names.txt             one name a label
+        card.json                   the score formula (scale, bias), the normalisation, the metric
+
+SentenceTransformer(<out>).encode(texts) gives the unit-norm query embeddings q of `model.encode`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from astra_ds import layout
+from astra_ds.errors import UserError
+from astra_ds.serve.ann import build_serving_index, stored_scoring_rows
+from astra_ds.serve.model import XCModel
+
+ST_TRANSFORMER, ST_POOLING = "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling"
+ST_DENSE, ST_NORMALIZE = "sentence_transformers.models.Dense", "sentence_transformers.models.Normalize"
+LABELS = "labels"
+
+
+def _sentence_transformer_modules(model: XCModel, out: Path) -> None:
+    """The encoder (transformer, pooling, projection, normalisation) as sentence-transformers module files."""
+    from safetensors.torch import save_file
+
+    encoder = model.encoder
+    encoder.backbone.save_pretrained(out)
+    model.tokenizer.save_pretrained(out)
+    hidden = encoder.backbone.config.hidden_size
+    modules = [{"path": "", "type": ST_TRANSFORMER}, {"path": "1_Pooling", "type": ST_POOLING}]
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": encoder.pooling == "cls",
+        "pooling_mode_mean_tokens": encoder.pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    if encoder.projection is not None:
+        dense = out / "2_Dense"
+        dense.mkdir()
+        (dense / "config.json").write_text(json.dumps({
+            "in_features": hidden, "out_features": encoder.dim, "bias": False,
+            "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
+        save_file({"linear.weight": encoder.projection.weight.detach().cpu().contiguous()},
+                  str(dense / "model.safetensors"))
+        modules.append({"path": "2_Dense", "type": ST_DENSE})
+    normalize = f"{len(modules)}_Normalize"
+    (out / normalize).mkdir()
+    modules.append({"path": normalize, "type": ST_NORMALIZE})
+    (out / "modules.json").write_text(json.dumps(
+        [{"idx": i, "name": str(i), **module} for i, module in enumerate(modules)], indent=2))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": model.card.max_len,
+                                                                "do_lower_case": False}, indent=2))
+
+
+def _label_files(model: XCModel, out: Path, block: int = 65536) -> None:
+    rows = stored_scoring_rows(model.run_dir, model.card)
+    vectors = np.lib.format.open_memmap(out / "label_vectors.npy", mode="w+", dtype=np.float32,
+                                        shape=(model.num_labels, model.card.dim))
+    for start in tqdm(range(0, model.num_labels, block), desc="label vectors", unit="block",
+                      disable=not model.progress):
+        vectors[start:start + block] = rows.block_rows(start, min(start + block, model.num_labels)).numpy()
+    vectors.flush()
+    shutil.copyfile(model.run_dir / layout.ANN_INDEX, out / "index.faiss")
+    info = json.loads((model.run_dir / layout.ANN_INFO).read_text())
+    if (model.run_dir / layout.LABEL_NAMES).is_file():
+        shutil.copyfile(model.run_dir / layout.LABEL_NAMES, out / "label_names.txt")
+    card = model.card
+    (out / "card.json").write_text(json.dumps({
+        "score": "logit = scale * <q, v> + bias; probability = sigmoid(logit)",
+        "scale": float(torch.tensor(card.log_scale).exp()), "bias": card.bias,
+        "query": "SentenceTransformer(<export dir>).encode(text): unit-norm (the Normalize module)",
+        "labels": f"label_vectors.npy row l = {'w_l / |w_l|' if card.normalize_rows else 'w_l'}"
+                  + (f" + {card.label_text_weight} * e_l (label-text embedding)" if card.label_text_weight else ""),
+        "metric": "inner_product", "num_labels": card.num_labels, "dim": card.dim, "step": card.step,
+        "index": {"file": "index.faiss", "kind": info["kind"]}, "encoder": card.encoder}, indent=2))
+
+
+def export(run_dir: str | Path, out: str | Path, progress: bool = False) -> Path:
+    """Writes the export of the run at `run_dir` into `out` (which must not exist); builds the run's serving
+    index first when it has none."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists: export writes a new directory")
+    model = XCModel.load(run_dir, progress=progress)
+    if model.index is None:
+        build_serving_index(model.run_dir, model.cfg.index, model.cfg.train.seed, progress)
+    tmp = out.with_name(out.name + layout.TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _sentence_transformer_modules(model, tmp)
+    (tmp / LABELS).mkdir()
+    _label_files(model, tmp / LABELS)
+    tmp.rename(out)
+    return out

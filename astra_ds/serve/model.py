@@ -1,0 +1,124 @@
+"""A finished run loaded for inference:
+
+    model = astra_ds.load("runs/synthetic")
+    predictions = model.predict(["a text to tag"], k=5)   # .ids, .scores (probabilities), .names
+    embeddings = model.encode(["a text"])                  # (N, d) unit vectors
+
+Everything comes from the run directory (model.json, config.yaml, encoder.pt, table/, label_embeddings/,
+label_names.txt, ann/); the dataset is not read. The top-k comes from the serving index when the run has one,
+else (or with exact=True) from the blockwise exact search over the rows, which are then read into memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astra_ds import layout
+from astra_ds.config import RunConfig, load_config
+from astra_ds.data.tokens import TokenizedTexts, tokenize
+from astra_ds.errors import UserError
+from astra_ds.libraries import quiet_libraries
+from astra_ds.eval.predict import ScoringRows, encode_queries, exact_topk
+from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+from astra_ds.serve.ann import load_serving_index
+from astra_ds.serve.card import ModelCard, read_card
+from astra_ds.table.store import StoredRows
+
+
+@dataclass
+class Predictions:
+    ids: np.ndarray  # (N, k) label ids, best first
+    scores: np.ndarray  # (N, k) probabilities, or logits (predict(..., logits=True))
+    names: list[list[str]]  # the labels' names (their texts), or their ids when the dataset had no label texts
+
+
+class XCModel:
+    def __init__(self, run_dir: Path, cfg: RunConfig, card: ModelCard, tokenizer, encoder: QueryEncoder,
+                 device: torch.device, label_names: list[str] | None, progress: bool = False):
+        self.run_dir, self.cfg, self.card, self.tokenizer, self.encoder = run_dir, cfg, card, tokenizer, encoder
+        self.device, self.label_names, self.progress = device, label_names, progress
+        self.label_text_weight = cfg.eval.label_text_weight  # the card's, unless overridden
+        self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight)
+        self._scoring_rows: ScoringRows | None = None
+
+    @classmethod
+    def load(cls, run_dir: str | Path, overrides: list[str] = (), device: str | None = None,
+             progress: bool = False) -> "XCModel":
+        """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"]."""
+        run_dir = Path(run_dir)
+        card = read_card(run_dir)
+        cfg = load_config(run_dir / layout.CONFIG, overrides)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        encoder = QueryEncoder(cfg.encoder, card.num_labels)
+        encoder.load_state_dict(torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu"))
+        names_file = run_dir / layout.LABEL_NAMES
+        names = names_file.read_text(encoding="utf-8").split("\n")[:card.num_labels] if names_file.is_file() else None
+        return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,
+                   progress)
+
+    @property
+    def num_labels(self) -> int:
+        return self.card.num_labels
+
+    def scoring_rows(self) -> ScoringRows:
+        """The vectors exact search scores against, read into memory at the first use."""
+        if self._scoring_rows is None:
+            embeddings = None
+            if self.label_text_weight:
+                if not (self.run_dir / layout.LABEL_EMBEDDINGS).is_dir():
+                    raise UserError(f"eval.label_text_weight > 0 needs label-text embeddings, and {self.run_dir} "
+                                    "has none: it was trained without dual scoring")
+                embeddings = StoredRows(self.run_dir / layout.LABEL_EMBEDDINGS).load()
+            rows = StoredRows(self.run_dir / layout.TABLE).load()
+            rows.device = self.device
+            self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight)
+        return self._scoring_rows
+
+    def tokenize(self, texts: list[str]) -> TokenizedTexts:
+        if isinstance(texts, str):
+            raise UserError("texts must be a list of strings, not one string")
+        empty = [i for i, text in enumerate(texts) if not text.strip()]
+        if empty:
+            raise UserError(f"empty text at position {empty[0]} ({len(empty)} empty in all)")
+        return tokenize(list(texts), self.tokenizer, self.card.max_len)
+
+    def encode_tokens(self, tokens: TokenizedTexts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query embeddings (N, d, host) and the calibration (log scale, bias)."""
+        return encode_queries(self.encoder, tokens, self.cfg.eval.batch_size, self.device, self.progress)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, d) float32 unit-norm embeddings of `texts`, as the model's queries."""
+        return self.encode_tokens(self.tokenize(texts))[0].numpy()
+
+    def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none."""
+        if not 1 <= k <= self.num_labels:
+            raise UserError(f"k must be between 1 and the {self.num_labels} labels, not {k}")
+        if exact or self.index is None:
+            return exact_topk(queries, self.scoring_rows(), k, normalize_rows=False,
+                              label_block=self.cfg.eval.label_block, progress=self.progress)
+        scores, ids = self.index.search(queries, k)
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+    def predict(self, texts: list[str], k: int = 5, exact: bool = False, logits: bool = False) -> Predictions:
+        """The k best labels of each text, best first, with their probabilities (or logits)."""
+        queries, (log_scale, bias) = self.encode_tokens(self.tokenize(texts))
+        scores, ids = self.topk(queries, k, exact)
+        values = log_scale.exp() * scores + bias
+        values = values if logits else torch.sigmoid(values)
+        ids = ids.numpy()
+        names = [[self.name(i) for i in row] for row in ids]
+        return Predictions(ids, values.numpy().astype(np.float32), names)
+
+    def name(self, label_id: int) -> str:
+        return self.label_names[label_id] if self.label_names is not None and label_id >= 0 else str(label_id)
+
+
+def load(run_dir: str | Path, overrides: list[str] = (), device: str | None = None) -> XCModel:
+    """A finished run, ready to predict: see XCModel."""
+    quiet_libraries()
+    return XCModel.load(run_dir, overrides, device)

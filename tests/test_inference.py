@@ -1,0 +1,180 @@
+"""The inference side of a finished run: predict (CLI and API) against the evaluation's own predictions, the
+serving index against exact search, a run directory that travels, the export loaded by sentence-transformers,
+results never overwritten, one-line errors."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import astra_ds
+from astra_ds.cli import main
+from astra_ds.data.readers import read_dataset
+from astra_ds.table.store import StoredRows
+from conftest import TINY_RUN, run_main
+
+# dual scoring and a projection (the export's Dense module), a serving index built at the end of training
+INFERENCE_RUN = [*TINY_RUN, "train.epochs=1", "eval.label_text_weight=0.5", "encoder.dim=16",
+                 "negatives.strategy=uniform", "batching.mode=random"]
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [arg for override in overrides for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_dir, token_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inference") / "run"
+    run_main("train", *_sets(*INFERENCE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             f"out_dir={out}"))
+    return out
+
+
+def _test_texts(synth_dir) -> list[str]:
+    return read_dataset(synth_dir).test.texts
+
+
+def test_predict_gives_the_evaluation_s_predictions(run_dir, synth_dir, tmp_path):
+    """The training's evaluation (exact top-k, logits) and `predict --exact --logits` on the same texts agree."""
+    texts = _test_texts(synth_dir)
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "predicted.npz"
+    run_main("predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "texts.txt"), "--top-k", "5",
+             "--exact", "--logits", "--out", str(out))
+    evaluated, predicted = sp.load_npz(run_dir / "predictions.npz"), sp.load_npz(out)
+    assert predicted.shape == evaluated.shape == (len(texts), 50)
+    np.testing.assert_array_equal(predicted.indices, evaluated.indices)
+    np.testing.assert_allclose(predicted.data, evaluated.data, rtol=1e-5, atol=1e-5)
+
+
+def test_the_api_predicts_probabilities_with_names_and_encodes(run_dir, synth_dir):
+    model = astra_ds.load(run_dir)
+    texts = _test_texts(synth_dir)[:8]
+    exact = model.predict(texts, k=4, exact=True)
+    logits = model.predict(texts, k=4, exact=True, logits=True)
+    np.testing.assert_allclose(exact.scores, torch.sigmoid(torch.from_numpy(logits.scores)).numpy(), rtol=1e-6)
+    assert (np.diff(exact.scores, axis=1) <= 0).all()  # best first
+    names = (run_dir / "label_names.txt").read_text().split("\n")
+    assert exact.names == [[names[i] for i in row] for row in exact.ids]
+    assert names == read_dataset(synth_dir).label_texts
+    # logits by hand: scale * <q, w / |w| + 0.5 e> + bias over every label
+    queries = torch.from_numpy(model.encode(texts))
+    assert torch.allclose(queries.norm(dim=1), torch.ones(8))
+    rows, embeddings = StoredRows(run_dir / "table").load(), StoredRows(run_dir / "label_embeddings").load()
+    vectors = torch.nn.functional.normalize(rows.rows, dim=1) + 0.5 * embeddings.rows
+    card = json.loads((run_dir / "model.json").read_text())
+    expected = np.exp(card["log_scale"]) * queries @ vectors.T + card["bias"]
+    top = expected.topk(4, dim=1)
+    np.testing.assert_array_equal(logits.ids, top.indices.numpy())
+    np.testing.assert_allclose(logits.scores, top.values.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_serving_index_finds_the_exact_top_k(run_dir, synth_dir, capsys):
+    info = json.loads((run_dir / "ann" / "index.json").read_text())
+    assert (info["kind"], info["num_labels"], info["dim"], info["label_text_weight"]) == ("hnsw", 50, 16, 0.5)
+    model = astra_ds.load(run_dir)
+    texts = _test_texts(synth_dir)
+    approximate, exact = model.predict(texts, k=5), model.predict(texts, k=5, exact=True)
+    np.testing.assert_array_equal(approximate.ids, exact.ids)  # HNSW over 50 rows misses nothing
+    np.testing.assert_allclose(approximate.scores, exact.scores, rtol=1e-5)
+
+    capsys.readouterr()
+    run_main("eval", "--run-dir", str(run_dir), "--ann")
+    assert "ANN recall@5 against exact: 1.0000" in capsys.readouterr().out
+    metrics = json.loads((run_dir / "evals" / "1" / "metrics.json").read_text())
+    assert metrics["astra_ds"] == metrics["astra_ds (ann)"] == json.loads((run_dir / "metrics.json").read_text())["astra_ds"]
+    assert metrics["ann_recall@5"] == 1.0 and metrics["topk"] == "exact and ann"
+    assert (metrics["step"], metrics["ks"], metrics["psp_a"], metrics["psp_b"]) == (16, [1, 3, 5], 0.55, 1.5)
+    assert metrics["dataset"] == str(synth_dir.resolve())
+
+
+def test_eval_never_overwrites_results(run_dir, capsys):
+    first_eval = sorted(p.name for p in (run_dir / "evals").glob("*"))
+    run_main("eval", "--run-dir", str(run_dir), "--exact")
+    after = sorted(p.name for p in (run_dir / "evals").glob("*"))
+    assert len(after) == len(first_eval) + 1
+    newest = run_dir / "evals" / after[-1]
+    assert json.loads((newest / "metrics.json").read_text())["topk"] == "exact"
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run_dir), "--out-dir", str(newest)]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
+    run_main("eval", "--run-dir", str(run_dir), "--out-dir", str(newest), "--overwrite")
+
+
+def test_a_run_directory_travels_without_its_dataset(run_dir, synth_dir, tmp_path, monkeypatch, capsys):
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(run_dir, moved)
+    config = moved / "config.yaml"
+    config.write_text(config.read_text().replace(str(synth_dir.resolve()), "/no/such/dataset"))
+    monkeypatch.chdir(tmp_path)
+    text = _test_texts(synth_dir)[0]
+    capsys.readouterr()
+    run_main("predict", "--run-dir", "elsewhere/run", "--text", text, "--top-k", "3")
+    line = json.loads(capsys.readouterr().out)
+    expected = astra_ds.load(run_dir).predict([text], k=3)
+    assert line["text"] == text and line["ids"] == expected.ids[0].tolist() and line["names"] == expected.names[0]
+
+
+def test_the_export_loads_in_sentence_transformers(run_dir, synth_dir, tmp_path):
+    import faiss
+    import sentence_transformers
+
+    out = tmp_path / "export"
+    run_main("export", "--run-dir", str(run_dir), "--out", str(out))
+    texts = _test_texts(synth_dir)[:16]
+    model = astra_ds.load(run_dir)
+    exported = sentence_transformers.SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(exported.encode(texts), model.encode(texts), atol=1e-5)
+
+    vectors = np.load(out / "labels" / "label_vectors.npy")
+    rows = model.scoring_rows()
+    np.testing.assert_allclose(vectors, rows.block_rows(0, 50).numpy(), rtol=1e-6)
+    card = json.loads((out / "labels" / "card.json").read_text())
+    queries = exported.encode(texts)
+    _, ids = faiss.read_index(str(out / "labels" / "index.faiss")).search(queries, 5)
+    np.testing.assert_array_equal(ids, model.predict(texts, k=5).ids)
+    logits = card["scale"] * (queries @ vectors.T) + card["bias"]
+    np.testing.assert_allclose(np.sort(logits, axis=1)[:, ::-1][:, :5], model.predict(texts, 5, logits=True).scores,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_index_command_rebuilds_the_serving_index(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "ann")
+    assert astra_ds.load(copy).index is None  # exact search then
+    capsys.readouterr()
+    run_main("index", "--run-dir", str(copy), "--set", "index.kind=ivf_flat", "--set", "index.nlist=2")
+    assert "serving index (ivf_flat) over 50 labels" in capsys.readouterr().out
+    assert astra_ds.load(copy).index is not None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", " "], "empty text"),
+    (["--text", "a", "--top-k", "0"], "--top-k must be >= 1"),
+    (["--text", "a", "--top-k", "51"], "--top-k 51 exceeds the model's 50 labels"),
+    (["--text", "a", "--out", "x.csv"], "the format comes from the extension"),
+])
+def test_predict_mistakes_give_one_line(run_dir, args, message, capsys):
+    capsys.readouterr()
+    assert main(["predict", "--run-dir", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astra-ds: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_a_run_without_a_table_or_index_is_one_line(run_dir, tmp_path, capsys):
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    shutil.rmtree(broken / "ann")
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(broken), "--ann"]) == 2
+    assert "has no serving index: build it with `astra-ds index" in capsys.readouterr().err
+    shutil.rmtree(broken / "table")
+    assert main(["predict", "--run-dir", str(broken), "--text", "a"]) == 2
+    assert f"{broken} is not a finished run: table is missing" in capsys.readouterr().err
+    (tmp_path / "exists.jsonl").write_text("")
+    assert main(["predict", "--run-dir", str(run_dir), "--text", "a", "--out", str(tmp_path / "exists.jsonl")]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err
