@@ -2,6 +2,8 @@
 
     astra-ds data synth --out data/synthetic            write the default synthetic dataset
     astra-ds data stats data/synthetic                  summarise a dataset (any layout)
+    astra-ds data validate data/synthetic               check it: empty rows, unseen labels, truncation
+    astra-ds data convert data/synthetic --to xc_json --out data/synthetic_json   another layout
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
     astra-ds predict --run-dir runs/synthetic --text "..."   tag new text (also --input FILE, or - for stdin)
@@ -123,14 +125,17 @@ def cmd_eval(args) -> None:
     import time
 
     from astra_ds.build import load_for_eval
-    from astra_ds.eval.evaluate import MODEL, MODEL_ANN, ann_recall, evaluate
+    from astra_ds.eval.evaluate import MODEL, MODEL_ANN, ann_recall, evaluate, search_k
     from astra_ds.eval.metrics import format_table
 
     progress = sys.stderr.isatty()
     model, data = load_for_eval(args.run_dir, args.set, progress)
     if args.ann and model.index is None:
         raise UserError(f"{args.run_dir} has no serving index: build it with `astra-ds index --run-dir {args.run_dir}`")
-    k = max(model.cfg.eval.ks)
+    test_filter = data.dataset.test_filter
+    k = search_k(model.cfg.eval, test_filter)
+    if k > model.num_labels:
+        raise ConfigError(f"eval.ks asks for the top {k} (filtered pairs included) of {model.num_labels} labels")
     out_dir = _eval_dir(Path(args.run_dir), args.out_dir, args.overwrite)
     queries, calibration = model.encode_tokens(data.test_tokens)
     if args.ann:
@@ -148,7 +153,7 @@ def cmd_eval(args) -> None:
         about[f"ann_recall@{k}"] = ann_recall(topk[MODEL_ANN][1], topk[MODEL][1])
     out_dir.mkdir(parents=True, exist_ok=True)
     results = evaluate(topk, calibration, data.dataset.test.labels, data.dataset.train.labels, model.cfg.eval,
-                       model.num_labels, out_dir, about)
+                       model.num_labels, out_dir, about, test_filter)
     print(format_table(results, model.cfg.eval.ks))
     print(f"top-k of {len(queries)} queries: " + ", ".join(f"{kind} {s:.2f} s" for kind, s in seconds.items())
           + (f" | ANN recall@{k} against exact: {about[f'ann_recall@{k}']:.4f}" if args.ann else "")
@@ -268,6 +273,29 @@ def cmd_stats(args) -> None:
               f"mean {per_point.mean():.2f} max {per_point.max()} | queries without labels {(per_point == 0).sum()} "
               f"| queries/label mean {per_label.mean():.2f} max {per_label.max()} | labels never seen "
               f"{(per_label == 0).sum()} | words/query mean {words.mean():.1f} max {words.max()}")
+
+
+def cmd_validate(args) -> None:
+    cfg = load_config(args.config, args.set)
+    quiet_libraries()
+    from astra_ds.data.readers import read_dataset
+    from astra_ds.data.validate import validate
+    from astra_ds.model.encoder import build_tokenizer
+
+    dataset = read_dataset(args.path, args.format, cfg.data.text_fields)
+    lines, warnings = validate(dataset, build_tokenizer(cfg.encoder), cfg.data.max_len, cfg.siamese.label_max_len)
+    print(f"dataset {args.path} ({cfg.encoder.model} tokens):\n  " + "\n  ".join(lines))
+    print("warnings:\n  " + "\n  ".join(warnings) if warnings else "no warnings")
+
+
+def cmd_convert(args) -> None:
+    from astra_ds.data.convert import convert
+    from astra_ds.data.readers import read_dataset
+
+    dataset = read_dataset(args.path, args.format, args.text_fields)
+    convert(dataset, Path(args.path), Path(args.out), args.to)
+    print(f"{args.path} -> {args.out} ({args.to}): {len(dataset.train.texts)} train / {len(dataset.test.texts)} test "
+          f"queries, {dataset.num_labels} labels")
 
 
 # ---- parser ---------------------------------------------------------------------------------------------------
@@ -397,6 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("path", help="dataset directory")
     stats.add_argument("--format", default="auto", choices=["auto", *READERS.names])
     stats.set_defaults(func=cmd_stats)
+    validate = data_commands.add_parser(
+        "validate", help="check a dataset and report what training would meet",
+        description="Reads the dataset (header and row counts, id ranges, malformed lines end with one line) and "
+                    "reports queries without labels, labels without training points, test labels unseen in "
+                    "training, filter pairs, and the token lengths of queries and label texts against data.max_len "
+                    "and siamese.label_max_len of the config (tokenizer of encoder.model).")
+    validate.add_argument("path", help="dataset directory")
+    validate.add_argument("--format", default="auto", choices=["auto", *READERS.names])
+    _config_arguments(validate)
+    validate.set_defaults(func=cmd_validate)
+    convert = data_commands.add_parser(
+        "convert", help="write a dataset in another layout",
+        description="Writes the dataset at PATH into a new directory in the layout --to: raw_text, xc_json (gzipped "
+                    "JSON lines) or bow (words counted; word order is lost). Filter files are copied.")
+    convert.add_argument("path", help="dataset directory")
+    convert.add_argument("--to", required=True, choices=["raw_text", "xc_json", "bow"], help="the target layout")
+    convert.add_argument("--out", required=True, help="a new directory")
+    convert.add_argument("--format", default="auto", choices=["auto", *READERS.names], help="the source layout")
+    convert.add_argument("--text-fields", default="title", choices=["title", "title_content"],
+                         help="JSON sources: the query text is the title, or title and content")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -19,6 +19,7 @@ from astra_ds.table import OPTIMIZERS
 # The choices of each option: names from the registries (checked when a config is loaded) and fixed sets.
 DataFormat = READERS.literal("auto")
 Pooling = typing.Literal["mean", "cls"]
+TextFields = typing.Literal["title", "title_content"]
 TableOptimizer = OPTIMIZERS.literal()
 TableInit = typing.Literal["random", "label_text"]
 TableDtype = typing.Literal["float32", "bfloat16"]
@@ -26,6 +27,8 @@ SamplerName = SAMPLERS.literal()
 ShortlistMode = typing.Literal["per_step", "precomputed"]
 BatchingMode = typing.Literal["random", "clustered"]
 EncoderDecay = typing.Literal["constant", "linear"]
+PROPENSITY_PRESETS = {"default": (0.55, 1.5), "amazon": (0.6, 2.6), "wikipedia": (0.5, 0.4)}  # XC repository's A, B
+PropensityPreset = typing.Literal["default", "amazon", "wikipedia"]
 IndexKind = INDEX_KINDS.literal("auto")
 
 
@@ -39,6 +42,7 @@ class DataConfig:
     path: str = "data/synthetic"
     format: DataFormat = "auto"  # auto (detected from the files) or a layout of astra_ds/data/readers.py
     max_len: int = 32  # tokens per query, after truncation
+    text_fields: TextFields = "title"  # the JSON layout's query text: its title, or title and content
     cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
 
     def __post_init__(self):
@@ -230,8 +234,11 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 3, 5])
-    psp_a: float = 0.55  # Jain et al. propensity parameters
-    psp_b: float = 1.5
+    # propensity parameters (A, B) of Jain et al. for PSP@k: a preset of the XC repository (default 0.55 / 1.5,
+    # amazon 0.6 / 2.6, wikipedia 0.5 / 0.4), or psp_a and psp_b set explicitly (they override the preset)
+    psp: PropensityPreset = "default"
+    psp_a: float | None = None
+    psp_b: float | None = None
     batch_size: int = 256  # queries encoded at once
     label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
     # also evaluate before the first step and every this many epochs (0.5: twice an epoch; 0: only at the end);
@@ -244,8 +251,15 @@ class EvalConfig:
     # index section, as for training); `astra-ds index` builds it later
     ann_index: bool = True
 
+    @property
+    def propensity(self) -> tuple[float, float]:
+        """(A, B) of the propensity model: the preset's, or the explicit ones."""
+        a, b = PROPENSITY_PRESETS[self.psp]
+        return (a if self.psp_a is None else self.psp_a), (b if self.psp_b is None else self.psp_b)
+
     def __post_init__(self):
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
+        _check(self.psp_b is None or self.psp_b > -1, f"eval.psp_b must be > -1, not {self.psp_b}")
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
         _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
 

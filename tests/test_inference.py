@@ -178,3 +178,14 @@ def test_a_run_without_a_table_or_index_is_one_line(run_dir, tmp_path, capsys):
     (tmp_path / "exists.jsonl").write_text("")
     assert main(["predict", "--run-dir", str(run_dir), "--text", "a", "--out", str(tmp_path / "exists.jsonl")]) == 2
     assert "exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_eval_takes_any_k(run_dir, capsys):
+    capsys.readouterr()
+    run_main("eval", "--run-dir", str(run_dir), "--set", "eval.ks=[1, 10, 50]", "--set", "eval.psp=amazon",
+             "--out-dir", str(run_dir / "evals" / "ks"))
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.split() == ["@1", "@10", "@50"]
+    metrics = json.loads((run_dir / "evals" / "ks" / "metrics.json").read_text())
+    assert (metrics["ks"], metrics["psp_a"], metrics["psp_b"]) == ([1, 10, 50], 0.6, 2.6)
+    assert metrics["astra_ds"]["R@50"] == pytest.approx(1.0)  # every label retrieved

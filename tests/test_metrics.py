@@ -92,9 +92,14 @@ def test_popularity_baseline_and_table():
     train = _labels([[0, 1], [1], [1, 2], [2]], 4)
     pred = popularity_predictions(train, num_points=3, k=2)
     assert pred.tolist() == [[1, 2]] * 3
-    text = format_table({"model": {f"{n}@{k}": 0.5 for n in ["P", "nDCG", "PSP", "PSnDCG", "R"] for k in (1, 3)}},
-                        ks=(1, 3))
-    assert "P@1" in text.splitlines()[0] and "50.00" in text.splitlines()[1]
+    ks = (1, 3, 5, 10, 100)
+    metrics = {f"{n}@{k}": k / 1000 + i / 10 for i, n in enumerate(["P", "nDCG", "PSP", "PSnDCG", "R"]) for k in ks}
+    header, *lines = format_table({"model": metrics, "baseline": metrics}, ks=ks).splitlines()
+    assert header.split() == ["@1", "@3", "@5", "@10", "@100"]
+    assert lines[0].split() == ["model", "P", "0.10", "0.30", "0.50", "1.00", "10.00"]
+    assert lines[3].split() == ["PSnDCG", "30.10", "30.30", "30.50", "31.00", "40.00"]
+    assert lines[5].split()[:2] == ["baseline", "P"] and len(lines) == 10
+    assert len({len(line) for line in [header, *lines]}) == 1  # columns line up
 
 
 def test_too_few_predictions_is_an_error():

@@ -16,6 +16,8 @@ class CSRMembership:
 
     def contains(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         probe = np.asarray(rows, np.int64) * self.num_cols + np.asarray(cols, np.int64)
+        if len(self.keys) == 0:  # a matrix without nonzeros contains nothing
+            return np.zeros(probe.shape, bool)
         found = np.searchsorted(self.keys, probe)
         return (found < len(self.keys)) & (self.keys[np.minimum(found, len(self.keys) - 1)] == probe) \
             & (np.asarray(cols) >= 0)

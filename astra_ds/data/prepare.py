@@ -26,7 +26,7 @@ def default_cache_dir() -> Path:
 
 def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None) -> PreparedData:
     """The dataset and its token ids; with `label_max_len`, the label texts' too (when the data has them)."""
-    dataset = read_dataset(cfg.path, cfg.format)
+    dataset = read_dataset(cfg.path, cfg.format, cfg.text_fields)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     label_tokens = None
     if label_max_len is not None and dataset.label_texts is not None:

@@ -7,16 +7,22 @@ Layouts (chosen by `data.format`, or detected from the files present):
   and lines "f:v ...", plus trn_X_Y.txt / tst_X_Y.txt) or single-file (train.txt / test.txt with header
   "N F L" and lines "l,l f:v ..."). Queries become the text of their words from Xf.txt (feature names);
   labels take their text from Y.txt.
+- xc_json: the XC repository's LF-* layout: trn.json, tst.json (a JSON object a line: uid, title, content,
+  target_ind), lbl.json (label titles); the query text is the title (data.text_fields: title_content adds the
+  content).
 - pairs: the Mulan/LSML files of ../shared/data (NAME_train_word.txt, NAME_train_label.txt: "doc id" pairs;
   NAME_test_leml.txt: "#num_feature=F num_label=L" then "l,l f:v ..."), with feature_names.txt and
   label_names.txt ("TAG_" prefixes are dropped from label texts).
-All files may be gzipped (NAME.gz).
+All files may be gzipped (NAME.gz). Any layout may add filter_labels_test.txt / filter_labels_train.txt ("point
+label" lines): reciprocal pairs the evaluation leaves out, as the XC repository's does.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +46,9 @@ class XCDataset:
     test: XCSplit
     num_labels: int
     label_texts: list[str] | None  # None when the layout has no label text
+    # reciprocal pairs (query, label) the XC repository leaves out of evaluation: filter_labels_test.txt
+    test_filter: sp.csr_matrix | None = None
+    train_filter: sp.csr_matrix | None = None
 
 
 def _resolve(path: Path) -> Path | None:
@@ -281,19 +290,83 @@ def read_pairs(directory: Path) -> XCDataset:
     return _check_label_counts(dataset, directory)
 
 
+def _json_records(path: Path):
+    """(line number, object) of a JSON-lines file, one line parsed at a time."""
+    for line_no, line in _numbered_lines(path):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: not a JSON object ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
+
+
+def _json_text(record: dict, fields: tuple[str, ...], path: Path, line_no: int) -> str:
+    if "title" not in record:
+        raise DataError(f"{path}:{line_no}: no 'title' field")
+    return " ".join(str(record.get(f) or "").replace("\n", " ").strip() for f in fields).strip()
+
+
+def read_xc_json(directory: Path, text_fields: str = "title") -> XCDataset:
+    """The XC repository's JSON layout (LF-* datasets): trn.json, tst.json (a query a line: uid, title, content,
+    target_ind), lbl.json (a label a line: its title is the label text); each read a line at a time, keeping
+    only the text and the label ids."""
+    fields = ("title", "content") if text_fields == "title_content" else ("title",)
+    label_path = _require(directory, "lbl.json")
+    label_texts = [_json_text(record, ("title",), label_path, n) for n, record in _json_records(label_path)]
+    splits = {}
+    for split, name in (("train", "trn.json"), ("test", "tst.json")):
+        path = _require(directory, name)
+        texts, indices, indptr = [], array("q"), array("q", [0])  # label ids in flat arrays, not lists a row
+        for line_no, record in _json_records(path):
+            texts.append(_json_text(record, fields, path, line_no))
+            targets = record.get("target_ind", [])
+            if not isinstance(targets, list) or not all(isinstance(t, int) for t in targets):
+                raise DataError(f"{path}:{line_no}: target_ind must be a list of label ids")
+            bad = [t for t in targets if not 0 <= t < len(label_texts)]
+            if bad:
+                raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {len(label_texts)})")
+            indices.extend(targets)
+            indptr.append(len(indices))
+        labels = sp.csr_matrix((np.ones(len(indices), np.float32), np.asarray(indices, np.int32),
+                                np.asarray(indptr, np.int64)), shape=(len(texts), len(label_texts)))
+        labels.sum_duplicates()
+        labels.data[:] = 1.0
+        splits[split] = XCSplit(texts, labels)
+    return XCDataset(directory.name, splits["train"], splits["test"], len(label_texts), label_texts)
+
+
+def _read_filters(dataset: XCDataset, directory: Path) -> XCDataset:
+    """filter_labels_test.txt / filter_labels_train.txt ("point label" lines), when the directory has them."""
+    for split, attr in (("test", "test_filter"), ("train", "train_filter")):
+        path = _resolve(directory / f"filter_labels_{split}.txt")
+        if path is not None:
+            rows = getattr(dataset, split).labels.shape[0]
+            setattr(dataset, attr, read_pair_file(path, dataset.num_labels, num_rows=rows, what="label"))
+    return dataset
+
+
 def detect_format(directory: Path) -> str:
+    if _resolve(directory / "trn.json") and _resolve(directory / "lbl.json"):
+        return "xc_json"
     if _resolve(directory / "trn_X.txt"):
         return "raw_text"
     if _resolve(directory / "trn_X_Xf.txt") or _resolve(directory / "train.txt"):
         return "bow"
     if list(directory.glob("*_train_word.txt*")):
         return "pairs"
-    raise DataError(f"{directory}: no known dataset layout (expected trn_X.txt, trn_X_Xf.txt, train.txt "
-                    f"or NAME_train_word.txt)")
+    raise DataError(f"{directory}: no known dataset layout (expected trn.json + lbl.json, trn_X.txt, "
+                    f"trn_X_Xf.txt, train.txt or NAME_train_word.txt)")
 
 
-def read_dataset(path: str | Path, fmt: str = "auto") -> XCDataset:
+def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title") -> XCDataset:
+    """`text_fields` (the JSON layout): the query text is the title, or title and content (title_content)."""
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
-    return READERS.get(detect_format(directory) if fmt == "auto" else fmt)(directory)
+    fmt = detect_format(directory) if fmt == "auto" else fmt
+    reader = READERS.get(fmt)
+    dataset = reader(directory, text_fields) if fmt == "xc_json" else reader(directory)
+    return _read_filters(dataset, directory)

@@ -5,45 +5,74 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 
 from astra_ds import layout
 from astra_ds.collectives import global_topk, rank
 from astra_ds.config import EvalConfig
+from astra_ds.data.membership import CSRMembership
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
 from astra_ds.eval.predict import exact_topk, save_predictions
 
 MODEL, MODEL_ANN, BASELINE = "astra_ds", "astra_ds (ann)", "popularity"
 
 
-def exact_topk_all_ranks(queries: torch.Tensor, table, cfg: EvalConfig, normalize_rows: bool,
+def search_k(cfg: EvalConfig, test_filter: sp.csr_matrix | None) -> int:
+    """How many labels to retrieve a query: max(ks), plus room for the filtered ones."""
+    extra = int(np.diff(test_filter.indptr).max()) if test_filter is not None and test_filter.nnz else 0
+    return max(cfg.ks) + extra
+
+
+def remove_filtered(scores: torch.Tensor, ids: torch.Tensor, test_filter: sp.csr_matrix | None,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k of each row of a top-k once the (query, label) pairs of `test_filter` are taken out (the XC
+    repository's reciprocal-pair filtering); rows left short are padded with id -1, score -inf."""
+    if test_filter is None:
+        return scores[:, :k], ids[:, :k]
+    rows = np.repeat(np.arange(ids.shape[0]), ids.shape[1])
+    filtered = CSRMembership(test_filter).contains(rows, ids.numpy().reshape(-1)).reshape(ids.shape)
+    order = torch.from_numpy(np.argsort(filtered, axis=1, kind="stable")[:, :k])
+    kept = ~torch.from_numpy(np.take_along_axis(filtered, order.numpy(), axis=1))
+    return (torch.where(kept, scores.gather(1, order), torch.tensor(float("-inf"))),
+            torch.where(kept, ids.gather(1, order), torch.tensor(-1)))
+
+
+def exact_topk_all_ranks(queries: torch.Tensor, table, cfg: EvalConfig, normalize_rows: bool, k: int,
                          label_embeddings=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exact top-max(ks) of `queries` over the rows of every rank (each scores its own; the top-k are merged);
-    with `label_embeddings`, dual scoring."""
-    k = max(cfg.ks)
+    """The exact top-k of `queries` over the rows of every rank (each scores its own; the top-k are merged); with
+    `label_embeddings`, dual scoring."""
     return global_topk(*exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress,
                                    label_embeddings=label_embeddings, label_text_weight=cfg.label_text_weight), k)
 
 
 def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: torch.Tensor,
              test_labels: sp.csr_matrix, train_labels: sp.csr_matrix, cfg: EvalConfig, num_labels: int,
-             out_dir: str | Path, about: dict) -> dict[str, dict[str, float]]:
-    """Metrics of each top-k in `topk` (name -> (scores <q, v>, ids), (N, max(ks)) each; the first is the one
-    whose predictions are saved) and of the popularity baseline. Rank 0 writes metrics.json (with `about`: the
-    step, the dataset, exact or ANN, ...) and predictions.npz (top-k scores s = scale * <q, v> + bias, CSR)
-    into out_dir; every rank returns the metrics."""
+             out_dir: str | Path, about: dict, test_filter: sp.csr_matrix | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of each top-k in `topk` (name -> (scores <q, v>, ids), (N, search_k) each; the first is the one
+    whose predictions are saved) and of the popularity baseline. With `test_filter` (reciprocal pairs), its
+    pairs leave the predictions and the gold labels first. Rank 0 writes metrics.json (with `about`: the step,
+    the dataset, exact or ANN, ...) and predictions.npz (top-k scores s = scale * <q, v> + bias, CSR) into
+    out_dir; every rank returns the metrics."""
     k = max(cfg.ks)
-    inv_psp = inverse_propensity(train_labels, cfg.psp_a, cfg.psp_b)
+    topk = {name: remove_filtered(scores, ids, test_filter, k) for name, (scores, ids) in topk.items()}
+    if test_filter is not None:
+        test_labels = sp.csr_matrix(test_labels - test_labels.multiply(test_filter))
+        test_labels.eliminate_zeros()
+    psp_a, psp_b = cfg.propensity
+    inv_psp = inverse_propensity(train_labels, psp_a, psp_b)
     results = {name: compute_metrics(ids.numpy(), test_labels, inv_psp, cfg.ks) for name, (_, ids) in topk.items()}
-    results[BASELINE] = compute_metrics(popularity_predictions(train_labels, test_labels.shape[0], k), test_labels,
-                                        inv_psp, cfg.ks)
+    popular = torch.from_numpy(popularity_predictions(train_labels, test_labels.shape[0], search_k(cfg, test_filter)))
+    _, popular = remove_filtered(torch.zeros(popular.shape), popular, test_filter, k)
+    results[BASELINE] = compute_metrics(popular.numpy(), test_labels, inv_psp, cfg.ks)
     if rank() != 0:
         return results
     out_dir = Path(out_dir)
+    filtered = {"applied": test_filter is not None, "pairs": int(test_filter.nnz) if test_filter is not None else 0}
     (out_dir / layout.METRICS).write_text(json.dumps(
         {**about, "num_test": test_labels.shape[0], "num_labels": num_labels, "ks": list(cfg.ks),
-         "psp_a": cfg.psp_a, "psp_b": cfg.psp_b, **results}, indent=2))
+         "psp": cfg.psp, "psp_a": psp_a, "psp_b": psp_b, "filter": filtered, **results}, indent=2))
     scores, ids = next(iter(topk.values()))
     save_predictions(out_dir / layout.PREDICTIONS, (calibration[0].exp() * scores + calibration[1]).numpy(),
                      ids.numpy(), num_labels)

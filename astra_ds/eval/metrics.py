@@ -78,12 +78,16 @@ def popularity_predictions(train_labels: sp.csr_matrix, num_points: int, k: int)
     return np.tile(top, (num_points, 1))
 
 
+METRIC_NAMES = ("P", "nDCG", "PSP", "PSnDCG", "R")
+
+
 def format_table(rows: dict[str, dict[str, float]], ks=(1, 3, 5)) -> str:
-    """A fixed-width table, one row per model, values in percent."""
-    names = ["P", "nDCG", "PSP", "PSnDCG", "R"]
-    columns = [f"{n}@{k}" for n in names for k in ks]
+    """A fixed-width table in percent: a block of metric lines per model, a column per k."""
     width = max(len(name) for name in rows) + 2
-    lines = ["".ljust(width) + "".join(c.rjust(9) for c in columns)]
+    column = max(8, len(str(max(ks))) + 3)
+    lines = [" " * (width + 8) + "".join(f"@{k}".rjust(column) for k in ks)]
     for name, metrics in rows.items():
-        lines.append(name.ljust(width) + "".join(f"{100 * metrics[c]:9.2f}" for c in columns))
+        for i, metric in enumerate(METRIC_NAMES):
+            label = (name if i == 0 else "").ljust(width) + metric.ljust(8)
+            lines.append(label + "".join(f"{100 * metrics[f'{metric}@{k}']:{column}.2f}" for k in ks))
     return "\n".join(lines)

@@ -90,8 +90,9 @@ def exact_topk_bytes(num_queries: int, rows: int, dim: int, label_block: int = 6
 
 
 def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
-    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it)."""
-    n, k = ids.shape
-    matrix = sp.csr_matrix((scores.reshape(-1).astype(np.float32), ids.reshape(-1), np.arange(0, n * k + 1, k)),
-                           shape=(n, num_labels))
+    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it); ids < 0 (padding)
+    are left out."""
+    kept = ids >= 0
+    indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
+    matrix = sp.csr_matrix((scores[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
     sp.save_npz(path, matrix)

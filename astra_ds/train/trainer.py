@@ -27,7 +27,7 @@ from astra_ds.build import build_training
 from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, summary
 from astra_ds.dist import init_distributed
-from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks
+from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
 from astra_ds.eval.predict import encode_queries
 from astra_ds.model.label_text import LabelEmbeddings
@@ -256,11 +256,12 @@ class Trainer:
             self.engine.train()
             self.test_queries_step = self.encoder_steps()
         queries, calibration = self.test_queries
+        dataset = self.data.dataset
         topk = exact_topk_all_ranks(queries, self.table, self.cfg.eval, self.cfg.table.normalize_rows,
-                                    label_embeddings, self.progress)
+                                    search_k(self.cfg.eval, dataset.test_filter), label_embeddings, self.progress)
         about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "topk": "exact"}
-        results = evaluate({MODEL: topk}, calibration, self.data.dataset.test.labels, self.data.dataset.train.labels,
-                           self.cfg.eval, self.table.num_labels, self.run_dir, about)
+        results = evaluate({MODEL: topk}, calibration, dataset.test.labels, dataset.train.labels, self.cfg.eval,
+                           self.table.num_labels, self.run_dir, about, dataset.test_filter)
         if self.dist.is_main:
             print(format_table(results, self.cfg.eval.ks), flush=True)
         return results
