@@ -60,6 +60,9 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
         raise ConfigError(f"siamese.epochs > 0, table.init=label_text and eval.label_text_weight > 0 need label "
                           f"texts, and the data at {cfg.data.path} has none (Y.txt, or label_names.txt in the "
                           "pair-file layout)")
+    if cfg.negatives.num_negatives >= data.dataset.num_labels:
+        log.warning("negatives.num_negatives=%d is not below the %d labels: every label is drawn, several times",
+                    cfg.negatives.num_negatives, data.dataset.num_labels)
     unlabelled = int((np.diff(data.dataset.train.labels.indptr) == 0).sum())
     if unlabelled:
         log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)

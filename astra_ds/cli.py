@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -35,7 +36,7 @@ from astra_ds import __version__, layout
 from astra_ds.config import describe, load_config
 from astra_ds.data import READERS
 from astra_ds.data.synth import SynthConfig
-from astra_ds.errors import ConfigError, UserError
+from astra_ds.errors import ConfigError, Preempted, UserError
 from astra_ds.launch import discover_launch
 from astra_ds.libraries import quiet_libraries
 
@@ -62,12 +63,15 @@ def cmd_train(args) -> None:
     from astra_ds.train.trainer import Trainer
 
     trainer = Trainer(cfg, resume=args.resume, init_from=args.init_from)
-    trainer.fit()
-    trainer.save_model()
-    if not args.no_eval:
-        trainer.evaluate()
-        log.info("metrics written to %s", trainer.run_dir / "metrics.json")
-    report_memory(trainer.memory_plan, trainer.run_dir, trainer.dist.is_main)
+    try:
+        trainer.fit()
+        trainer.save_model()
+        if not args.no_eval:
+            trainer.evaluate()
+            log.info("metrics written to %s", trainer.run_dir / "metrics.json")
+        report_memory(trainer.memory_plan, trainer.run_dir, trainer.dist.is_main)
+    finally:
+        trainer.close()
 
 
 def cmd_plan(args) -> None:
@@ -461,9 +465,10 @@ def _end_rank(code: int, multi_rank: bool) -> int:
 
 def _message(err: Exception) -> str:
     """One line for a user mistake; an OS error by its text and path, not its number."""
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err.args[0]) if isinstance(err, OSError) and err.args else str(err)
+    if isinstance(err, OSError):
+        text = "the disk is full" if err.errno == errno.ENOSPC else err.strerror
+        return f"{text}: {err.filename}" if err.filename else text
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,11 +479,20 @@ def main(argv: list[str] | None = None) -> int:
     rank, multi_rank = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         args.func(args)
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
-        print(f"astra-ds: error: {_message(err)}", file=sys.stderr)
-        return _end_rank(2, multi_rank)
+    except Preempted as err:
+        if rank == "0":
+            print(f"astra-ds: {err}", file=sys.stderr)
+        return _end_rank(err.exit_status, multi_rank)
     except BrokenPipeError:  # the output was piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:  # before or after training (during it, SIGINT ends in a checkpoint)
+        print("astra-ds: interrupted", file=sys.stderr)
+        return _end_rank(130, multi_rank)
+    except (UserError, OSError) as err:
+        if isinstance(err, OSError) and not err.strerror:
+            raise
+        print(f"astra-ds: error: {_message(err)}", file=sys.stderr)
+        return _end_rank(2, multi_rank)
     except Exception as err:
         if not multi_rank:
             raise

@@ -297,8 +297,8 @@ class RunConfig:
             cfg.encoder.model = str(Path(cfg.encoder.model).resolve())
         return cfg
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 def _coerce(value, hint, key: str):
@@ -373,9 +373,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         path = Path(path)
         _check(path.is_file(), f"config file not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace")) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        _check(isinstance(tree, dict), f"{path}: a config is a mapping of sections (data:, train:, ...), "
+                                       f"not a {type(tree).__name__}")
     for override in overrides:
         _apply_override(tree, override)
     return _build(RunConfig, tree, "")

@@ -19,3 +19,23 @@ class TableError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, unreadable, or of another run."""
+
+
+class TrainingError(UserError):
+    """Training that cannot go on (a loss or an updated row that is not finite): the message names the step, and
+    nothing is saved after it."""
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM or SIGINT after writing a checkpoint; the CLI exits with the signal's status."""
+
+    def __init__(self, signum: int, step: int, checkpoint):
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {checkpoint} written; "
+                         "continue with --resume auto")
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum

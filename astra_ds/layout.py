@@ -6,12 +6,14 @@ Run directory (`out_dir`):
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
     label_embeddings/                the final encoder's label-text embeddings (zarr; dual scoring)
     model.json                       what predicting needs besides the weights: step, L, d, the score formula
+    manifest.json                    digests of the model's files (encoder, table, label embeddings), checked on load
     label_names.txt                  one name a label (the dataset's label texts), for predictions
     ann/                             the serving index: index.faiss over the scoring vectors, index.json
     evals/<n>/                       the results of each `astra-ds eval` (never overwritten)
     metrics.json, predictions.npz    the evaluation on the test split
     memory.json                      the memory plan and the measured peak RSS
     checkpoints/                     full-state checkpoints (below)
+    .lock                            held while a run uses the directory
 
 Checkpoint directory (`checkpoints/global_step<N>/`):
     meta.json                        step, epoch, world size, labels, components, files: read first
@@ -29,6 +31,7 @@ ENCODER_WEIGHTS = "encoder.pt"
 TABLE = "table"
 LABEL_EMBEDDINGS = "label_embeddings"
 MODEL_CARD = "model.json"
+MANIFEST = "manifest.json"
 LABEL_NAMES = "label_names.txt"
 ANN_DIR = "ann"
 ANN_INDEX = "ann/index.faiss"
@@ -38,6 +41,7 @@ METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"
 MEMORY = "memory.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".lock"  # held by the run using the directory
 
 LATEST = "latest"
 META = "meta.json"

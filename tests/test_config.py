@@ -26,7 +26,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
 
 def test_saved_config_loads_back(tmp_path):
     cfg = load_config(None, ["train.seed=7", "table.optimizer=lazy_adam"])
-    cfg.save(tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     assert load_config(tmp_path / "config.yaml") == cfg
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ import scipy.sparse as sp
 
 from astra_ds.data import READERS
 from astra_ds.errors import DataError
+
+log = logging.getLogger("astra_ds")
 
 
 @dataclass
@@ -92,8 +95,12 @@ def _numbered_lines(path: Path):
 
 
 def read_lines(path: Path) -> list[str]:
-    """One entry per line, trailing whitespace removed."""
-    return [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
+    """One entry per line, trailing whitespace removed; bytes that are not UTF-8 become U+FFFD, with a warning."""
+    lines = [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
+    replaced = sum(1 for line in lines if "\ufffd" in line)
+    if replaced:
+        log.warning("%s: %d lines hold bytes that are not UTF-8 (read as U+FFFD)", path, replaced)
+    return lines
 
 
 def _parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:

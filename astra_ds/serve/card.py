@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astra_ds import layout
+from astra_ds.digests import damaged_files, manifest
 from astra_ds.errors import UserError
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
@@ -77,3 +78,31 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
     ModelCard(step, num_labels, dim, cfg.encoder.model, cfg.encoder.pooling, cfg.data.max_len,
               cfg.table.normalize_rows, cfg.eval.label_text_weight, float(calibration[0]), float(calibration[1]),
               str(Path(cfg.data.path).resolve())).save(run_dir / layout.MODEL_CARD)
+
+
+def _model_files(run_dir: Path) -> list[str]:
+    names = [layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES]
+    files = [name for name in names if (run_dir / name).is_file()]
+    for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS):
+        files += sorted(str(p.relative_to(run_dir)) for p in (run_dir / directory).rglob("*") if p.is_file())
+    return files
+
+
+def write_run_manifest(run_dir: Path) -> None:
+    """manifest.json: the digests of the files a finished run's model is made of (not the rebuildable index)."""
+    digests = manifest(run_dir, _model_files(run_dir))
+    tmp = run_dir / (layout.MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(digests, indent=1))
+    tmp.replace(run_dir / layout.MANIFEST)
+
+
+def verify_run(run_dir: Path) -> None:
+    """Refuses a finished run whose model files are missing or changed since training wrote them (runs from
+    before manifest.json existed are not checked)."""
+    path = run_dir / layout.MANIFEST
+    if path.is_file():
+        damaged = damaged_files(run_dir, json.loads(path.read_text()))
+        if damaged:
+            more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+            raise UserError(f"{run_dir} is damaged: {', '.join(damaged[:3])}{more} missing or changed since training "
+                            "wrote them")

@@ -25,8 +25,9 @@ from astra_ds.libraries import quiet_libraries
 from astra_ds.eval.predict import ScoringRows, encode_queries, exact_topk
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.serve.ann import load_serving_index
-from astra_ds.serve.card import ModelCard, read_card
+from astra_ds.serve.card import ModelCard, read_card, verify_run
 from astra_ds.table.store import StoredRows
+from astra_ds.train.checkpoint import load_pickle
 
 
 @dataclass
@@ -51,10 +52,15 @@ class XCModel:
         """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"]."""
         run_dir = Path(run_dir)
         card = read_card(run_dir)
+        verify_run(run_dir)
         cfg = load_config(run_dir / layout.CONFIG, overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels)
-        encoder.load_state_dict(torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu"))
+        try:
+            encoder.load_state_dict(load_pickle(run_dir / layout.ENCODER_WEIGHTS))
+        except RuntimeError as err:  # another encoder.model or encoder.dim than the weights
+            raise UserError(f"{run_dir / layout.ENCODER_WEIGHTS} does not fit encoder.model={cfg.encoder.model}, "
+                            f"encoder.dim={cfg.encoder.dim}: {str(err).strip().splitlines()[-1].strip()[:160]}") from None
         names_file = run_dir / layout.LABEL_NAMES
         names = names_file.read_text(encoding="utf-8").split("\n")[:card.num_labels] if names_file.is_file() else None
         return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,

@@ -11,6 +11,7 @@ a bfloat16 step still move a row on average.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from astra_ds.collectives import barrier
 from astra_ds.config import TableConfig
-from astra_ds.errors import TableError
+from astra_ds.errors import TableError, TrainingError
 from astra_ds.rng import Stream, torch_generator
 from astra_ds.table import OPTIMIZERS, store
 from astra_ds.table.host_memory import host_zeros
@@ -117,6 +118,10 @@ class ClassifierTable:
         if self.dtype == torch.bfloat16:
             generator = torch_generator(self.seed, Stream.BF16_ROUNDING, self.rank, self.updates, device=self.device)
             new_weights = round_to_bfloat16(new_weights, generator)
+        if not torch.isfinite(new_weights).all():
+            bad = local_rows[~torch.isfinite(new_weights.cpu()).all(dim=1)] + self.start
+            raise TrainingError(f"{len(bad)} updated classifier rows are not finite (labels {bad[:5].tolist()}); "
+                                "they were not written")
         self.rows.index_copy_(0, local_rows, new_weights.to("cpu"))
         self.dirty[local_rows.numpy() // self.chunk_rows] = True  # shards start on a chunk boundary
         return local_rows, new_weights
@@ -199,15 +204,32 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _link_chunk(source_table: str | Path, table: str | Path, name: str, chunk: int, ndim: int) -> bool:
-    """Hard-link chunk `chunk` of array `name` from `source_table` into `table`; False where the file systems
-    differ (the caller writes the chunk instead)."""
+    """Clone (reflink) or else hard-link chunk `chunk` of array `name` from `source_table` into `table`; False
+    where the file systems differ (the caller writes the chunk instead)."""
     source = store.chunk_file(source_table, name, chunk, ndim)
     if not source.exists():  # the chunk holds only zeros (zarr's fill value): nothing to link
         return True
     destination = store.chunk_file(table, name, chunk, ndim)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if _reflink(source, destination):
+        return True
     try:
         os.link(source, destination)
     except OSError:  # EXDEV: checkpoint.dir on another file system than out_dir
         return False
     return True
+
+
+FICLONE = 0x40049409  # Linux ioctl: share the source's blocks, copy-on-write (btrfs, XFS, ...)
+
+
+def _reflink(source: Path, destination: Path) -> bool:
+    """A copy-on-write clone of `source`, where the file system offers one: as cheap as a link, but damage to
+    one file does not reach the other."""
+    try:
+        with open(source, "rb") as src, open(destination, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        return True
+    except OSError:
+        destination.unlink(missing_ok=True)
+        return False

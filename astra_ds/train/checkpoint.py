@@ -9,15 +9,20 @@ loaded in the order they were registered, state before files.
 
 A checkpoint is written as global_step<N>.tmp, fsynced and renamed; then the file `latest` (naming the tag) is
 replaced atomically, and checkpoints beyond keep_last are deleted. A crash at any point leaves the previous
-checkpoint and `latest` as they were. meta.json lists the checkpoint's files; a checkpoint missing one of them
-is refused before anything is built.
+checkpoint and `latest` as they were. meta.json lists the checkpoint's files with their digests; a checkpoint
+missing one of them, or holding one whose bytes changed, is refused before anything is built (`--resume auto`
+falls back to the newest one that verifies). Unchanged table chunks are reflinks (copy-on-write, where the file
+system has them) or hard links to the previous checkpoint's; a damaged shared file names every checkpoint that
+holds it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +32,7 @@ import torch
 from astra_ds import layout
 from astra_ds.collectives import barrier
 from astra_ds.config import CheckpointConfig
+from astra_ds.digests import DigestCache, damaged_files, manifest
 from astra_ds.errors import CheckpointError
 
 log = logging.getLogger("astra_ds")
@@ -62,12 +68,25 @@ def write_atomically(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def load_pickle(path: Path):
+    """torch.load, with a damaged or truncated file named in one line."""
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
+
+
 def _files_under(path: Path) -> list[str]:
     return sorted(str(Path(root, name).relative_to(path)) for root, _, files in os.walk(path) for name in files)
 
 
-def check_checkpoint(path: Path) -> dict:
-    """The checkpoint's meta.json, or a CheckpointError that says what is wrong."""
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
+    """The checkpoint's meta.json, or a CheckpointError that says what is wrong: a missing file, or one whose
+    digest differs from the one written with it (naming the other checkpoints that share the damaged file)."""
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
     if not (path / layout.META).is_file():
@@ -79,9 +98,20 @@ def check_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} has an unreadable {layout.META}: {err}") from None
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing[:3])}{more})")
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {_listed(missing)})")
+    damaged = damaged_files(path, meta.get("digests", {}), cache)
+    if damaged:
+        sharing = _sharing(path, damaged)
+        raise CheckpointError(f"checkpoint {path} is damaged ({_listed(damaged)} changed since it was written)"
+                              + (f"; the same files are in {', '.join(sharing)}" if sharing else ""))
     return meta
+
+
+def _sharing(path: Path, names: list[str]) -> list[str]:
+    """The other checkpoints beside `path` that hold one of its files `names` (a hard link to the same file)."""
+    inodes = {os.stat(path / name).st_ino for name in names if (path / name).exists()}
+    return sorted(other.name for other in path.parent.glob(layout.CHECKPOINT_PREFIX + "*") if other != path and any(
+        (other / name).exists() and os.stat(other / name).st_ino in inodes for name in names))
 
 
 def convert_encoder_to_universal(directory: Path, tag: str) -> str:
@@ -111,6 +141,11 @@ class CheckpointManager:
         self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / layout.CHECKPOINTS
         self.components: dict[str, tuple[object, bool]] = {}  # name -> (component, per rank)
         self.previous: Path | None = None  # the last checkpoint saved or loaded: its unchanged table chunks are linked
+        self.digest_cache = DigestCache()  # linked chunks are not read again to digest them
+        if rank == 0:
+            for leftover in self.dir.glob("*" + layout.TMP_SUFFIX):  # a save cut short by a crash or a kill
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                log.info("removed %s, left by an interrupted save", leftover)
 
     def register(self, name: str, component, per_rank: bool = False) -> None:
         self.components[name] = (component, per_rank)
@@ -119,20 +154,46 @@ class CheckpointManager:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
 
     def resolve(self, resume: str) -> Path | None:
-        """`auto`: the checkpoint `latest` names (None when this run has none yet); else a checkpoint path."""
+        """`auto`: the newest checkpoint that verifies, from the one `latest` names down (None when this run has
+        none yet), saying which were passed over; else a checkpoint path."""
         if resume != "auto":
             return Path(resume)
         latest = self.dir / layout.LATEST
         if not latest.is_file():
             return None
-        return self.dir / latest.read_text().strip()
+        candidates = sorted((p for p in self.dir.glob(layout.CHECKPOINT_PREFIX + "*")
+                             if p.is_dir() and not p.name.endswith(layout.TMP_SUFFIX)),
+                            key=lambda p: layout.step_of(p.name), reverse=True)
+        newest = self.dir / latest.read_text().strip()
+        candidates = [newest] + [p for p in candidates if p != newest and layout.step_of(p.name) < layout.step_of(newest.name)]
+        for i, path in enumerate(candidates):
+            try:
+                check_checkpoint(path, self.digest_cache)
+            except CheckpointError as err:
+                if i + 1 < len(candidates):
+                    log.warning("%s: falling back to %s", err, candidates[i + 1].name)
+                    continue
+                raise
+            return path
+        return None
 
     def _states(self, per_rank: bool) -> dict:
         return {name: component.state_dict() for name, (component, own) in self.components.items()
                 if own == per_rank and hasattr(component, "state_dict")}
 
     def save(self, step: int, meta: dict) -> Path:
-        """Write checkpoint `global_step<step>` (collective: every rank writes its part); `meta` joins meta.json."""
+        """Write checkpoint `global_step<step>` (collective: every rank writes its part); `meta` joins meta.json.
+        A full disk is reported as such (libraries say it as an iostream error); the previous checkpoint stays."""
+        try:
+            return self._save(step, meta)
+        except (OSError, RuntimeError) as err:
+            free = shutil.disk_usage(self.dir).free
+            if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20:
+                raise CheckpointError(f"the disk is full: writing a checkpoint into {self.dir} failed ({free} bytes "
+                                      "free); the previous checkpoint is intact") from None
+            raise
+
+    def _save(self, step: int, meta: dict) -> Path:
         tag = layout.checkpoint_tag(step)
         final, tmp = self.dir / tag, self.dir / (tag + layout.TMP_SUFFIX)
         started = time.time()
@@ -150,8 +211,9 @@ class CheckpointManager:
             torch.save(self._states(per_rank=False), tmp / layout.SHARED_STATE)
         barrier()
         if self.rank == 0:
-            meta = meta | {"world_size": self.world_size, "components": list(self.components),
-                           "files": _files_under(tmp)}
+            files = _files_under(tmp)
+            meta = meta | {"world_size": self.world_size, "components": list(self.components), "files": files,
+                           "digests": manifest(tmp, files, self.digest_cache)}
             (tmp / layout.META).write_text(json.dumps(meta, indent=2))
             fsync_tree(tmp)
             if final.exists():  # saved again at the same step (e.g. the end of a resumed run)
@@ -169,8 +231,8 @@ class CheckpointManager:
         """Every component's state from `path` (checked by `check_checkpoint`). Written by another number of
         ranks, per-rank states are left out and components with files are told to re-slice."""
         resharded = meta["world_size"] != self.world_size
-        shared = torch.load(path / layout.SHARED_STATE, weights_only=False)
-        own = {} if resharded else torch.load(path / layout.rank_state(self.rank), weights_only=False)
+        shared = load_pickle(path / layout.SHARED_STATE)
+        own = {} if resharded else load_pickle(path / layout.rank_state(self.rank))
         for name, (component, per_rank) in self.components.items():
             state = (own if per_rank else shared).get(name)
             if state is not None:

@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
+
+from astra_ds import layout
+from astra_ds.train.checkpoint import write_atomically
+
+log = logging.getLogger("astra_ds")
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The log's lines of steps <= `step`; lines that do not parse (a line torn by a crash) are dropped."""
+    kept, torn = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            torn += 1
+    if torn:
+        log.warning("%s: %d unreadable line(s) dropped (torn by a crash?)", path, torn)
+    return kept
 
 
 class MetricsLog:
@@ -15,12 +35,12 @@ class MetricsLog:
         self.writer = None
         if not enabled:
             return
-        path = run_dir / "train_log.jsonl"
-        kept = []
-        if resumed_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resumed_step]
-        self.file = open(path, "w")
-        self.file.writelines(line + "\n" for line in kept)
+        path = run_dir / layout.TRAIN_LOG
+        if resumed_step is not None and path.is_file():  # rewritten atomically: a failure leaves it as it was
+            write_atomically(path, "".join(line + "\n" for line in _lines_up_to(path, resumed_step)))
+            self.file = open(path, "a")
+        else:
+            self.file = open(path, "w")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

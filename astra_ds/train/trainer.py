@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,13 @@ from astra_ds.eval.predict import encode_queries
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.rng import GlobalRngState
 from astra_ds.serve.ann import build_serving_index
-from astra_ds.serve.card import write_model_files
-from astra_ds.train.checkpoint import CheckpointManager, check_checkpoint
+from astra_ds.serve.card import write_model_files, write_run_manifest
+from astra_ds.errors import Preempted, TrainingError
+from astra_ds.train.checkpoint import CheckpointManager, check_checkpoint, write_atomically
 from astra_ds.train.engine import EngineCheckpoint, encoder_state_dict
 from astra_ds.train.metrics_log import MetricsLog
+from astra_ds.train.preemption import Preemption
+from astra_ds.train.run_lock import RunLock
 from astra_ds.train.stages import Stage, StageContext, build_stages
 
 log = logging.getLogger("astra_ds")
@@ -52,12 +56,13 @@ class Trainer:
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
+        self.lock = RunLock(self.run_dir) if self.dist.is_main else None  # before anything is written there
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
         resume_path = self.checkpoints.resolve(resume) if resume else None
         if resume == "auto" and resume_path is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
         start_path = resume_path or (Path(init_from) if init_from else None)
-        start = (start_path, check_checkpoint(start_path)) if start_path else None
+        start = (start_path, check_checkpoint(start_path, self.checkpoints.digest_cache)) if start_path else None
         if self.dist.is_main:
             log.info("config:\n%s", summary(cfg))
             if not resume_path and (self.run_dir / layout.CONFIG).exists():
@@ -79,11 +84,6 @@ class Trainer:
         self.test_queries, self.test_queries_step = None, None
         self.evaluated_steps: set[int] = set()
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            cfg.with_absolute_paths().save(self.run_dir / layout.CONFIG)
-            (self.run_dir / layout.DS_CONFIG).write_text(json.dumps(parts.ds_config, indent=2))
-        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
         for name, component in (("encoder", EngineCheckpoint(self.engine)), (layout.TABLE, self.table),
                                 ("negatives", self.sampler), ("trainer", self),
                                 *((f"{stage.name}_batches", stage.batches) for stage in self.stages)):
@@ -95,6 +95,10 @@ class Trainer:
         elif init_from:
             self.checkpoints.load_weights(start_path)
             log.info("encoder and classifier rows initialised from %s", start_path)
+        if self.dist.is_main:  # written once everything is built and loaded: a failed resume changes nothing
+            write_atomically(self.run_dir / layout.CONFIG, cfg.with_absolute_paths().to_yaml())
+            write_atomically(self.run_dir / layout.DS_CONFIG, json.dumps(parts.ds_config, indent=2))
+        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
         d = self.data.dataset
         log.info("data %s: %d train / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
                  "%d ranks | stages %s | %d steps", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
@@ -107,6 +111,17 @@ class Trainer:
     def fit(self) -> None:
         self.engine.train()
         self.fit_started, self.eval_seconds = time.time(), 0.0
+        self.preemption = Preemption()
+        try:
+            self.run_stages()
+        finally:
+            self.preemption.restore()
+        previous = self.checkpoints.previous
+        if previous is None or layout.step_of(previous.name) != self.step:
+            self.save_checkpoint()  # the end of the run
+        self.metrics_log.close()
+
+    def run_stages(self) -> None:
         for stage in self.stages:
             first = self.first_step[stage.name]
             if self.step >= min(first + stage.epochs * stage.steps_per_epoch, self.total_steps):
@@ -116,10 +131,6 @@ class Trainer:
                 self.table.rows.copy_(self.current_label_embeddings().rows.to(self.table.rows.dtype))
             stage.begin(resumed=not fresh)
             self.run_stage(stage, first)
-        previous = self.checkpoints.previous
-        if previous is None or layout.step_of(previous.name) != self.step:
-            self.save_checkpoint()  # the end of the run
-        self.metrics_log.close()
 
     def run_stage(self, stage: Stage, first: int) -> None:
         cfg, per_epoch = self.cfg, stage.steps_per_epoch
@@ -140,7 +151,13 @@ class Trainer:
             for position in range(first_position, per_epoch):
                 if self.step >= end:
                     break
-                stats = stage.step(order[position], self.step)
+                try:
+                    stats = stage.step(order[position], self.step)
+                    if not math.isfinite(stats["loss"]):
+                        raise TrainingError(f"the loss is {stats['loss']}")
+                except TrainingError as err:
+                    raise TrainingError(f"step {self.step + 1}: {err}; stopped before saving (the last checkpoint "
+                                        "is intact)") from None
                 self.step += 1
                 if cfg.train.record_batches:  # as step n (1-based), like the loss of the step
                     self.log({"batch": order[position].tolist()})
@@ -160,6 +177,9 @@ class Trainer:
                     window, window_start = [], time.time()
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
+                signum = self.preemption.requested()
+                if signum:
+                    raise Preempted(signum, self.step, self.save_checkpoint())
                 if self.step in eval_steps and self.step < self.total_steps:
                     window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
         bar.close()
@@ -225,6 +245,11 @@ class Trainer:
         """The stage of step `step` (1-based: the step just done)."""
         return [s for s in self.stages if self.first_step[s.name] < max(step, 1)][-1]
 
+    def close(self) -> None:
+        """Releases the run directory for another run."""
+        if self.lock is not None:
+            self.lock.release()
+
     # ---- results ----------------------------------------------------------------------------------------------
 
     def save_model(self) -> None:
@@ -235,14 +260,14 @@ class Trainer:
             torch.save(state, self.run_dir / layout.ENCODER_WEIGHTS)
             self.table.create_store(self.run_dir / layout.TABLE)
         barrier()
-        previous = self.checkpoints.previous  # written at the end of `fit`: its table is this one, linked not copied
-        self.table.save(self.run_dir / layout.TABLE, previous / layout.TABLE if previous else None, progress=self.progress)
+        self.table.save(self.run_dir / layout.TABLE, progress=self.progress)  # a copy: independent of the checkpoints
         barrier()
         if self.cfg.eval.label_text_weight > 0:
             self.current_label_embeddings().save(self.run_dir / layout.LABEL_EMBEDDINGS)
         if self.dist.is_main:  # what predicting needs: the score formula, label names, the serving index
             write_model_files(self.run_dir, self.cfg, self.table.num_labels, self.table.dim, self.step,
                               state["calibration"], self.data.dataset.label_texts)
+            write_run_manifest(self.run_dir)
             if self.cfg.eval.ann_index:
                 build_serving_index(self.run_dir, self.cfg.index, self.cfg.train.seed, self.progress)
         barrier()
