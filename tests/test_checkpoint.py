@@ -14,6 +14,7 @@ import pytest
 
 from astra_ds.config import BatchingConfig
 from astra_ds.data.synth import SynthConfig, generate
+from astra_ds.digests import manifest
 from astra_ds.table import store
 from astra_ds.train.batching import BatchSampler
 from astra_ds.cli import main
@@ -222,10 +223,18 @@ def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
     (checkpoints / "global_step40.tmp").mkdir()  # a save that never finished
     (checkpoints / "latest").write_text("global_step30")
 
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(checkpoints)],
-                            capture_output=True, text=True, cwd=REPO, env=_env(PYTHONPATH=str(REPO)))
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+    def inspect() -> list[str]:
+        result = subprocess.run([sys.executable, str(REPO / "tools" / "inspect_checkpoint.py"), str(checkpoints)],
+                                capture_output=True, text=True, cwd=REPO, env=_env(PYTHONPATH=str(REPO)))
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    damaged = inspect()[2]
+    assert damaged.startswith("global_step30 (latest): unusable: checkpoint") and "is damaged (table/rows/c/0/0" in damaged
+    meta = json.loads((checkpoints / "global_step30" / "meta.json").read_text())
+    meta["digests"] = manifest(checkpoints / "global_step30", meta["files"])  # as if saved with these rows
+    (checkpoints / "global_step30" / "meta.json").write_text(json.dumps(meta))
+    lines = inspect()
     assert lines[0].startswith("global_step20: step 20 (joint stage), 1 ranks, components encoder, table, negatives")
     assert lines[2].startswith("global_step30 (latest): step 20")  # a copy: its meta says step 20
     assert lines[4].startswith("global_step40.tmp: unusable: checkpoint") and "incomplete" in lines[4]
