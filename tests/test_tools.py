@@ -63,3 +63,11 @@ def test_bench_inference_prints_latency_and_recall():
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("2,000", "5,000"))]
     assert [(r[0], r[1]) for r in rows] == [("2,000", "ivf_flat"), ("5,000", "ivf_flat")]
     assert all(float(r[-1]) == 1.0 for r in rows)  # every list probed: the exact top-k
+
+
+def test_bench_checkpoint_prints_save_digest_and_verify_times():
+    out = _tool("tools/bench_checkpoint.py", "--labels", "3e5", "--dim", "8", "--changed", "0.5")
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()[1:] if line.strip()}
+    for name in ("full save", "full digest", "next save", "next digest"):
+        assert float(lines[name].split()[2]) >= 0, out
+    assert "verify" in out and "digests of the first save: " in out
