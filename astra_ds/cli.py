@@ -161,7 +161,8 @@ def cmd_eval(args) -> None:
     print(format_table(results, model.cfg.eval.ks))
     print(f"top-k of {len(queries)} queries: " + ", ".join(f"{kind} {s:.2f} s" for kind, s in seconds.items())
           + (f" | ANN recall@{k} against exact: {about[f'ann_recall@{k}']:.4f}" if args.ann else "")
-          + f"\nwritten to {out_dir}")
+          + (f"\nfilter_labels_test.txt applied: {test_filter.nnz} reciprocal pairs left out" if test_filter is not None
+             else "") + f"\nwritten to {out_dir}")
 
 
 def _read_texts(args) -> list[str]:

@@ -189,3 +189,23 @@ def test_eval_takes_any_k(run_dir, capsys):
     metrics = json.loads((run_dir / "evals" / "ks" / "metrics.json").read_text())
     assert (metrics["ks"], metrics["psp_a"], metrics["psp_b"]) == ([1, 10, 50], 0.6, 2.6)
     assert metrics["astra_ds"]["R@50"] == pytest.approx(1.0)  # every label retrieved
+
+
+def test_eval_applies_the_dataset_s_filter_file(run_dir, synth_dir, tmp_path, capsys):
+    """Each test point's top prediction declared a reciprocal pair: it leaves the top-k, the next moves up."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    top = sp.load_npz(run_dir / "predictions.npz")
+    first = [int(top.indices[top.indptr[i]:top.indptr[i + 1]][np.argmax(top.data[top.indptr[i]:top.indptr[i + 1]])])
+             for i in range(top.shape[0])]
+    (data / "filter_labels_test.txt").write_text("".join(f"{i} {label}\n" for i, label in enumerate(first)))
+    capsys.readouterr()
+    run_main("eval", "--run-dir", str(run_dir), "--exact", "--set", f"data.path={data}",
+             "--out-dir", str(tmp_path / "filtered"))
+    assert f"filter_labels_test.txt applied: {len(first)} reciprocal pairs left out" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "filtered" / "metrics.json").read_text())
+    assert metrics["filter"] == {"applied": True, "pairs": len(first)}
+    filtered = sp.load_npz(tmp_path / "filtered" / "predictions.npz")
+    for i, label in enumerate(first):
+        row = filtered.indices[filtered.indptr[i]:filtered.indptr[i + 1]]
+        assert label not in row and len(row) == 5
