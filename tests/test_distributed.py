@@ -124,3 +124,29 @@ def test_a_failing_rank_ends_the_job_with_its_error(launcher, failure):
     else:
         assert "rank 0 failed (a collective timed out" in output
     assert time.monotonic() - started < 120
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(synth_dir, token_cache,
+                                                                                   ds_config, tmp_path):
+    """SLURM signals every task; here only rank 1 gets SIGTERM: the stop flag, all-reduced each step, reaches rank 0,
+    both finish the same step, write one checkpoint together and exit 143."""
+    import psutil
+
+    out = tmp_path / "run"
+    args = _args(synth_dir, token_cache, ds_config, out, "train.max_steps=100000", "train.epochs=1000")
+    job = subprocess.Popen([LAUNCHERS["mpirun"], *args], cwd=REPO, env=_env(NPROC="2"), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    log, deadline = out / "train_log.jsonl", time.monotonic() + 300
+    while not (log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 2):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended before its second step"
+        time.sleep(0.1)
+    ranks = {p.environ().get("PMI_RANK"): p for p in psutil.Process(job.pid).children(recursive=True)
+             if "astra_ds" in " ".join(p.cmdline())}
+    ranks["1"].send_signal(15)
+    output, _ = job.communicate(timeout=300)
+    assert "stopped by SIGTERM at step" in output, output[-3000:]
+    step = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
+    meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == step
+    assert {rank.wait(timeout=60) for rank in ranks.values()} == {143}

@@ -193,3 +193,29 @@ def test_non_utf8_text_and_too_many_negatives_warn(synth_dir, token_cache, tmp_p
                                           "negatives.num_negatives=60"))
     assert "trn_X.txt: 1 lines hold bytes that are not UTF-8" in caplog.text
     assert "negatives.num_negatives=60 is not below the 50 labels" in caplog.text
+
+
+def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
+    """A full disk cannot be made here: torch.save fails as it does on one (an iostream-style RuntimeError) and
+    the disk reports no free bytes."""
+    import errno
+    import shutil
+
+    import astra_ds.train.checkpoint as checkpoint
+    from astra_ds.cli import _message
+    from astra_ds.errors import CheckpointError
+
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+                           "checkpoint.save_every=1", "train.max_steps=2")
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(CheckpointError, match=r"the disk is full: writing a checkpoint into .*checkpoints failed "
+                                              r"\(0 bytes free\); the previous checkpoint is intact"):
+        trainer.fit()
+    trainer.close()
+    assert _message(OSError(errno.ENOSPC, "No space left on device", "/data/run/x")) == "the disk is full: /data/run/x"
+    assert _message(FileExistsError(errno.EEXIST, "File exists", "/data/run")) == "File exists: /data/run"
