@@ -70,6 +70,7 @@ def cmd_train(args) -> None:
             trainer.evaluate()
             log.info("metrics written to %s", trainer.run_dir / "metrics.json")
         report_memory(trainer.memory_plan, trainer.run_dir, trainer.dist.is_main)
+        trainer.build_serving_index()  # last: it lets the training state go first
     finally:
         trainer.close()
 

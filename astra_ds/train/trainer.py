@@ -12,6 +12,7 @@ A step of the joint stage (global batch of B queries, W ranks, each owning a con
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -189,8 +190,7 @@ class Trainer:
         return sum(s.epochs for s in self.stages[:self.stages.index(stage)] if s.trains_table) + epoch
 
     def rows_await_label_texts(self, stage: Stage) -> bool:
-        """Label-text rows of a run with a Siamese stage are set when the first stage that trains them begins:
-        from the Siamese stage's encoder."""
+        """Label-text rows after a Siamese stage are set (its encoder) when the first stage training rows begins."""
         return (self.cfg.table.init == "label_text" and self.stages[0].name == "siamese"
                 and stage is next(s for s in self.stages if s.trains_table))
 
@@ -245,8 +245,7 @@ class Trainer:
         """The stage of step `step` (1-based: the step just done)."""
         return [s for s in self.stages if self.first_step[s.name] < max(step, 1)][-1]
 
-    def close(self) -> None:
-        """Releases the run directory for another run."""
+    def close(self) -> None:  # the run directory is free for another run
         if self.lock is not None:
             self.lock.release()
 
@@ -268,9 +267,17 @@ class Trainer:
             write_model_files(self.run_dir, self.cfg, self.table.num_labels, self.table.dim, self.step,
                               state["calibration"], self.data.dataset.label_texts)
             write_run_manifest(self.run_dir)
-            if self.cfg.eval.ann_index:
-                build_serving_index(self.run_dir, self.cfg.index, self.cfg.train.seed, self.progress)
         barrier()
+
+    def build_serving_index(self) -> None:
+        """The serving index over the saved rows (rank 0), once the training state has been let go: at 10^8
+        labels the table, its optimizer state and the training index would not fit beside it."""
+        self.parts = self.engine = self.table = self.sampler = self.stages = self.data = self.test_queries = None
+        self.label_embeddings = None
+        self.checkpoints.components.clear()
+        gc.collect()
+        if self.dist.is_main and self.cfg.eval.ann_index:
+            build_serving_index(self.run_dir, self.cfg.index, self.cfg.train.seed, self.progress)
 
     def evaluate(self) -> dict:
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
