@@ -149,4 +149,4 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoi
     assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
     meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == step
-    assert {rank.wait(timeout=60) for rank in ranks.values()} == {143}
+    assert job.returncode == 143, output[-3000:]  # mpirun passes on the ranks' status
