@@ -69,8 +69,9 @@ def cmd_train(args) -> None:
         if not args.no_eval:
             trainer.evaluate()
             log.info("metrics written to %s", trainer.run_dir / "metrics.json")
-        report_memory(trainer.memory_plan, trainer.run_dir, trainer.dist.is_main)
+        memory_plan, run_dir, is_main = trainer.memory_plan, trainer.run_dir, trainer.dist.is_main
         trainer.build_serving_index()  # last: it lets the training state go first
+        report_memory(memory_plan, run_dir, is_main)  # the peak of the whole command
     finally:
         trainer.close()
 
