@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from astra_ds import layout
-from astra_ds.collectives import barrier
+from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
 from astra_ds.digests import DigestCache, damaged_files, manifest
 from astra_ds.errors import CheckpointError
@@ -149,6 +149,22 @@ class CheckpointManager:
 
     def register(self, name: str, component, per_rank: bool = False) -> None:
         self.components[name] = (component, per_rank)
+
+    def start_point(self, resume: str | None, init_from: str | None) -> tuple[Path, dict] | None:
+        """The checkpoint a run resumes (`resume`, see `resolve`) or starts from (`init_from`) with its meta.json,
+        or None. Rank 0 verifies it (its digests are read once, not once a rank) and every rank gets the same
+        answer: the same checkpoint, or the same error."""
+        outcome = None
+        if self.rank == 0:
+            try:
+                path = self.resolve(resume) if resume else Path(init_from) if init_from else None
+                outcome = (path, check_checkpoint(path, self.digest_cache)) if path else None
+            except CheckpointError as err:
+                outcome = err
+        outcome = all_gather_objects(outcome)[0]
+        if isinstance(outcome, CheckpointError):
+            raise outcome
+        return outcome
 
     def due(self, step: int) -> bool:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0

@@ -37,7 +37,7 @@ from astra_ds.rng import GlobalRngState
 from astra_ds.serve.ann import build_serving_index
 from astra_ds.serve.card import write_model_files, write_run_manifest
 from astra_ds.errors import Preempted, TrainingError
-from astra_ds.train.checkpoint import CheckpointManager, check_checkpoint, write_atomically
+from astra_ds.train.checkpoint import CheckpointManager, write_atomically
 from astra_ds.train.engine import EngineCheckpoint, encoder_state_dict
 from astra_ds.train.metrics_log import MetricsLog
 from astra_ds.train.preemption import Preemption
@@ -59,11 +59,11 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.lock = RunLock(self.run_dir) if self.dist.is_main else None  # before anything is written there
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
-        resume_path = self.checkpoints.resolve(resume) if resume else None
-        if resume == "auto" and resume_path is None:
+        start = self.checkpoints.start_point(resume, init_from)  # (path, meta) or None
+        if resume == "auto" and start is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
-        start_path = resume_path or (Path(init_from) if init_from else None)
-        start = (start_path, check_checkpoint(start_path, self.checkpoints.digest_cache)) if start_path else None
+        start_path = start[0] if start else None
+        resume_path = start_path if resume else None
         if self.dist.is_main:
             log.info("config:\n%s", summary(cfg))
             if not resume_path and (self.run_dir / layout.CONFIG).exists():
