@@ -47,3 +47,8 @@ def damaged_files(directory: Path, digests: dict[str, str], cache: DigestCache |
     cache = cache or DigestCache()
     return [name for name, expected in digests.items()
             if not (directory / name).is_file() or cache.digest(directory / name) != expected]
+
+
+def listed(names: list[str]) -> str:
+    """The first three of `names` and how many more, for a one-line message."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ import torch
 
 from astra_ds.config import TableConfig
 from astra_ds.digests import DigestCache, damaged_files, manifest
+from astra_ds.files import files_under
 from astra_ds.table.table import ClassifierTable
 
 
@@ -30,10 +30,6 @@ def timed(action) -> tuple[float, object]:
     started = time.perf_counter()
     result = action()
     return time.perf_counter() - started, result
-
-
-def files_under(path: Path) -> list[str]:
-    return sorted(str(Path(root, name).relative_to(path)) for root, _, names in os.walk(path) for name in names)
 
 
 def main() -> None:

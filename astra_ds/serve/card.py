@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astra_ds import layout
-from astra_ds.digests import damaged_files, manifest
+from astra_ds.digests import damaged_files, listed, manifest
 from astra_ds.errors import UserError
+from astra_ds.files import files_under, write_atomically
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
                  "embedding, v = (w / |w| if normalize_rows else w) + label_text_weight * e")
@@ -35,9 +36,7 @@ class ModelCard:
     score: str = SCORE_FORMULA
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
-        tmp.replace(path)
+        write_atomically(path, json.dumps(dataclasses.asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "ModelCard":
@@ -72,9 +71,7 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
                       label_texts: list[str] | None) -> None:
     """model.json and label_names.txt (the dataset's label texts, one a line) of a finished run."""
     if label_texts is not None:
-        tmp = run_dir / (layout.LABEL_NAMES + ".tmp")
-        tmp.write_text("\n".join(text.replace("\n", " ") for text in label_texts), encoding="utf-8")
-        tmp.replace(run_dir / layout.LABEL_NAMES)
+        write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(text.replace("\n", " ") for text in label_texts))
     ModelCard(step, num_labels, dim, cfg.encoder.model, cfg.encoder.pooling, cfg.data.max_len,
               cfg.table.normalize_rows, cfg.eval.label_text_weight, float(calibration[0]), float(calibration[1]),
               str(Path(cfg.data.path).resolve())).save(run_dir / layout.MODEL_CARD)
@@ -84,16 +81,13 @@ def _model_files(run_dir: Path) -> list[str]:
     names = [layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES]
     files = [name for name in names if (run_dir / name).is_file()]
     for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS):
-        files += sorted(str(p.relative_to(run_dir)) for p in (run_dir / directory).rglob("*") if p.is_file())
+        files += [f"{directory}/{name}" for name in files_under(run_dir / directory)]
     return files
 
 
 def write_run_manifest(run_dir: Path) -> None:
     """manifest.json: the digests of the files a finished run's model is made of (not the rebuildable index)."""
-    digests = manifest(run_dir, _model_files(run_dir))
-    tmp = run_dir / (layout.MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(digests, indent=1))
-    tmp.replace(run_dir / layout.MANIFEST)
+    write_atomically(run_dir / layout.MANIFEST, json.dumps(manifest(run_dir, _model_files(run_dir)), indent=1))
 
 
 def verify_run(run_dir: Path) -> None:
@@ -103,6 +97,4 @@ def verify_run(run_dir: Path) -> None:
     if path.is_file():
         damaged = damaged_files(run_dir, json.loads(path.read_text()))
         if damaged:
-            more = f" and {len(damaged) - 3} more" if len(damaged) > 3 else ""
-            raise UserError(f"{run_dir} is damaged: {', '.join(damaged[:3])}{more} missing or changed since training "
-                            "wrote them")
+            raise UserError(f"{run_dir} is damaged: {listed(damaged)} missing or changed since training wrote them")

@@ -32,40 +32,11 @@ import torch
 from astra_ds import layout
 from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
-from astra_ds.digests import DigestCache, damaged_files, manifest
+from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import CheckpointError
+from astra_ds.files import files_under, fsync_dir, fsync_tree, write_atomically
 
 log = logging.getLogger("astra_ds")
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under `path`, and the directories themselves, to disk."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(Path(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def load_pickle(path: Path):
@@ -74,14 +45,6 @@ def load_pickle(path: Path):
         return torch.load(path, weights_only=False, map_location="cpu")
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
         raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
-
-
-def _files_under(path: Path) -> list[str]:
-    return sorted(str(Path(root, name).relative_to(path)) for root, _, files in os.walk(path) for name in files)
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
@@ -98,11 +61,11 @@ def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
         raise CheckpointError(f"checkpoint {path} has an unreadable {layout.META}: {err}") from None
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {_listed(missing)})")
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {listed(missing)})")
     damaged = damaged_files(path, meta.get("digests", {}), cache)
     if damaged:
         sharing = _sharing(path, damaged)
-        raise CheckpointError(f"checkpoint {path} is damaged ({_listed(damaged)} changed since it was written)"
+        raise CheckpointError(f"checkpoint {path} is damaged ({listed(damaged)} changed since it was written)"
                               + (f"; the same files are in {', '.join(sharing)}" if sharing else ""))
     return meta
 
@@ -227,7 +190,7 @@ class CheckpointManager:
             torch.save(self._states(per_rank=False), tmp / layout.SHARED_STATE)
         barrier()
         if self.rank == 0:
-            files = _files_under(tmp)
+            files = files_under(tmp)
             meta = meta | {"world_size": self.world_size, "components": list(self.components), "files": files,
                            "digests": manifest(tmp, files, self.digest_cache)}
             (tmp / layout.META).write_text(json.dumps(meta, indent=2))

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from astra_ds import layout
-from astra_ds.train.checkpoint import write_atomically
+from astra_ds.files import write_atomically
 
 log = logging.getLogger("astra_ds")
 

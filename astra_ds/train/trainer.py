@@ -37,7 +37,8 @@ from astra_ds.rng import GlobalRngState
 from astra_ds.serve.ann import build_serving_index
 from astra_ds.serve.card import write_model_files, write_run_manifest
 from astra_ds.errors import Preempted, TrainingError
-from astra_ds.train.checkpoint import CheckpointManager, write_atomically
+from astra_ds.files import write_atomically
+from astra_ds.train.checkpoint import CheckpointManager
 from astra_ds.train.engine import EngineCheckpoint, encoder_state_dict
 from astra_ds.train.metrics_log import MetricsLog
 from astra_ds.train.preemption import Preemption
