@@ -179,13 +179,17 @@ class SiameseConfig:
 class ClassifierConfig:
     """Stage 2, after the Siamese stage and before the joint one: the classifier rows alone, trained on the
     query embeddings of the frozen encoder (computed once, kept on the host): an epoch costs the table's updates
-    only. Negatives, in-batch labels and the optimizer are those of `negatives` and `table`."""
+    only. Negatives, in-batch labels and the optimizer are those of `negatives` and `table`.
+    Stage 4, the refit, is the same on the final encoder, after the joint stage: a joint step moves the encoder
+    for every label but updates only the rows of its batch, so rare labels' rows fall out of step with it."""
 
     epochs: int = 0  # 0: no classifier stage
     batch_size: int = 512  # queries a step
+    refit_epochs: int = 0  # 0: no refit stage
 
     def __post_init__(self):
-        _check(self.epochs >= 0, f"classifier.epochs must be >= 0, not {self.epochs}")
+        _check(self.epochs >= 0 and self.refit_epochs >= 0,
+               f"classifier.epochs and classifier.refit_epochs must be >= 0, not {self.epochs}, {self.refit_epochs}")
         _check(self.batch_size >= 1, f"classifier.batch_size must be >= 1, not {self.batch_size}")
 
 
@@ -280,8 +284,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        _check(self.siamese.epochs + self.classifier.epochs + self.train.epochs > 0,
-               "nothing to train: siamese.epochs, classifier.epochs and train.epochs are all 0")
+        epochs = self.siamese.epochs + self.classifier.epochs + self.train.epochs + self.classifier.refit_epochs
+        _check(epochs > 0, "nothing to train: siamese.epochs, classifier.epochs, train.epochs and "
+                           "classifier.refit_epochs are all 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
 """Training stages: the Siamese loss against its definition, stages in order with rows from the Siamese encoder,
-the frozen encoder of the classifier stage, resume inside a stage, dual scoring, the encoder's lr schedule."""
+the frozen encoder of the classifier stage, the refit on the final encoder, resume inside a stage, dual scoring,
+the encoder's lr schedule."""
 
 import json
 
@@ -85,17 +86,37 @@ def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache
     torch.testing.assert_close(classifier.queries[:5], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(synth_dir, token_cache, tmp_path):
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, *STAGED_RUN, "classifier.refit_epochs=1")
+    assert [s.name for s in trainer.stages] == ["siamese", "classifier", "joint", "refit"]
+    _, classifier, joint, refit = trainer.stages
+    rows_after_joint = {}
+    begin = refit.begin
+    refit.begin = lambda resumed: (rows_after_joint.setdefault("rows", trainer.table.rows.clone()), begin(resumed))
+    trainer.fit()
+
+    assert not torch.equal(trainer.table.rows, rows_after_joint["rows"])
+    with torch.no_grad():  # the refit's cached embeddings are the final encoder's, the classifier stage's are not
+        expected, _ = trainer.engine.module.eval()(*trainer.data.train_tokens.batch(np.arange(5)))
+    torch.testing.assert_close(refit.queries[:5], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(classifier.queries[:5], expected, rtol=1e-3, atol=1e-4)
+    records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records if "loss" in r]
+    assert stages == [s.name for s in trainer.stages for _ in range(s.epochs * s.steps_per_epoch)]
+
+
 @pytest.mark.slow
-def test_a_run_resumed_inside_the_classifier_stage_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
-    """The classifier stage's embeddings are computed again from the checkpoint's encoder; batches, negatives
-    and rows continue exactly. Dual scoring: `eval` of the finished run gives the metrics of `train`."""
+def test_a_run_resumed_inside_the_classifier_stages_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
+    """The classifier and refit stages' embeddings are computed again from the checkpoint's encoder; batches,
+    negatives and rows continue exactly. Dual scoring: `eval` of the finished run gives the metrics of `train`."""
     common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
               "train.record_batches=true", "batching.mode=clustered", "batching.warmup_epochs=0",
-              "eval.label_text_weight=0.5"]
+              "eval.label_text_weight=0.5", "classifier.refit_epochs=1"]
     sets = lambda *overrides: [a for o in [*common, *overrides] for a in ("--set", o)]  # noqa: E731
-    steps = 16 + 64 + 16  # Siamese, classifier (8 queries a step), joint
+    steps = 16 + 64 + 16 + 64  # Siamese, classifier (8 queries a step), joint, refit
     run_main("train", *sets(f"out_dir={tmp_path / 'straight'}"))
     run_main("train", "--no-eval", *sets(f"out_dir={tmp_path / 'resumed'}", "train.max_steps=40"))
+    run_main("train", "--no-eval", "--resume", "auto", *sets(f"out_dir={tmp_path / 'resumed'}", "train.max_steps=120"))
     run_main("train", "--resume", "auto", *sets(f"out_dir={tmp_path / 'resumed'}"))
 
     def log(run):

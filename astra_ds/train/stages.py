@@ -3,6 +3,7 @@
     siamese     (siamese.epochs)     the encoder alone: queries against their labels' texts, in-batch softmax
     classifier  (classifier.epochs)  the rows alone, on the frozen encoder's query embeddings (computed once)
     joint       (train.epochs)       encoder and rows together: the sampled BCE through both
+    refit       (classifier.refit_epochs)  the classifier stage again, on the final encoder
 
 A stage with 0 epochs is left out. Steps are numbered across stages: the trainer's step says which stage a
 resumed run is in. Every stage draws its batches from its own random stream; the NGAME embedding bank of a
@@ -163,10 +164,15 @@ class JointStage(Stage):
                 "bias": bias}
 
 
+class RefitStage(ClassifierStage):
+    name = "refit"
+
+
 def build_stages(ctx: StageContext) -> list[Stage]:
     """The stages with epochs, in order."""
     cfg = ctx.cfg
     stages = [SiameseStage(ctx, 0, cfg.siamese.epochs, cfg.train.batch_size, cfg.batching),
               ClassifierStage(ctx, 1, cfg.classifier.epochs, cfg.classifier.batch_size, cfg.batching),
-              JointStage(ctx, 2, cfg.train.epochs, cfg.train.batch_size, cfg.batching)]
+              JointStage(ctx, 2, cfg.train.epochs, cfg.train.batch_size, cfg.batching),
+              RefitStage(ctx, 3, cfg.classifier.refit_epochs, cfg.classifier.batch_size, cfg.batching)]
     return [stage for stage in stages if stage.epochs > 0]
