@@ -108,14 +108,17 @@ def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(syn
 @pytest.mark.slow
 def test_a_run_resumed_inside_the_classifier_stages_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
     """The classifier and refit stages' embeddings are computed again from the checkpoint's encoder; batches,
-    negatives and rows continue exactly. Dual scoring: `eval` of the finished run gives the metrics of `train`."""
+    negatives and rows continue exactly, also when a finished run is extended by more stages (its first two legs
+    have no joint and refit stages). Dual scoring: `eval` of the finished run gives the metrics of `train`."""
     common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
               "train.record_batches=true", "batching.mode=clustered", "batching.warmup_epochs=0",
               "eval.label_text_weight=0.5", "classifier.refit_epochs=1"]
     sets = lambda *overrides: [a for o in [*common, *overrides] for a in ("--set", o)]  # noqa: E731
     steps = 16 + 64 + 16 + 64  # Siamese, classifier (8 queries a step), joint, refit
     run_main("train", *sets(f"out_dir={tmp_path / 'straight'}"))
-    run_main("train", "--no-eval", *sets(f"out_dir={tmp_path / 'resumed'}", "train.max_steps=40"))
+    first_stages = [f"out_dir={tmp_path / 'resumed'}", "train.epochs=0", "classifier.refit_epochs=0"]
+    run_main("train", "--no-eval", *sets(*first_stages, "train.max_steps=40"))
+    run_main("train", "--no-eval", "--resume", "auto", *sets(*first_stages))  # finished after the classifier stage
     run_main("train", "--no-eval", "--resume", "auto", *sets(f"out_dir={tmp_path / 'resumed'}", "train.max_steps=120"))
     run_main("train", "--resume", "auto", *sets(f"out_dir={tmp_path / 'resumed'}"))
 
