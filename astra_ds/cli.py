@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 
 from astra_ds import __version__, layout
+from astra_ds.choices import READERS, SAMPLERS
 from astra_ds.config import describe, load_config
-from astra_ds.data import READERS
 from astra_ds.data.synth import SynthConfig
 from astra_ds.errors import ConfigError, Preempted, UserError
 from astra_ds.launch import discover_launch
@@ -52,28 +52,10 @@ def _setup_logging() -> None:
 # ---- commands -------------------------------------------------------------------------------------------------
 
 def cmd_train(args) -> None:
-    if args.resume and args.init_from:
-        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
-    cfg = load_config(args.config, args.set)
-    from astra_ds.dist import configure_accelerator
+    cfg = load_config(args.config, args.set)  # before torch is imported: a config mistake answers at once
+    from astra_ds.run import train
 
-    configure_accelerator()
-    quiet_libraries()
-    from astra_ds.plan import report_memory
-    from astra_ds.train.trainer import Trainer
-
-    trainer = Trainer(cfg, resume=args.resume, init_from=args.init_from)
-    try:
-        trainer.fit()
-        trainer.save_model()
-        if not args.no_eval:
-            trainer.evaluate()
-            log.info("metrics written to %s", trainer.run_dir / "metrics.json")
-        memory_plan, run_dir, is_main = trainer.memory_plan, trainer.run_dir, trainer.dist.is_main
-        trainer.build_serving_index()  # last: it lets the training state go first
-        report_memory(memory_plan, run_dir, is_main)  # the peak of the whole command
-    finally:
-        trainer.close()
+    train(cfg, resume=args.resume, init_from=args.init_from, evaluate=not args.no_eval)
 
 
 def cmd_plan(args) -> None:
@@ -87,9 +69,8 @@ def cmd_plan(args) -> None:
     import deepspeed  # noqa: F401  (held by every training process: the measured part of the plan includes it)
     import torch
 
-    from astra_ds.build import build_data, build_encoder
-    from astra_ds.negatives import SAMPLERS
     from astra_ds.plan import GiB, advice, available_host_bytes, plan_run, process_bytes
+    from astra_ds.training.build import build_data, build_encoder
 
     _, data = build_data(cfg)
     SAMPLERS.get(cfg.negatives.strategy).import_dependencies()
@@ -130,12 +111,12 @@ def cmd_eval(args) -> None:
     quiet_libraries()
     import time
 
-    from astra_ds.build import load_for_eval
     from astra_ds.eval.evaluate import MODEL, MODEL_ANN, ann_recall, evaluate, search_k
     from astra_ds.eval.metrics import format_table
+    from astra_ds.serve.model import XCModel
 
-    progress = sys.stderr.isatty()
-    model, data = load_for_eval(args.run_dir, args.set, progress)
+    model = XCModel.load(args.run_dir, args.set, progress=sys.stderr.isatty())
+    data = model.load_data()
     if args.ann and model.index is None:
         raise UserError(f"{args.run_dir} has no serving index: build it with `astra-ds index --run-dir {args.run_dir}`")
     test_filter = data.dataset.test_filter
@@ -183,7 +164,7 @@ def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels:
     import json
 
     if fmt == "npz":
-        from astra_ds.eval.predict import save_predictions
+        from astra_ds.eval.evaluate import save_predictions
 
         save_predictions(out, predictions.scores, predictions.ids, num_labels)
         return

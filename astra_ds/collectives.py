@@ -1,4 +1,6 @@
-"""The collectives a step and an evaluation need across ranks; each is the identity with one rank.
+"""The collectives a step and an evaluation need across ranks; each is the identity with one rank (or without a
+process group: a single process, a served model). They ask the process group for their own rank; everything
+else asks the DistInfo of astra_ds/dist.py, or the component that was built with it.
 
 Under W ranks each rank encodes 1/W of the global batch, while the table is split by rows: the query embeddings
 are all-gathered so that every rank scores all queries against the labels it owns. The batch loss is the *sum*
@@ -19,42 +21,49 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
     return top.values, ids.gather(1, top.indices)
 
 
-def world_size() -> int:
+def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def rank() -> int:
+def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def padded_part(count: int) -> np.ndarray:
+    """The positions of `count` items that this rank works on: a contiguous 1/W of them, padded with the last item
+    so that every rank has as many (a gather needs equal shapes; ZeRO-3 needs every rank in every forward)."""
+    per_rank = -(-count // _world_size())
+    return np.minimum(np.arange(_rank() * per_rank, (_rank() + 1) * per_rank), count - 1)
 
 
 def all_gather_objects(value) -> list:
     """Every rank's picklable `value`, in rank order."""
-    if world_size() == 1:
+    if _world_size() == 1:
         return [value]
-    everyone = [None] * world_size()
+    everyone = [None] * _world_size()
     dist.all_gather_object(everyone, value)
     return everyone
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if _world_size() > 1:
         dist.barrier()
 
 
-def broadcast_from_main(values: np.ndarray | None, length: int) -> np.ndarray:
-    """Rank 0's int64 array of `length` values, on every rank."""
-    if world_size() == 1:
-        return values
-    tensor = torch.from_numpy(values) if rank() == 0 else torch.empty(length, dtype=torch.int64)
+def computed_on_main(compute, length: int) -> np.ndarray:
+    """`compute()` (an int64 array of `length` values) run on rank 0 only, its result on every rank."""
+    if _world_size() == 1:
+        return compute()
+    tensor = torch.from_numpy(compute()) if _rank() == 0 else torch.empty(length, dtype=torch.int64)
     dist.broadcast(tensor, src=0)
     return tensor.numpy()
 
 
 def all_gather_cat(local: torch.Tensor) -> torch.Tensor:
     """Every rank's `local` (same shape on all ranks) concatenated along dim 0, in rank order."""
-    if world_size() == 1:
+    if _world_size() == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(world_size())]
+    parts = [torch.empty_like(local) for _ in range(_world_size())]
     dist.all_gather(parts, local.contiguous())
     return torch.cat(parts)
 
@@ -69,14 +78,14 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)  # every rank's loss depends on every query
-        start = rank() * ctx.rows
+        start = _rank() * ctx.rows
         return grad[start:start + ctx.rows] * ctx.grad_scale, None
 
 
 def gather_rows(local: torch.Tensor, grad_scale: float) -> torch.Tensor:
     """All ranks' rows (W * n, ...) from this rank's (n, ...), differentiable: the backward sums all ranks'
     gradients for this rank's rows and multiplies them by `grad_scale`."""
-    return local if world_size() == 1 else _GatherRows.apply(local, grad_scale)
+    return local if _world_size() == 1 else _GatherRows.apply(local, grad_scale)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -96,7 +105,7 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def sum_across_ranks(values: list[float]) -> list[float]:
-    if world_size() == 1:
+    if _world_size() == 1:
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
@@ -104,7 +113,7 @@ def sum_across_ranks(values: list[float]) -> list[float]:
 
 
 def min_across_ranks(value: float) -> float:
-    if world_size() == 1:
+    if _world_size() == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
@@ -114,7 +123,7 @@ def min_across_ranks(value: float) -> float:
 def global_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k over all ranks of each rank's top-k (scores, global ids), (N, k) each; padding ids (-1) should
     carry -inf (or very low) scores."""
-    if world_size() == 1:
+    if _world_size() == 1:
         return scores, ids
     missing = k - scores.shape[1]  # a rank with fewer than k rows
     if missing > 0:

@@ -11,21 +11,19 @@ from pathlib import Path
 
 import yaml
 
-from astra_ds.data import READERS
+from astra_ds.choices import BATCHING, INDEX_KINDS, OPTIMIZERS, READERS, SAMPLERS, SHORTLISTS, TABLE_INITS
 from astra_ds.errors import ConfigError
-from astra_ds.negatives import INDEX_KINDS, SAMPLERS
-from astra_ds.table import OPTIMIZERS
 
 # The choices of each option: names from the registries (checked when a config is loaded) and fixed sets.
 DataFormat = READERS.literal("auto")
 Pooling = typing.Literal["mean", "cls"]
 TextFields = typing.Literal["title", "title_content"]
 TableOptimizer = OPTIMIZERS.literal()
-TableInit = typing.Literal["random", "label_text"]
+TableInit = TABLE_INITS.literal()
 TableDtype = typing.Literal["float32", "bfloat16"]
 SamplerName = SAMPLERS.literal()
-ShortlistMode = typing.Literal["per_step", "precomputed"]
-BatchingMode = typing.Literal["random", "clustered"]
+ShortlistMode = SHORTLISTS.literal()
+BatchingMode = BATCHING.literal()
 EncoderDecay = typing.Literal["constant", "linear"]
 PROPENSITY_PRESETS = {"default": (0.55, 1.5), "amazon": (0.6, 2.6), "wikipedia": (0.5, 0.4)}  # XC repository's A, B
 PropensityPreset = typing.Literal["default", "amazon", "wikipedia"]
@@ -223,7 +221,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Full-state checkpoints under dir/global_step<N>/ (see astra_ds/train/checkpoint.py)."""
+    """Full-state checkpoints under dir/global_step<N>/ (see astra_ds/training/checkpoint.py)."""
 
     dir: str | None = None  # default: <out_dir>/checkpoints
     save_every: int | None = None  # optimizer steps between checkpoints; one is always written at the end

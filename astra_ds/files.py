@@ -1,12 +1,15 @@
-"""Durable file writes: a file replaced atomically (temporary file, fsync, rename), trees flushed to disk, and
-the files under a directory (what a manifest of digests lists)."""
+"""Files of runs and checkpoints: durable writes (a file replaced atomically: temporary file, fsync, rename; trees
+flushed to disk), the files under a directory (what a manifest of digests lists), and torch files read back with
+damage named in one line (for the trainer and for serving alike)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 from astra_ds import layout
+from astra_ds.errors import CheckpointError
 
 
 def fsync_tree(path: Path) -> None:
@@ -43,3 +46,13 @@ def write_atomically(path: Path, text: str) -> None:
 def files_under(path: Path) -> list[str]:
     """Every file below `path`, as sorted paths relative to it."""
     return sorted(str(Path(root, name).relative_to(path)) for root, _, files in os.walk(path) for name in files)
+
+
+def load_torch_file(path: Path):
+    """torch.load of a file this project wrote, with a damaged or truncated file named in one line."""
+    import torch
+
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None

@@ -26,14 +26,14 @@ import psutil
 import torch
 
 from astra_ds import layout
+from astra_ds.choices import BATCHING, OPTIMIZERS, SAMPLERS
 from astra_ds.collectives import all_gather_objects
 from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData
 from astra_ds.ds_config import resolve_ds_config
 from astra_ds.errors import ConfigError
-from astra_ds.eval.predict import exact_topk_bytes
-from astra_ds.negatives import SAMPLERS
-from astra_ds.table import OPTIMIZERS, store
+from astra_ds.scoring import exact_topk_bytes
+from astra_ds.table import store
 from astra_ds.table.table import DTYPES
 
 log = logging.getLogger("astra_ds")
@@ -46,10 +46,13 @@ RUNTIME_BYTES = 150 * 2**20  # what deepspeed.initialize and the process group a
 
 @dataclass
 class PlanLine:
+    """What one component holds (components that are chosen by name, such as samplers, make their own lines)."""
+
     component: str
     host: int  # bytes
     device: int = 0
     detail: str = ""
+    advice: str | None = None  # what to change when the run does not fit
 
 
 @dataclass
@@ -137,11 +140,12 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
     num_params = sum(p.numel() for p in encoder.parameters())
     encoder_state = encoder_state_bytes(num_params, stage, world_size, mixed)
     micro_batch = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
+    row_bytes = rows * dim * dtype.itemsize
     resident = [
         PlanLine(PROCESS, held_bytes, detail="interpreter, libraries, dataset, token ids"),
         PlanLine("DeepSpeed engine, process group", RUNTIME_BYTES, detail="measured on CPU, any encoder"),
-        PlanLine("table rows", rows * dim * dtype.itemsize,
-                 detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}"),
+        PlanLine("table rows", row_bytes, detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}",
+                 advice=f"table.dtype=bfloat16 (saves {row_bytes / 2 / GiB:.1f} GiB)" if dtype.itemsize == 4 else None),
         PlanLine("table optimizer state", rows * state_per_row, detail=f"{cfg.table.optimizer}, {state_per_row} B/row"),
         PlanLine("encoder weights + grads", **place(encoder_state["weights"] + encoder_state["grads"]),
                  detail=f"{num_params / 1e6:.1f}M params, ZeRO-{stage} ({ds_path.name})"),
@@ -151,9 +155,7 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
                  detail=f"micro-batch {micro_batch} x {cfg.data.max_len} tokens"),
     ]
     sampler_resident, sampler_phases = SAMPLERS.get(cfg.negatives.strategy).memory(cfg, rows, dim, num_train)
-    resident += [PlanLine(name, host, detail=detail) for name, host, detail in sampler_resident]
-    if cfg.batching.mode == "clustered":
-        resident.append(PlanLine("NGAME query embeddings", num_train * (dim * 2 + 1)))
+    resident += sampler_resident + BATCHING.get(cfg.batching.mode).memory(num_train, dim)
 
     neg = cfg.negatives
     step_rows = min(rows, math.ceil(cfg.train.batch_size * (neg.num_negatives + positives_per_query)))
@@ -166,7 +168,7 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
         PlanLine("step staging", **place(staging), detail=f"~{step_rows:,} rows a step"),
         PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation,
                  detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"),
-        *(PlanLine(name, host, detail=detail) for name, host, detail in sampler_phases),
+        *sampler_phases,
     ]
     return MemoryPlan(resident, phases, world_size, rank)
 
@@ -228,13 +230,8 @@ def check_fits(plan: MemoryPlan, on_gpu: bool) -> None:
 
 
 def advice(plan: MemoryPlan) -> str:
-    """What to change, for the largest parts of the plan."""
-    rows, index = plan.line("table rows"), next((l for l in plan.resident if l.component == "index"), None)
-    options = []
-    if "float32" in rows.detail:
-        options.append(f"table.dtype=bfloat16 (saves {rows.host / 2 / GiB:.1f} GiB)")
-    if index is not None and not index.detail.startswith("ivf_pq"):
-        options.append("index.kind=ivf_pq (a few bytes a row)")
+    """What to change: each line's own advice (the table's rows, the index, ...), then what always helps."""
+    options = [line.advice for line in plan.resident + plan.phases if line.advice]
     options.append("a smaller encoder.dim (the table's width)")
     options.append("more ranks on more hosts (each holds 1/W of the table)")
     return "To fit: " + ", ".join(options) + "."

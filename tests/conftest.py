@@ -27,13 +27,17 @@ def token_cache(tmp_path_factory) -> Path:
 
 
 def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str):
-    """An in-process Trainer of TINY_RUN on the synthetic fixture, writing to `out`."""
+    """An in-process Trainer of TINY_RUN on the synthetic fixture, writing to `out`, its rows initialised (as they
+    are when the first stage that trains them begins), so that a test can step a stage directly."""
     from astra_ds.config import load_config
-    from astra_ds.train.trainer import Trainer
+    from astra_ds.dist import init_distributed
+    from astra_ds.training.trainer import Trainer
 
     cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
                              *overrides])
-    return Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer.parts.initialize_rows()
+    return trainer
 
 
 def run_main(*args: str) -> None:

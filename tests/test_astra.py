@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from astra_ds.config import IndexConfig, TableConfig, load_config
 from astra_ds.negatives.astra import AstraSampler
 from astra_ds.negatives.base import SamplerContext
-from astra_ds.negatives.index import LabelIndex, choose_kind
+from astra_ds.index.kinds import choose_kind
+from astra_ds.index.label_index import LabelIndex
 from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import make_pairs, pair_scores, sampled_bce
 from conftest import make_trainer
 from test_loss_negatives import assert_unbiased, full_bce, scoring_problem
 
@@ -118,11 +119,11 @@ def test_astra_sampler_is_uniform_until_its_index_is_built_then_draws_from_short
         encoded.append(None if rows is None else len(rows))
         return train_queries if rows is None else train_queries[rows]
 
-    sampler = AstraSampler(SamplerContext(cfg, table, encode_train, num_train=40))
+    sampler = AstraSampler(SamplerContext(cfg, table, num_train=40))
     positives = sp.csr_matrix((np.ones(8), np.arange(8), np.arange(9)), shape=(8, 50))
     query_ids = np.arange(8, 16)
     rng = np.random.default_rng(0)
-    builds = [epoch for epoch in range(5) if sampler.on_epoch_start(epoch)]
+    builds = [epoch for epoch in range(5) if sampler.on_epoch_start(epoch, encode_train)]
     assert builds == [1, 3] and sampler.version == 2
     # precomputed: every training query at each build; per step, with no queries observed: a recall sample
     assert encoded == ([None, None] if mode == "precomputed" else [40, 40])

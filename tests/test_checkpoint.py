@@ -16,7 +16,8 @@ from astra_ds.config import BatchingConfig
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.digests import manifest
 from astra_ds.table import store
-from astra_ds.train.batching import BatchSampler
+from astra_ds.training.batching import RandomBatches
+from astra_ds.training.stages import JointStage
 from astra_ds.cli import main
 from conftest import REPO, TINY_RUN, run_cli, run_main
 from test_distributed import LAUNCHERS, _env
@@ -128,7 +129,7 @@ def test_kill_during_a_save_loses_no_batch(wide_data, token_cache, tmp_path):
     assert "resumed from" in result.stderr and "step 3" in result.stderr
     steps = [s for s, _ in _batches(out)]
     assert steps == list(range(1, 13))  # no batch lost, none repeated
-    expected = BatchSampler(BatchingConfig(), 512, 32, seed=0, stage=2).epoch_batches(0)[:12]  # the joint stage
+    expected = RandomBatches(BatchingConfig(), 512, 32, 0, 16, JointStage.stream).epoch_batches(0)[:12]
     assert [b for _, b in _batches(out)] == expected.tolist()
     assert (checkpoints / "latest").read_text() == "global_step12"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step12", "global_step9", "latest"]  # keep_last 2
@@ -246,13 +247,14 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     import torch
 
     from astra_ds.config import load_config
+    from astra_ds.dist import init_distributed
     from astra_ds.layout import ENCODER_WEIGHTS
-    from astra_ds.train.trainer import Trainer
+    from astra_ds.training.trainer import Trainer
 
     checkpoint = straight / "checkpoints" / "global_step20"  # the end of the straight run: its encoder.pt
     cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
                              f"out_dir={tmp_path / 'run'}"])
-    trainer = Trainer(cfg, progress=False, init_from=str(checkpoint))
+    trainer = Trainer(cfg, init_distributed(), progress=False, init_from=str(checkpoint))
     assert trainer.step == 0 and trainer.stages[-1].batches.clustered_order is None
     np.testing.assert_array_equal(trainer.table.rows.numpy(), _rows(checkpoint))
     assert not trainer.table.optimizer.state["sum"].any()  # Adagrad sums start at zero

@@ -3,15 +3,15 @@ import typing
 
 import pytest
 
+from astra_ds import choices
 from astra_ds import config as config_module
 from astra_ds.config import ConfigError, RunConfig, describe, load_config
-from astra_ds.data import READERS
 from astra_ds.ds_config import resolve_ds_config
-from astra_ds.negatives import INDEX_KINDS, SAMPLERS
+from astra_ds.index.kinds import IndexKind, check_index_config
 from astra_ds.negatives.base import NegativeSampler
-from astra_ds.negatives.index import check_index_config
-from astra_ds.table import OPTIMIZERS
 from astra_ds.table.optim import RowSparseOptimizer
+from astra_ds.training.batching import RandomBatches
+from astra_ds.training.stages import Stage
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -68,16 +68,42 @@ def test_ds_config_is_checked_against_the_trainer_config(tmp_path):
         resolve_ds_config(train, 4, False)
 
 
-@pytest.mark.parametrize("alias, registry, extra", [
-    ("DataFormat", READERS, ("auto",)), ("TableOptimizer", OPTIMIZERS, ()), ("SamplerName", SAMPLERS, ()),
-    ("IndexKind", INDEX_KINDS, ("auto",)),
+@pytest.mark.parametrize("alias, registry, extra, base", [
+    ("DataFormat", choices.READERS, ("auto",), None), ("TableOptimizer", choices.OPTIMIZERS, (), RowSparseOptimizer),
+    ("SamplerName", choices.SAMPLERS, (), NegativeSampler), ("IndexKind", choices.INDEX_KINDS, ("auto",), IndexKind),
+    ("TableInit", choices.TABLE_INITS, (), None), ("ShortlistMode", choices.SHORTLISTS, (), None),
+    ("BatchingMode", choices.BATCHING, (), RandomBatches),
 ])
-def test_config_choices_are_the_registries_names_and_each_entry_imports(alias, registry, extra):
+def test_config_choices_are_the_registries_names_and_each_entry_imports(alias, registry, extra, base):
     assert typing.get_args(getattr(config_module, alias)) == (*extra, *registry.names)
-    base = {"SamplerName": NegativeSampler, "TableOptimizer": RowSparseOptimizer}.get(alias)
     for name in registry.names:
         entry = registry.get(name)
         assert callable(entry) and (base is None or issubclass(entry, base)), name
+
+
+def test_stages_are_known_by_their_registry_name_and_each_has_its_own_random_stream():
+    stages = [choices.STAGES.get(name) for name in choices.STAGES.names]
+    assert all(issubclass(stage, Stage) for stage in stages)
+    assert [stage.name for stage in stages] == list(choices.STAGES.names)
+    streams = [stage.stream for stage in stages]
+    assert len(set(streams)) == len(streams) and min(streams) >= 0
+    # the streams the stages drew from when their random stream was their position: checkpoints stay valid
+    assert dict(zip(choices.STAGES.names, streams)) == {"siamese": 0, "classifier": 1, "joint": 2, "refit": 3}
+
+
+def test_no_module_compares_a_choice_by_its_name_outside_its_owner():
+    """A choice is branched on only inside the component that owns it (its registered class)."""
+    import pathlib
+    import re
+
+    package = pathlib.Path(choices.__file__).parent
+    names = {name for registry in vars(choices).values() if isinstance(registry, choices.Registry)
+             for name in registry.names}
+    pattern = re.compile(r"[=!]= *[\"'](" + "|".join(sorted(names)) + r")[\"']|[\"'](" + "|".join(sorted(names))
+                         + r")[\"'] *[=!]=")
+    offenders = [f"{path.relative_to(package)}:{n}" for path in package.rglob("*.py")
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
 
 
 def test_choices_that_depend_on_the_row_width_are_checked():

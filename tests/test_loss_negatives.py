@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.config import TableConfig
-from astra_ds.eval.predict import exact_topk, save_predictions
+from astra_ds.eval.evaluate import save_predictions
+from astra_ds.scoring import exact_topk
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import make_pairs, pair_scores, sampled_bce
 
 POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
                                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],

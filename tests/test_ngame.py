@@ -14,8 +14,8 @@ from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.rng import Stream, numpy_rng
-from astra_ds.train.batching import BatchSampler, balanced_clusters
-from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
+from astra_ds.training.batching import ClusteredBatches, RandomBatches, balanced_clusters
+from astra_ds.training.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 from conftest import make_trainer
 from test_loss_negatives import POSITIVES, assert_unbiased, full_bce, scoring_problem
 
@@ -78,10 +78,11 @@ def test_balanced_clusters_recover_separated_groups():
 
 def test_clustered_batches_are_whole_clusters_and_resume_identically():
     points, group = _grouped_points(groups=8, per_group=4)
-    sampler = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4, warmup_epochs=1, recluster_every=2),
-                           32, 8, seed=3)
+    sampler = ClusteredBatches(BatchingConfig(mode="clustered", cluster_size=4, warmup_epochs=1, recluster_every=2),
+                               32, 8, seed=3, dim=points.shape[1], stream=0)
     assert [epoch for epoch in range(6) if sampler.clustering_due(epoch)] == [1, 3, 5]
-    np.testing.assert_array_equal(sampler.epoch_batches(0), BatchSampler(BatchingConfig(), 32, 8, 3).epoch_batches(0))
+    np.testing.assert_array_equal(sampler.epoch_batches(0),
+                                  RandomBatches(BatchingConfig(), 32, 8, 3, points.shape[1], 0).epoch_batches(0))
     sampler.recluster(points, epoch=0)
     for epoch in range(2):
         batches = sampler.epoch_batches(epoch)
@@ -90,14 +91,14 @@ def test_clustered_batches_are_whole_clusters_and_resume_identically():
         assert (groups == groups[:, :, :1]).all()
     assert not np.array_equal(sampler.epoch_batches(0), sampler.epoch_batches(1))
 
-    resumed = BatchSampler(BatchingConfig(mode="clustered", cluster_size=4), 32, 8, seed=0)
+    resumed = ClusteredBatches(BatchingConfig(mode="clustered", cluster_size=4), 32, 8, 0, points.shape[1], 0)
     resumed.load_state_dict(sampler.state_dict())
     np.testing.assert_array_equal(resumed.epoch_batches(5), sampler.epoch_batches(5))
 
 
 def test_ranks_get_disjoint_parts_of_the_global_batch():
     batch = np.arange(10, 20)
-    parts = [BatchSampler.rank_part(batch, rank, 3) for rank in range(3)]
+    parts = [RandomBatches.rank_part(batch, rank, 3) for rank in range(3)]
     np.testing.assert_array_equal(np.concatenate(parts), batch)
     assert [len(p) for p in parts] == [4, 3, 3]
 

@@ -8,7 +8,7 @@ import pytest
 from astra_ds.cli import main
 from astra_ds.config import load_config
 from astra_ds.data.synth import SynthConfig, generate
-from astra_ds.negatives.index import index_bytes
+from astra_ds.index.kinds import index_bytes
 from astra_ds.plan import GiB, encoder_state_bytes
 from conftest import run_cli
 

@@ -50,6 +50,16 @@ def _copy(run, tmp_path):
     return tmp_path / "run"
 
 
+def test_a_checkpoint_of_a_stage_this_version_does_not_have_is_refused_in_one_line(saved_run, synth_dir,
+                                                                                  token_cache, tmp_path, capsys):
+    run = _copy(saved_run, tmp_path)
+    latest = run / "checkpoints" / "global_step4"
+    meta = json.loads((latest / "meta.json").read_text())
+    (latest / "meta.json").write_text(json.dumps(meta | {"stage": "warmup"}))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6"))
+    assert "was written in a stage named 'warmup', which this version does not have" in err
+
+
 def test_a_damaged_chunk_is_refused_and_auto_resume_falls_back(saved_run, synth_dir, token_cache, tmp_path, capsys,
                                                               caplog):
     caplog.set_level(logging.INFO, logger="astra_ds")
@@ -92,11 +102,10 @@ def test_a_non_finite_loss_stops_before_saving(synth_dir, token_cache, tmp_path)
 
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=1", "train.max_steps=3")
-    trainer.table.rows[:] = float("nan")
+    trainer.parts.initialize_rows = lambda: trainer.table.rows.fill_(float("nan"))  # rows that start non-finite
     with pytest.raises(TrainingError, match=r"step 1: .*not finite|step 1: the loss is nan"):
         trainer.fit()
     assert not list((tmp_path / "checkpoints").glob("global_step*"))
-    trainer.close()
 
 
 @pytest.mark.slow
@@ -126,7 +135,7 @@ def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, token_cach
 def test_a_second_run_on_a_directory_in_use_is_refused(synth_dir, token_cache, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.train.run_lock import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.training.run_lock import "
                                "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
          str(out)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
     assert holder.stdout.readline().strip() == "held"
@@ -171,14 +180,14 @@ def test_os_and_file_errors_read_as_one_line(saved_run, tmp_path, capsys):
 
 def test_a_truncated_state_file_names_the_file(saved_run, tmp_path):
     from astra_ds.errors import CheckpointError
-    from astra_ds.train.checkpoint import load_pickle
+    from astra_ds.files import load_torch_file
 
     state = tmp_path / "state.pt"
     state.write_bytes((saved_run / "checkpoints" / "global_step4" / "state.pt").read_bytes()[:100])
     with pytest.raises(CheckpointError, match=f"{state} is damaged or truncated"):
-        load_pickle(state)
+        load_torch_file(state)
     torch.save({"ok": 1}, state)
-    assert load_pickle(state) == {"ok": 1}
+    assert load_torch_file(state) == {"ok": 1}
 
 
 def test_non_utf8_text_and_too_many_negatives_warn(synth_dir, token_cache, tmp_path, caplog):
@@ -201,7 +210,7 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
     import errno
     import shutil
 
-    import astra_ds.train.checkpoint as checkpoint
+    import astra_ds.training.checkpoint as checkpoint
     from astra_ds.cli import _message
     from astra_ds.errors import CheckpointError
 
@@ -216,6 +225,5 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
     with pytest.raises(CheckpointError, match=r"the disk is full: writing a checkpoint into .*checkpoints failed "
                                               r"\(0 bytes free\); the previous checkpoint is intact"):
         trainer.fit()
-    trainer.close()
     assert _message(OSError(errno.ENOSPC, "No space left on device", "/data/run/x")) == "the disk is full: /data/run/x"
     assert _message(FileExistsError(errno.EEXIST, "File exists", "/data/run")) == "File exists: /data/run"

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from astra_ds.config import TableConfig, load_config
 from astra_ds.ds_config import add_scheduler, resolve_ds_config
-from astra_ds.eval.predict import exact_topk
+from astra_ds.scoring import exact_topk
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.loss import siamese_softmax
+from astra_ds.training.loss import siamese_softmax
 from conftest import TINY_RUN, make_trainer, run_main
 
 STAGED_RUN = ["siamese.epochs=1", "classifier.epochs=1", "classifier.batch_size=8", "train.epochs=1",

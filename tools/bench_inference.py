@@ -3,7 +3,7 @@
 
 Rows are synthetic and clustered like trained classifier rows (sqrt(L) topics, each row a unit vector near its
 topic); queries are unit vectors near the topics of random labels. The index is the serving index of a run
-(astra_ds.negatives.index.LabelIndex, its kind chosen by L as `astra-ds index` chooses it: HNSW, IVF-Flat,
+(astra_ds.index.label_index.LabelIndex, its kind chosen by L as `astra-ds index` chooses it: HNSW, IVF-Flat,
 IVF-PQ). Search times are per single query (batch of 1), as a serving stack sees them; exact search is the
 blockwise exact top-k of `astra-ds predict --exact`.
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.config import EncoderConfig, IndexConfig
-from astra_ds.eval.predict import ScoringRows, exact_topk
-from astra_ds.negatives.index import LabelIndex, recall_at_k
+from astra_ds.index.label_index import LabelIndex
+from astra_ds.scoring import ScoringRows, exact_topk, recall_at_k
 
 
 class SyntheticRows:

@@ -32,7 +32,7 @@ from astra_ds.config import TableConfig, load_config
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.step import classifier_loss
+from astra_ds.training.step import classifier_loss
 
 
 def median_time(step, steps: int, warmup: int = 3) -> float:
@@ -72,12 +72,14 @@ def dataset(root: Path, num_labels: int, num_train: int) -> Path:
 
 
 def whole_step_time(data: Path, encoder: str, dim: int, batch: int, num_negatives: int, steps: int) -> float:
-    from astra_ds.train.trainer import Trainer
+    from astra_ds.dist import init_distributed
+    from astra_ds.training.trainer import Trainer
 
     cfg = load_config(None, [f"data.path={data}", f"encoder.model={encoder}", f"encoder.dim={dim}",
                              f"train.batch_size={batch}", f"negatives.num_negatives={num_negatives}",
                              f"out_dir={tempfile.mkdtemp(prefix='bench_scaling_')}"])
-    trainer = Trainer(cfg, progress=False)
+    trainer = Trainer(cfg, init_distributed(), progress=False)
+    trainer.parts.initialize_rows()
     order = trainer.stages[-1].batches.epoch_batches(0)
     seconds = median_time(lambda i: trainer.stages[-1].step(order[i % len(order)], i), steps)
     del trainer

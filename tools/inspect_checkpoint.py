@@ -15,7 +15,7 @@ import numpy as np
 from astra_ds import layout
 from astra_ds.errors import CheckpointError
 from astra_ds.table import store
-from astra_ds.train.checkpoint import check_checkpoint
+from astra_ds.training.checkpoint import check_checkpoint
 
 
 def shard_checksums(table_dir: Path, world_size: int) -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from astra_ds.data import READERS
+from astra_ds.choices import READERS
 from astra_ds.errors import DataError
 
 log = logging.getLogger("astra_ds")
@@ -245,7 +245,7 @@ def _optional_lines(directory: Path, name: str) -> list[str] | None:
     return read_lines(path) if path else None
 
 
-def read_raw_text(directory: Path) -> XCDataset:
+def read_raw_text(directory: Path, text_fields: str = "title") -> XCDataset:
     splits = {}
     for split, prefix in (("train", "trn"), ("test", "tst")):
         text_path, label_path = _require(directory, f"{prefix}_X.txt"), _require(directory, f"{prefix}_X_Y.txt")
@@ -257,7 +257,7 @@ def read_raw_text(directory: Path) -> XCDataset:
         XCDataset(directory.name, splits["train"], splits["test"], splits["train"].labels.shape[1], label_texts), directory)
 
 
-def read_bow(directory: Path) -> XCDataset:
+def read_bow(directory: Path, text_fields: str = "title") -> XCDataset:
     feature_names = read_lines(_require(directory, "Xf.txt"))
     splits = {}
     for split, prefix, single in (("train", "trn", "train.txt"), ("test", "tst", "test.txt")):
@@ -283,7 +283,7 @@ def _pair_prefix(directory: Path) -> str:
     return matches[0].name.split("_train_word.txt")[0]
 
 
-def read_pairs(directory: Path) -> XCDataset:
+def read_pairs(directory: Path, text_fields: str = "title") -> XCDataset:
     name = _pair_prefix(directory)
     feature_names = read_lines(_require(directory, "feature_names.txt"))
     label_texts = [t[4:] if t.startswith("TAG_") else t for t in read_lines(_require(directory, "label_names.txt"))]
@@ -375,5 +375,5 @@ def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title"
         raise DataError(f"dataset directory not found: {directory}")
     fmt = detect_format(directory) if fmt == "auto" else fmt
     reader = READERS.get(fmt)
-    dataset = reader(directory, text_fields) if fmt == "xc_json" else reader(directory)
+    dataset = reader(directory, text_fields)  # layouts without title and content ignore text_fields
     return _read_filters(dataset, directory)

@@ -10,11 +10,11 @@ import scipy.sparse as sp
 import torch
 
 from astra_ds import layout
-from astra_ds.collectives import global_topk, rank
+from astra_ds.collectives import global_topk
 from astra_ds.config import EvalConfig
 from astra_ds.data.membership import CSRMembership
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
-from astra_ds.eval.predict import exact_topk, save_predictions
+from astra_ds.scoring import exact_topk, recall_at_k
 
 MODEL, MODEL_ANN, BASELINE = "astra_ds", "astra_ds (ann)", "popularity"
 
@@ -49,12 +49,13 @@ def exact_topk_all_ranks(queries: torch.Tensor, table, cfg: EvalConfig, normaliz
 
 def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: torch.Tensor,
              test_labels: sp.csr_matrix, train_labels: sp.csr_matrix, cfg: EvalConfig, num_labels: int,
-             out_dir: str | Path, about: dict, test_filter: sp.csr_matrix | None = None) -> dict[str, dict[str, float]]:
+             out_dir: str | Path, about: dict, test_filter: sp.csr_matrix | None = None,
+             write: bool = True) -> dict[str, dict[str, float]]:
     """Metrics of each top-k in `topk` (name -> (scores <q, v>, ids), (N, search_k) each; the first is the one
     whose predictions are saved) and of the popularity baseline. With `test_filter` (reciprocal pairs), its
-    pairs leave the predictions and the gold labels first. Rank 0 writes metrics.json (with `about`: the step,
-    the dataset, exact or ANN, ...) and predictions.npz (top-k scores s = scale * <q, v> + bias, CSR) into
-    out_dir; every rank returns the metrics."""
+    pairs leave the predictions and the gold labels first. With `write` (rank 0 of a run), metrics.json (with
+    `about`: the step, the dataset, exact or ANN, ...) and predictions.npz (top-k scores s = scale * <q, v> + bias,
+    CSR) are written into out_dir; every rank returns the metrics."""
     k = max(cfg.ks)
     topk = {name: remove_filtered(scores, ids, test_filter, k) for name, (scores, ids) in topk.items()}
     if test_filter is not None:
@@ -66,7 +67,7 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
     popular = torch.from_numpy(popularity_predictions(train_labels, test_labels.shape[0], search_k(cfg, test_filter)))
     _, popular = remove_filtered(torch.zeros(popular.shape), popular, test_filter, k)
     results[BASELINE] = compute_metrics(popular.numpy(), test_labels, inv_psp, cfg.ks)
-    if rank() != 0:
+    if not write:
         return results
     out_dir = Path(out_dir)
     filtered = {"applied": test_filter is not None, "pairs": int(test_filter.nnz) if test_filter is not None else 0}
@@ -81,6 +82,14 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
 
 def ann_recall(ann_ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
     """Mean share of the exact top-k that the ANN top-k finds."""
-    from astra_ds.negatives.index import recall_at_k
-
     return recall_at_k(ann_ids.numpy(), exact_ids.numpy())
+
+
+def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
+    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it); ids < 0 (padding)
+    are left out."""
+    kept = ids >= 0
+    indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
+    matrix = sp.csr_matrix((scores[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
+    sp.save_npz(path, matrix)
+

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from astra_ds.collectives import barrier, rank
+from astra_ds.collectives import barrier
 from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.scoring import evaluating
 from astra_ds.table import store
 from astra_ds.table.table import ClassifierTable
 
@@ -32,11 +33,10 @@ class ShardRows(Protocol):
     def block_rows(self, start: int, end: int) -> torch.Tensor: ...
 
 
-@torch.no_grad()
-def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts,
-                       encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                       batch_size: int, progress: bool = True) -> None:
-    """Row l <- encode(label text l) (a unit vector) for the rows of this rank's shard of `target`.
+def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts, model: torch.nn.Module, batch_size: int,
+                       progress: bool = True) -> None:
+    """Row l <- model's embedding of label text l (a unit vector) for the rows of this rank's shard of `target`,
+    `model` (the encoder or its DeepSpeed engine) in eval mode.
 
     Unit rows are 2.5x longer than random ones (init_std * sqrt(d) = 0.39 for MiniLM): with normalised scoring a
     row-wise step turns a row by about lr / ||w||, so they keep more of the label text. Measured: rows scaled to
@@ -45,13 +45,14 @@ def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts,
     # Every rank runs as many forward passes as the largest shard needs (ZeRO-3 gathers parameters in each
     # forward, collectively); a rank whose shard is done encodes a dummy batch.
     batches = math.ceil(target.geometry.largest_shard / batch_size)
-    for batch in tqdm(range(batches), desc="encode label texts", unit="batch", disable=not progress):
-        start = target.start + batch * batch_size
-        end = min(start + batch_size, target.end)
-        input_ids, attention_mask = label_tokens.batch(np.arange(start, end) if start < end else np.arange(1))
-        embeddings, _ = encode(input_ids.to(target.device), attention_mask.to(target.device))
-        if start < end:
-            target.block_rows(start, end).copy_(embeddings.float().cpu())
+    with evaluating(model):
+        for batch in tqdm(range(batches), desc="encode label texts", unit="batch", disable=not progress):
+            start = target.start + batch * batch_size
+            end = min(start + batch_size, target.end)
+            input_ids, attention_mask = label_tokens.batch(np.arange(start, end) if start < end else np.arange(1))
+            embeddings, _ = model(input_ids.to(target.device), attention_mask.to(target.device))
+            if start < end:
+                target.block_rows(start, end).copy_(embeddings.float().cpu())
 
 
 class LabelEmbeddings:
@@ -60,7 +61,7 @@ class LabelEmbeddings:
 
     def __init__(self, table: ClassifierTable):
         self.num_labels, self.dim, self.device = table.num_labels, table.dim, table.device
-        self.geometry, self.start, self.end = table.geometry, table.start, table.end
+        self.geometry, self.start, self.end, self.rank = table.geometry, table.start, table.end, table.rank
         self.rows = torch.zeros((self.end - self.start, self.dim))
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
@@ -68,7 +69,7 @@ class LabelEmbeddings:
 
     def save(self, path: Path) -> None:
         """Every rank writes its rows (collective)."""
-        if rank() == 0:
+        if self.rank == 0:
             store.create(path, self.num_labels, self.geometry.chunk_rows, {"rows": ((self.dim,), np.dtype(np.float32))},
                          {"dim": self.dim})
         barrier()

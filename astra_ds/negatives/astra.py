@@ -3,8 +3,8 @@ over the classifier rows and uniform ones (astra_ds/negatives/mixture.py), the i
 `negatives.refresh_every` epochs.
 
 Shortlists come from searching the stale index with the current query embeddings (`shortlist_mode: per_step`)
-or once per rebuild for every training query (`precomputed`). Each rank indexes its own rows; shortlists are
-merged across ranks. Every build measures recall@K against exact search on recent training queries, so that a
+or once per rebuild for every training query (`precomputed`; see shortlists.py). Each rank indexes its own rows;
+shortlists are merged across ranks. Every build measures recall@K against exact search on recent training queries, so that a
 recall collapse shows in the log.
 """
 
@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astra_ds.collectives import global_topk_numpy, min_across_ranks, rank
-from astra_ds.errors import CheckpointError
+from astra_ds.choices import SHORTLISTS
+from astra_ds.collectives import global_topk_numpy, min_across_ranks
 from astra_ds.config import RunConfig
-from astra_ds.eval.predict import exact_topk_bytes
-from astra_ds.negatives.base import MemoryLines, NegativeSampler, Negatives, SamplerContext
-from astra_ds.negatives.index import LabelIndex, import_faiss, index_bytes
+from astra_ds.errors import CheckpointError
+from astra_ds.index.kinds import check_index_config, import_faiss, index_bytes, index_kind
+from astra_ds.index.label_index import LabelIndex
+from astra_ds.negatives.base import NegativeSampler, Negatives, SamplerContext, TrainQueries
 from astra_ds.negatives.mixture import sample_mixture
+from astra_ds.plan import PlanLine
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.rng import Stream, numpy_rng
+from astra_ds.scoring import exact_topk_bytes
 
 log = logging.getLogger("astra_ds")
 
@@ -34,7 +37,8 @@ class AstraSampler(NegativeSampler):
         super().__init__(ctx)
         self.index = LabelIndex(ctx.cfg.index, ctx.cfg.table.normalize_rows)
         self.version = 0  # index builds so far
-        self.shortlists: tuple[np.ndarray, np.ndarray] | None = None  # precomputed (ids, scores) per train query
+        self.shortlists = SHORTLISTS.get(self.cfg.shortlist_mode)(ctx.num_train)
+        self.rank = ctx.table.rank
         self.recent_queries: list[torch.Tensor] = []  # the latest index.recall_queries, for the recall check
 
     @classmethod
@@ -42,36 +46,37 @@ class AstraSampler(NegativeSampler):
         import_faiss()
 
     @classmethod
-    def memory(cls, cfg: RunConfig, rows: int, dim: int, num_train: int) -> tuple[MemoryLines, MemoryLines]:
-        size, kind = index_bytes(cfg.index, rows, dim)
-        resident = [("index", size, kind)]
-        if cfg.negatives.shortlist_mode == "precomputed":
-            k = cfg.negatives.shortlist_size
-            resident.append(("shortlists", num_train * k * 12, f"{k} per training query"))
+    def check(cls, cfg: RunConfig, dim: int) -> None:
+        check_index_config(cfg.index, dim)
+
+    @classmethod
+    def memory(cls, cfg: RunConfig, rows: int, dim: int, num_train: int) -> tuple[list[PlanLine], list[PlanLine]]:
+        size, detail = index_bytes(cfg.index, rows, dim)
+        resident = [PlanLine("index", size, detail=detail, advice=index_kind(cfg.index, rows)[1].advice),
+                    *SHORTLISTS.get(cfg.negatives.shortlist_mode).memory(cfg, num_train)]
         build = (min(rows, cfg.index.train_rows) * dim * 4 + cfg.index.add_block * dim * 8
                  + exact_topk_bytes(cfg.index.recall_queries, rows, dim))
-        return resident, [("index rebuild", build, "training sample, added blocks, recall check")]
+        return resident, [PlanLine("index rebuild", build, detail="training sample, added blocks, recall check")]
 
-    def on_epoch_start(self, epoch: int) -> dict:
+    def on_epoch_start(self, epoch: int, train_queries: TrainQueries) -> dict:
         """The index is (re)built at epochs W, W + R, W + 2R, ... (W warm-up epochs, R = refresh_every)."""
         warmup, every = self.cfg.warmup_epochs, self.cfg.refresh_every
         if epoch < warmup or (epoch - warmup) % every:
             return {}
-        return self.refresh()
+        return self.refresh(train_queries)
 
-    def refresh(self) -> dict:
-        """Rebuild the index over the current rows (and, in precomputed mode, every query's shortlist)."""
+    def refresh(self, train_queries: TrainQueries) -> dict:
+        """Rebuild the index over the current rows (and the shortlists that are computed once per build); measure
+        its recall on the latest training queries (on the first ones before any step)."""
         recall_queries = self.ctx.cfg.index.recall_queries
-        sample = torch.cat(self.recent_queries) if self.recent_queries else None
-        if self.cfg.shortlist_mode == "precomputed":
-            queries = self.ctx.encode_train(None)
-            sample = queries[:recall_queries] if sample is None else sample
-        elif sample is None:
-            sample = self.ctx.encode_train(np.arange(min(self.ctx.num_train, recall_queries)))
         report = self._build()
-        if self.cfg.shortlist_mode == "precomputed":
-            scores, ids = self.shortlist(queries)
-            self.shortlists = (ids, scores)
+        searched = self.shortlists.refresh(self.shortlist, train_queries)
+        if self.recent_queries:
+            sample = torch.cat(self.recent_queries)
+        elif searched is not None:
+            sample = searched[:recall_queries]
+        else:
+            sample = train_queries(np.arange(min(self.ctx.num_train, recall_queries)))
         recall = min_across_ranks(self.index.recall(self.ctx.table, sample, self.cfg.shortlist_size))
         log.info("index v%d: %s over %d rows built in %.2fs, recall@%d vs exact %.3f", self.version, report.kind,
                  report.rows, report.seconds, self.cfg.shortlist_size, recall)
@@ -79,7 +84,7 @@ class AstraSampler(NegativeSampler):
 
     def _build(self):
         self.version += 1
-        rng = numpy_rng(self.ctx.cfg.train.seed, Stream.INDEX_TRAINING, self.version, rank())
+        rng = numpy_rng(self.ctx.cfg.train.seed, Stream.INDEX_TRAINING, self.version, self.rank)
         return self.index.build(self.ctx.table, rng)
 
     def shortlist(self, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -90,10 +95,7 @@ class AstraSampler(NegativeSampler):
     def sample(self, query_ids, queries, positives, rng) -> Negatives:
         if self.version == 0:  # warm-up
             return sample_uniform(positives, self.cfg.num_negatives, rng)
-        if self.cfg.shortlist_mode == "precomputed":
-            ids, scores = self.shortlists[0][query_ids], self.shortlists[1][query_ids]
-        else:
-            scores, ids = self.shortlist(queries)
+        scores, ids = self.shortlists.lookup(self.shortlist, query_ids, queries)
         return sample_mixture(positives, ids, scores, self.cfg.num_negatives, self.cfg.alpha, self.cfg.tau, rng)
 
     def observe(self, query_ids, queries) -> None:
@@ -105,16 +107,17 @@ class AstraSampler(NegativeSampler):
     # ---- checkpoint component ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"version": self.version, "shortlists": self.shortlists, "recent_queries": self.recent_queries}
+        return {"version": self.version, "shortlists": self.shortlists.state_dict(),
+                "recent_queries": self.recent_queries}
 
     def load_state_dict(self, state: dict) -> None:
-        self.version, self.shortlists, self.recent_queries = (state["version"], state["shortlists"],
-                                                              state["recent_queries"])
+        self.version, self.recent_queries = state["version"], state["recent_queries"]
+        self.shortlists.load_state_dict(state["shortlists"])
 
     def save_files(self, directory: Path, previous: Path | None) -> None:
         """Each rank's index, written by faiss."""
         if self.index.index is not None:
-            self.index.save(directory / f"rank{rank()}.faiss")
+            self.index.save(directory / f"rank{self.rank}.faiss")
 
     def load_files(self, directory: Path, resharded: bool) -> None:
         """This rank's index; on another number of ranks, rebuilt over the rank's new rows (ASTRA's hard
@@ -126,7 +129,7 @@ class AstraSampler(NegativeSampler):
             self.version -= 1
             self._build()
             return
-        path = directory / f"rank{rank()}.faiss"
+        path = directory / f"rank{self.rank}.faiss"
         if not path.is_file():
             raise CheckpointError(f"checkpoint {directory.parent} is incomplete (missing {path.name})")
         self.index.load(path, self.ctx.table)

@@ -1,15 +1,17 @@
 """The interface of a negative sampler, the component that draws the m negatives of each query of a step.
 
 The trainer calls, in this order:
-    on_epoch_start(epoch)                   at the start of each epoch (not when resumed inside it); returns
-                                            values for the training log (an index build's time and recall)
+    on_epoch_start(epoch, train_queries)    at the start of each epoch (not when resumed inside it); returns
+                                            values for the training log (an index build's time and recall).
+                                            `train_queries(rows)`: the embeddings (host) of the training queries
+                                            at `rows` (None: all) as the current stage trains on them
     sample(query_ids, queries, positives, rng)
                                             the negatives of a micro-batch: every rank draws the same ones
     observe(query_ids, queries)             the micro-batch's query embeddings (host), after its step
 A sampler is a checkpoint component: `state_dict()` / `load_state_dict()` hold what every rank shares; a sampler
 with large per-rank state also has `save_files(directory, previous)` / `load_files(directory, resharded)`.
 
-A new sampler is a module with a subclass of NegativeSampler and an entry in astra_ds.negatives.SAMPLERS.
+A new sampler is a module with a subclass of NegativeSampler and an entry in astra_ds.choices.SAMPLERS.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from astra_ds.config import RunConfig
+from astra_ds.plan import PlanLine
 from astra_ds.table.table import ClassifierTable
 
 
@@ -37,12 +40,12 @@ class SamplerContext:
 
     cfg: RunConfig
     table: ClassifierTable  # this rank's rows
-    # embeddings (N, d), on the host, of the training queries at these rows (None: all), with the current encoder
-    encode_train: Callable[[np.ndarray | None], torch.Tensor]
     num_train: int
 
 
-MemoryLines = list[tuple[str, int, str]]  # (component, host bytes, detail), as the memory plan prints them
+# embeddings (N, d), on the host, of the training queries at these rows (None: all), as the stage trains on them
+TrainQueries = Callable[[np.ndarray | None], torch.Tensor]
+
 
 
 class NegativeSampler:
@@ -55,12 +58,16 @@ class NegativeSampler:
         them); fail here, with what to install."""
 
     @classmethod
-    def memory(cls, cfg: RunConfig, rows: int, dim: int, num_train: int) -> tuple[MemoryLines, MemoryLines]:
+    def check(cls, cfg: RunConfig, dim: int) -> None:
+        """What the row dimension decides for this sampler, checked before a run starts."""
+
+    @classmethod
+    def memory(cls, cfg: RunConfig, rows: int, dim: int, num_train: int) -> tuple[list[PlanLine], list[PlanLine]]:
         """What the sampler holds on a rank owning `rows` rows of width `dim`: through the run, and during a
         phase of its own (astra_ds/plan.py)."""
         return [], []
 
-    def on_epoch_start(self, epoch: int) -> dict:
+    def on_epoch_start(self, epoch: int, train_queries: TrainQueries) -> dict:
         return {}
 
     def sample(self, query_ids: np.ndarray, queries: torch.Tensor, positives: sp.csr_matrix,

@@ -15,9 +15,9 @@ from pathlib import Path
 from astra_ds import layout
 from astra_ds.config import IndexConfig
 from astra_ds.errors import UserError
-from astra_ds.eval.predict import ScoringRows
-from astra_ds.negatives.index import LabelIndex
+from astra_ds.index.label_index import LabelIndex
 from astra_ds.rng import Stream, numpy_rng
+from astra_ds.scoring import ScoringRows
 from astra_ds.serve.card import ModelCard, read_card
 from astra_ds.table.store import StoredRows
 

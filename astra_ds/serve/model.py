@@ -19,15 +19,16 @@ import torch
 
 from astra_ds import layout
 from astra_ds.config import RunConfig, load_config
+from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
-from astra_ds.errors import UserError
+from astra_ds.errors import ConfigError, UserError
+from astra_ds.files import load_torch_file
 from astra_ds.libraries import quiet_libraries
-from astra_ds.eval.predict import ScoringRows, encode_queries, exact_topk
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
 from astra_ds.serve.ann import load_serving_index
 from astra_ds.serve.card import ModelCard, read_card, verify_run
 from astra_ds.table.store import StoredRows
-from astra_ds.train.checkpoint import load_pickle
 
 
 @dataclass
@@ -57,7 +58,7 @@ class XCModel:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels)
         try:
-            encoder.load_state_dict(load_pickle(run_dir / layout.ENCODER_WEIGHTS))
+            encoder.load_state_dict(load_torch_file(run_dir / layout.ENCODER_WEIGHTS))
         except RuntimeError as err:  # another encoder.model or encoder.dim than the weights
             raise UserError(f"{run_dir / layout.ENCODER_WEIGHTS} does not fit encoder.model={cfg.encoder.model}, "
                             f"encoder.dim={cfg.encoder.dim}: {str(err).strip().splitlines()[-1].strip()[:160]}") from None
@@ -83,6 +84,15 @@ class XCModel:
             rows.device = self.device
             self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight)
         return self._scoring_rows
+
+    def load_data(self) -> PreparedData:
+        """The data the model is evaluated on: its run's dataset, or another one of the same labels (the override
+        data.path=...)."""
+        data = prepare_data(self.cfg.data, self.tokenizer)
+        if data.dataset.num_labels != self.num_labels:
+            raise ConfigError(f"the data at {self.cfg.data.path} has {data.dataset.num_labels} labels, the model "
+                              f"{self.num_labels}")
+        return data
 
     def tokenize(self, texts: list[str]) -> TokenizedTexts:
         if isinstance(texts, str):

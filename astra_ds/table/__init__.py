@@ -1,8 +1,2 @@
-"""The classifier table: host-memory rows, their row-sparse optimizers, the zarr store."""
-
-from astra_ds.registry import Registry
-
-OPTIMIZERS = Registry("table optimizer", {
-    "rowwise_adagrad": "astra_ds.table.optim:RowwiseAdagrad",
-    "lazy_adam": "astra_ds.table.optim:LazyAdam",
-})
+"""The classifier table: host-memory rows, their row-sparse optimizers (registry OPTIMIZERS in astra_ds/choices.py),
+the zarr store, the initial rows."""

@@ -24,7 +24,8 @@ from astra_ds.collectives import barrier
 from astra_ds.config import TableConfig
 from astra_ds.errors import TableError, TrainingError
 from astra_ds.rng import Stream, torch_generator
-from astra_ds.table import OPTIMIZERS, store
+from astra_ds.choices import OPTIMIZERS
+from astra_ds.table import store
 from astra_ds.table.host_memory import host_zeros
 
 
@@ -62,6 +63,7 @@ class ClassifierTable:
         # bfloat16 write-backs: update u of rank r rounds with the stream (seed, r, u), so a resumed run (the
         # count is saved with the table) rounds as an uninterrupted one
         self.rank, self.seed, self.updates = rank, seed, 0
+        self.initialized = False  # rows set by a table init (astra_ds/table/init.py) or loaded; zeros until then
         self.optimizer = OPTIMIZERS.get(cfg.optimizer)(self.end - self.start, dim, cfg, pin)
         # chunks changed since the table was last saved or loaded (a checkpoint rewrites only these)
         self.dirty = np.ones(len(list(self._chunks())), bool)
@@ -81,6 +83,11 @@ class ClassifierTable:
             generator = torch_generator(seed, Stream.TABLE_INIT, chunk)
             block = torch.randn((end - start, self.dim), generator=generator) * self.cfg.init_std
             self.rows[start - self.start:end - self.start] = block
+
+    def mark_initialized(self) -> None:
+        """Every row was set by a table init: the next checkpoint rewrites every chunk."""
+        self.initialized = True
+        self.dirty[:] = True
 
     def unique_rows(self, global_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The sorted unique ids of `global_ids` (any shape) and each id's slot among them, on the host."""
@@ -144,7 +151,7 @@ class ClassifierTable:
         store.create(path, self.num_labels, self.chunk_rows,
                      {name: (shape, dtype) for name, (_, shape, dtype) in self._arrays().items()},
                      {"dim": self.dim, "optimizer": self.cfg.optimizer, "dtype": self.cfg.dtype,
-                      "updates": self.updates})
+                      "updates": self.updates, "initialized": self.initialized})
 
     def save(self, path: str | Path, unchanged_from: str | Path | None = None, progress: bool = False) -> None:
         """Write this shard's rows and optimizer state (whole chunks) into the table at `path`. Chunks no step
@@ -159,7 +166,7 @@ class ClassifierTable:
                     continue
                 target[start:end] = _to_numpy(tensor[start - self.start:end - self.start])
 
-    # ---- as a checkpoint component (astra_ds/train/checkpoint.py) ---------------------------------------------
+    # ---- as a checkpoint component (astra_ds/training/checkpoint.py) ---------------------------------------------
 
     def save_files(self, directory: Path, previous: Path | None) -> None:
         """Every rank writes its shard into one table at `directory`, linking the chunks unchanged since the
@@ -195,6 +202,7 @@ class ClassifierTable:
                     values = values.view(torch.bfloat16)
                 tensor[start - self.start:end - self.start] = values  # float32 <-> bfloat16 converts (to nearest)
         self.updates = 0 if rows_only else group.attrs.get("updates", 0)
+        self.initialized = group.attrs.get("initialized", True)  # tables from before the flag always were
         same_bytes = same_optimizer and not rows_only and stored_dtype == self.cfg.dtype
         self.dirty[:] = not same_bytes  # else the chunks are those of the table at `path`
 

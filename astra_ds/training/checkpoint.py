@@ -22,7 +22,6 @@ import errno
 import json
 import logging
 import os
-import pickle
 import shutil
 import time
 from pathlib import Path
@@ -34,17 +33,9 @@ from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
 from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import CheckpointError
-from astra_ds.files import files_under, fsync_dir, fsync_tree, write_atomically
+from astra_ds.files import files_under, fsync_dir, fsync_tree, load_torch_file, write_atomically
 
 log = logging.getLogger("astra_ds")
-
-
-def load_pickle(path: Path):
-    """torch.load, with a damaged or truncated file named in one line."""
-    try:
-        return torch.load(path, weights_only=False, map_location="cpu")
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
-        raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
 
 
 def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
@@ -77,17 +68,15 @@ def _sharing(path: Path, names: list[str]) -> list[str]:
         (other / name).exists() and os.stat(other / name).st_ino in inodes for name in names))
 
 
-def convert_encoder_to_universal(directory: Path, tag: str) -> str:
+def convert_encoder_to_universal(directory: Path, tag: str, rank: int) -> str:
     """Convert the ZeRO state `directory/tag` to DeepSpeed's universal format, which loads on any number of ranks
     (rank 0 converts, once: the result stays in the checkpoint); returns the universal tag."""
     from types import SimpleNamespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    from astra_ds.collectives import rank
-
     universal = tag + "_universal"
-    if rank() == 0 and not (directory / universal).is_dir():
+    if rank == 0 and not (directory / universal).is_dir():
         tmp = directory / (universal + layout.TMP_SUFFIX)
         shutil.rmtree(tmp, ignore_errors=True)
         ds_to_universal(SimpleNamespace(input_folder=str(directory / tag), output_folder=str(tmp),
@@ -210,8 +199,8 @@ class CheckpointManager:
         """Every component's state from `path` (checked by `check_checkpoint`). Written by another number of
         ranks, per-rank states are left out and components with files are told to re-slice."""
         resharded = meta["world_size"] != self.world_size
-        shared = load_pickle(path / layout.SHARED_STATE)
-        own = {} if resharded else load_pickle(path / layout.rank_state(self.rank))
+        shared = load_torch_file(path / layout.SHARED_STATE)
+        own = {} if resharded else load_torch_file(path / layout.rank_state(self.rank))
         for name, (component, per_rank) in self.components.items():
             state = (own if per_rank else shared).get(name)
             if state is not None:

@@ -1,5 +1,6 @@
 """The trainer: the order of the stages, of their epochs and steps, and what happens between steps (logging,
-checkpoints, evaluations). The parts come from astra_ds/build.py, the stages and their steps from stages.py.
+checkpoints, evaluations). The parts come from build.py, the stages and their steps from stages.py; a run from
+start to end (fit, save the model, evaluate, the serving index) is astra_ds/run.py.
 
 A step of the joint stage (global batch of B queries, W ranks, each owning a contiguous block of the rows):
   1. each rank encodes its B / W queries with the DeepSpeed engine; all-gather -> q (B, d), calibration
@@ -12,7 +13,6 @@ A step of the joint stage (global batch of B queries, W ranks, each owning a con
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
@@ -25,55 +25,56 @@ import torch
 from tqdm import tqdm
 
 from astra_ds import layout
-from astra_ds.build import build_training
+from astra_ds.choices import STAGES
 from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, summary
-from astra_ds.dist import init_distributed
+from astra_ds.dist import DistInfo
+from astra_ds.errors import CheckpointError, Preempted, TrainingError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
-from astra_ds.eval.predict import encode_queries
+from astra_ds.files import write_atomically
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.rng import GlobalRngState
-from astra_ds.serve.ann import build_serving_index
+from astra_ds.scoring import encode_queries
 from astra_ds.serve.card import write_model_files, write_run_manifest
-from astra_ds.errors import Preempted, TrainingError
-from astra_ds.files import write_atomically
-from astra_ds.train.checkpoint import CheckpointManager
-from astra_ds.train.engine import EngineCheckpoint, encoder_state_dict
-from astra_ds.train.metrics_log import MetricsLog
-from astra_ds.train.preemption import Preemption
-from astra_ds.train.run_lock import RunLock
-from astra_ds.train.stages import Stage, StageContext, build_stages
+from astra_ds.training.build import build_training
+from astra_ds.training.checkpoint import CheckpointManager
+from astra_ds.training.engine import EngineCheckpoint, encoder_state_dict
+from astra_ds.training.metrics_log import MetricsLog
+from astra_ds.training.preemption import Preemption
+from astra_ds.training.stages import Stage, StageContext, build_stages
 
 log = logging.getLogger("astra_ds")
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, progress: bool = True, resume: str | None = None, init_from: str | None = None):
+    def __init__(self, cfg: RunConfig, dist: DistInfo, progress: bool = True, resume: str | None = None,
+                 init_from: str | None = None):
         """`resume`: "auto" (the latest checkpoint of this run, if any) or a checkpoint directory, continued with
-        its full state; `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh run."""
-        self.cfg = cfg
-        self.dist = init_distributed(cfg.train.collective_timeout_s)
-        self.device = self.dist.device
+        its full state; `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh run. The
+        caller holds the run directory's lock."""
+        self.cfg, self.dist, self.device = cfg, dist, dist.device
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
-        self.lock = RunLock(self.run_dir) if self.dist.is_main else None  # before anything is written there
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
         start = self.checkpoints.start_point(resume, init_from)  # (path, meta) or None
         if resume == "auto" and start is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
         start_path = start[0] if start else None
         resume_path = start_path if resume else None
+        if resume_path and start[1].get("stage") not in STAGES.names:
+            raise CheckpointError(f"checkpoint {resume_path} was written in a stage named {start[1]['stage']!r}, "
+                                  f"which this version does not have (stages: {', '.join(STAGES.names)})")
         if self.dist.is_main:
             log.info("config:\n%s", summary(cfg))
             if not resume_path and (self.run_dir / layout.CONFIG).exists():
                 log.warning("out_dir %s holds an earlier run: its files are overwritten", self.run_dir)
 
-        parts = build_training(cfg, self.dist, start, fresh_rows=start is None, progress=self.progress)
+        parts = build_training(cfg, self.dist, start, progress=self.progress)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
         self.sampler, self.memory_plan = parts.sampler, parts.memory_plan
-        self.stages = build_stages(StageContext(cfg, parts, self.device, self.progress))
+        self.stages = build_stages(StageContext(cfg, parts, self.dist, self.progress))
         self.first_step, steps = {}, 0  # the global step at which each stage starts
         for stage in self.stages:
             self.first_step[stage.name], steps = steps, steps + stage.epochs * stage.steps_per_epoch
@@ -86,7 +87,7 @@ class Trainer:
         self.test_queries, self.test_queries_step = None, None
         self.evaluated_steps: set[int] = set()
 
-        for name, component in (("encoder", EngineCheckpoint(self.engine)), (layout.TABLE, self.table),
+        for name, component in (("encoder", EngineCheckpoint(self.engine, self.dist.rank)), (layout.TABLE, self.table),
                                 ("negatives", self.sampler), ("trainer", self),
                                 *((f"{stage.name}_batches", stage.batches) for stage in self.stages)):
             self.checkpoints.register(name, component)
@@ -97,7 +98,12 @@ class Trainer:
         elif init_from:
             self.checkpoints.load_weights(start_path)
             log.info("encoder and classifier rows initialised from %s", start_path)
+        # the rows start (table.init) when the first stage that trains them begins, from the encoder the stages
+        # before it left; rows that --init-from brought are kept
+        first_rows_stage = next((s for s in self.stages if s.trains_table), self.stages[0])
+        self.rows_stage = None if init_from and self.table.initialized else first_rows_stage
         if self.dist.is_main:  # written once everything is built and loaded: a failed resume changes nothing
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(self.run_dir / layout.CONFIG, cfg.with_absolute_paths().to_yaml())
             write_atomically(self.run_dir / layout.DS_CONFIG, json.dumps(parts.ds_config, indent=2))
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
@@ -129,8 +135,8 @@ class Trainer:
             if self.step >= min(first + stage.epochs * stage.steps_per_epoch, self.total_steps):
                 continue  # done before this run resumed, or past max_steps
             fresh = self.step == first
-            if fresh and self.rows_await_label_texts(stage):
-                self.table.rows.copy_(self.current_label_embeddings().rows.to(self.table.rows.dtype))
+            if fresh and stage is self.rows_stage:  # table.init: see __init__
+                self.parts.initialize_rows()
             stage.begin(resumed=not fresh)
             self.run_stage(stage, first)
 
@@ -147,8 +153,8 @@ class Trainer:
             first_position = self.step - first - epoch * per_epoch  # > 0 when resumed within the epoch
             if first_position == 0 and self.step < end:
                 self.log(stage.on_epoch_start(epoch))  # NGAME clusters
-                if stage.trains_table:
-                    self.log(self.sampler.on_epoch_start(self.table_epoch(stage, epoch)))  # ASTRA's index
+                if stage.trains_table:  # ASTRA's index
+                    self.log(self.sampler.on_epoch_start(self.table_epoch(stage, epoch), stage.train_queries))
             order = stage.batches.epoch_batches(epoch)
             for position in range(first_position, per_epoch):
                 if self.step >= end:
@@ -190,11 +196,6 @@ class Trainer:
         """Epochs of training the rows before this one (ASTRA's schedule runs across the stages that train them)."""
         return sum(s.epochs for s in self.stages[:self.stages.index(stage)] if s.trains_table) + epoch
 
-    def rows_await_label_texts(self, stage: Stage) -> bool:
-        """Label-text rows after a Siamese stage are set (its encoder) when the first stage training rows begins."""
-        return (self.cfg.table.init == "label_text" and self.stages[0].name == "siamese"
-                and stage is next(s for s in self.stages if s.trains_table))
-
     def encoder_steps(self) -> int:
         """Steps so far of the stages that train the encoder: embeddings computed at the same count are current."""
         return sum(min(max(self.step - self.first_step[s.name], 0), s.epochs * s.steps_per_epoch)
@@ -204,7 +205,7 @@ class Trainer:
         """The label texts as the encoder embeds them now (encoded again only after the encoder has changed)."""
         if self.label_embeddings_step != self.encoder_steps():
             self.label_embeddings = self.label_embeddings or LabelEmbeddings(self.table)
-            self.parts.encode_label_texts(self.label_embeddings, self.cfg.eval.batch_size, self.progress)
+            self.parts.encode_label_texts(self.label_embeddings)
             self.label_embeddings_step = self.encoder_steps()
         return self.label_embeddings
 
@@ -242,13 +243,14 @@ class Trainer:
             "step": self.step, "stage": self.stage_at(self.step).name, "num_labels": self.table.num_labels,
             "num_train": len(self.data.train_tokens), "dim": self.table.dim})
 
+    def close(self) -> None:
+        """The DeepSpeed engine lets go of its hooks (through which DeepSpeed would keep it, its weights and optimizer
+        state alive); the trainer cannot train after this."""
+        self.engine.destroy()
+
     def stage_at(self, step: int) -> Stage:
         """The stage of step `step` (1-based: the step just done)."""
         return [s for s in self.stages if self.first_step[s.name] < max(step, 1)][-1]
-
-    def close(self) -> None:  # the run directory is free for another run
-        if self.lock is not None:
-            self.lock.release()
 
     # ---- results ----------------------------------------------------------------------------------------------
 
@@ -270,23 +272,11 @@ class Trainer:
             write_run_manifest(self.run_dir)
         barrier()
 
-    def build_serving_index(self) -> None:
-        """The serving index over the saved rows (rank 0), once the training state has been let go: at 10^8
-        labels the table, its optimizer state and the training index would not fit beside it."""
-        self.parts = self.engine = self.table = self.sampler = self.stages = self.data = self.test_queries = None
-        self.label_embeddings = None
-        self.checkpoints.components.clear()
-        gc.collect()
-        if self.dist.is_main and self.cfg.eval.ann_index:
-            build_serving_index(self.run_dir, self.cfg.index, self.cfg.train.seed, self.progress)
-
     def evaluate(self) -> dict:
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
         if self.test_queries_step != self.encoder_steps():  # encoded again only after the encoder has changed
-            self.engine.eval()
-            self.test_queries = encode_queries(lambda ids, mask: self.engine(ids, mask), self.data.test_tokens,
-                                               self.cfg.eval.batch_size, self.device, self.progress)
-            self.engine.train()
+            self.test_queries = encode_queries(self.engine, self.data.test_tokens, self.cfg.eval.batch_size,
+                                               self.device, self.progress)
             self.test_queries_step = self.encoder_steps()
         queries, calibration = self.test_queries
         dataset = self.data.dataset
@@ -294,7 +284,7 @@ class Trainer:
                                     search_k(self.cfg.eval, dataset.test_filter), label_embeddings, self.progress)
         about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "topk": "exact"}
         results = evaluate({MODEL: topk}, calibration, dataset.test.labels, dataset.train.labels, self.cfg.eval,
-                           self.table.num_labels, self.run_dir, about, dataset.test_filter)
+                           self.table.num_labels, self.run_dir, about, dataset.test_filter, write=self.dist.is_main)
         if self.dist.is_main:
             print(format_table(results, self.cfg.eval.ks), flush=True)
         return results

@@ -1,39 +1,50 @@
-"""Prediction: encode queries, exact top-k over the classifier rows block by block, CSR output.
+"""Scoring, shared by training, evaluation, the negatives, the memory plan and serving: queries encoded (the model
+in eval mode for the pass), the vectors labels are scored by (ScoringRows), the exact top-k over them block by
+block, and the recall of an approximate top-k against it.
 
 Scores never exist for more than (query_block x label_block) pairs at once, so memory does not grow with L.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from astra_ds.collectives import all_gather_cat, merge_topk, rank, world_size
+from astra_ds.collectives import all_gather_cat, merge_topk, padded_part
 from astra_ds.data.tokens import TokenizedTexts
 
 
-@torch.no_grad()
-def encode_queries(encode: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                   tokens: TokenizedTexts, batch_size: int, device: torch.device,
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """`model` (an encoder, or the DeepSpeed engine around one) in eval mode and without gradients for the block;
+    its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: int, device: torch.device,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """All query embeddings (N, d) on the host, and the score calibration (log scale, bias).
+    """All query embeddings (N, d) on the host, and the score calibration (log scale, bias), `model` in eval mode.
 
     With W ranks each rank encodes a contiguous 1/W of the queries and every rank gets all of them. The
     parts are padded (with the last query) to the same length, so that every rank runs the same number of
     forward passes: ZeRO-3 gathers parameters collectively in each."""
-    per_rank = -(-len(tokens) // world_size())
-    rows = np.minimum(np.arange(rank() * per_rank, (rank() + 1) * per_rank), len(tokens) - 1)
+    rows = padded_part(len(tokens))
     chunks, calibration = [], None
-    for start in tqdm(range(0, per_rank, batch_size), desc="encode", unit="batch", disable=not progress):
-        input_ids, attention_mask = tokens.batch(rows[start:start + batch_size])
-        embeddings, calibration = encode(input_ids.to(device), attention_mask.to(device))
-        chunks.append(embeddings.float().cpu())
+    with evaluating(model):
+        for start in tqdm(range(0, len(rows), batch_size), desc="encode", unit="batch", disable=not progress):
+            input_ids, attention_mask = tokens.batch(rows[start:start + batch_size])
+            embeddings, calibration = model(input_ids.to(device), attention_mask.to(device))
+            chunks.append(embeddings.float().cpu())
     return all_gather_cat(torch.cat(chunks))[:len(tokens)], calibration.detach().float().cpu()
 
 
@@ -89,10 +100,6 @@ def exact_topk_bytes(num_queries: int, rows: int, dim: int, label_block: int = 6
     return num_queries * label_block * 4 * 2 + label_block * dim * 8
 
 
-def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
-    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it); ids < 0 (padding)
-    are left out."""
-    kept = ids >= 0
-    indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
-    matrix = sp.csr_matrix((scores[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
-    sp.save_npz(path, matrix)
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean |approximate top-k ∩ exact top-k| / k over the rows of two (N, k) id arrays."""
+    return float(np.mean([len(np.intersect1d(a, e)) / e.shape[0] for a, e in zip(approx, exact)]))

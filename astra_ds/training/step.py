@@ -17,7 +17,7 @@ import torch
 from astra_ds.negatives.base import Negatives
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.table.table import ClassifierTable, RowBlock
-from astra_ds.train.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
 
 
 @dataclass

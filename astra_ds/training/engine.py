@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from astra_ds.eval.predict import encode_queries
 from astra_ds.model.encoder import QueryEncoder
-from astra_ds.train.checkpoint import convert_encoder_to_universal
+from astra_ds.training.checkpoint import convert_encoder_to_universal
 
 ZERO_TAG = "zero"  # the DeepSpeed checkpoint tag inside the checkpoint's encoder/ directory
 
@@ -33,8 +30,8 @@ class EngineCheckpoint:
     another number of ranks, it goes through DeepSpeed's universal checkpoint (the engine must have been built
     with `checkpoint.load_universal`)."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, rank: int):
+        self.engine, self.rank = engine, rank
 
     def save_files(self, directory: Path, previous: Path | None) -> None:
         from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
@@ -43,7 +40,7 @@ class EngineCheckpoint:
                                     save_latest=False)
 
     def load_files(self, directory: Path, resharded: bool) -> None:
-        tag = convert_encoder_to_universal(directory, ZERO_TAG) if resharded else ZERO_TAG
+        tag = convert_encoder_to_universal(directory, ZERO_TAG, self.rank) if resharded else ZERO_TAG
         self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
 
@@ -51,11 +48,3 @@ class EngineCheckpoint:
         self.engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_only=True,
                                     load_optimizer_states=False, load_lr_scheduler_states=False)
 
-
-@torch.no_grad()
-def encode_with(engine, tokens, batch_size: int, device: torch.device, progress: bool) -> torch.Tensor:
-    """Embeddings (N, d) of `tokens` on the host, the engine in eval mode for the pass."""
-    engine.eval()
-    queries, _ = encode_queries(lambda ids, mask: engine(ids, mask), tokens, batch_size, device, progress)
-    engine.train()
-    return queries

@@ -9,6 +9,8 @@ their positives are hard in-batch negatives. Random batches are used until the f
 The clusters come from the embeddings the training steps computed (a QueryBank fed by `observe`, in fp16 on
 the host), so clustering costs no encoding pass; only queries no step has seen are encoded. The state is the
 clustered permutation of the queries and the bank, so a resumed run gets the same batches.
+
+The modes (`batching.mode`, registry BATCHING in astra_ds/choices.py): RandomBatches, ClusteredBatches.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from astra_ds.collectives import broadcast_from_main, rank
+from astra_ds.collectives import computed_on_main
 from astra_ds.config import BatchingConfig
+from astra_ds.plan import PlanLine
 from astra_ds.rng import Stream, numpy_rng
 
 
@@ -70,50 +73,32 @@ class QueryBank:
         self.embeddings, self.seen = state["embeddings"], state["seen"]
 
 
-class BatchSampler:
-    """The (steps_per_epoch, batch_size) query rows of each epoch, a function of (seed, epoch, clusters)."""
+class RandomBatches:
+    """The (steps_per_epoch, batch_size) query rows of each epoch: a random permutation, a function of (seed,
+    stream, epoch)."""
 
-    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int | None = None,
-                 stage: int = 0):
-        """`dim`: the width of the query embeddings the clustered mode keeps; `stage`: the training stage the
-        batches are for (each stage draws its own orders)."""
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int):
+        """`dim`: the width of the query embeddings; `stream`: the random stream of the stage the batches are for
+        (each stage draws its own orders)."""
         self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
-        self.stage = stage
+        self.stream = stream
         self.steps_per_epoch = num_queries // batch_size
-        self.clustered_order: np.ndarray | None = None  # None until the first clustering
-        self.bank = QueryBank(num_queries, dim) if cfg.mode == "clustered" and dim else None
+        self.clustered_order: np.ndarray | None = None  # ClusteredBatches: None until the first clustering
 
-    def clustering_due(self, epoch: int) -> bool:
-        """Clusters are (re)built at epochs W, W + C, W + 2C, ... (W warm-up epochs, C = recluster_every)."""
-        warmup, every = self.cfg.warmup_epochs, self.cfg.recluster_every
-        return self.cfg.mode == "clustered" and epoch >= warmup and (epoch - warmup) % every == 0
-
-    def recluster(self, embeddings: np.ndarray, epoch: int) -> None:
-        rng = numpy_rng(self.seed, Stream.CLUSTERS, self.stage, epoch)
-        self.clustered_order = balanced_clusters(embeddings, self.cfg.cluster_size, rng)
+    @staticmethod
+    def memory(num_queries: int, dim: int) -> list[PlanLine]:
+        """What the batches hold beyond the query ids (astra_ds/plan.py)."""
+        return []
 
     def observe(self, query_ids: np.ndarray, queries: torch.Tensor) -> None:
         """The embeddings (host) a training step computed for these queries."""
-        if self.bank is not None:
-            self.bank.store(query_ids, queries)
 
-    def on_epoch_start(self, epoch: int, encode: Callable[[np.ndarray], torch.Tensor]) -> dict:
-        """NGAME: cluster the bank's embeddings into the batches of the coming epochs, when due; queries no step
-        has seen (the dropped last batches) are encoded with `encode` first. Rank 0 clusters, every rank gets
-        its order. Returns values for the training log."""
-        if not self.clustering_due(epoch):
-            return {}
-        started = time.time()
-        unseen = np.flatnonzero(~self.bank.seen)
-        if len(unseen):
-            self.bank.store(unseen, encode(unseen))
-        if rank() == 0:
-            self.recluster(self.bank.embeddings.float().numpy(), epoch)
-        self.clustered_order = broadcast_from_main(self.clustered_order, self.num_queries)
-        return {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)}
+    def on_epoch_start(self, epoch: int, train_queries: Callable[[np.ndarray], torch.Tensor]) -> dict:
+        """Work due before an epoch's batches are drawn; values for the training log."""
+        return {}
 
     def epoch_batches(self, epoch: int) -> np.ndarray:
-        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stage, epoch)
+        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stream, epoch)
         if self.clustered_order is None:
             order = rng.permutation(self.num_queries)
         else:  # whole clusters in a random order
@@ -128,13 +113,57 @@ class BatchSampler:
         return np.array_split(batch_rows, world_size)[rank]
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "clustered_order": self.clustered_order,
-                "bank": self.bank.state_dict() if self.bank is not None else None}
+        return {"seed": self.seed, "clustered_order": self.clustered_order, "bank": None}
 
     def load_state_dict(self, state: dict) -> None:
         order = state["clustered_order"]
         if order is not None and len(order) != self.num_queries:
             raise ValueError(f"batch sampler state covers {len(order)} queries, this run has {self.num_queries}")
         self.seed, self.clustered_order = state["seed"], order
-        if self.bank is not None and state["bank"] is not None:
+
+
+class ClusteredBatches(RandomBatches):
+    """NGAME: random batches for batching.warmup_epochs, then whole clusters of similar queries."""
+
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int):
+        super().__init__(cfg, num_queries, batch_size, seed, dim, stream)
+        self.bank = QueryBank(num_queries, dim)
+
+    @staticmethod
+    def memory(num_queries: int, dim: int) -> list[PlanLine]:
+        return [PlanLine("NGAME query embeddings", num_queries * (dim * 2 + 1))]
+
+    def clustering_due(self, epoch: int) -> bool:
+        """Clusters are (re)built at epochs W, W + C, W + 2C, ... (W warm-up epochs, C = recluster_every)."""
+        warmup, every = self.cfg.warmup_epochs, self.cfg.recluster_every
+        return epoch >= warmup and (epoch - warmup) % every == 0
+
+    def recluster(self, embeddings: np.ndarray, epoch: int) -> np.ndarray:
+        rng = numpy_rng(self.seed, Stream.CLUSTERS, self.stream, epoch)
+        self.clustered_order = balanced_clusters(embeddings, self.cfg.cluster_size, rng)
+        return self.clustered_order
+
+    def observe(self, query_ids: np.ndarray, queries: torch.Tensor) -> None:
+        self.bank.store(query_ids, queries)
+
+    def on_epoch_start(self, epoch: int, train_queries: Callable[[np.ndarray], torch.Tensor]) -> dict:
+        """Cluster the bank's embeddings into the batches of the coming epochs, when due; queries no step has seen
+        (the dropped last batches) are encoded with `train_queries` first. Rank 0 clusters, every rank gets its
+        order."""
+        if not self.clustering_due(epoch):
+            return {}
+        started = time.time()
+        unseen = np.flatnonzero(~self.bank.seen)
+        if len(unseen):
+            self.bank.store(unseen, train_queries(unseen))
+        self.clustered_order = computed_on_main(lambda: self.recluster(self.bank.embeddings.float().numpy(), epoch),
+                                                self.num_queries)
+        return {"recluster_s": time.time() - started, "reclustered_unseen": len(unseen)}
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state["bank"] is not None:
             self.bank.load_state_dict(state["bank"])

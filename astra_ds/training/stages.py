@@ -1,4 +1,5 @@
-"""The stages of a run, in the order they run; each owns its batches and its step, the trainer runs them.
+"""The stages of a run (registry STAGES in astra_ds/choices.py, in the order they run); each owns its batches and
+its step, the trainer runs them.
 
     siamese     (siamese.epochs)     the encoder alone: queries against their labels' texts, in-batch softmax
     classifier  (classifier.epochs)  the rows alone, on the frozen encoder's query embeddings (computed once)
@@ -6,8 +7,12 @@
     refit       (classifier.refit_epochs)  the classifier stage again, on the final encoder
 
 A stage with 0 epochs is left out. Steps are numbered across stages: the trainer's step says which stage a
-resumed run is in. Every stage draws its batches from its own random stream; the NGAME embedding bank of a
-stage's batches is fed by the query embeddings its steps compute (the classifier stage: the frozen ones).
+resumed run is in. A stage is known by its name (checkpoint keys, logs) and draws its batches from its own random
+stream, a number fixed for the name: adding or leaving out a stage changes no other stage's batches. The query
+embeddings a stage trains on (`train_queries`: encoded by the current encoder, or the frozen ones) are what the
+negative sampler and the NGAME batches get when they need the training queries.
+
+A new stage is one subclass of Stage here and one entry in STAGES.
 """
 
 from __future__ import annotations
@@ -18,42 +23,59 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from astra_ds.build import Training
-from astra_ds.collectives import gather_rows, rank, scale_grad, sum_across_ranks, world_size
+from astra_ds.choices import BATCHING
+from astra_ds.collectives import gather_rows, padded_part, scale_grad, sum_across_ranks
 from astra_ds.config import RunConfig
-from astra_ds.eval.predict import encode_queries
+from astra_ds.dist import DistInfo
 from astra_ds.rng import Stream, numpy_rng
-from astra_ds.train.batching import BatchSampler
-from astra_ds.train.loss import siamese_softmax
-from astra_ds.train.step import classifier_loss
+from astra_ds.scoring import encode_queries
+from astra_ds.training.batching import RandomBatches
+from astra_ds.training.build import Training, stage_classes
+from astra_ds.training.loss import siamese_softmax
+from astra_ds.training.step import classifier_loss
 
 
 @dataclass
 class StageContext:
     cfg: RunConfig
     parts: Training
-    device: torch.device
+    dist: DistInfo
     progress: bool
 
 
 class Stage:
-    name = ""
+    name = ""  # its entry in STAGES
+    stream = -1  # its random streams' counter (batch order, clusters): fixed for the name, never reused
     trains_encoder = trains_table = False
+    uses_label_texts = False  # its steps encode label texts (the data must have them)
 
-    def __init__(self, ctx: StageContext, index: int, epochs: int, batch_size: int, batching):
-        self.ctx, self.cfg, self.epochs = ctx, ctx.cfg, epochs
+    @staticmethod
+    def schedule(cfg: RunConfig) -> tuple[int, int]:
+        """(epochs, batch size) from the config; 0 epochs leave the stage out."""
+        raise NotImplementedError
+
+    def __init__(self, ctx: StageContext):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
+        self.epochs, batch_size = self.schedule(ctx.cfg)
         parts = ctx.parts
-        self.batches = BatchSampler(batching, len(parts.data.train_tokens), batch_size, ctx.cfg.train.seed,
-                                    parts.table.dim, stage=index)
+        self.batches: RandomBatches = BATCHING.get(ctx.cfg.batching.mode)(
+            ctx.cfg.batching, len(parts.data.train_tokens), batch_size, ctx.cfg.train.seed, parts.table.dim,
+            self.stream)
         self.steps_per_epoch = self.batches.steps_per_epoch
 
     def begin(self, resumed: bool) -> None:
         """The stage starts (or a run resumes inside it)."""
 
+    def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
+        """Embeddings (host) of the training queries at `rows` (None: all), as this stage trains on them: by the
+        encoder as it is now."""
+        parts = self.ctx.parts
+        tokens = parts.data.train_tokens if rows is None else parts.data.train_tokens.subset(rows)
+        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, self.ctx.progress)[0]
+
     def on_epoch_start(self, epoch: int) -> dict:
         """NGAME clusters for this epoch's batches, when due; values for the training log."""
-        encode = lambda rows: self.ctx.parts.encode_train(rows, self.cfg.eval.batch_size, self.ctx.progress)  # noqa: E731
-        return self.batches.on_epoch_start(epoch, encode)
+        return self.batches.on_epoch_start(epoch, self.train_queries)
 
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         raise NotImplementedError
@@ -61,32 +83,34 @@ class Stage:
     def _encode_batch(self, micro: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Each rank encodes its part of the micro-batch; every rank gets all its embeddings (B, d), and the
         calibration, with gradients that flow back to the rank that encoded them."""
-        parts, ranks = self.ctx.parts, world_size()
-        mine = BatchSampler.rank_part(micro, rank(), ranks)
+        parts, ranks = self.ctx.parts, self.dist.world_size
+        mine = RandomBatches.rank_part(micro, self.dist.rank, ranks)
         input_ids, attention_mask = parts.data.train_tokens.batch(mine)
-        local_queries, calibration = parts.engine(input_ids.to(self.ctx.device), attention_mask.to(self.ctx.device))
+        local_queries, calibration = parts.engine(input_ids.to(self.dist.device), attention_mask.to(self.dist.device))
         return gather_rows(local_queries, grad_scale=ranks), scale_grad(calibration, ranks)
 
 
 class SiameseStage(Stage):
-    name, trains_encoder = "siamese", True
+    name, stream, trains_encoder, uses_label_texts = "siamese", 0, True, True
+
+    @staticmethod
+    def schedule(cfg: RunConfig) -> tuple[int, int]:
+        return cfg.siamese.epochs, cfg.train.batch_size
 
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         """Queries and the texts of the batch's labels through the encoder, the in-batch softmax both ways. Every
         rank encodes its part of each and computes the whole loss, divided by the number of ranks (the gathers'
         backward sums the ranks' gradients)."""
-        parts, ranks = self.ctx.parts, world_size()
+        parts, ranks, device = self.ctx.parts, self.dist.world_size, self.dist.device
         losses = []
         for micro in np.array_split(batch_rows, self.cfg.train.grad_accum):
             queries, _ = self._encode_batch(micro)
             positives = parts.data.dataset.train.labels[micro]
             labels = np.unique(positives.indices)
-            per_rank = math.ceil(len(labels) / ranks)  # parts padded to one size (a gather needs equal shapes)
-            mine = labels[np.minimum(np.arange(rank() * per_rank, (rank() + 1) * per_rank), len(labels) - 1)]
-            input_ids, attention_mask = parts.data.label_tokens.batch(mine)
-            local_labels, _ = parts.engine(input_ids.to(self.ctx.device), attention_mask.to(self.ctx.device))
+            input_ids, attention_mask = parts.data.label_tokens.batch(labels[padded_part(len(labels))])
+            local_labels, _ = parts.engine(input_ids.to(device), attention_mask.to(device))
             label_embeddings = gather_rows(local_labels, grad_scale=ranks)[:len(labels)]
-            targets = torch.zeros((len(micro), len(labels)), device=self.ctx.device)
+            targets = torch.zeros((len(micro), len(labels)), device=device)
             query_rows = np.repeat(np.arange(len(micro)), np.diff(positives.indptr))
             targets[query_rows, np.searchsorted(labels, positives.indices)] = 1.0
             loss = siamese_softmax(queries, label_embeddings, targets, self.cfg.siamese.scale) / ranks
@@ -98,25 +122,28 @@ class SiameseStage(Stage):
 
 
 class ClassifierStage(Stage):
-    name, trains_table = "classifier", True
+    name, stream, trains_table = "classifier", 1, True
+
+    @staticmethod
+    def schedule(cfg: RunConfig) -> tuple[int, int]:
+        return cfg.classifier.epochs, cfg.classifier.batch_size
 
     def begin(self, resumed: bool) -> None:
         """The frozen encoder's embeddings of every training query, computed once (again when resumed: the
         same values) and kept on the host."""
-        parts = self.ctx.parts
-        parts.engine.eval()
-        self.queries, self.calibration = encode_queries(lambda ids, mask: parts.engine(ids, mask),
-                                                        parts.data.train_tokens, self.cfg.eval.batch_size,
-                                                        self.ctx.device, self.ctx.progress)
-        parts.engine.train()
-        parts.frozen_queries = self.queries  # what the sampler and the clustering get for "encode these queries"
+        self.queries, self.calibration = encode_queries(self.ctx.parts.engine, self.ctx.parts.data.train_tokens,
+                                                        self.cfg.eval.batch_size, self.dist.device, self.ctx.progress)
+
+    def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
+        """The frozen embeddings: the encoder does not move in this stage."""
+        return self.queries if rows is None else self.queries[rows]
 
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         """The classifier half on the cached embeddings, then the rows' update; the encoder does not move."""
         cfg, parts = self.cfg, self.ctx.parts
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
-        queries = self.queries[batch_rows].to(self.ctx.device)
-        calibration = self.calibration.to(self.ctx.device)
+        queries = self.queries[batch_rows].to(self.dist.device)
+        calibration = self.calibration.to(self.dist.device)
         positives = parts.data.dataset.train.labels[batch_rows]
         negatives = parts.sampler.sample(batch_rows, queries, positives, rng)
         part = classifier_loss(parts.table, queries, calibration, positives, negatives,
@@ -130,15 +157,16 @@ class ClassifierStage(Stage):
 
 
 class JointStage(Stage):
-    name, trains_encoder, trains_table = "joint", True, True
+    name, stream, trains_encoder, trains_table = "joint", 2, True, True
 
-    def begin(self, resumed: bool) -> None:
-        self.ctx.parts.frozen_queries = None  # the encoder moves again
+    @staticmethod
+    def schedule(cfg: RunConfig) -> tuple[int, int]:
+        return cfg.train.epochs, cfg.train.batch_size
 
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         """One optimizer step on a global batch; every rank draws the same negatives for the whole batch (from
         the step's random stream), scores all queries against the labels it owns, and updates its rows."""
-        cfg, neg, parts, ranks = self.cfg, self.cfg.negatives, self.ctx.parts, world_size()
+        cfg, neg, parts, ranks = self.cfg, self.cfg.negatives, self.ctx.parts, self.dist.world_size
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
         blocks, totals = [], np.zeros(2)  # loss, rows fetched
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
@@ -165,14 +193,13 @@ class JointStage(Stage):
 
 
 class RefitStage(ClassifierStage):
-    name = "refit"
+    name, stream = "refit", 3
+
+    @staticmethod
+    def schedule(cfg: RunConfig) -> tuple[int, int]:
+        return cfg.classifier.refit_epochs, cfg.classifier.batch_size
 
 
 def build_stages(ctx: StageContext) -> list[Stage]:
-    """The stages with epochs, in order."""
-    cfg = ctx.cfg
-    stages = [SiameseStage(ctx, 0, cfg.siamese.epochs, cfg.train.batch_size, cfg.batching),
-              ClassifierStage(ctx, 1, cfg.classifier.epochs, cfg.classifier.batch_size, cfg.batching),
-              JointStage(ctx, 2, cfg.train.epochs, cfg.train.batch_size, cfg.batching),
-              RefitStage(ctx, 3, cfg.classifier.refit_epochs, cfg.classifier.batch_size, cfg.batching)]
-    return [stage for stage in stages if stage.epochs > 0]
+    """The stages with epochs, in the order of STAGES."""
+    return [cls(ctx) for cls in stage_classes(ctx.cfg)]

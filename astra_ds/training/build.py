@@ -1,6 +1,5 @@
-"""One builder for every command: the data, the encoder, the table, the negative sampler, the batches and the
-DeepSpeed engine of a run are built here, for `train`, `plan` and `eval` (`predict` loads a run with
-astra_ds.serve.model).
+"""One builder of a training run: the data, the encoder, the table, the negative sampler and the DeepSpeed engine
+are built here, for the trainer and for `astra-ds plan` (a finished run is loaded with astra_ds.serve.model).
 
 Everything a config and the data decide together is checked here, before anything large is allocated: a
 mistake ends the command with one line at start-up, not a traceback after the warm-up.
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astra_ds.choices import SAMPLERS, STAGES, TABLE_INITS
 from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData, prepare_data
@@ -24,18 +24,34 @@ from astra_ds.ds_config import add_scheduler, resolve_ds_config
 from astra_ds.errors import CheckpointError, ConfigError
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.model.label_text import encode_label_texts
-from astra_ds.negatives import SAMPLERS
 from astra_ds.negatives.base import NegativeSampler, SamplerContext
-from astra_ds.negatives.index import check_index_config
 from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
 from astra_ds.table.table import ClassifierTable
-from astra_ds.train.engine import build_engine, encode_with
+from astra_ds.training.engine import build_engine
 
 log = logging.getLogger("astra_ds")
 
 
+def stage_classes(cfg: RunConfig) -> list:
+    """The classes of the run's stages (those with epochs), in order; the stages themselves are built by the
+    trainer."""
+    classes = [STAGES.get(name) for name in STAGES.names]
+    return [cls for cls in classes if cls.schedule(cfg)[0] > 0]
+
+
 def uses_label_texts(cfg: RunConfig) -> bool:
-    return cfg.siamese.epochs > 0 or cfg.table.init == "label_text" or cfg.eval.label_text_weight > 0
+    """A stage encodes label texts, the rows start from them, or scoring adds them (dual scoring)."""
+    return (any(cls.uses_label_texts for cls in stage_classes(cfg)) or TABLE_INITS.get(cfg.table.init).needs_label_texts
+            or cfg.eval.label_text_weight > 0)
+
+
+def encoder_steps(cfg: RunConfig, num_train: int) -> int:
+    """Optimizer steps of the stages that train the encoder (its learning-rate schedule runs over them)."""
+    steps = 0
+    for cls in stage_classes(cfg):
+        epochs, batch_size = cls.schedule(cfg)
+        steps += epochs * (num_train // batch_size) if cls.trains_encoder else 0
+    return steps
 
 
 def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, PreparedData]:
@@ -57,7 +73,7 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
     if num_train < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_train} training queries")
     if uses_label_texts(cfg) and data.dataset.label_texts is None:
-        raise ConfigError(f"siamese.epochs > 0, table.init=label_text and eval.label_text_weight > 0 need label "
+        raise ConfigError(f"a Siamese stage, table.init=label_text and eval.label_text_weight > 0 need label "
                           f"texts, and the data at {cfg.data.path} has none (Y.txt, or label_names.txt in the "
                           "pair-file layout)")
     if cfg.negatives.num_negatives >= data.dataset.num_labels:
@@ -73,8 +89,7 @@ def build_encoder(cfg: RunConfig, num_labels: int) -> QueryEncoder:
     choices that depend on its width."""
     torch.manual_seed(cfg.train.seed)
     encoder = QueryEncoder(cfg.encoder, num_labels)
-    if cfg.negatives.strategy == "astra":
-        check_index_config(cfg.index, encoder.dim)
+    SAMPLERS.get(cfg.negatives.strategy).check(cfg, encoder.dim)
     return encoder
 
 
@@ -91,6 +106,8 @@ def check_checkpoint_fits(meta: dict, path: Path, data: PreparedData, dim: int) 
 class Training:
     """Everything a training run is made of, built and checked."""
 
+    cfg: RunConfig
+    dist: DistInfo
     tokenizer: object
     data: PreparedData
     engine: object  # the DeepSpeed engine around the QueryEncoder
@@ -99,34 +116,29 @@ class Training:
     table: ClassifierTable
     sampler: NegativeSampler
     memory_plan: MemoryPlan
-    frozen_queries: torch.Tensor | None = None  # every training query's embedding while the encoder is frozen
+    progress: bool
 
-    def encode_train(self, rows: np.ndarray | None, batch_size: int, progress: bool) -> torch.Tensor:
-        """Embeddings (host) of the training queries at `rows` (None: all) with the current encoder."""
-        if self.frozen_queries is not None:
-            return self.frozen_queries if rows is None else self.frozen_queries[rows]
-        tokens = self.data.train_tokens if rows is None else self.data.train_tokens.subset(rows)
-        return encode_with(self.engine, tokens, batch_size, self.table.device, progress)
-
-    def encode_label_texts(self, target, batch_size: int, progress: bool) -> None:
+    def encode_label_texts(self, target) -> None:
         """This rank's rows of `target` (the table, LabelEmbeddings) <- the current encoder's label-text embeddings."""
         started = time.time()
-        self.engine.eval()
-        encode_label_texts(target, self.data.label_tokens, lambda ids, mask: self.engine(ids, mask), batch_size,
-                           progress)
-        self.engine.train()
+        encode_label_texts(target, self.data.label_tokens, self.engine, self.cfg.eval.batch_size, self.progress)
         log.info("label texts encoded in %.1f s", time.time() - started)
+
+    def initialize_rows(self) -> None:
+        """A fresh run's rows, as table.init says (label-text rows from the encoder as it is now)."""
+        TABLE_INITS.get(self.cfg.table.init).initialize(self.table, self.cfg.train.seed, self.encode_label_texts)
+        self.table.mark_initialized()
 
 
 def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict] | None = None,
-                   fresh_rows: bool = True, progress: bool = False) -> Training:
+                   progress: bool = False) -> Training:
     """`checkpoint`: (path, meta) of the checkpoint the run resumes or starts from (checked against the data and
-    encoder); `fresh_rows`: initialise the table (random or label-text rows), else a checkpoint provides them."""
+    encoder). The rows are left empty: the trainer initialises them (Training.initialize_rows) when the first stage
+    that trains them begins, or loads them from the checkpoint."""
     ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
     tokenizer, data = build_data(cfg, dist)
     check_data(cfg, data)
-    add_scheduler(ds_config, cfg.train,  # the encoder steps: those of the Siamese and joint stages
-                  (cfg.siamese.epochs + cfg.train.epochs) * (len(data.train_tokens) // cfg.train.batch_size))
+    add_scheduler(ds_config, cfg.train, encoder_steps(cfg, len(data.train_tokens)))
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
     sampler_class.import_dependencies()
     held = process_bytes()  # before the model: the plan measures the process as it is now
@@ -139,25 +151,5 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     engine = build_engine(encoder, ds_config)
     table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
                             dist.world_size, cfg.train.seed)
-    training = Training(tokenizer, data, engine, ds_config, ds_path, table, None, memory_plan)
-    context = SamplerContext(cfg, table, lambda rows: training.encode_train(rows, cfg.eval.batch_size, progress),
-                             len(data.train_tokens))
-    training.sampler = sampler_class(context)
-    if fresh_rows and cfg.table.init == "label_text" and cfg.siamese.epochs == 0:
-        training.encode_label_texts(table, cfg.eval.batch_size, progress)
-    elif fresh_rows:  # random rows; label-text rows wait for the Siamese stage's encoder
-        table.init_random(cfg.train.seed)
-    return training
-
-
-def load_for_eval(run_dir: str | Path, overrides: list[str] = (), progress: bool = False):
-    """A finished run (XCModel) and the data it is evaluated on: the run's dataset, or another one of the same
-    labels (--set data.path=...)."""
-    from astra_ds.serve.model import XCModel
-
-    model = XCModel.load(run_dir, overrides, progress=progress)
-    _, data = build_data(model.cfg)
-    if data.dataset.num_labels != model.num_labels:
-        raise ConfigError(f"the data at {model.cfg.data.path} has {data.dataset.num_labels} labels, the model "
-                          f"{model.num_labels}")
-    return model, data
+    sampler = sampler_class(SamplerContext(cfg, table, len(data.train_tokens)))
+    return Training(cfg, dist, tokenizer, data, engine, ds_config, ds_path, table, sampler, memory_plan, progress)

@@ -1,0 +1,111 @@
+"""A faiss inner-product index over this rank's rows of label vectors: the classifier table's (ASTRA shortlists) or
+a finished run's scoring vectors (its serving index).
+
+Built block by block from the rows (a block at a time is normalised and added; the rows are never copied whole),
+on the GPU with faiss-gpu when it is installed, CUDA is present and the kind allows it, on the CPU otherwise. The
+kinds are in kinds.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from astra_ds.config import IndexConfig
+from astra_ds.index.kinds import import_faiss, index_kind
+from astra_ds.scoring import exact_topk, recall_at_k
+
+
+@dataclass
+class BuildReport:
+    kind: str
+    rows: int
+    seconds: float
+
+
+def _gather(rows, global_ids: np.ndarray, blocks: range, block: int) -> torch.Tensor:
+    """The rows at sorted `global_ids`, read a block at a time."""
+    parts = []
+    for start in blocks:
+        lo, hi = np.searchsorted(global_ids, [start, start + block])
+        if hi > lo:
+            parts.append(rows.block_rows(start, min(start + block, rows.end))[torch.from_numpy(global_ids[lo:hi] - start)])
+    return torch.cat(parts)
+
+
+class LabelIndex:
+    def __init__(self, cfg: IndexConfig, normalize_rows: bool):
+        self.cfg, self.normalize_rows = cfg, normalize_rows
+        self.index = None
+        self.offset = 0  # global id of the index's row 0
+        self.gpu_resources = None  # faiss-gpu resources, when the index lives on the GPU
+
+    def _vectors(self, rows: torch.Tensor) -> np.ndarray:
+        """Rows as faiss indexes them: normalised when scores use unit rows, contiguous float32."""
+        rows = rows.float()
+        if self.normalize_rows:
+            rows = F.normalize(rows, dim=-1)
+        return np.ascontiguousarray(rows.numpy(), dtype=np.float32)
+
+    def _to_gpu(self, index, on_gpu: bool):
+        """The index on the GPU when its kind, faiss-gpu, CUDA and index.use_gpu allow it."""
+        faiss = import_faiss()
+        if not (on_gpu and self.cfg.use_gpu and torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources")):
+            return index
+        self.gpu_resources = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(self.gpu_resources, torch.cuda.current_device(), index)
+
+    def build(self, rows, rng: np.random.Generator, progress: bool = False) -> BuildReport:
+        """(Re)build over rows [rows.start, rows.end) of `rows` (a ClassifierTable, ScoringRows: anything with
+        `block_rows`); `rng` samples the rows an IVF index trains on."""
+        started = time.perf_counter()
+        self.index, self.gpu_resources = None, None  # the old index goes first: memory never holds two
+        count = rows.end - rows.start
+        name, kind = index_kind(self.cfg, count)
+        index = self._to_gpu(kind.create(self.cfg, rows.dim, count), kind.on_gpu)
+        blocks = range(rows.start, rows.end, self.cfg.add_block)
+        if not index.is_trained:
+            sample = np.sort(rng.choice(count, size=min(count, self.cfg.train_rows), replace=False)) + rows.start
+            index.train(self._vectors(_gather(rows, sample, blocks, self.cfg.add_block)))
+        for start in tqdm(blocks, desc=f"index ({name})", unit="block", disable=not progress):
+            index.add(self._vectors(rows.block_rows(start, min(start + self.cfg.add_block, rows.end))))
+        self.index, self.offset = index, rows.start
+        return BuildReport(name, count, time.perf_counter() - started)
+
+    def save(self, path: str | Path) -> None:
+        """The built index, streamed to `path` by faiss (serialising it to bytes for pickle would hold it
+        twice more in memory)."""
+        faiss, index = import_faiss(), self.index
+        if self.gpu_resources is not None:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(path))
+
+    def load(self, path: str | Path, rows) -> None:
+        """The index saved at `path`, over rows [rows.start, rows.end)."""
+        index = import_faiss().read_index(str(path))
+        if hasattr(index, "nprobe"):  # the config's, which may differ from the one it was built with
+            index.nprobe = min(self.cfg.nprobe, index.nlist)
+        self.index, self.offset = self._to_gpu(index, index_kind(self.cfg, rows.end - rows.start)[1].on_gpu), rows.start
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global ids), (B, k) each; ids are -1 where the index has fewer than k results."""
+        if self.index is None:
+            raise RuntimeError("the index has not been built")
+        if hasattr(self.index, "hnsw"):  # HNSW returns at most efSearch results
+            self.index.hnsw.efSearch = max(self.cfg.ef_search, k)
+        scores, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        return scores, np.where(ids >= 0, ids + self.offset, -1)
+
+    def recall(self, table, queries: torch.Tensor, k: int) -> float:
+        """Mean |approximate top-k ∩ exact top-k| / k over (at most index.recall_queries of) `queries`."""
+        queries = queries[:self.cfg.recall_queries]
+        _, exact = exact_topk(queries, table, k, self.normalize_rows, progress=False)
+        _, approx = self.search(queries, k)
+        return recall_at_k(approx, exact.numpy())
+

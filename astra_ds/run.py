@@ -1,0 +1,95 @@
+"""A training run from start to end, for `astra-ds train` and for Python:
+
+    import astra_ds
+
+    run = astra_ds.train("configs/synthetic.yaml", overrides={"train.epochs": 2, "out_dir": "runs/two_epochs"})
+    run.metrics["astra_ds"]["P@1"]                  # the evaluation on the test split
+    predictions = run.load().predict(["a text"], k=5)
+
+In this order, holding the run directory's lock throughout: the trainer is built (resuming or starting from
+`init_from` weights), fits (its stages, checkpoints and evaluations along the way), saves the model (encoder,
+table, model card, manifest) and evaluates it on the test split; then the training state is let go (at 10^8
+labels the table, its optimizer state and the training index would not fit beside what comes next), rank 0
+builds the serving index over the saved rows, and the memory used is reported beside the plan.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from astra_ds import layout
+from astra_ds.config import RunConfig, load_config
+from astra_ds.dist import configure_accelerator, init_distributed
+from astra_ds.errors import ConfigError
+from astra_ds.libraries import quiet_libraries
+from astra_ds.plan import report_memory
+from astra_ds.serve.ann import build_serving_index
+from astra_ds.serve.model import XCModel
+from astra_ds.training.run_lock import RunLock
+from astra_ds.training.trainer import Trainer
+
+log = logging.getLogger("astra_ds")
+
+
+@dataclass
+class FinishedRun:
+    run_dir: Path  # self-contained: what astra_ds.load, `astra-ds predict` and `astra-ds eval` read
+    cfg: RunConfig
+    step: int  # training steps behind the saved model
+    metrics: dict[str, dict[str, float]] | None  # model name -> "P@1" ... -> value; None when not evaluated
+
+    def load(self, overrides: list[str] = (), device: str | None = None) -> XCModel:
+        """The finished model, ready to predict and encode (as astra_ds.load)."""
+        return XCModel.load(self.run_dir, overrides, device)
+
+
+def _config(config: str | Path | RunConfig | None, overrides: dict | list[str]) -> RunConfig:
+    """A RunConfig from a YAML path (or None: the defaults) and overrides: {"train.epochs": 2} or
+    ["train.epochs=2"]."""
+    if isinstance(overrides, dict):
+        overrides = [f"{key}={json.dumps(value if not isinstance(value, Path) else str(value))}"
+                     for key, value in overrides.items()]
+    if isinstance(config, RunConfig):
+        if overrides:
+            raise ConfigError("overrides apply to a config file; change the RunConfig itself instead")
+        return config
+    return load_config(config, list(overrides))
+
+
+def train(config: str | Path | RunConfig | None = None, overrides: dict | list[str] = (), *,
+          resume: str | None = None, init_from: str | None = None, evaluate: bool = True,
+          progress: bool = True) -> FinishedRun:
+    """Train, save, evaluate and index a run (see the module docstring); returns the finished run. `resume`: "auto"
+    or a checkpoint directory; `init_from`: a checkpoint whose weights start a new run. Under a launcher, every
+    rank calls it. User mistakes raise astra_ds.errors.UserError."""
+    if resume and init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
+    cfg = _config(config, overrides)
+    configure_accelerator()
+    quiet_libraries()
+    dist = init_distributed(cfg.train.collective_timeout_s)
+    run_dir = Path(cfg.out_dir)
+    lock = RunLock(run_dir) if dist.is_main else None  # before anything is written there
+    try:
+        trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from)
+        trainer.fit()
+        trainer.save_model()
+        metrics = trainer.evaluate() if evaluate else None
+        if metrics is not None:
+            log.info("metrics written to %s", run_dir / layout.METRICS)
+        step, memory_plan = trainer.step, trainer.memory_plan
+        trainer.close()
+        del trainer  # the training state goes before the serving index is built
+        gc.collect()
+        if dist.is_main and cfg.eval.ann_index:
+            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress and sys.stderr.isatty())
+        report_memory(memory_plan, run_dir, dist.is_main)  # the peak of the whole run
+    finally:
+        if lock is not None:
+            lock.release()
+    return FinishedRun(run_dir, cfg, step, metrics)
