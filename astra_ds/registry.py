@@ -1,4 +1,4 @@
-"""Registries of named choices (samplers, table optimizers, data readers, index kinds).
+"""A registry of named choices (the registries themselves are in astra_ds/choices.py).
 
 A registry maps each name a config may use to the object that implements it, written as "module:attribute" and
 imported on first use: the config validates its choices against the names without importing torch or faiss.

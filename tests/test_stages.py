@@ -106,6 +106,28 @@ def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(syn
 
 
 @pytest.mark.slow
+def test_init_from_a_checkpoint_written_before_its_rows_existed_starts_them_from_table_init(synth_dir, token_cache,
+                                                                                            tmp_path):
+    """A checkpoint of a Siamese stage holds no rows yet (they start when the first stage that trains them
+    begins): a run started from its weights initialises them as a fresh run does, from the encoder it loaded."""
+    from astra_ds.dist import init_distributed
+    from astra_ds.training.trainer import Trainer
+
+    common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}"]
+    run_main("train", "--no-eval", *[a for o in [*common, f"out_dir={tmp_path / 'siamese'}", "train.max_steps=4"]
+                                     for a in ("--set", o)])
+    cfg = load_config(None, [*common, "siamese.epochs=0", "train.max_steps=1", f"out_dir={tmp_path / 'next'}"])
+    trainer = Trainer(cfg, init_distributed(), progress=False,
+                      init_from=str(tmp_path / "siamese" / "checkpoints" / "global_step4"))
+    assert not trainer.table.initialized and not trainer.table.rows.any()
+    assert trainer.rows_stage is trainer.stages[0]  # the classifier stage
+    label_embeddings = _label_embeddings(trainer)  # the loaded Siamese encoder's
+    trainer.fit()
+    unchanged = (trainer.table.rows == label_embeddings).all(1)
+    assert unchanged.sum() > trainer.table.num_labels // 2  # one step of 8 queries moved the others
+
+
+@pytest.mark.slow
 def test_a_run_resumed_inside_the_classifier_stages_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
     """The classifier and refit stages' embeddings are computed again from the checkpoint's encoder; batches,
     negatives and rows continue exactly, also when a finished run is extended by more stages (its first two legs

@@ -4,8 +4,8 @@ over the classifier rows and uniform ones (astra_ds/negatives/mixture.py), the i
 
 Shortlists come from searching the stale index with the current query embeddings (`shortlist_mode: per_step`)
 or once per rebuild for every training query (`precomputed`; see shortlists.py). Each rank indexes its own rows;
-shortlists are merged across ranks. Every build measures recall@K against exact search on recent training queries, so that a
-recall collapse shows in the log.
+shortlists are merged across ranks. Every build measures recall@K against exact search on recent training
+queries, so that a recall collapse shows in the log.
 """
 
 from __future__ import annotations

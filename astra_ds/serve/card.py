@@ -14,7 +14,7 @@ from pathlib import Path
 from astra_ds import layout
 from astra_ds.digests import damaged_files, listed, manifest
 from astra_ds.errors import UserError
-from astra_ds.files import files_under, write_atomically
+from astra_ds.files import files_under, load_torch_file, write_atomically
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
                  "embedding, v = (w / |w| if normalize_rows else w) + label_text_weight * e")
@@ -52,13 +52,11 @@ def read_card(run_dir: Path) -> ModelCard:
             raise UserError(f"{run_dir} is not a finished run: {name} is missing")
     if (run_dir / layout.MODEL_CARD).is_file():
         return ModelCard.load(run_dir / layout.MODEL_CARD)
-    import torch
-
     from astra_ds.config import load_config
     from astra_ds.table.store import open_table
 
     cfg = load_config(run_dir / layout.CONFIG)
-    calibration = torch.load(run_dir / layout.ENCODER_WEIGHTS, map_location="cpu")["calibration"]
+    calibration = load_torch_file(run_dir / layout.ENCODER_WEIGHTS)["calibration"]
     attrs = open_table(run_dir / layout.TABLE).attrs
     latest = run_dir / layout.CHECKPOINTS / layout.LATEST
     step = layout.step_of(latest.read_text().strip()) if latest.is_file() else 0
