@@ -18,29 +18,18 @@ A new stage is one subclass of Stage here and one entry in STAGES.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from astra_ds.choices import BATCHING
 from astra_ds.collectives import gather_rows, padded_part, scale_grad, sum_across_ranks
 from astra_ds.config import RunConfig
-from astra_ds.dist import DistInfo
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.scoring import encode_queries
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.build import Training, stage_classes
 from astra_ds.training.loss import siamese_softmax
 from astra_ds.training.step import classifier_loss
-
-
-@dataclass
-class StageContext:
-    cfg: RunConfig
-    parts: Training
-    dist: DistInfo
-    progress: bool
 
 
 class Stage:
@@ -54,12 +43,11 @@ class Stage:
         """(epochs, batch size) from the config; 0 epochs leave the stage out."""
         raise NotImplementedError
 
-    def __init__(self, ctx: StageContext):
-        self.ctx, self.cfg, self.dist = ctx, ctx.cfg, ctx.dist
-        self.epochs, batch_size = self.schedule(ctx.cfg)
-        parts = ctx.parts
-        self.batches: RandomBatches = BATCHING.get(ctx.cfg.batching.mode)(
-            ctx.cfg.batching, len(parts.data.train_tokens), batch_size, ctx.cfg.train.seed, parts.table.dim,
+    def __init__(self, parts: Training):
+        self.parts, self.cfg, self.dist = parts, parts.cfg, parts.dist
+        self.epochs, batch_size = self.schedule(parts.cfg)
+        self.batches: RandomBatches = BATCHING.get(parts.cfg.batching.mode)(
+            parts.cfg.batching, len(parts.data.train_tokens), batch_size, parts.cfg.train.seed, parts.table.dim,
             self.stream)
         self.steps_per_epoch = self.batches.steps_per_epoch
 
@@ -69,9 +57,9 @@ class Stage:
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """Embeddings (host) of the training queries at `rows` (None: all), as this stage trains on them: by the
         encoder as it is now."""
-        parts = self.ctx.parts
+        parts = self.parts
         tokens = parts.data.train_tokens if rows is None else parts.data.train_tokens.subset(rows)
-        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, self.ctx.progress)[0]
+        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, parts.progress)[0]
 
     def on_epoch_start(self, epoch: int) -> dict:
         """NGAME clusters for this epoch's batches, when due; values for the training log."""
@@ -83,7 +71,7 @@ class Stage:
     def _encode_batch(self, micro: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Each rank encodes its part of the micro-batch; every rank gets all its embeddings (B, d), and the
         calibration, with gradients that flow back to the rank that encoded them."""
-        parts, ranks = self.ctx.parts, self.dist.world_size
+        parts, ranks = self.parts, self.dist.world_size
         mine = RandomBatches.rank_part(micro, self.dist.rank, ranks)
         input_ids, attention_mask = parts.data.train_tokens.batch(mine)
         local_queries, calibration = parts.engine(input_ids.to(self.dist.device), attention_mask.to(self.dist.device))
@@ -101,7 +89,7 @@ class SiameseStage(Stage):
         """Queries and the texts of the batch's labels through the encoder, the in-batch softmax both ways. Every
         rank encodes its part of each and computes the whole loss, divided by the number of ranks (the gathers'
         backward sums the ranks' gradients)."""
-        parts, ranks, device = self.ctx.parts, self.dist.world_size, self.dist.device
+        parts, ranks, device = self.parts, self.dist.world_size, self.dist.device
         losses = []
         for micro in np.array_split(batch_rows, self.cfg.train.grad_accum):
             queries, _ = self._encode_batch(micro)
@@ -131,8 +119,8 @@ class ClassifierStage(Stage):
     def begin(self, resumed: bool) -> None:
         """The frozen encoder's embeddings of every training query, computed once (again when resumed: the
         same values) and kept on the host."""
-        self.queries, self.calibration = encode_queries(self.ctx.parts.engine, self.ctx.parts.data.train_tokens,
-                                                        self.cfg.eval.batch_size, self.dist.device, self.ctx.progress)
+        self.queries, self.calibration = encode_queries(self.parts.engine, self.parts.data.train_tokens,
+                                                        self.cfg.eval.batch_size, self.dist.device, self.parts.progress)
 
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """The frozen embeddings: the encoder does not move in this stage."""
@@ -140,7 +128,7 @@ class ClassifierStage(Stage):
 
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         """The classifier half on the cached embeddings, then the rows' update; the encoder does not move."""
-        cfg, parts = self.cfg, self.ctx.parts
+        cfg, parts = self.cfg, self.parts
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
         queries = self.queries[batch_rows].to(self.dist.device)
         calibration = self.calibration.to(self.dist.device)
@@ -166,7 +154,7 @@ class JointStage(Stage):
     def step(self, batch_rows: np.ndarray, step: int) -> dict:
         """One optimizer step on a global batch; every rank draws the same negatives for the whole batch (from
         the step's random stream), scores all queries against the labels it owns, and updates its rows."""
-        cfg, neg, parts, ranks = self.cfg, self.cfg.negatives, self.ctx.parts, self.dist.world_size
+        cfg, neg, parts, ranks = self.cfg, self.cfg.negatives, self.parts, self.dist.world_size
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
         blocks, totals = [], np.zeros(2)  # loss, rows fetched
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
@@ -200,6 +188,6 @@ class RefitStage(ClassifierStage):
         return cfg.classifier.refit_epochs, cfg.classifier.batch_size
 
 
-def build_stages(ctx: StageContext) -> list[Stage]:
+def build_stages(parts: Training) -> list[Stage]:
     """The stages with epochs, in the order of STAGES."""
-    return [cls(ctx) for cls in stage_classes(ctx.cfg)]
+    return [cls(parts) for cls in stage_classes(parts.cfg)]

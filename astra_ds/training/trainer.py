@@ -42,7 +42,7 @@ from astra_ds.training.checkpoint import CheckpointManager
 from astra_ds.training.engine import EngineCheckpoint, encoder_state_dict
 from astra_ds.training.metrics_log import MetricsLog
 from astra_ds.training.preemption import Preemption
-from astra_ds.training.stages import Stage, StageContext, build_stages
+from astra_ds.training.stages import Stage, build_stages
 
 log = logging.getLogger("astra_ds")
 
@@ -74,7 +74,7 @@ class Trainer:
         parts = build_training(cfg, self.dist, start, progress=self.progress)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
         self.sampler, self.memory_plan = parts.sampler, parts.memory_plan
-        self.stages = build_stages(StageContext(cfg, parts, self.dist, self.progress))
+        self.stages = build_stages(parts)
         self.first_step, steps = {}, 0  # the global step at which each stage starts
         for stage in self.stages:
             self.first_step[stage.name], steps = steps, steps + stage.epochs * stage.steps_per_epoch
