@@ -26,11 +26,54 @@ def _sets(*overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(synth_dir, token_cache, tmp_path_factory):
+def finished(synth_dir, token_cache, tmp_path_factory):
+    """The run, trained through the Python API (astra_ds.train, which `astra-ds train` calls), and the parts of its
+    trainer (trainer, table, engine, sampler) that were still alive when its serving index was built."""
+    import gc
+    import weakref
+
+    from astra_ds import run as run_module
+
+    held, alive = [], []
+
+    class RecordedTrainer(run_module.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            held.extend(weakref.ref(part) for part in (self, self.table, self.engine, self.sampler))
+
+    def build_serving_index(*args, **kwargs):
+        gc.collect()
+        alive.extend(type(ref()).__name__ for ref in held if ref() is not None)
+        return index_builder(*args, **kwargs)
+
+    index_builder = run_module.build_serving_index
     out = tmp_path_factory.mktemp("inference") / "run"
-    run_main("train", *_sets(*INFERENCE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                             f"out_dir={out}"))
-    return out
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "Trainer", RecordedTrainer)
+        patch.setattr(run_module, "build_serving_index", build_serving_index)
+        run = astra_ds.train(None, [*INFERENCE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                                    f"out_dir={out}"])
+    assert len(held) == 4
+    return run, alive
+
+
+@pytest.fixture(scope="module")
+def run_dir(finished):
+    return finished[0].run_dir
+
+
+def test_train_from_python_returns_the_finished_run_and_lets_the_training_state_go(finished):
+    """astra_ds.train trains, saves, evaluates and indexes a run and returns it; the trainer, its table, engine
+    and sampler are freed before the serving index is built (at 10^8 labels they would not fit beside it)."""
+    run, alive_at_index_build = finished
+    assert alive_at_index_build == []
+    assert run.step == 16 and run.cfg.eval.label_text_weight == 0.5
+    written = json.loads((run.run_dir / "metrics.json").read_text())
+    assert run.metrics == {name: written[name] for name in ("astra_ds", "popularity")}
+    assert (run.run_dir / "ann" / "index.faiss").is_file() and (run.run_dir / "memory.json").is_file()
+    texts = ["toba lebu", "pode gubi kide"]
+    np.testing.assert_array_equal(run.load().predict(texts, k=3).ids,
+                                  astra_ds.load(run.run_dir).predict(texts, k=3).ids)
 
 
 def _test_texts(synth_dir) -> list[str]:

@@ -57,43 +57,16 @@ def test_train_on_bibtex_from_the_cli(token_cache, tmp_path):
     assert json.loads((tmp_path / "bibtex" / "metrics.json").read_text())["num_test"] == 2515
 
 
-def test_train_from_python_returns_the_finished_run_and_lets_the_training_state_go(synth_dir, token_cache, tmp_path,
-                                                                                 monkeypatch):
-    """astra_ds.train (what `astra-ds train` runs) trains, saves, evaluates and indexes a run and returns it; the
-    trainer's table and engine are freed before the serving index is built (at 10^8 labels they would not fit
-    beside it)."""
-    import gc
-    import weakref
+def test_python_overrides_are_the_cli_s_set_values():
+    from astra_ds.run import _config
 
-    from astra_ds import run as run_module
-
-    held = []
-
-    class RecordedTrainer(run_module.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            held.extend(weakref.ref(part) for part in (self, self.table, self.engine, self.sampler))
-
-    def build_serving_index(*args, **kwargs):
-        gc.collect()
-        assert held and all(ref() is None for ref in held), "the training state is still alive"
-        return index_builder(*args, **kwargs)
-
-    index_builder = run_module.build_serving_index
-    monkeypatch.setattr(run_module, "Trainer", RecordedTrainer)
-    monkeypatch.setattr(run_module, "build_serving_index", build_serving_index)
-    out = tmp_path / "run"
-    run = astra_ds.train(None, {"encoder.model": "tiny-random", "train.batch_size": 32, "train.epochs": 2,
-                                "negatives.num_negatives": 16, "train.encoder_lr": 1e-3, "data.path": synth_dir,
-                                "data.cache_dir": token_cache, "out_dir": out})
-    assert run.run_dir == out and run.step == 2 * 16 and run.cfg.train.epochs == 2
-    assert run.metrics == {name: values for name, values in json.loads((out / "metrics.json").read_text()).items()
-                           if name in ("astra_ds", "popularity")}
-    assert (out / "ann" / "index.faiss").is_file() and (out / "memory.json").is_file()
-    texts = ["toba lebu", "pode gubi kide"]
-    np.testing.assert_array_equal(run.load().predict(texts, k=3).ids, astra_ds.load(out).predict(texts, k=3).ids)
+    as_mapping = _config(None, {"train.epochs": 2, "data.path": REPO / "data", "eval.ks": [1, 10], "encoder.dim": None,
+                                "table.init": "label_text"})
+    as_sets = _config(None, ["train.epochs=2", f"data.path={REPO / 'data'}", "eval.ks=[1, 10]", "encoder.dim=",
+                             "table.init=label_text"])
+    assert as_mapping == as_sets and as_mapping.train.epochs == 2 and as_mapping.encoder.dim is None
     with pytest.raises(astra_ds.errors.ConfigError, match="pick one"):
-        astra_ds.train(None, [f"out_dir={out}"], resume="auto", init_from=str(out))
+        astra_ds.train(None, resume="auto", init_from="runs/x/checkpoints/global_step1")
 
 
 @pytest.mark.parametrize("args, message", [
