@@ -117,14 +117,14 @@ def cmd_eval(args) -> None:
 
     model = XCModel.load(args.run_dir, args.set, progress=sys.stderr.isatty())
     data = model.load_data()
+    split = data.split(args.split)
     if args.ann and model.index is None:
         raise UserError(f"{args.run_dir} has no serving index: build it with `astra-ds index --run-dir {args.run_dir}`")
-    test_filter = data.dataset.test_filter
-    k = search_k(model.cfg.eval, test_filter)
+    k = search_k(model.cfg.eval, split.filter)
     if k > model.num_labels:
         raise ConfigError(f"eval.ks asks for the top {k} (filtered pairs included) of {model.num_labels} labels")
     out_dir = _eval_dir(Path(args.run_dir), args.out_dir, args.overwrite)
-    queries, calibration = model.encode_tokens(data.test_tokens)
+    queries, calibration = model.encode_tokens(split.tokens)
     if args.ann:
         searches = {MODEL: "exact", MODEL_ANN: "ann"}
     else:
@@ -134,18 +134,18 @@ def cmd_eval(args) -> None:
         started = time.perf_counter()
         topk[name] = model.topk(queries, k, exact=kind == "exact")
         seconds[kind] = time.perf_counter() - started
-    about = {"step": model.card.step, "dataset": str(Path(model.cfg.data.path).resolve()),
+    about = {"step": model.card.step, "dataset": str(Path(model.cfg.data.path).resolve()), "split": split.name,
              "topk": " and ".join(seconds), "topk_seconds": {kind: round(s, 3) for kind, s in seconds.items()}}
     if args.ann:
         about[f"ann_recall@{k}"] = ann_recall(topk[MODEL_ANN][1], topk[MODEL][1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate(topk, calibration, data.dataset.test.labels, data.dataset.train.labels, model.cfg.eval,
-                       model.num_labels, out_dir, about, test_filter)
+    results = evaluate(topk, calibration, split.labels, data.dataset.train.labels, model.cfg.eval, model.num_labels,
+                       out_dir, about, split.filter)
     print(format_table(results, model.cfg.eval.ks))
     print(f"top-k of {len(queries)} queries: " + ", ".join(f"{kind} {s:.2f} s" for kind, s in seconds.items())
           + (f" | ANN recall@{k} against exact: {about[f'ann_recall@{k}']:.4f}" if args.ann else "")
-          + (f"\nfilter_labels_test.txt applied: {test_filter.nnz} reciprocal pairs left out" if test_filter is not None
-             else "") + f"\nwritten to {out_dir}")
+          + (f"\nfilter_labels_test.txt applied: {split.filter.nnz} reciprocal pairs left out"
+             if split.filter is not None else "") + f"\nwritten to {out_dir}")
 
 
 def _read_texts(args) -> list[str]:
@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "<run-dir>/evals/<n>)")
     evaluate.add_argument("--ann", action="store_true",
                           help="both searches: metrics of each and the recall of the ANN top-k against exact")
+    evaluate.add_argument("--split", choices=["test", "validation"], default="test",
+                          help="the test split, or the validation split the run held out of its training queries "
+                               "(data.validation_fraction): choose settings such as eval.label_text_weight on it")
 
     predict = _run_command(
         commands, "predict", cmd_predict, "tag new text with a trained run",

@@ -42,9 +42,15 @@ class DataConfig:
     max_len: int = 32  # tokens per query, after truncation
     text_fields: TextFields = "title"  # the JSON layout's query text: its title, or title and content
     cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
+    # the share of the training queries held out (drawn from train.seed) as a validation split: the evaluations
+    # along training (eval.every_epochs) use it, so that choices are made on it and the test split is read once,
+    # at the end; `astra-ds eval --split validation` evaluates a finished run on it. 0: no validation split
+    validation_fraction: float = 0.0
 
     def __post_init__(self):
         _check(self.max_len >= 2, f"data.max_len must be >= 2, not {self.max_len}")
+        _check(0 <= self.validation_fraction < 1,
+               f"data.validation_fraction must be in [0, 1), not {self.validation_fraction}")
 
 
 @dataclass

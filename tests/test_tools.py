@@ -56,6 +56,25 @@ def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_d
         assert line.split()[1:] == ["0.00", "-"]  # P@1 >= 0 before training; 1.01 never
 
 
+@pytest.mark.slow
+def test_ablation_with_a_validation_split_adds_its_columns_and_curves(synth_dir, token_cache, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n  validation_fraction: 0.25\n")
+    out = _tool("tools/ablate.py", "--dataset", f"synth={config}", "--variants", "uniform",
+                *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25"] for a in ("--set", s)],
+                "--out-dir", str(tmp_path / "ablation"))
+    result = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["results"]["synth/uniform"]
+    run = tmp_path / "ablation" / "synth" / "uniform"
+    validation = json.loads((run / "validation" / "metrics.json").read_text())
+    assert validation["split"] == "validation" and result["validation"]["P@1"] == validation["astra_ds"]["P@1"]
+    along = [json.loads(line)["validation_P@1"] for line in (run / "train_log.jsonl").read_text().splitlines()
+             if "validation_P@1" in line]
+    curve = result["P@1_curve"]  # 384 training queries: 12 steps an epoch, an evaluation every 3 steps
+    assert [p1 for _, _, p1 in curve] == [*along, validation["astra_ds"]["P@1"]] and len(along) == 3
+    header = next(line for line in out.splitlines() if line.startswith("dataset / variant"))
+    assert "val P@1" in header and "validation P@1 along the way" in header
+
+
 def test_bench_inference_prints_latency_and_recall():
     out = _tool("tools/bench_inference.py", "--labels", "2000", "5000", "--dim", "16", "--queries", "50",
                 "--exact-queries", "5", "--encoder", "tiny-random", "--set", "kind=ivf_flat", "--set", "nprobe=1000")

@@ -17,7 +17,10 @@ time and training time (evaluations excluded) per run, and the P@1 curve when ru
 (--set eval.every_epochs=0.5); then, per dataset, each variant's P@1 at the training time of the dataset's
 fastest run (its last evaluation before that time): the comparison at equal wall time. With --reach 0.5 0.6,
 also the epochs each run took to reach each P@1 (its first evaluation at or above it; a curve starts with an
-evaluation before training). ablation.json keeps everything.
+evaluation before training). Runs with a validation split (--set data.validation_fraction=0.05) evaluate along
+the way on it, and are evaluated on it at the end too (`astra-ds eval --split validation`): the table adds its
+P@1 and P@5 (val P@1, val P@5), and the curves are validation P@1, so that choices are made on validation data.
+ablation.json keeps everything.
 
     python tools/ablate.py --dataset synthetic=configs/synthetic.yaml \\
         --dataset delicious=configs/delicious.yaml --set eval.every_epochs=0.5 \\
@@ -35,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 VARIANTS = {
     "uniform": ["negatives.strategy=uniform"],
     "hard_only": ["negatives.strategy=astra", "negatives.alpha=1.0", "negatives.importance_weights=false"],
@@ -46,6 +51,22 @@ VARIANTS |= {f"{name}_label_init": [*VARIANTS[name], "table.init=label_text"] fo
 VARIANTS["config"] = []
 DEFAULT_VARIANTS = ["uniform", "hard_only", "astra", "ngame", "ngame_astra"]
 METRICS = ["P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5"]
+VALIDATION_METRICS = ["P@1", "P@5"]
+
+
+def _run(args: list[str]) -> None:
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"run failed ({' '.join(args)}):\n{result.stderr[-2000:]}")
+
+
+def validation_metrics(out_dir: Path) -> dict | None:
+    """A finished run's metrics on its validation split, when it has one."""
+    if not yaml.safe_load((out_dir / "config.yaml").read_text())["data"].get("validation_fraction"):
+        return None
+    _run([sys.executable, "-m", "astra_ds", "eval", "--run-dir", str(out_dir), "--split", "validation", "--exact",
+          "--out-dir", str(out_dir / "validation"), "--overwrite"])
+    return json.loads((out_dir / "validation" / "metrics.json").read_text())["astra_ds"]
 
 
 def run_variant(config: str, overrides: list[str], out_dir: Path) -> dict:
@@ -53,16 +74,16 @@ def run_variant(config: str, overrides: list[str], out_dir: Path) -> dict:
     for override in [*overrides, f"out_dir={out_dir}"]:
         args += ["--set", override]
     started = time.perf_counter()
-    result = subprocess.run(args, capture_output=True, text=True)
+    _run(args)
     seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"run failed ({' '.join(args)}):\n{result.stderr[-2000:]}")
     metrics = json.loads((out_dir / "metrics.json").read_text())
+    validation = validation_metrics(out_dir)
     records = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
     end = [r for r in records if "loss" in r][-1]
-    curve = [(r["epochs_done"], r["train_seconds"], r["test_P@1"]) for r in records if "test_P@1" in r]
-    curve.append((end["epochs_done"], end["train_seconds"], metrics["astra_ds"]["P@1"]))
-    return {"seconds": seconds, "train_seconds": end["train_seconds"], **metrics["astra_ds"],
+    along = "validation_P@1" if validation else "test_P@1"  # the split evaluated along the way
+    curve = [(r["epochs_done"], r["train_seconds"], r[along]) for r in records if along in r]
+    curve.append((end["epochs_done"], end["train_seconds"], (validation or metrics["astra_ds"])["P@1"]))
+    return {"seconds": seconds, "train_seconds": end["train_seconds"], **metrics["astra_ds"], "validation": validation,
             "P@1_curve": curve, "popularity_P@1": metrics["popularity"]["P@1"]}
 
 
@@ -88,7 +109,11 @@ def summarise(runs: list[dict]) -> dict:
     """One variant over its seeds: the mean of each figure, the standard deviation of P@1, the first curve."""
     mean = {key: sum(r[key] for r in runs) / len(runs) for key in [*METRICS, "seconds", "train_seconds"]}
     spread = (sum((r["P@1"] - mean["P@1"]) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
-    return mean | {"P@1_sd": spread, "seeds": len(runs), "P@1_curve": runs[0]["P@1_curve"], "runs": runs}
+    validation = None
+    if all(r["validation"] for r in runs):
+        validation = {key: sum(r["validation"][key] for r in runs) / len(runs) for key in VALIDATION_METRICS}
+    return mean | {"P@1_sd": spread, "seeds": len(runs), "validation": validation, "P@1_curve": runs[0]["P@1_curve"],
+                   "runs": runs}
 
 
 def main() -> None:
@@ -123,12 +148,18 @@ def main() -> None:
     (Path(args.out_dir) / "ablation.json").write_text(json.dumps(
         {"overrides": args.set, "variants": variants, "seeds": args.seeds, "results": results}, indent=2))
 
-    print(f"\n{'dataset / variant':<36}" + "".join(f"{m:>7}" for m in METRICS) + f"{'P@1 sd':>7}{'wall s':>8}"
-          f"{'train s':>8}   P@1 along the way (epochs: P@1)")
+    validated = any(r["validation"] for r in results.values())
+    print(f"\n{'dataset / variant':<36}" + "".join(f"{m:>7}" for m in METRICS) + f"{'P@1 sd':>7}"
+          + ("".join(f"{'val ' + m:>10}" for m in VALIDATION_METRICS) if validated else "")
+          + f"{'wall s':>8}{'train s':>8}   {'validation' if validated else 'test'} P@1 along the way (epochs: P@1)")
     for key, r in results.items():
         curve = " ".join(f"{epochs:.2f}:{100 * p1:.2f}" for epochs, _, p1 in r["P@1_curve"])
         spread = f"{100 * r['P@1_sd']:7.2f}" if r["seeds"] > 1 else f"{'-':>7}"
-        print(f"{key:<36}" + "".join(f"{100 * r[m]:7.2f}" for m in METRICS) + spread
+        columns = ""
+        if validated:
+            columns = "".join(f"{100 * r['validation'][m]:10.2f}" if r["validation"] else f"{'-':>10}"
+                              for m in VALIDATION_METRICS)
+        print(f"{key:<36}" + "".join(f"{100 * r[m]:7.2f}" for m in METRICS) + spread + columns
               + f"{r['seconds']:8.0f}{r['train_seconds']:8.0f}   {curve}")
     for spec in args.dataset:
         name = spec.partition("=")[0]

@@ -86,9 +86,9 @@ class XCModel:
         return self._scoring_rows
 
     def load_data(self) -> PreparedData:
-        """The data the model is evaluated on: its run's dataset, or another one of the same labels (the override
-        data.path=...)."""
-        data = prepare_data(self.cfg.data, self.tokenizer)
+        """The data the model is evaluated on: its run's dataset (and validation split), or another one of the same
+        labels (the override data.path=...)."""
+        data = prepare_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
         if data.dataset.num_labels != self.num_labels:
             raise ConfigError(f"the data at {self.cfg.data.path} has {data.dataset.num_labels} labels, the model "
                               f"{self.num_labels}")

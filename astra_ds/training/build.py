@@ -60,10 +60,10 @@ def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, Pr
     tokenizer = build_tokenizer(cfg.encoder)
     label_max_len = cfg.siamese.label_max_len if uses_label_texts(cfg) else None
     if dist is None or dist.is_main:
-        data = prepare_data(cfg.data, tokenizer, label_max_len)
+        data = prepare_data(cfg.data, tokenizer, label_max_len, cfg.train.seed)
     barrier()
     if dist is not None and not dist.is_main:
-        data = prepare_data(cfg.data, tokenizer, label_max_len)
+        data = prepare_data(cfg.data, tokenizer, label_max_len, cfg.train.seed)
     return tokenizer, data
 
 
@@ -99,7 +99,7 @@ def check_checkpoint_fits(meta: dict, path: Path, data: PreparedData, dim: int) 
     for key, value in expected.items():
         if key in meta and meta[key] != value:
             raise CheckpointError(f"checkpoint {path} has {key}={meta[key]}, this run has {value}: "
-                                  "another dataset or encoder.dim")
+                                  "another dataset, data.validation_fraction or encoder.dim")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from astra_ds import layout
 from astra_ds.choices import STAGES
 from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, summary
+from astra_ds.data.prepare import TEST, EvalSplit
 from astra_ds.dist import DistInfo
 from astra_ds.errors import CheckpointError, Preempted, TrainingError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
@@ -82,9 +83,10 @@ class Trainer:
         self.step = 0
         self.trained_seconds_before = 0.0  # training time of the runs this one resumes (evaluations left out)
         self.fit_started, self.eval_seconds = time.time(), 0.0
-        # embeddings kept while the encoder does not change: the label texts' (dual scoring), the test queries'
+        # embeddings kept while the encoder does not change: the label texts' (dual scoring), each evaluation
+        # split's queries (split name -> (encoder steps, (queries, calibration)))
         self.label_embeddings, self.label_embeddings_step = None, None
-        self.test_queries, self.test_queries_step = None, None
+        self.split_queries: dict[str, tuple[int, tuple]] = {}
         self.evaluated_steps: set[int] = set()
 
         for name, component in (("encoder", EngineCheckpoint(self.engine, self.dist.rank)), (layout.TABLE, self.table),
@@ -220,8 +222,9 @@ class Trainer:
         trained = {"stage": stage.name, "epoch": epoch,
                    "epochs_done": (self.step - self.first_step[stage.name]) / stage.steps_per_epoch,
                    "train_seconds": self.train_seconds()}
-        results = self.evaluate()[MODEL]
-        self.log(trained | {f"test_{k}": v for k, v in results.items()})
+        split = self.data.validation or self.data.test  # the test split only when there is no validation split
+        results = self.evaluate(split)[MODEL]
+        self.log(trained | {f"{split.name}_{k}": v for k, v in results.items()})
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
@@ -272,19 +275,24 @@ class Trainer:
             write_run_manifest(self.run_dir)
         barrier()
 
-    def evaluate(self) -> dict:
+    def evaluate(self, split: EvalSplit | None = None) -> dict:
+        """Metrics of the model as it is now on `split`: the test split by default, whose metrics.json and
+        predictions.npz go into the run directory, or the validation split (nothing written)."""
+        split = split or self.data.test
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
-        if self.test_queries_step != self.encoder_steps():  # encoded again only after the encoder has changed
-            self.test_queries = encode_queries(self.engine, self.data.test_tokens, self.cfg.eval.batch_size,
-                                               self.device, self.progress)
-            self.test_queries_step = self.encoder_steps()
-        queries, calibration = self.test_queries
-        dataset = self.data.dataset
+        step, encoded = self.split_queries.get(split.name, (None, None))
+        if step != self.encoder_steps():  # encoded again only after the encoder has changed
+            encoded = encode_queries(self.engine, split.tokens, self.cfg.eval.batch_size, self.device, self.progress)
+            self.split_queries[split.name] = (self.encoder_steps(), encoded)
+        queries, calibration = encoded
         topk = exact_topk_all_ranks(queries, self.table, self.cfg.eval, self.cfg.table.normalize_rows,
-                                    search_k(self.cfg.eval, dataset.test_filter), label_embeddings, self.progress)
-        about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "topk": "exact"}
-        results = evaluate({MODEL: topk}, calibration, dataset.test.labels, dataset.train.labels, self.cfg.eval,
-                           self.table.num_labels, self.run_dir, about, dataset.test_filter, write=self.dist.is_main)
+                                    search_k(self.cfg.eval, split.filter), label_embeddings, self.progress)
+        about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "split": split.name,
+                 "topk": "exact"}
+        results = evaluate({MODEL: topk}, calibration, split.labels, self.data.dataset.train.labels, self.cfg.eval,
+                           self.table.num_labels, self.run_dir, about, split.filter,
+                           write=self.dist.is_main and split.name == TEST)
         if self.dist.is_main:
-            print(format_table(results, self.cfg.eval.ks), flush=True)
+            header = "" if split.name == TEST else f"{split.name} split, step {self.step}:\n"
+            print(header + format_table(results, self.cfg.eval.ks), flush=True)
         return results

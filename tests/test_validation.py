@@ -1,0 +1,61 @@
+"""A validation split held out of the training queries (data.validation_fraction): drawn from the run's seed, never
+trained on, evaluated along training instead of the test split, and again by `astra-ds eval --split validation`."""
+
+import json
+
+import numpy as np
+import pytest
+
+import astra_ds
+from astra_ds.config import load_config
+from astra_ds.data.prepare import prepare_data, validation_rows
+from astra_ds.data.readers import read_dataset
+from astra_ds.errors import ConfigError
+from astra_ds.model.encoder import build_tokenizer
+from conftest import TINY_RUN, run_main
+
+
+def test_the_validation_split_is_held_out_of_the_training_queries_by_the_seed(synth_dir, token_cache):
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                             "data.validation_fraction=0.1"])
+    full = read_dataset(synth_dir)
+    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder), seed=3)
+    held_out = validation_rows(512, 0.1, seed=3)
+    assert len(held_out) == 51 and len(np.unique(held_out)) == 51
+    kept = np.setdiff1d(np.arange(512), held_out)
+    assert data.dataset.train.texts == [full.train.texts[i] for i in kept]
+    assert (data.dataset.train.labels != full.train.labels[kept]).nnz == 0
+    assert (data.validation.labels != full.train.labels[held_out]).nnz == 0
+    cfg.data.validation_fraction = 0.0
+    whole = prepare_data(cfg.data, build_tokenizer(cfg.encoder), seed=3)
+    np.testing.assert_array_equal(data.validation.tokens.ids, whole.train_tokens.ids[held_out])
+    np.testing.assert_array_equal(data.train_tokens.ids, whole.train_tokens.ids[kept])
+    assert data.split("validation") is data.validation and data.split("test").name == "test"
+    assert not np.array_equal(validation_rows(512, 0.1, seed=4), held_out)
+    with pytest.raises(ConfigError, match="leaves no training query"):
+        validation_rows(3, 0.9, seed=0)
+    with pytest.raises(ConfigError, match="data.validation_fraction must be in"):
+        load_config(None, ["data.validation_fraction=1"])
+
+
+def test_a_run_evaluates_along_on_validation_and_eval_reads_the_same_split(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+            "data.validation_fraction=0.25", "train.epochs=2", "eval.every_epochs=1", "train.record_batches=true"]
+    run_main("train", *[a for s in sets for a in ("--set", s)])
+    held_out = validation_rows(512, 0.25, seed=0)  # 128 queries: 384 train, 12 steps of 32 an epoch
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    batches = np.concatenate([r["batch"] for r in records if "batch" in r])
+    assert len(batches) == 2 * 12 * 32 and batches.max() < 384  # rows of the kept queries only
+    along = [r for r in records if "validation_P@1" in r]
+    assert [r["step"] for r in along] == [0, 12] and not any("test_P@1" in r for r in records)
+    assert json.loads((out / "metrics.json").read_text())["split"] == "test"
+
+    run_main("eval", "--run-dir", str(out), "--split", "validation", "--exact", "--out-dir", str(tmp_path / "v"))
+    metrics = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert metrics["split"] == "validation" and metrics["num_test"] == 128
+    texts = read_dataset(synth_dir).train.texts
+    labels = read_dataset(synth_dir).train.labels[held_out]
+    top1 = astra_ds.load(out).predict([texts[i] for i in held_out], k=1, exact=True).ids[:, 0]
+    hand = np.mean([labels[i, label] > 0 for i, label in enumerate(top1)])
+    assert metrics["astra_ds"]["P@1"] == pytest.approx(hand, abs=1e-9)
