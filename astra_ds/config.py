@@ -252,6 +252,9 @@ class EvalConfig:
     # also evaluate before the first step and every this many epochs (0.5: twice an epoch; 0: only at the end);
     # P@k, epochs done and training seconds (evaluations excluded) go to train_log.jsonl
     every_epochs: float = 0.0
+    # early stopping: a stage that trains the rows stops once P@1 on the validation split has not improved for this
+    # many evaluations along training (eval.every_epochs); its epochs are then its budget. 0: stages run their epochs
+    patience: int = 0
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
     label_text_weight: float = 0.0
@@ -269,6 +272,7 @@ class EvalConfig:
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive, not {self.ks}")
         _check(self.psp_b is None or self.psp_b > -1, f"eval.psp_b must be > -1, not {self.psp_b}")
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
+        _check(self.patience >= 0, f"eval.patience must be >= 0, not {self.patience}")
         _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
 
 
@@ -291,6 +295,9 @@ class RunConfig:
         epochs = self.siamese.epochs + self.classifier.epochs + self.train.epochs + self.classifier.refit_epochs
         _check(epochs > 0, "nothing to train: siamese.epochs, classifier.epochs, train.epochs and "
                            "classifier.refit_epochs are all 0")
+        _check(not self.eval.patience or (self.eval.every_epochs > 0 and self.data.validation_fraction > 0),
+               "eval.patience stops stages on the validation split's P@1: it needs eval.every_epochs > 0 and "
+               "data.validation_fraction > 0 (the test split is not for choices)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 
 import astra_ds
 from astra_ds.config import load_config
@@ -59,3 +60,45 @@ def test_a_run_evaluates_along_on_validation_and_eval_reads_the_same_split(synth
     top1 = astra_ds.load(out).predict([texts[i] for i in held_out], k=1, exact=True).ids[:, 0]
     hand = np.mean([labels[i, label] > 0 for i, label in enumerate(top1)])
     assert metrics["astra_ds"]["P@1"] == pytest.approx(hand, abs=1e-9)
+
+
+EARLY_STOPPING = ["data.validation_fraction=0.25", "eval.every_epochs=1", "eval.patience=2", "train.epochs=1",
+                  "classifier.epochs=30", "classifier.batch_size=64", "train.record_batches=true", "train.log_every=1"]
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluations(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}", *EARLY_STOPPING]
+    run_main("train", *[a for s in sets for a in ("--set", s)])
+    records = _log(out)
+    curve = [r["validation_P@1"] for r in records if "validation_P@1" in r and r["stage"] == "classifier"]
+    (stop,) = [r for r in records if r.get("stopped_early")]
+    best = max(curve[:-2])
+    assert curve.index(best) == len(curve) - 3 and max(curve[-2:]) <= best  # 2 evaluations without a better P@1
+    assert stop["best_P@1"] == best and stop["step"] == 6 * (len(curve) - 1) < 30 * 6  # 6 steps an epoch
+    stages = [(r["step"], r["stage"]) for r in records if "loss" in r]
+    assert stages == [(s, "classifier") for s in range(1, stop["step"] + 1)] + [
+        (s, "joint") for s in range(stop["step"] + 1, stop["step"] + 13)]  # 12 joint steps follow at once
+    with pytest.raises(ConfigError, match="eval.patience stops stages on the validation split"):
+        load_config(None, ["eval.patience=2", "eval.every_epochs=1"])
+
+
+def test_a_run_resumed_after_an_early_stop_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
+    def sets(out, *more):
+        return [a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                            *EARLY_STOPPING, *more] for a in ("--set", s)]
+
+    run_main("train", "--no-eval", *sets(tmp_path / "straight"))
+    stop = next(r["step"] for r in _log(tmp_path / "straight") if r.get("stopped_early"))
+    run_main("train", "--no-eval", *sets(tmp_path / "resumed", f"train.max_steps={stop + 2}"))  # into the joint stage
+    run_main("train", "--no-eval", "--resume", "auto", *sets(tmp_path / "resumed"))
+    for key in ("batch", "loss", "validation_P@1"):
+        straight = [(r["step"], r[key]) for r in _log(tmp_path / "straight") if key in r]
+        assert straight == [(r["step"], r[key]) for r in _log(tmp_path / "resumed") if key in r], key
+    rows = [np.asarray(zarr.open_group(tmp_path / run / "table", mode="r")["rows"][:])
+            for run in ("straight", "resumed")]
+    np.testing.assert_array_equal(rows[0], rows[1])

@@ -76,10 +76,9 @@ class Trainer:
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
         self.sampler, self.memory_plan = parts.sampler, parts.memory_plan
         self.stages = build_stages(parts)
-        self.first_step, steps = {}, 0  # the global step at which each stage starts
-        for stage in self.stages:
-            self.first_step[stage.name], steps = steps, steps + stage.epochs * stage.steps_per_epoch
-        self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+        self.stopped_early: dict[str, int] = {}  # stage name -> the steps it ran, when it stopped early
+        self.best: dict[str, tuple[float, int]] = {}  # stage name -> (best P@1 along it, evaluations since)
+        self.plan_steps()
         self.step = 0
         self.trained_seconds_before = 0.0  # training time of the runs this one resumes (evaluations left out)
         self.fit_started, self.eval_seconds = time.time(), 0.0
@@ -131,10 +130,21 @@ class Trainer:
             self.save_checkpoint()  # the end of the run
         self.metrics_log.close()
 
+    def plan_steps(self) -> None:
+        """The global step at which each stage starts, and the last step of the run."""
+        self.first_step, steps = {}, 0
+        for stage in self.stages:
+            self.first_step[stage.name], steps = steps, steps + self.stage_steps(stage)
+        self.total_steps = min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
+
+    def stage_steps(self, stage: Stage) -> int:
+        """The steps of a stage: its epochs', or those it ran when it stopped early."""
+        return self.stopped_early.get(stage.name, stage.epochs * stage.steps_per_epoch)
+
     def run_stages(self) -> None:
         for stage in self.stages:
             first = self.first_step[stage.name]
-            if self.step >= min(first + stage.epochs * stage.steps_per_epoch, self.total_steps):
+            if self.step >= min(first + self.stage_steps(stage), self.total_steps):
                 continue  # done before this run resumed, or past max_steps
             fresh = self.step == first
             if fresh and stage is self.rows_stage:  # table.init: see __init__
@@ -144,7 +154,7 @@ class Trainer:
 
     def run_stage(self, stage: Stage, first: int) -> None:
         cfg, per_epoch = self.cfg, stage.steps_per_epoch
-        end = min(first + stage.epochs * per_epoch, self.total_steps)
+        end = min(first + self.stage_steps(stage), self.total_steps)
         every = cfg.eval.every_epochs * per_epoch if stage.trains_table else 0  # steps, maybe fractional
         eval_steps = {first + round(k * every) for k in range(1, int((end - first) / every) + 1)} if every else set()
         window, window_start = [], time.time()
@@ -192,15 +202,31 @@ class Trainer:
                     raise Preempted(signum, self.step, self.save_checkpoint())
                 if self.step in eval_steps and self.step < self.total_steps:
                     window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
+                    if self.stops_early(stage, first, epoch):
+                        bar.close()
+                        return
         bar.close()
+
+    def stops_early(self, stage: Stage, first: int, epoch: int) -> bool:
+        """eval.patience: the stage ends here when its P@1 has not improved for that many evaluations."""
+        best, since = self.best[stage.name]
+        if not self.cfg.eval.patience or since < self.cfg.eval.patience:
+            return False
+        self.stopped_early[stage.name] = self.step - first
+        self.plan_steps()
+        log.info("%s stage stopped early at step %d (epoch %d): validation P@1 %.4f %d evaluations ago, not "
+                 "bettered since", stage.name, self.step, epoch, best, since)
+        self.log({"stage": stage.name, "stopped_early": True, "best_P@1": best})
+        return True
 
     def table_epoch(self, stage: Stage, epoch: int) -> int:
         """Epochs of training the rows before this one (ASTRA's schedule runs across the stages that train them)."""
-        return sum(s.epochs for s in self.stages[:self.stages.index(stage)] if s.trains_table) + epoch
+        before = self.stages[:self.stages.index(stage)]
+        return sum(math.ceil(self.stage_steps(s) / s.steps_per_epoch) for s in before if s.trains_table) + epoch
 
     def encoder_steps(self) -> int:
         """Steps so far of the stages that train the encoder: embeddings computed at the same count are current."""
-        return sum(min(max(self.step - self.first_step[s.name], 0), s.epochs * s.steps_per_epoch)
+        return sum(min(max(self.step - self.first_step[s.name], 0), self.stage_steps(s))
                    for s in self.stages if s.trains_encoder)
 
     def current_label_embeddings(self) -> LabelEmbeddings:
@@ -225,6 +251,8 @@ class Trainer:
         split = self.data.validation or self.data.test  # the test split only when there is no validation split
         results = self.evaluate(split)[MODEL]
         self.log(trained | {f"{split.name}_{k}": v for k, v in results.items()})
+        best, since = self.best.get(stage.name, (-1.0, 0))
+        self.best[stage.name] = (results["P@1"], 0) if results["P@1"] > best else (best, since + 1)
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
@@ -236,10 +264,13 @@ class Trainer:
     # ---- checkpoints: the trainer's own state is its position ---------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "train_seconds": self.train_seconds()}
+        return {"step": self.step, "train_seconds": self.train_seconds(), "stopped_early": self.stopped_early,
+                "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.trained_seconds_before = state["step"], state["train_seconds"]
+        self.stopped_early, self.best = state.get("stopped_early", {}), state.get("best", {})
+        self.plan_steps()
 
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, {
