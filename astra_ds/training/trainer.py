@@ -1,11 +1,11 @@
 """The trainer: the order of the stages, of their epochs and steps, and what happens between steps (logging,
-checkpoints, evaluations). The parts come from build.py, the stages and their steps from stages.py; a run from
+checkpoints, evaluations, early stops). The parts come from build.py, the stages and their steps from stages.py; a run from
 start to end (fit, save the model, evaluate, the serving index) is astra_ds/run.py.
 
 A step of the joint stage (global batch of B queries, W ranks, each owning a contiguous block of the rows):
   1. each rank encodes its B / W queries with the DeepSpeed engine; all-gather -> q (B, d), calibration
   2. the negative sampler draws m negatives per query (the same draws on every rank)
-  3. the classifier half (train/step.py): pairs of labels this rank owns, their rows fetched from host memory,
+  3. the classifier half (step.py): pairs of labels this rank owns, their rows fetched from host memory,
      scored -> this rank's part of the sampled BCE
   4. backward through rows, the all-gather and the encoder; DeepSpeed steps the encoder
   5. the sampler and the batches observe the queries; after the last micro-batch, each rank updates its rows
