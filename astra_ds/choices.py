@@ -21,6 +21,7 @@ READERS = Registry("data format", {
 OPTIMIZERS = Registry("table optimizer", {
     "rowwise_adagrad": "astra_ds.table.optim:RowwiseAdagrad",
     "lazy_adam": "astra_ds.table.optim:LazyAdam",
+    "lazy_sgd": "astra_ds.table.optim:LazySGD",
 })
 
 TABLE_INITS = Registry("table init", {

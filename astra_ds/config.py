@@ -75,6 +75,7 @@ class TableConfig:
     lr: float = 0.05
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
+    momentum: float = 0.9  # lazy_sgd only
     # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
     # (Y.txt / label_names.txt), NGAME/DEXML style (unit rows).
     init: TableInit = "random"
@@ -89,6 +90,7 @@ class TableConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"table.betas must be two numbers in [0, 1), not {self.betas}")
         _check(self.chunk_mb > 0, f"table.chunk_mb must be positive, not {self.chunk_mb}")
+        _check(0 <= self.momentum < 1, f"table.momentum must be in [0, 1), not {self.momentum}")
 
 
 @dataclass

@@ -94,7 +94,23 @@ def test_lazy_adam_matches_torch_adam_per_row():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "lazy_adam"])
+def test_lazy_sgd_matches_torch_sgd_with_momentum_per_row():
+    """Lazy SGD = torch.optim.SGD with momentum on each row, stepped only on the steps whose batch contains it."""
+    cfg = TableConfig(optimizer="lazy_sgd", lr=0.5, momentum=0.8)
+    initial = _initial_rows(cfg)
+    params = [torch.nn.Parameter(initial[i].clone()) for i in range(L)]
+    optimizers = [torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum) for p in params]
+    for ids, queries in _batches(6):
+        for p in params:
+            p.grad = None
+        _loss(torch.stack([params[i] for i in ids.tolist()]), queries).backward()
+        for i in set(ids.tolist()):
+            optimizers[i].step()
+    torch.testing.assert_close(_sparse_run(cfg, 6), torch.stack([p.detach() for p in params]),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "lazy_adam", "lazy_sgd"])
 def test_accumulated_blocks_equal_one_block(optimizer):
     """Gradient accumulation: two blocks (overlapping rows) applied together = one block of both batches."""
     cfg = TableConfig(optimizer=optimizer, lr=0.1)

@@ -6,6 +6,8 @@ the compute device and returns the new weights. Formulas follow torch.optim exac
   (torch.optim.Adagrad when d = 1; FBGEMM's EXACT_ROWWISE_ADAGRAD).
 - lazy_adam: torch.optim.Adam applied to a row on the steps that touch it (a per-row step count drives the
   bias correction).
+- lazy_sgd: torch.optim.SGD with momentum (table.momentum) applied to a row on the steps that touch it (Renée
+  trains its classifier rows so).
 """
 
 from __future__ import annotations
@@ -74,3 +76,18 @@ class LazyAdam(RowSparseOptimizer):
         bias_correction2_sqrt = (1 - self.beta2 ** step).sqrt().float().unsqueeze(1)
         denom = state["exp_avg_sq"].sqrt() / bias_correction2_sqrt + self.eps
         return weights - (self.lr / bias_correction1) * state["exp_avg"] / denom
+
+
+class LazySGD(RowSparseOptimizer):
+    def __init__(self, num_rows: int, dim: int, cfg: TableConfig, pin: bool):
+        super().__init__(num_rows, dim, cfg, pin)
+        self.momentum = cfg.momentum
+
+    @staticmethod
+    def state_layout(dim):
+        return {"momentum_buffer": ((dim,), torch.float32)}
+
+    def _update(self, weights, grads, state):
+        # torch.optim.SGD (no dampening): the buffer starts as the first gradient, which a zero buffer gives too
+        state["momentum_buffer"].mul_(self.momentum).add_(grads)
+        return weights - self.lr * state["momentum_buffer"]
