@@ -260,6 +260,9 @@ class EvalConfig:
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
     label_text_weight: float = 0.0
+    # with a validation split: the dual-scoring weights the run chooses label_text_weight from at the end of
+    # training, by validation P@1 (the first of equals); config.yaml and model.json keep the chosen one
+    label_text_weights: list[float] = field(default_factory=list)
     # at the end of training, build the serving index over the final rows (<out_dir>/ann/, the kind chosen by the
     # index section, as for training); `astra-ds index` builds it later
     ann_index: bool = True
@@ -276,6 +279,8 @@ class EvalConfig:
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
         _check(self.patience >= 0, f"eval.patience must be >= 0, not {self.patience}")
         _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
+        _check(all(w >= 0 for w in self.label_text_weights),
+               f"eval.label_text_weights must be >= 0, not {self.label_text_weights}")
 
 
 @dataclass
@@ -300,6 +305,8 @@ class RunConfig:
         _check(not self.eval.patience or (self.eval.every_epochs > 0 and self.data.validation_fraction > 0),
                "eval.patience stops stages on the validation split's P@1: it needs eval.every_epochs > 0 and "
                "data.validation_fraction > 0 (the test split is not for choices)")
+        _check(not self.eval.label_text_weights or self.data.validation_fraction > 0,
+               "eval.label_text_weights are chosen among on the validation split: set data.validation_fraction > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

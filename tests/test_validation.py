@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 
 import astra_ds
@@ -102,3 +103,23 @@ def test_a_run_resumed_after_an_early_stop_equals_an_uninterrupted_one(synth_dir
     rows = [np.asarray(zarr.open_group(tmp_path / run / "table", mode="r")["rows"][:])
             for run in ("straight", "resumed")]
     np.testing.assert_array_equal(rows[0], rows[1])
+
+
+@pytest.mark.slow
+def test_the_dual_scoring_weight_is_chosen_on_the_validation_split(synth_dir, token_cache, tmp_path):
+    out = tmp_path / "run"
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+            "data.validation_fraction=0.25", "eval.label_text_weights=[0, 0.5, 2]"]
+    run_main("train", *[a for s in sets for a in ("--set", s)])
+    (choice,) = [r for r in _log(out) if "label_text_weight" in r]
+    p1 = dict(choice["validation_P@1_by_label_text_weight"])
+    assert list(p1) == [0.0, 0.5, 2.0] and len(set(p1.values())) > 1  # the weights rank differently
+    assert choice["label_text_weight"] == max(p1, key=lambda weight: (p1[weight], -list(p1).index(weight)))
+    saved = yaml.safe_load((out / "config.yaml").read_text())["eval"]
+    assert saved["label_text_weight"] == choice["label_text_weight"] == json.loads(
+        (out / "model.json").read_text())["label_text_weight"]
+    run_main("eval", "--run-dir", str(out), "--split", "validation", "--exact", "--out-dir", str(tmp_path / "v"))
+    again = json.loads((tmp_path / "v" / "metrics.json").read_text())["astra_ds"]["P@1"]
+    assert again == pytest.approx(p1[choice["label_text_weight"]], abs=1e-9)
+    with pytest.raises(ConfigError, match="eval.label_text_weights are chosen among on the validation split"):
+        load_config(None, ["eval.label_text_weights=[0, 0.5]"])

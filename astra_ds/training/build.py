@@ -42,7 +42,8 @@ def stage_classes(cfg: RunConfig) -> list:
 def uses_label_texts(cfg: RunConfig) -> bool:
     """A stage encodes label texts, the rows start from them, or scoring adds them (dual scoring)."""
     return (any(cls.uses_label_texts for cls in stage_classes(cfg))
-            or TABLE_INITS.get(cfg.table.init).needs_label_texts or cfg.eval.label_text_weight > 0)
+            or TABLE_INITS.get(cfg.table.init).needs_label_texts
+            or any(weight > 0 for weight in [cfg.eval.label_text_weight, *cfg.eval.label_text_weights]))
 
 
 def encoder_steps(cfg: RunConfig, num_train: int) -> int:

@@ -125,6 +125,7 @@ class Trainer:
             self.run_stages()
         finally:
             self.preemption.restore()
+        self.choose_label_text_weight()
         previous = self.checkpoints.previous
         if previous is None or layout.step_of(previous.name) != self.step:
             self.save_checkpoint()  # the end of the run
@@ -305,6 +306,24 @@ class Trainer:
                               state["calibration"], self.data.dataset.label_texts)
             write_run_manifest(self.run_dir)
         barrier()
+
+    def choose_label_text_weight(self) -> None:
+        """eval.label_text_weights: the dual-scoring weight with the best validation P@1 (the first of equals)
+        becomes eval.label_text_weight, for the test evaluation, the saved model and the run's config.yaml."""
+        weights = self.cfg.eval.label_text_weights
+        if not weights:
+            return
+        p1 = {}
+        for weight in weights:
+            self.cfg.eval.label_text_weight = weight
+            p1[weight] = self.evaluate(self.data.validation)[MODEL]["P@1"]
+        chosen = max(weights, key=lambda weight: (p1[weight], -weights.index(weight)))
+        self.cfg.eval.label_text_weight = chosen
+        self.log({"label_text_weight": chosen, "validation_P@1_by_label_text_weight": list(p1.items())})
+        log.info("eval.label_text_weight=%g chosen on the validation split (P@1 %s)", chosen,
+                 ", ".join(f"{w:g}: {v:.4f}" for w, v in p1.items()))
+        if self.dist.is_main:
+            write_atomically(self.run_dir / layout.CONFIG, self.cfg.with_absolute_paths().to_yaml())
 
     def evaluate(self, split: EvalSplit | None = None) -> dict:
         """Metrics of the model as it is now on `split`: the test split by default, whose metrics.json and
