@@ -72,7 +72,7 @@ def test_python_overrides_are_the_cli_s_set_values():
 @pytest.mark.parametrize("args, message", [
     (["train", "--set", "train.epoch=3"], "unknown config key train.epoch "),
     (["train", "--set", "train.epochs=many"], "train.epochs must be an integer"),
-    (["train", "--set", "table.optimizer=sgd"], "table.optimizer must be one of rowwise_adagrad, lazy_adam, not 'sgd'"),
+    (["train", "--set", "table.optimizer=sgd"], "table.optimizer must be one of rowwise_adagrad, lazy_adam, lazy_sgd, not 'sgd'"),
     (["train", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
     (["train", "--resume", "auto", "--init-from", "x"], "--resume continues a run, --init-from starts a new one"),
     (["train", "--set", "encoder.model=tiny-random", "--set", "data.path=no/such/dir"],
