@@ -78,28 +78,18 @@ def test_rowwise_adagrad_with_one_column_is_torch_adagrad():
         D = saved
 
 
-def test_lazy_adam_matches_torch_adam_per_row():
-    """Lazy Adam = torch.optim.Adam on each row, stepped only on the steps whose batch contains the row."""
-    cfg = TableConfig(optimizer="lazy_adam", lr=0.05, betas=[0.8, 0.95])
+@pytest.mark.parametrize("cfg, torch_optimizer", [
+    (TableConfig(optimizer="lazy_adam", lr=0.05, betas=[0.8, 0.95]),
+     lambda p, cfg: torch.optim.Adam([p], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)),
+    (TableConfig(optimizer="lazy_sgd", lr=0.5, momentum=0.8),
+     lambda p, cfg: torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum)),
+], ids=["lazy_adam", "lazy_sgd"])
+def test_lazy_optimizers_match_their_torch_optimizer_per_row(cfg, torch_optimizer):
+    """Lazy Adam / SGD with momentum = torch.optim.Adam / SGD on each row, stepped only on the steps whose batch
+    contains the row."""
     initial = _initial_rows(cfg)
     params = [torch.nn.Parameter(initial[i].clone()) for i in range(L)]
-    optimizers = [torch.optim.Adam([p], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps) for p in params]
-    for ids, queries in _batches(6):
-        for p in params:
-            p.grad = None
-        _loss(torch.stack([params[i] for i in ids.tolist()]), queries).backward()
-        for i in set(ids.tolist()):
-            optimizers[i].step()
-    torch.testing.assert_close(_sparse_run(cfg, 6), torch.stack([p.detach() for p in params]),
-                               rtol=1e-5, atol=1e-6)
-
-
-def test_lazy_sgd_matches_torch_sgd_with_momentum_per_row():
-    """Lazy SGD = torch.optim.SGD with momentum on each row, stepped only on the steps whose batch contains it."""
-    cfg = TableConfig(optimizer="lazy_sgd", lr=0.5, momentum=0.8)
-    initial = _initial_rows(cfg)
-    params = [torch.nn.Parameter(initial[i].clone()) for i in range(L)]
-    optimizers = [torch.optim.SGD([p], lr=cfg.lr, momentum=cfg.momentum) for p in params]
+    optimizers = [torch_optimizer(p, cfg) for p in params]
     for ids, queries in _batches(6):
         for p in params:
             p.grad = None

@@ -47,7 +47,6 @@ class SamplerContext:
 TrainQueries = Callable[[np.ndarray | None], torch.Tensor]
 
 
-
 class NegativeSampler:
     def __init__(self, ctx: SamplerContext):
         self.ctx, self.cfg = ctx, ctx.cfg.negatives
