@@ -15,6 +15,7 @@ builds the serving index over the saved rows, and the memory used is reported be
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -50,14 +51,14 @@ class FinishedRun:
 
 def _config(config: str | Path | RunConfig | None, overrides: dict | list[str]) -> RunConfig:
     """A RunConfig from a YAML path (or None: the defaults) and overrides: {"train.epochs": 2} or
-    ["train.epochs=2"]."""
+    ["train.epochs=2"]; a RunConfig given is copied (the run records its choices in its own)."""
     if isinstance(overrides, dict):
         overrides = [f"{key}={json.dumps(value if not isinstance(value, Path) else str(value))}"
                      for key, value in overrides.items()]
     if isinstance(config, RunConfig):
         if overrides:
             raise ConfigError("overrides apply to a config file; change the RunConfig itself instead")
-        return config
+        return copy.deepcopy(config)
     return load_config(config, list(overrides))
 
 
