@@ -8,9 +8,10 @@
 
 In this order, holding the run directory's lock throughout: the trainer is built (resuming or starting from
 `init_from` weights), fits (its stages, checkpoints and evaluations along the way, then the choices made on the
-validation split), saves the model (encoder, table, model card, manifest) and evaluates it on the test split; then the training state is let go (at 10^8
-labels the table, its optimizer state and the training index would not fit beside what comes next), rank 0
-builds the serving index over the saved rows, and the memory used is reported beside the plan.
+validation split), saves the model (encoder, table, model card, manifest) and evaluates it on the test split;
+then the training state is let go (at 10^8 labels the table, its optimizer state and the training index would
+not fit beside what comes next), rank 0 builds the serving index over the saved rows, and the memory used is
+reported beside the plan.
 """
 
 from __future__ import annotations

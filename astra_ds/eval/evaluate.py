@@ -92,4 +92,3 @@ def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_
     indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
     matrix = sp.csr_matrix((scores[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
     sp.save_npz(path, matrix)
-

@@ -108,4 +108,3 @@ class LabelIndex:
         _, exact = exact_topk(queries, table, k, self.normalize_rows, progress=False)
         _, approx = self.search(queries, k)
         return recall_at_k(approx, exact.numpy())
-

@@ -24,8 +24,8 @@ from astra_ds.index.kinds import check_index_config, import_faiss, index_bytes, 
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.negatives.base import NegativeSampler, Negatives, SamplerContext, TrainQueries
 from astra_ds.negatives.mixture import sample_mixture
-from astra_ds.plan import PlanLine
 from astra_ds.negatives.uniform import sample_uniform
+from astra_ds.plan import PlanLine
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.scoring import exact_topk_bytes
 

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from astra_ds.choices import OPTIMIZERS
 from astra_ds.collectives import barrier
 from astra_ds.config import TableConfig
 from astra_ds.errors import TableError, TrainingError
 from astra_ds.rng import Stream, torch_generator
-from astra_ds.choices import OPTIMIZERS
 from astra_ds.table import store
 from astra_ds.table.host_memory import host_zeros
 

@@ -1,6 +1,6 @@
 """The trainer: the order of the stages, of their epochs and steps, and what happens between steps (logging,
-checkpoints, evaluations, early stops). The parts come from build.py, the stages and their steps from stages.py; a run from
-start to end (fit, save the model, evaluate, the serving index) is astra_ds/run.py.
+checkpoints, evaluations, early stops). The parts come from build.py, the stages and their steps from stages.py;
+a run from start to end (fit, save the model, evaluate, the serving index) is astra_ds/run.py.
 
 A step of the joint stage (global batch of B queries, W ranks, each owning a contiguous block of the rows):
   1. each rank encodes its B / W queries with the DeepSpeed engine; all-gather -> q (B, d), calibration
