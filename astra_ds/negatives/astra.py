@@ -37,7 +37,7 @@ class AstraSampler(NegativeSampler):
         super().__init__(ctx)
         self.index = LabelIndex(ctx.cfg.index, ctx.cfg.table.normalize_rows)
         self.version = 0  # index builds so far
-        self.shortlists = SHORTLISTS.get(self.cfg.shortlist_mode)(ctx.num_train)
+        self.shortlists = SHORTLISTS.get(self.cfg.shortlist_mode)()
         self.rank = ctx.table.rank
         self.recent_queries: list[torch.Tensor] = []  # the latest index.recall_queries, for the recall check
 

@@ -20,9 +20,6 @@ Search = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # queries -> (
 
 
 class PerStepShortlists:
-    def __init__(self, num_train: int):
-        self.num_train = num_train
-
     @staticmethod
     def memory(cfg: RunConfig, num_train: int) -> list[PlanLine]:
         return []
@@ -42,8 +39,7 @@ class PerStepShortlists:
 
 
 class PrecomputedShortlists(PerStepShortlists):
-    def __init__(self, num_train: int):
-        super().__init__(num_train)
+    def __init__(self):
         self.lists: tuple[np.ndarray, np.ndarray] | None = None  # (ids, scores) of every training query
 
     @staticmethod

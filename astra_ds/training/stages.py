@@ -57,9 +57,13 @@ class Stage:
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """Embeddings (host) of the training queries at `rows` (None: all), as this stage trains on them: by the
         encoder as it is now."""
+        return self._encode_train(rows)[0]
+
+    def _encode_train(self, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training queries at `rows` (None: all) through the encoder as it is now: embeddings, calibration."""
         parts = self.parts
         tokens = parts.data.train_tokens if rows is None else parts.data.train_tokens.subset(rows)
-        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, parts.progress)[0]
+        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, parts.progress)
 
     def on_epoch_start(self, epoch: int) -> dict:
         """NGAME clusters for this epoch's batches, when due; values for the training log."""
@@ -119,8 +123,7 @@ class ClassifierStage(Stage):
     def begin(self, resumed: bool) -> None:
         """The frozen encoder's embeddings of every training query, computed once (again when resumed: the
         same values) and kept on the host."""
-        self.queries, self.calibration = encode_queries(self.parts.engine, self.parts.data.train_tokens,
-                                                        self.cfg.eval.batch_size, self.dist.device, self.parts.progress)
+        self.queries, self.calibration = self._encode_train(None)
 
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """The frozen embeddings: the encoder does not move in this stage."""

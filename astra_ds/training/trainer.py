@@ -19,6 +19,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -82,10 +83,8 @@ class Trainer:
         self.step = 0
         self.trained_seconds_before = 0.0  # training time of the runs this one resumes (evaluations left out)
         self.fit_started, self.eval_seconds = time.time(), 0.0
-        # embeddings kept while the encoder does not change: the label texts' (dual scoring), each evaluation
-        # split's queries (split name -> (encoder steps, (queries, calibration)))
-        self.label_embeddings, self.label_embeddings_step = None, None
-        self.split_queries: dict[str, tuple[int, tuple]] = {}
+        # embeddings kept while the encoder does not change (see `current`): name -> (encoder steps, embeddings)
+        self.encodings: dict[str, tuple[int, object]] = {}
         self.evaluated_steps: set[int] = set()
 
         for name, component in (("encoder", EngineCheckpoint(self.engine, self.dist.rank)), (layout.TABLE, self.table),
@@ -230,13 +229,23 @@ class Trainer:
         return sum(min(max(self.step - self.first_step[s.name], 0), self.stage_steps(s))
                    for s in self.stages if s.trains_encoder)
 
+    def current(self, name: str, encode: Callable[[object | None], object]):
+        """Embeddings by the encoder as it is now (the label texts', an evaluation split's queries): `encode(stale)`
+        runs again only after the encoder has changed; `stale` (None the first time) may lend its memory."""
+        steps, embeddings = self.encodings.get(name, (None, None))
+        if steps != self.encoder_steps():
+            embeddings = encode(embeddings)
+            self.encodings[name] = (self.encoder_steps(), embeddings)
+        return embeddings
+
     def current_label_embeddings(self) -> LabelEmbeddings:
-        """The label texts as the encoder embeds them now (encoded again only after the encoder has changed)."""
-        if self.label_embeddings_step != self.encoder_steps():
-            self.label_embeddings = self.label_embeddings or LabelEmbeddings(self.table)
-            self.parts.encode_label_texts(self.label_embeddings)
-            self.label_embeddings_step = self.encoder_steps()
-        return self.label_embeddings
+        """The label texts as the encoder embeds them now."""
+        def encode(stale: LabelEmbeddings | None) -> LabelEmbeddings:
+            embeddings = stale or LabelEmbeddings(self.table)
+            self.parts.encode_label_texts(embeddings)
+            return embeddings
+
+        return self.current("label texts", encode)
 
     def log(self, values: dict) -> None:
         if values:
@@ -330,11 +339,8 @@ class Trainer:
         predictions.npz go into the run directory, or the validation split (nothing written)."""
         split = split or self.data.test
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
-        step, encoded = self.split_queries.get(split.name, (None, None))
-        if step != self.encoder_steps():  # encoded again only after the encoder has changed
-            encoded = encode_queries(self.engine, split.tokens, self.cfg.eval.batch_size, self.device, self.progress)
-            self.split_queries[split.name] = (self.encoder_steps(), encoded)
-        queries, calibration = encoded
+        queries, calibration = self.current(split.name, lambda _: encode_queries(
+            self.engine, split.tokens, self.cfg.eval.batch_size, self.device, self.progress))
         topk = exact_topk_all_ranks(queries, self.table, self.cfg.eval, self.cfg.table.normalize_rows,
                                     search_k(self.cfg.eval, split.filter), label_embeddings, self.progress)
         about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "split": split.name,
