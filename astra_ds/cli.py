@@ -75,7 +75,7 @@ def cmd_plan(args) -> None:
     _, data = build_data(cfg)
     SAMPLERS.get(cfg.negatives.strategy).import_dependencies()
     held = process_bytes()
-    encoder = build_encoder(cfg, data.dataset.num_labels)
+    encoder = build_encoder(cfg, data)
     plan = plan_run(cfg, data, encoder, args.world_size, 0, torch.cuda.is_available(), held)
     print(plan.format())
     per_host = min(args.ranks_per_host, args.world_size)

@@ -63,10 +63,16 @@ class EncoderConfig:
     score_scale: float = 20.0  # s = scale * <q, w> + bias
     score_bias: float | None = None  # None: -log(L), the prior log-odds of a label
     learn_score: bool = False  # learn scale and bias with the encoder
+    # > 0: the text's TF-IDF over token uni- and bigrams, sketched to this many dims, is appended to the embedding
+    # (astra_ds/model/lexical.py): the table's rows are dim + lexical_dim wide and learn weights over exact words
+    lexical_dim: int = 0
+    lexical_weight: float = 1.0  # the sketch's norm beside the unit transformer embedding, before both are rescaled
 
     def __post_init__(self):
         _check(self.dim is None or self.dim > 0, f"encoder.dim must be positive, not {self.dim}")
         _check(self.score_scale > 0, f"encoder.score_scale must be positive, not {self.score_scale}")
+        _check(self.lexical_dim >= 0, f"encoder.lexical_dim must be >= 0, not {self.lexical_dim}")
+        _check(self.lexical_weight > 0, f"encoder.lexical_weight must be positive, not {self.lexical_weight}")
 
 
 @dataclass
@@ -131,8 +137,13 @@ class BatchingConfig:
     cluster_size: int = 8
     warmup_epochs: int = 1
     recluster_every: int = 5
+    # > 0: random batches of the stages that run the encoder are made of queries of similar lengths, so that each
+    # is padded to about its own length: an epoch's permutation is cut into pools of this many batches, each pool
+    # sorted by length and cut into batches, and the batches are shuffled. 0: plain random batches.
+    length_pools: int = 0
 
     def __post_init__(self):
+        _check(self.length_pools >= 0, f"batching.length_pools must be >= 0, not {self.length_pools}")
         _check(self.cluster_size >= 1, f"batching.cluster_size must be >= 1, not {self.cluster_size}")
         _check(self.warmup_epochs >= 0 and self.recluster_every >= 1,
                "batching.warmup_epochs must be >= 0 and batching.recluster_every >= 1")

@@ -37,15 +37,19 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
 
     With W ranks each rank encodes a contiguous 1/W of the queries and every rank gets all of them. The
     parts are padded (with the last query) to the same length, so that every rank runs the same number of
-    forward passes: ZeRO-3 gathers parameters collectively in each."""
+    forward passes: ZeRO-3 gathers parameters collectively in each. Batches are cut from the queries sorted by
+    length, so that each is padded to about its own length rather than to the longest query's."""
     rows = padded_part(len(tokens))
+    by_length = np.argsort(tokens.lengths[rows], kind="stable")
     chunks, calibration = [], None
     with evaluating(model):
         for start in tqdm(range(0, len(rows), batch_size), desc="encode", unit="batch", disable=not progress):
-            input_ids, attention_mask = tokens.batch(rows[start:start + batch_size])
+            input_ids, attention_mask = tokens.batch(rows[by_length[start:start + batch_size]])
             embeddings, calibration = model(input_ids.to(device), attention_mask.to(device))
             chunks.append(embeddings.float().cpu())
-    return all_gather_cat(torch.cat(chunks))[:len(tokens)], calibration.detach().float().cpu()
+    mine = torch.empty((len(rows), chunks[0].shape[1]))
+    mine[torch.from_numpy(by_length)] = torch.cat(chunks)  # back in the order of `rows`
+    return all_gather_cat(mine)[:len(tokens)], calibration.detach().float().cpu()
 
 
 class ScoringRows:

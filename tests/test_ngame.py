@@ -171,3 +171,22 @@ def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path)
     assert all(a["train_seconds"] < b["train_seconds"] for a, b in zip(evaluations, evaluations[1:]))
     reclusters = [(r["step"], r["reclustered_unseen"]) for r in records if "recluster_s" in r]
     assert reclusters == [(trainer.stages[-1].steps_per_epoch, num_queries % 30), (2 * trainer.stages[-1].steps_per_epoch, 0)]
+
+
+def test_length_pools_make_batches_of_similar_lengths_from_the_same_queries():
+    """With batching.length_pools each pool of the epoch's permutation, sorted by length, is cut into batches: the
+    same queries as the random batches, each batch's lengths close, the batches in a random order; without
+    lengths (a stage that does not encode) the batches are the random ones."""
+    lengths = np.random.default_rng(0).integers(3, 60, size=1000)
+    pooled = BatchingConfig(length_pools=5)
+    plain = RandomBatches(BatchingConfig(), 1000, 16, 7, 8, 2).epoch_batches(0)
+    batches = RandomBatches(pooled, 1000, 16, 7, 8, 2, lengths).epoch_batches(0)
+    assert batches.shape == plain.shape == (62, 16)
+    assert sorted(batches.reshape(-1)) == sorted(plain.reshape(-1))
+    for start in range(0, 62, 5):  # pool by pool (the last one has 2 batches): whole batches of its queries
+        pool = plain[start:start + 5].reshape(-1)
+        assert sorted(pool) == sorted(batches[np.isin(batches, pool).all(1)].reshape(-1))
+    spread = lambda b: (lengths[b].max(1) - lengths[b].min(1)).mean()  # noqa: E731
+    assert spread(batches) < spread(plain) / 3
+    assert not (np.diff(lengths[batches].min(1)) >= 0).all()  # batches shuffled, not shortest first
+    np.testing.assert_array_equal(RandomBatches(pooled, 1000, 16, 7, 8, 2).epoch_batches(0), plain)

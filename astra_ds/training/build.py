@@ -85,11 +85,13 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
         log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
 
 
-def build_encoder(cfg: RunConfig, num_labels: int) -> QueryEncoder:
-    """The encoder, its random parts (projection, tiny-random) drawn from the run's seed; checked against the
-    choices that depend on its width."""
+def build_encoder(cfg: RunConfig, data: PreparedData) -> QueryEncoder:
+    """The encoder, its random parts (projection, tiny-random) drawn from the run's seed, its lexical features'
+    idf from the training queries; checked against the choices that depend on its width."""
     torch.manual_seed(cfg.train.seed)
-    encoder = QueryEncoder(cfg.encoder, num_labels)
+    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
+    if encoder.lexical is not None:
+        encoder.lexical.fit_idf(data.train_tokens)
     SAMPLERS.get(cfg.negatives.strategy).check(cfg, encoder.dim)
     return encoder
 
@@ -100,7 +102,7 @@ def check_checkpoint_fits(meta: dict, path: Path, data: PreparedData, dim: int) 
     for key, value in expected.items():
         if key in meta and meta[key] != value:
             raise CheckpointError(f"checkpoint {path} has {key}={meta[key]}, this run has {value}: "
-                                  "another dataset, data.validation_fraction or encoder.dim")
+                                  "another dataset, data.validation_fraction, encoder.dim or encoder.lexical_dim")
 
 
 @dataclass
@@ -143,7 +145,7 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
     sampler_class.import_dependencies()
     held = process_bytes()  # before the model: the plan measures the process as it is now
-    encoder = build_encoder(cfg, data.dataset.num_labels)
+    encoder = build_encoder(cfg, data)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint[1], checkpoint[0], data, encoder.dim)
         if checkpoint[1]["world_size"] != dist.world_size:  # re-sliced through a universal checkpoint

@@ -48,7 +48,7 @@ class Stage:
         self.epochs, batch_size = self.schedule(parts.cfg)
         self.batches: RandomBatches = BATCHING.get(parts.cfg.batching.mode)(
             parts.cfg.batching, len(parts.data.train_tokens), batch_size, parts.cfg.train.seed, parts.table.dim,
-            self.stream)
+            self.stream, parts.data.train_tokens.lengths if self.trains_encoder else None)
         self.steps_per_epoch = self.batches.steps_per_epoch
 
     def begin(self, resumed: bool) -> None:
