@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import typing
 
@@ -12,6 +13,7 @@ from astra_ds.negatives.base import NegativeSampler
 from astra_ds.table.optim import RowSparseOptimizer
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.stages import Stage
+from conftest import REPO
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -118,3 +120,21 @@ def test_describe_lists_every_key_with_default_and_effective_value():
     assert len(rows) == len(config_module.flat_items(RunConfig()))
     assert rows["train.epochs"] == ("*", ["1", "3"]) and rows["train.batch_size"] == (" ", ["64", "64"])
     assert rows["eval.ks"] == (" ", ["[1,", "3,", "5]", "[1,", "3,", "5]"])
+
+
+def test_the_recipes_are_one_family_that_differs_in_paths_and_sizes():
+    """configs/recipe/*.yaml load, and differ only in where the data and the run are and in sizes (query length,
+    the validation share)."""
+    sized = {"out_dir", "data.path", "data.max_len", "data.validation_fraction"}
+
+    def settings(path) -> dict:
+        flat = {}
+        for section, values in dataclasses.asdict(load_config(path)).items():
+            items = values.items() if isinstance(values, dict) else [(None, values)]
+            flat |= {f"{section}.{key}" if key else section: value for key, value in items}
+        return {key: value for key, value in flat.items() if key not in sized}
+
+    recipes = sorted((REPO / "configs" / "recipe").glob("*.yaml"))
+    assert len(recipes) == 3
+    for path in recipes[1:]:
+        assert settings(path) == settings(recipes[0]), path
