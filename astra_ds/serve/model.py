@@ -61,7 +61,8 @@ class XCModel:
             encoder.load_state_dict(load_torch_file(run_dir / layout.ENCODER_WEIGHTS))
         except RuntimeError as err:  # another encoder.model, encoder.dim or lexical_dim than the weights
             raise UserError(f"{run_dir / layout.ENCODER_WEIGHTS} does not fit encoder.model={cfg.encoder.model}, "
-                            f"encoder.dim={cfg.encoder.dim}, encoder.lexical_dim={cfg.encoder.lexical_dim}: {str(err).strip().splitlines()[-1].strip()[:160]}") from None
+                            f"encoder.dim={cfg.encoder.dim}, encoder.lexical_dim={cfg.encoder.lexical_dim}: "
+                            f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
         names_file = run_dir / layout.LABEL_NAMES
         names = names_file.read_text(encoding="utf-8").split("\n")[:card.num_labels] if names_file.is_file() else None
         return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,
