@@ -1,14 +1,20 @@
 """Files of runs and checkpoints: durable writes (a file replaced atomically: temporary file, fsync, rename; trees
 flushed to disk), the files under a directory (what a manifest of digests lists), and torch files read back with
-damage named in one line (for the trainer and for serving alike)."""
+damage named in one line (for the trainer and for serving alike).
+
+A run directory or checkpoint may come from someone else, and unpickling can run any code: torch files are read
+with `weights_only=True` (tensors and plain containers), and files that a library reads itself (DeepSpeed's ZeRO
+files) are scanned for the globals their pickles name before the library opens them."""
 
 from __future__ import annotations
 
 import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 from astra_ds import layout
+from astra_ds.digests import listed
 from astra_ds.errors import CheckpointError
 
 
@@ -49,10 +55,30 @@ def files_under(path: Path) -> list[str]:
 
 
 def load_torch_file(path: Path):
-    """torch.load of a file this project wrote, with a damaged or truncated file named in one line."""
+    """torch.load of a file this project wrote (tensors and plain containers only), with a damaged or truncated
+    file named in one line, and one that holds anything else refused as such."""
     import torch
 
     try:
-        return torch.load(path, weights_only=False, map_location="cpu")
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            check_only_tensors(path)
         raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
+
+
+def check_only_tensors(path: Path, allowed: Callable[[str], bool] = lambda name: False) -> None:
+    """Refuses the torch file `path` when its pickle names a global beyond tensors and plain containers (one that
+    could run code as it is unpickled), unless `allowed(name)`; read without unpickling anything."""
+    import torch
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path} is damaged or truncated ({str(err).splitlines()[0][:120]})") from None
+    refused = [name for name in unsafe if not allowed(name)]
+    if refused:
+        raise CheckpointError(f"{path} holds {listed(refused)}, not only tensors: refused, as loading it could run "
+                              "code (was it written by astra_ds?)")

@@ -37,12 +37,17 @@ class GlobalRngState:
     per-rank checkpoint component."""
 
     def state_dict(self) -> dict:
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        """Tensors and plain values only (checkpoints load with weights_only): numpy's key array as a tensor."""
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position,
+                                                       has_gauss, gauss),
+                "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -57,8 +57,8 @@ class PrecomputedShortlists(PerStepShortlists):
     def lookup(self, search: Search, query_ids: np.ndarray, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         return self.lists[1][query_ids], self.lists[0][query_ids]
 
-    def state_dict(self):
-        return self.lists
+    def state_dict(self):  # tensors: checkpoints load with weights_only
+        return None if self.lists is None else tuple(map(torch.from_numpy, self.lists))
 
     def load_state_dict(self, state) -> None:
-        self.lists = state
+        self.lists = None if state is None else tuple(part.numpy() for part in state)

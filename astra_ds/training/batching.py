@@ -66,11 +66,11 @@ class QueryBank:
         self.embeddings[query_ids] = queries.half()
         self.seen[query_ids] = True
 
-    def state_dict(self) -> dict:
-        return {"embeddings": self.embeddings, "seen": self.seen}
+    def state_dict(self) -> dict:  # tensors only: checkpoints load with weights_only
+        return {"embeddings": self.embeddings, "seen": torch.from_numpy(self.seen)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.embeddings, self.seen = state["embeddings"], state["seen"]
+        self.embeddings, self.seen = state["embeddings"], state["seen"].numpy()
 
 
 class RandomBatches:
@@ -124,10 +124,11 @@ class RandomBatches:
         return np.array_split(batch_rows, world_size)[rank]
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "clustered_order": self.clustered_order, "bank": None}
+        order = None if self.clustered_order is None else torch.from_numpy(self.clustered_order)
+        return {"seed": self.seed, "clustered_order": order, "bank": None}
 
     def load_state_dict(self, state: dict) -> None:
-        order = state["clustered_order"]
+        order = None if state["clustered_order"] is None else state["clustered_order"].numpy()
         if order is not None and len(order) != self.num_queries:
             raise ValueError(f"batch sampler state covers {len(order)} queries, this run has {self.num_queries}")
         self.seed, self.clustered_order = state["seed"], order

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
+from astra_ds.files import check_only_tensors
 from astra_ds.model.encoder import QueryEncoder
 from astra_ds.training.checkpoint import convert_encoder_to_universal
 
@@ -40,11 +42,30 @@ class EngineCheckpoint:
                                     save_latest=False)
 
     def load_files(self, directory: Path, resharded: bool) -> None:
+        _check_zero_files(directory / ZERO_TAG)
         tag = convert_encoder_to_universal(directory, ZERO_TAG, self.rank) if resharded else ZERO_TAG
         self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                     load_lr_scheduler_states=True)
 
     def load_weights(self, directory: Path) -> None:
+        _check_zero_files(directory / ZERO_TAG)
         self.engine.load_checkpoint(str(directory), tag=ZERO_TAG, load_module_only=True,
                                     load_optimizer_states=False, load_lr_scheduler_states=False)
 
+
+
+def _check_zero_files(directory: Path) -> None:
+    """DeepSpeed unpickles its files in full: refuse them first if they name anything but tensors, containers and
+    DeepSpeed's own classes (its loss scaler, enums, fragment addresses), never a function or another module's."""
+    for path in sorted(directory.rglob("*.pt")):
+        check_only_tensors(path, allowed=_is_deepspeed_class)
+
+
+def _is_deepspeed_class(name: str) -> bool:
+    module, _, attribute = name.rpartition(".")
+    if not module.startswith("deepspeed."):
+        return False
+    try:
+        return isinstance(getattr(importlib.import_module(module), attribute), type)
+    except (ImportError, AttributeError):
+        return False
