@@ -55,7 +55,8 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, args.set)  # before torch is imported: a config mistake answers at once
     from astra_ds.run import train
 
-    train(cfg, resume=args.resume, init_from=args.init_from, evaluate=not args.no_eval)
+    train(cfg, resume=args.resume, init_from=args.init_from, evaluate=not args.no_eval, overwrite=args.overwrite,
+          allow_changes=args.allow_changes)
 
 
 def cmd_plan(args) -> None:
@@ -94,15 +95,18 @@ def _fresh_output(path: Path, overwrite: bool) -> Path:
     return path
 
 
-def _eval_dir(run_dir: Path, out_dir: str | None, overwrite: bool) -> Path:
-    """--out-dir, or the next free <run>/evals/<n>."""
-    if out_dir:
-        _fresh_output(Path(out_dir) / layout.METRICS, overwrite)
-        path = Path(out_dir)
-    else:
-        taken = [int(p.name) for p in (run_dir / layout.EVALS).glob("*") if p.name.isdigit()]
-        path = run_dir / layout.EVALS / str(max(taken, default=0) + 1)
-    return path
+def _claim_eval_dir(run_dir: Path) -> Path:
+    """The next free <run>/evals/<n>, created here: evaluations running at once each get their own."""
+    evals = run_dir / layout.EVALS
+    evals.mkdir(exist_ok=True)
+    while True:
+        taken = [int(p.name) for p in evals.glob("*") if p.name.isdigit()]
+        path = evals / str(max(taken, default=0) + 1)
+        try:
+            path.mkdir()  # atomic: of two evaluations choosing the same n, one gets it, the other tries n + 1
+            return path
+        except FileExistsError:
+            continue
 
 
 def cmd_eval(args) -> None:
@@ -123,7 +127,8 @@ def cmd_eval(args) -> None:
     k = search_k(model.cfg.eval, split.filter)
     if k > model.num_labels:
         raise ConfigError(f"eval.ks asks for the top {k} (filtered pairs included) of {model.num_labels} labels")
-    out_dir = _eval_dir(Path(args.run_dir), args.out_dir, args.overwrite)
+    if args.out_dir:
+        _fresh_output(Path(args.out_dir) / layout.METRICS, args.overwrite)
     queries, calibration = model.encode_tokens(split.tokens)
     if args.ann:
         searches = {MODEL: "exact", MODEL_ANN: "ann"}
@@ -138,7 +143,11 @@ def cmd_eval(args) -> None:
              "topk": " and ".join(seconds), "topk_seconds": {kind: round(s, 3) for kind, s in seconds.items()}}
     if args.ann:
         about[f"ann_recall@{k}"] = ann_recall(topk[MODEL_ANN][1], topk[MODEL][1])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        out_dir = _claim_eval_dir(Path(args.run_dir))
     results = evaluate(topk, calibration, split.labels, data.dataset.train.labels, model.cfg.eval, model.num_labels,
                        out_dir, about, split.filter)
     print(format_table(results, model.cfg.eval.ks))
@@ -210,12 +219,12 @@ def cmd_index(args) -> None:
     quiet_libraries()
     from astra_ds.config import load_config
     from astra_ds.serve.ann import build_serving_index
+    from astra_ds.serve.card import read_card
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / layout.CONFIG).is_file():
-        raise UserError(f"{run_dir} is not a finished run: {layout.CONFIG} is missing")
+    card = read_card(run_dir)  # verified
     cfg = load_config(run_dir / layout.CONFIG, args.set)
-    info = build_serving_index(run_dir, cfg.index, cfg.train.seed, sys.stderr.isatty())
+    info = build_serving_index(run_dir, cfg.index, cfg.train.seed, sys.stderr.isatty(), card)
     print(f"serving index ({info['kind']}) over {info['num_labels']} labels, built in {info['build_seconds']:.1f} s: "
           f"{run_dir / layout.ANN_DIR}")
 
@@ -347,6 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", metavar="PATH",
                        help="start a new run from a checkpoint's weights (encoder, classifier rows), with fresh "
                             "optimizer states")
+    train.add_argument("--overwrite", action="store_true",
+                       help="out_dir holds an earlier run: delete it (model, checkpoints, evaluations) and start "
+                            "a new one there (without this, such an out_dir is refused)")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: accept settings that differ from the checkpoint's in ways that change "
+                            "the steps to come (batch size, learning rates, ...); the changes are logged")
     train.set_defaults(func=cmd_train)
 
     evaluate = _run_command(

