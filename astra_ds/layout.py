@@ -60,3 +60,8 @@ def checkpoint_tag(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(tag.removeprefix(CHECKPOINT_PREFIX).removesuffix(TMP_SUFFIX))
+
+
+def is_checkpoint_tag(name: str) -> bool:
+    """global_step<N> exactly: not a save cut short (.tmp), a copy someone made beside it, or anything else."""
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()

@@ -65,10 +65,12 @@ def _config(config: str | Path | RunConfig | None, overrides: dict | list[str]) 
 
 def train(config: str | Path | RunConfig | None = None, overrides: dict | list[str] = (), *,
           resume: str | None = None, init_from: str | None = None, evaluate: bool = True,
-          progress: bool = True) -> FinishedRun:
+          progress: bool = True, overwrite: bool = False, allow_changes: bool = False) -> FinishedRun:
     """Train, save, evaluate and index a run (see the module docstring); returns the finished run. `resume`: "auto"
-    or a checkpoint directory; `init_from`: a checkpoint whose weights start a new run. Under a launcher, every
-    rank calls it. User mistakes raise astra_ds.errors.UserError."""
+    or a checkpoint directory (with the settings it was trained with, but for where it writes, how far it goes
+    and what it evaluates, unless `allow_changes`); `init_from`: a checkpoint whose weights start a new run;
+    `overwrite`: out_dir may hold an earlier run, which is deleted (else such an out_dir is refused). Under a
+    launcher, every rank calls it. User mistakes raise astra_ds.errors.UserError."""
     if resume and init_from:
         raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
     cfg = _config(config, overrides)
@@ -76,9 +78,14 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
     quiet_libraries()
     dist = init_distributed(cfg.train.collective_timeout_s)
     run_dir = Path(cfg.out_dir)
-    lock = RunLock(run_dir) if dist.is_main else None  # before anything is written there
+    locks = []  # taken before anything is written there
     try:
-        trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from)
+        if dist.is_main:
+            locks.append(RunLock(run_dir))
+            if cfg.checkpoint.dir:  # two runs writing one checkpoint directory would mix their checkpoints
+                locks.append(RunLock(Path(cfg.checkpoint.dir), "checkpoint.dir"))
+        trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from, overwrite=overwrite,
+                          allow_changes=allow_changes)
         trainer.fit()
         trainer.save_model()
         metrics = trainer.evaluate() if evaluate else None
@@ -92,6 +99,6 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
             build_serving_index(run_dir, cfg.index, cfg.train.seed, progress and sys.stderr.isatty())
         report_memory(memory_plan, run_dir, dist.is_main)  # the peak of the whole run
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
     return FinishedRun(run_dir, cfg, step, metrics)

@@ -57,3 +57,14 @@ def fresh_process_env() -> dict[str, str]:
     """This environment without the launch variables an in-process Trainer set (a child would otherwise
     join, or bind the port of, this process's group)."""
     return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+
+
+def rewrite_meta(checkpoint: Path, **changes) -> None:
+    """A checkpoint's meta.json with `changes`, its own digest made again: as if it had been written so."""
+    import json
+
+    from astra_ds.training.checkpoint import meta_digest
+
+    meta = json.loads((checkpoint / "meta.json").read_text()) | changes
+    meta["meta_digest"] = meta_digest(meta)
+    (checkpoint / "meta.json").write_text(json.dumps(meta))

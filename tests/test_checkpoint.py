@@ -19,7 +19,7 @@ from astra_ds.table import store
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.stages import JointStage
 from astra_ds.cli import main
-from conftest import REPO, TINY_RUN, run_cli, run_main
+from conftest import REPO, TINY_RUN, rewrite_meta, run_cli, run_main
 from test_distributed import LAUNCHERS, _env
 
 # ASTRA (index rebuilt every epoch) and NGAME clusters, so that resuming within an epoch must restore both
@@ -211,7 +211,7 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache
     (checkpoint / "state.pt").unlink()
     assert "incomplete (missing state.pt)" in error("--resume", str(checkpoint))
 
-    (checkpoint / "meta.json").write_text(json.dumps(meta | {"files": [], "digests": {}, "num_labels": 51}))
+    rewrite_meta(checkpoint, files=[], digests={}, num_labels=51)
     assert "has num_labels=51, this run has 50" in error("--resume", str(checkpoint))
 
 
@@ -233,8 +233,7 @@ def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
     damaged = inspect()[2]
     assert damaged.startswith("global_step30 (latest): unusable: checkpoint") and "is damaged (table/rows/c/0/0" in damaged
     meta = json.loads((checkpoints / "global_step30" / "meta.json").read_text())
-    meta["digests"] = manifest(checkpoints / "global_step30", meta["files"])  # as if saved with these rows
-    (checkpoints / "global_step30" / "meta.json").write_text(json.dumps(meta))
+    rewrite_meta(checkpoints / "global_step30", digests=manifest(checkpoints / "global_step30", meta["files"]))
     lines = inspect()
     assert lines[0].startswith("global_step20: step 20 (joint stage), 1 ranks, components encoder, table, negatives")
     assert lines[2].startswith("global_step30 (latest): step 20")  # a copy: its meta says step 20

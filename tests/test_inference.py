@@ -150,12 +150,11 @@ def test_eval_never_overwrites_results(run_dir, capsys):
 def test_a_run_directory_travels_without_its_dataset(run_dir, synth_dir, tmp_path, monkeypatch, capsys):
     moved = tmp_path / "elsewhere" / "run"
     shutil.copytree(run_dir, moved)
-    config = moved / "config.yaml"
-    config.write_text(config.read_text().replace(str(synth_dir.resolve()), "/no/such/dataset"))
     monkeypatch.chdir(tmp_path)
     text = _test_texts(synth_dir)[0]
     capsys.readouterr()
-    run_main("predict", "--run-dir", "elsewhere/run", "--text", text, "--top-k", "3")
+    run_main("predict", "--run-dir", "elsewhere/run", "--text", text, "--top-k", "3", "--set",
+             "data.path=/no/such/dataset")
     line = json.loads(capsys.readouterr().out)
     expected = astra_ds.load(run_dir).predict([text], k=3)
     assert line["text"] == text and line["ids"] == expected.ids[0].tolist() and line["names"] == expected.names[0]
@@ -217,7 +216,7 @@ def test_a_run_without_a_table_or_index_is_one_line(run_dir, tmp_path, capsys):
     assert "has no serving index: build it with `astra-ds index" in capsys.readouterr().err
     shutil.rmtree(broken / "table")
     assert main(["predict", "--run-dir", str(broken), "--text", "a"]) == 2
-    assert f"{broken} is not a finished run: table is missing" in capsys.readouterr().err
+    assert f"{broken} is damaged: table/" in capsys.readouterr().err
     (tmp_path / "exists.jsonl").write_text("")
     assert main(["predict", "--run-dir", str(run_dir), "--text", "a", "--out", str(tmp_path / "exists.jsonl")]) == 2
     assert "exists: pass --overwrite" in capsys.readouterr().err

@@ -3,22 +3,27 @@ the newest checkpoint that verifies, a non-finite loss stops before saving, SIGT
 checkpoint, a second run on a directory in use is refused, a failed resume changes nothing, and OS and file
 errors read as one line."""
 
+import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import astra_ds
 from astra_ds.cli import main
-from conftest import REPO, TINY_RUN, fresh_process_env, make_trainer, run_main
+from conftest import REPO, TINY_RUN, fresh_process_env, make_trainer, rewrite_meta, run_main
 
 UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "train.log_every=1"]
+SAVED = ("checkpoint.save_every=2", "table.chunk_mb=0.0005")  # saved_run's settings, which a resume keeps
 
 
 def _args(synth_dir, token_cache, out, *overrides: str) -> list[str]:
@@ -38,14 +43,11 @@ def _error(capsys, *args: str, status: int = 2) -> str:
 def saved_run(synth_dir, token_cache, tmp_path_factory):
     """Checkpoints at steps 2 and 4 (the table in chunks of 4 rows), and the finished run."""
     out = tmp_path_factory.mktemp("reliability") / "run"
-    run_main("train", *_args(synth_dir, token_cache, out, "train.max_steps=4", "checkpoint.save_every=2",
-                             "table.chunk_mb=0.0005"))
+    run_main("train", *_args(synth_dir, token_cache, out, "train.max_steps=4", *SAVED))
     return out
 
 
 def _copy(run, tmp_path):
-    import shutil
-
     shutil.copytree(run, tmp_path / "run", symlinks=True)
     return tmp_path / "run"
 
@@ -54,9 +56,8 @@ def test_a_checkpoint_of_a_stage_this_version_does_not_have_is_refused_in_one_li
                                                                                   token_cache, tmp_path, capsys):
     run = _copy(saved_run, tmp_path)
     latest = run / "checkpoints" / "global_step4"
-    meta = json.loads((latest / "meta.json").read_text())
-    (latest / "meta.json").write_text(json.dumps(meta | {"stage": "warmup"}))
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6"))
+    rewrite_meta(latest, stage="warmup")  # as another version would have written it
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
     assert "was written in a stage named 'warmup', which this version does not have" in err
 
 
@@ -67,10 +68,10 @@ def test_a_damaged_chunk_is_refused_and_auto_resume_falls_back(saved_run, synth_
     latest = run / "checkpoints" / "global_step4"
     chunk = latest / "table" / "rows" / "c" / "3" / "0"
     chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))  # same size, other bytes
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6"))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
     assert f"checkpoint {latest} is damaged (table/rows/c/3/0 changed since it was written)" in err
     log = (run / "train_log.jsonl").read_text()
-    assert main(["train", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=6")]) == 0
+    assert main(["train", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED)]) == 0
     assert "falling back to global_step2" in caplog.text
     assert "resumed from" in caplog.text and "global_step2" in caplog.text
     resumed = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
@@ -81,7 +82,7 @@ def test_a_missing_chunk_is_an_error_not_zeros(saved_run, synth_dir, token_cache
     run = _copy(saved_run, tmp_path)
     latest = run / "checkpoints" / "global_step4"
     (latest / "table" / "rows" / "c" / "2" / "0").unlink()
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, *SAVED))
     assert "is incomplete (missing table/rows/c/2/0)" in err
 
 
@@ -158,7 +159,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume(saved_run, synth_dir, token_c
     run = _copy(saved_run, tmp_path)
     with open(run / "train_log.jsonl", "a") as f:
         f.write('{"step": 5, "los')  # a crash in the middle of a line
-    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=5"))
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=5", *SAVED))
     assert "1 unreadable line(s) dropped" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 5 and steps == sorted(steps)
@@ -191,8 +192,6 @@ def test_a_truncated_state_file_names_the_file(saved_run, tmp_path):
 
 
 def test_non_utf8_text_and_too_many_negatives_warn(synth_dir, token_cache, tmp_path, caplog):
-    import shutil
-
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
     texts = (data / "trn_X.txt").read_bytes().split(b"\n")
@@ -208,7 +207,6 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
     """A full disk cannot be made here: torch.save fails as it does on one (an iostream-style RuntimeError) and
     the disk reports no free bytes."""
     import errno
-    import shutil
 
     import astra_ds.training.checkpoint as checkpoint
     from astra_ds.cli import _message
@@ -227,3 +225,208 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
         trainer.fit()
     assert _message(OSError(errno.ENOSPC, "No space left on device", "/data/run/x")) == "the disk is full: /data/run/x"
     assert _message(FileExistsError(errno.EEXIST, "File exists", "/data/run")) == "File exists: /data/run"
+
+
+# ---- a run is used only when it is complete, its own and safe to load (issue 24) --------------------------------
+
+def test_a_run_killed_while_saving_its_model_is_refused_not_used(synth_dir, token_cache, tmp_path, monkeypatch,
+                                                                 capsys):
+    from astra_ds.table.table import ClassifierTable
+
+    out = tmp_path / "run"
+    original = ClassifierTable.save
+
+    def killed_halfway(self, path, *args, **kwargs):
+        if Path(path) == out / "table":  # the final save, not a checkpoint's: half the chunks, then the end
+            self.dirty[len(self.dirty) // 2:] = False
+            original(self, path, out / "checkpoints" / "global_step2" / "table", **kwargs)
+            raise OSError(errno.EIO, "killed", str(path))
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(ClassifierTable, "save", killed_halfway)
+    assert main(["train", *_args(synth_dir, token_cache, out, "train.max_steps=2", *SAVED)]) == 2
+    monkeypatch.undo()
+    for command in (["predict", "--run-dir", str(out), "--text", "a b"], ["eval", "--run-dir", str(out)],
+                    ["index", "--run-dir", str(out)]):
+        assert f"{out} is not a finished run: its training has not saved a complete model" in _error(capsys, *command)
+    run_main("train", "--resume", "auto", *_args(synth_dir, token_cache, out, "train.max_steps=2", *SAVED))
+    assert astra_ds.load(out).predict(["a b"], k=2).ids.shape == (1, 2)  # finished by the resume
+
+
+def test_a_run_without_its_manifest_or_with_a_changed_config_is_refused(saved_run, tmp_path, capsys):
+    run = _copy(saved_run, tmp_path)
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config + "# edited\n")
+    assert "is damaged: config.yaml missing or changed" in _error(capsys, "predict", "--run-dir", str(run),
+                                                                  "--text", "a")
+    (run / "config.yaml").write_text(config)
+    (run / "manifest.json").unlink()
+    assert "is not a finished run" in _error(capsys, "predict", "--run-dir", str(run), "--text", "a")
+    assert f"no run at {tmp_path / 'nowhere'}" in _error(capsys, "eval", "--run-dir", str(tmp_path / "nowhere"))
+
+
+def test_a_damaged_or_truncated_serving_index_is_refused_until_rebuilt(saved_run, tmp_path, capsys):
+    run = _copy(saved_run, tmp_path)
+    index = run / "ann" / "index.faiss"
+    data = bytearray(index.read_bytes())
+    data[-8:] = bytes(8)  # the last vector's bytes: faiss reads them without a word
+    index.write_bytes(bytes(data))
+    assert f"{index} is damaged (changed since it was built): rebuild it with `astra-ds index" in _error(
+        capsys, "predict", "--run-dir", str(run), "--text", "a b")
+    index.write_bytes(bytes(data[:len(data) // 2]))
+    assert f"{index} is damaged" in _error(capsys, "eval", "--run-dir", str(run), "--ann")
+    run_main("index", "--run-dir", str(run))
+    expected = astra_ds.load(saved_run).predict(["a b"], k=3)
+    assert astra_ds.load(run).predict(["a b"], k=3).ids.tolist() == expected.ids.tolist()
+
+
+def test_evaluations_at_once_each_get_their_own_directory(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from astra_ds.cli import _claim_eval_dir
+
+    (tmp_path / "evals" / "1").mkdir(parents=True)
+    with ThreadPoolExecutor(8) as pool:
+        claimed = list(pool.map(lambda _: _claim_eval_dir(tmp_path), range(16)))
+    assert sorted(int(path.name) for path in claimed) == list(range(2, 18))
+
+
+def test_training_into_a_finished_run_needs_overwrite(saved_run, synth_dir, token_cache, tmp_path, capsys):
+    run = _copy(saved_run, tmp_path)
+    before = (run / "manifest.json").read_text()
+    assert f"out_dir {run} holds an earlier run: continue it with --resume auto, replace it with --overwrite" in \
+        _error(capsys, "train", *_args(synth_dir, token_cache, run, "train.max_steps=1"))
+    assert (run / "manifest.json").read_text() == before
+    run_main("train", "--overwrite", "--no-eval", *_args(synth_dir, token_cache, run, "train.max_steps=1"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["global_step1", "latest"]
+    assert not (run / "metrics.json").exists() and astra_ds.load(run).card.step == 1
+
+
+def test_a_checkpoint_directory_in_use_by_another_run_is_refused(synth_dir, token_cache, tmp_path, capsys):
+    shared = tmp_path / "shared_checkpoints"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.training.run_lock import "
+                               "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+         str(shared)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = _error(capsys, "train", *_args(synth_dir, token_cache, tmp_path / "b", "train.max_steps=1",
+                                             f"checkpoint.dir={shared}"))
+        assert f"{shared} is in use by astra-ds pid {holder.pid}" in err and "choose another checkpoint.dir" in err
+        assert not (tmp_path / "b" / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_auto_finds_checkpoints_by_scanning_not_by_latest(saved_run, synth_dir, token_cache, tmp_path,
+                                                                  caplog):
+    caplog.set_level(logging.INFO, logger="astra_ds")
+    run = _copy(saved_run, tmp_path)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "latest").unlink()
+    shutil.copytree(checkpoints / "global_step2", checkpoints / "global_step30_backup")  # a copy someone kept
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=6",
+                                                              *SAVED))
+    assert "resumed from" in caplog.text and "global_step4 (step 4" in caplog.text
+    (checkpoints / "latest").write_bytes(b"\xffgarbage")
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=8",
+                                                              *SAVED))
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step30_backup", "global_step6", "global_step8",
+                                                             "latest"]
+    assert (checkpoints / "latest").read_text() == "global_step8"
+
+
+def test_resume_checks_meta_the_data_and_the_settings(saved_run, synth_dir, token_cache, tmp_path, capsys, caplog):
+    from astra_ds.data.synth import SynthConfig, generate
+
+    run = _copy(saved_run, tmp_path)
+    meta = run / "checkpoints" / "global_step4" / "meta.json"
+    original = meta.read_text()
+    meta.write_text(original.replace('"world_size": 1', '"world_size": 2'))
+    resume = ["train", "--resume", str(meta.parent)]
+    assert "global_step4 is damaged (meta.json changed since it was written)" in _error(
+        capsys, *resume, *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
+    meta.write_text(original)
+    other = generate(SynthConfig(num_labels=50, num_train=512, num_test=128, vocab_size=500, seed=2),
+                     tmp_path / "other")  # the same shape, other queries
+    assert "was trained on other data than" in _error(
+        capsys, *resume, *_args(other, token_cache, run, "train.max_steps=6", *SAVED))
+    changed = _args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED, "train.batch_size=16",
+                    "train.log_every=2")
+    err = _error(capsys, *resume, *changed)
+    assert "with other settings than it was trained with (train.batch_size 32 -> 16)" in err
+    assert "--allow-changes" in err
+    caplog.set_level(logging.INFO, logger="astra_ds")
+    run_main(*resume, "--no-eval", "--allow-changes", *changed)
+    assert "with changed settings: " in caplog.text and all(
+        change in caplog.text for change in ("train.batch_size 32 -> 16", "train.log_every 1 -> 2", "out_dir "))
+
+
+def test_one_damaged_file_never_disables_every_checkpoint_kept(synth_dir, token_cache, tmp_path):
+    """keep_last = 2: every checkpoint a full copy (keep_last 3 and more: see the test of the chains below)."""
+    out = tmp_path / "run"
+    for steps in (3, 4):
+        run_main("train", "--no-eval", *(["--resume", "auto"] if steps > 3 else []), *_args(
+            synth_dir, token_cache, out, f"train.max_steps={steps}", "checkpoint.save_every=1",
+            "table.chunk_mb=0.0005", "train.epochs=5"))
+        inodes = [{os.stat(f).st_ino for f in p.rglob("*") if f.is_file()} for p in (out / "checkpoints").glob("g*")]
+        assert len(inodes) == 2 and not inodes[0] & inodes[1]
+
+
+def test_linked_checkpoints_come_in_chains_that_the_kept_ones_always_span(tmp_path):
+    from astra_ds.config import CheckpointConfig
+    from astra_ds.training.checkpoint import CheckpointManager
+
+    class Files:  # a component with files, recording what its chunks were linked to
+        def __init__(self):
+            self.linked_to = []
+
+        def save_files(self, directory, previous):
+            (directory / "chunk").write_text("rows")
+            self.linked_to.append(previous.parent.name if previous else None)
+
+    for keep_last, expected in ((1, [None, "global_step1", "global_step2", "global_step3", "global_step4"]),
+                                (2, [None] * 5),
+                                (3, [None, "global_step1", None, "global_step3", None]),
+                                (4, [None, "global_step1", "global_step2", None, "global_step4"])):
+        files = Files()
+        manager = CheckpointManager(CheckpointConfig(keep_last=keep_last), tmp_path / str(keep_last), 0, 1)
+        manager.register("table", files)
+        for step in range(1, 6):
+            manager.save(step, {"step": step})
+        assert files.linked_to == expected, keep_last
+        kept = [int(p.name.removeprefix("global_step")) for p in manager.dir.glob("global_step*")]
+        assert len(kept) == keep_last
+
+
+def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run, synth_dir, token_cache, tmp_path,
+                                                                      capsys):
+    from astra_ds.digests import manifest
+
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = _copy(saved_run, tmp_path)
+    weights = torch.load(run / "encoder.pt", weights_only=True)
+    torch.save(weights | {"payload": Payload()}, run / "encoder.pt")
+    digests = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(digests | manifest(run, ["encoder.pt"])))  # digests that match
+    err = _error(capsys, "predict", "--run-dir", str(run), "--text", "a b")
+    assert "encoder.pt holds posix.system, not only tensors: refused" in err
+
+    checkpoint = run / "checkpoints" / "global_step4"
+    for name in ("state.pt", "encoder/zero/zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        state = torch.load(checkpoint / name, weights_only=False)
+        torch.save({"state": state, "payload": Payload()}, checkpoint / name)
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        rewrite_meta(checkpoint, digests=meta["digests"] | manifest(checkpoint, [name]))
+        err = _error(capsys, "train", "--resume", str(checkpoint), *_args(synth_dir, token_cache, run,
+                                                                           "train.max_steps=6", *SAVED))
+        assert f"{name} holds posix.system, not only tensors: refused" in err
+        shutil.rmtree(checkpoint)
+        shutil.copytree(saved_run / "checkpoints" / "global_step4", checkpoint)
+    assert not marker.exists()

@@ -1,26 +1,32 @@
 """Full-state checkpoints: the components of a run register under a name, and a checkpoint holds each one's
 state (file names: astra_ds/layout.py).
 
-A component has `state_dict()` / `load_state_dict()` (small state, pickled: shared by all ranks, or per rank),
-and may have `save_files(directory, previous)` / `load_files(directory, resharded)` for state too large for a
-pickle (the DeepSpeed engine's ZeRO shards, the table's zarr chunks, faiss indexes), written into its own
-directory `<checkpoint>/<name>/` by every rank, and `load_weights(directory)` for `--init-from`. Components are
-loaded in the order they were registered, state before files.
+A component has `state_dict()` / `load_state_dict()` (small state, tensors and plain values: shared by all ranks,
+or per rank), and may have `save_files(directory, previous)` / `load_files(directory, resharded)` for state too
+large for a state dict (the DeepSpeed engine's ZeRO shards, the table's zarr chunks, faiss indexes), written into
+its own directory `<checkpoint>/<name>/` by every rank, and `load_weights(directory)` for `--init-from`.
+Components are loaded in the order they were registered, state before files.
 
 A checkpoint is written as global_step<N>.tmp, fsynced and renamed; then the file `latest` (naming the tag) is
 replaced atomically, and checkpoints beyond keep_last are deleted. A crash at any point leaves the previous
-checkpoint and `latest` as they were. meta.json lists the checkpoint's files with their digests; a checkpoint
-missing one of them, or holding one whose bytes changed, is refused before anything is built (`--resume auto`
-falls back to the newest one that verifies). Unchanged table chunks are reflinks (copy-on-write, where the file
-system has them) or hard links to the previous checkpoint's; a damaged shared file names every checkpoint that
-holds it.
+checkpoints as they were. meta.json lists the checkpoint's files with their digests, and carries a digest of
+itself; a checkpoint missing one of its files, or holding one whose bytes changed, is refused before anything is
+built. `--resume auto` scans the directory for global_step<N> checkpoints and takes the newest one that verifies
+(`latest` is a hint for people and tools; missing or wrong, it changes nothing).
+
+Unchanged table chunks are reflinks (copy-on-write, where the file system has them) or hard links to the
+previous checkpoint's, in chains of at most keep_last - 1 checkpoints, each chain starting with a full copy: the
+keep_last checkpoints kept always span two chains, so one damaged file never disables all of them (with
+keep_last = 2, every checkpoint is a full copy). A damaged shared file names every checkpoint that holds it.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -48,8 +54,10 @@ def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
     try:
         meta = json.loads((path / layout.META).read_text())
         files = meta["files"]
-    except (json.JSONDecodeError, KeyError, OSError) as err:
+    except (json.JSONDecodeError, KeyError, OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable {layout.META}: {err}") from None
+    if meta.get("meta_digest") != meta_digest(meta):
+        raise CheckpointError(f"checkpoint {path} is damaged ({layout.META} changed since it was written)")
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {listed(missing)})")
@@ -59,6 +67,19 @@ def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
         raise CheckpointError(f"checkpoint {path} is damaged ({listed(damaged)} changed since it was written)"
                               + (f"; the same files are in {', '.join(sharing)}" if sharing else ""))
     return meta
+
+
+def meta_digest(meta: dict) -> str:
+    """The digest of a checkpoint's meta.json, its own digest left out."""
+    content = json.dumps({k: v for k, v in meta.items() if k != "meta_digest"}, sort_keys=True)
+    return hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
+
+
+def checkpoints_in(directory: Path) -> list[Path]:
+    """The checkpoints in `directory`, newest first."""
+    return sorted((p for p in directory.glob(layout.CHECKPOINT_PREFIX + "*")
+                   if p.is_dir() and layout.is_checkpoint_tag(p.name)), key=lambda p: layout.step_of(p.name),
+                  reverse=True)
 
 
 def _sharing(path: Path, names: list[str]) -> list[str]:
@@ -93,6 +114,7 @@ class CheckpointManager:
         self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / layout.CHECKPOINTS
         self.components: dict[str, tuple[object, bool]] = {}  # name -> (component, per rank)
         self.previous: Path | None = None  # the last checkpoint saved or loaded: its unchanged table chunks are linked
+        self.chain = 0  # its position in its chain of linked checkpoints
         self.digest_cache = DigestCache()  # linked chunks are not read again to digest them
         if rank == 0:
             for leftover in self.dir.glob("*" + layout.TMP_SUFFIX):  # a save cut short by a crash or a kill
@@ -122,18 +144,15 @@ class CheckpointManager:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
 
     def resolve(self, resume: str) -> Path | None:
-        """`auto`: the newest checkpoint that verifies, from the one `latest` names down (None when this run has
-        none yet), saying which were passed over; else a checkpoint path."""
+        """`auto`: the newest checkpoint in the directory that verifies (None when there is none), saying which
+        were passed over; else a checkpoint path."""
         if resume != "auto":
             return Path(resume)
-        latest = self.dir / layout.LATEST
-        if not latest.is_file():
-            return None
-        candidates = sorted((p for p in self.dir.glob(layout.CHECKPOINT_PREFIX + "*")
-                             if p.is_dir() and not p.name.endswith(layout.TMP_SUFFIX)),
-                            key=lambda p: layout.step_of(p.name), reverse=True)
-        newest = self.dir / latest.read_text().strip()
-        candidates = [newest] + [p for p in candidates if p != newest and layout.step_of(p.name) < layout.step_of(newest.name)]
+        candidates = checkpoints_in(self.dir)
+        hint = self._latest_hint()
+        if candidates and hint != candidates[0].name:
+            log.warning("%s names %s, but %s is the newest checkpoint there: it is tried first", self.dir /
+                        layout.LATEST, hint or "nothing", candidates[0].name)
         for i, path in enumerate(candidates):
             try:
                 check_checkpoint(path, self.digest_cache)
@@ -144,6 +163,12 @@ class CheckpointManager:
                 raise
             return path
         return None
+
+    def _latest_hint(self) -> str | None:
+        try:
+            return (self.dir / layout.LATEST).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def _states(self, per_rank: bool) -> dict:
         return {name: component.state_dict() for name, (component, own) in self.components.items()
@@ -171,18 +196,21 @@ class CheckpointManager:
             for name in with_files:
                 (tmp / name).mkdir(parents=True)
         barrier()
+        # the position of this checkpoint in its chain of linked ones (0: a full copy, see the module docstring)
+        chain_length = self.cfg.keep_last - 1 if self.cfg.keep_last > 1 else math.inf  # one kept: always linked
+        chain = self.chain + 1 if self.previous and self.chain + 1 < chain_length else 0
+        linked_to = self.previous if chain else None
         for name in with_files:
-            previous = self.previous / name if self.previous else None
-            self.components[name][0].save_files(tmp / name, previous)
+            self.components[name][0].save_files(tmp / name, linked_to / name if linked_to else None)
         torch.save(self._states(per_rank=True), tmp / layout.rank_state(self.rank))
         if self.rank == 0:
             torch.save(self._states(per_rank=False), tmp / layout.SHARED_STATE)
         barrier()
         if self.rank == 0:
             files = files_under(tmp)
-            meta = meta | {"world_size": self.world_size, "components": list(self.components), "files": files,
-                           "digests": manifest(tmp, files, self.digest_cache)}
-            (tmp / layout.META).write_text(json.dumps(meta, indent=2))
+            meta = meta | {"world_size": self.world_size, "components": list(self.components), "chain": chain,
+                           "files": files, "digests": manifest(tmp, files, self.digest_cache)}
+            (tmp / layout.META).write_text(json.dumps(meta | {"meta_digest": meta_digest(meta)}, indent=2))
             fsync_tree(tmp)
             if final.exists():  # saved again at the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
@@ -192,7 +220,7 @@ class CheckpointManager:
             self.prune(keep=final)
             log.info("checkpoint %s written in %.1f s", final, time.time() - started)
         barrier()
-        self.previous = final
+        self.previous, self.chain = final, chain
         return final
 
     def load(self, path: Path, meta: dict) -> None:
@@ -207,7 +235,7 @@ class CheckpointManager:
                 component.load_state_dict(state)
             if hasattr(component, "load_files"):
                 component.load_files(path / name, resharded)
-        self.previous = path
+        self.previous, self.chain = path, meta.get("chain", 0)
 
     def load_weights(self, path: Path) -> None:
         """`--init-from`: the weights of the components that have them, nothing else."""
@@ -216,8 +244,6 @@ class CheckpointManager:
                 component.load_weights(path / name)
 
     def prune(self, keep: Path) -> None:
-        tags = sorted((p for p in self.dir.glob(layout.CHECKPOINT_PREFIX + "*")
-                       if p.is_dir() and not p.name.endswith(layout.TMP_SUFFIX)), key=lambda p: layout.step_of(p.name))
-        for old in tags[:-self.cfg.keep_last]:
+        for old in checkpoints_in(self.dir)[self.cfg.keep_last:]:
             if old != keep:
                 shutil.rmtree(old)

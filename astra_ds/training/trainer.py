@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,14 +32,14 @@ from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig, summary
 from astra_ds.data.prepare import TEST, EvalSplit
 from astra_ds.dist import DistInfo
-from astra_ds.errors import CheckpointError, Preempted, TrainingError
+from astra_ds.errors import CheckpointError, Preempted, TrainingError, UserError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
 from astra_ds.files import write_atomically
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
-from astra_ds.serve.card import write_model_files, write_run_manifest
+from astra_ds.serve.card import withdraw_run, write_model_files, write_run_manifest
 from astra_ds.training.build import build_training
 from astra_ds.training.checkpoint import CheckpointManager
 from astra_ds.training.engine import EngineCheckpoint, encoder_state_dict
@@ -49,16 +50,61 @@ from astra_ds.training.stages import Stage, build_stages
 log = logging.getLogger("astra_ds")
 
 
+# Settings a resumed run may change: where it writes, how far it goes, what it logs and evaluates at the end. Any
+# other change alters the steps still to come, and the resumed run would no longer equal an uninterrupted one.
+RESUMABLE_CHANGES = ("out_dir", "data.path", "data.cache_dir", "train.epochs", "train.max_steps", "train.log_every",
+                     "train.collective_timeout_s", "train.record_batches", "checkpoint.", "eval.ks", "eval.batch_size",
+                     "eval.label_block", "eval.psp", "eval.ann_index", "eval.label_text_weight")
+
+
+def check_resumable(meta: dict, path: Path, cfg: RunConfig, data_fingerprint: str, allow_changes: bool) -> None:
+    """A checkpoint resumes on the data it was trained on, and with its settings but RESUMABLE_CHANGES (others
+    refused in one line unless `allow_changes`; every change is logged)."""
+    if meta.get("data", data_fingerprint) != data_fingerprint:
+        raise CheckpointError(f"checkpoint {path} was trained on other data than {cfg.data.path} (other training "
+                              "queries or labels, or another data.validation_fraction): it cannot resume on it")
+    before, now = flat_config(meta.get("config", {})), flat_config(cfg.with_absolute_paths().to_dict())
+    changed = {key: (before[key], now.get(key)) for key in before if before[key] != now.get(key)}
+    if not changed:
+        return
+    def said(keys) -> str:
+        return "; ".join(f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys)
+
+    breaking = [key for key in changed if not key.startswith(RESUMABLE_CHANGES)]
+    if breaking and not allow_changes:
+        raise CheckpointError(f"resuming {path} with other settings than it was trained with ({said(breaking)}): "
+                              "the resumed run would not equal an uninterrupted one; pass --allow-changes to "
+                              "resume with them anyway")
+    log.warning("resuming %s with changed settings: %s", path, said(changed))
+
+
+def flat_config(values: dict, prefix: str = "") -> dict:
+    """{"train": {"epochs": 2}} -> {"train.epochs": 2}."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, dist: DistInfo, progress: bool = True, resume: str | None = None,
-                 init_from: str | None = None):
+                 init_from: str | None = None, overwrite: bool = False, allow_changes: bool = False):
         """`resume`: "auto" (the latest checkpoint of this run, if any) or a checkpoint directory, continued with
-        its full state; `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh run. The
-        caller holds the run directory's lock."""
+        its full state (on the same data, with the same settings but those that leave the steps as they were,
+        unless `allow_changes`); `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh
+        run; `overwrite`: an earlier run in out_dir is deleted (else refused). The caller holds the run
+        directory's lock."""
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
+        earlier_run = not resume and (self.run_dir / layout.CONFIG).exists()
+        if earlier_run and not overwrite:
+            raise UserError(f"out_dir {self.run_dir} holds an earlier run: continue it with --resume auto, replace "
+                            "it with --overwrite, or choose another out_dir")
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
         start = self.checkpoints.start_point(resume, init_from)  # (path, meta) or None
         if resume == "auto" and start is None:
@@ -70,11 +116,12 @@ class Trainer:
                                   f"which this version does not have (stages: {', '.join(STAGES.names)})")
         if self.dist.is_main:
             log.info("config:\n%s", summary(cfg))
-            if not resume_path and (self.run_dir / layout.CONFIG).exists():
-                log.warning("out_dir %s holds an earlier run: its files are overwritten", self.run_dir)
 
         parts = build_training(cfg, self.dist, start, progress=self.progress)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
+        self.data_fingerprint = self.data.dataset.train.fingerprint()
+        if resume_path:
+            check_resumable(start[1], resume_path, cfg, self.data_fingerprint, allow_changes)
         self.sampler, self.memory_plan = parts.sampler, parts.memory_plan
         self.stages = build_stages(parts)
         self.stopped_early: dict[str, int] = {}  # stage name -> the steps it ran, when it stopped early
@@ -104,6 +151,9 @@ class Trainer:
         self.rows_stage = None if init_from and self.table.initialized else first_rows_stage
         if self.dist.is_main:  # written once everything is built and loaded: a failed resume changes nothing
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            withdraw_run(self.run_dir)  # not a finished run again until save_model has written all of it
+            if earlier_run:
+                self.delete_earlier_run()
             write_atomically(self.run_dir / layout.CONFIG, cfg.with_absolute_paths().to_yaml())
             write_atomically(self.run_dir / layout.DS_CONFIG, json.dumps(parts.ds_config, indent=2))
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
@@ -113,6 +163,13 @@ class Trainer:
                  cfg.encoder.model, self.table.dim, parts.ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch}" for s in self.stages),
                  self.total_steps)
+
+    def delete_earlier_run(self) -> None:
+        """--overwrite: the files of the run that was in out_dir, and its checkpoints, go (the lock stays)."""
+        for path in [*self.run_dir.iterdir(), *self.checkpoints.dir.glob("*")]:
+            if path.name != layout.LOCK and path != self.checkpoints.dir and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        log.warning("--overwrite: deleted the earlier run in %s", self.run_dir)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
 
@@ -285,7 +342,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, {
             "step": self.step, "stage": self.stage_at(self.step).name, "num_labels": self.table.num_labels,
-            "num_train": len(self.data.train_tokens), "dim": self.table.dim})
+            "num_train": len(self.data.train_tokens), "dim": self.table.dim, "data": self.data_fingerprint,
+            "config": self.cfg.with_absolute_paths().to_dict()})
 
     def close(self) -> None:
         """The DeepSpeed engine lets go of its hooks (through which DeepSpeed would keep it, its weights and optimizer
