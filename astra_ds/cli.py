@@ -53,6 +53,11 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.set)  # before torch is imported: a config mistake answers at once
+    if not Path(cfg.data.path).is_dir():
+        raise UserError(f"data.path {cfg.data.path} is not a directory (a dataset is a directory of files)")
+    for option, path in (("--resume", args.resume), ("--init-from", args.init_from)):
+        if path and path != "auto" and not Path(path).is_dir():
+            raise UserError(f"{option}: no checkpoint at {path}")
     from astra_ds.run import train
 
     train(cfg, resume=args.resume, init_from=args.init_from, evaluate=not args.no_eval, overwrite=args.overwrite,
@@ -89,10 +94,23 @@ def cmd_plan(args) -> None:
 
 
 def _fresh_output(path: Path, overwrite: bool) -> Path:
-    """`path`, refused when it exists (results are never overwritten silently) unless --overwrite."""
+    """`path`, refused when it exists (results are never overwritten silently) unless --overwrite, or when it
+    cannot be written: said before the model loads."""
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists: pass --overwrite to replace it, or choose another path")
+    folder = next(parent for parent in (path.parent, *path.parent.parents) if parent.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {path}: {folder} is not a writable directory")
     return path
+
+
+def _finished_run(run_dir: str) -> Path:
+    """--run-dir, refused at once (before the libraries load) when it is not a finished run; its digests are
+    checked when the model loads."""
+    from astra_ds.serve.card import check_published
+
+    check_published(Path(run_dir))
+    return Path(run_dir)
 
 
 def _claim_eval_dir(run_dir: Path) -> Path:
@@ -112,6 +130,9 @@ def _claim_eval_dir(run_dir: Path) -> Path:
 def cmd_eval(args) -> None:
     if args.exact and args.ann:
         raise ConfigError("--exact uses exact search only, --ann both: pick one")
+    _finished_run(args.run_dir)
+    if args.out_dir:
+        _fresh_output(Path(args.out_dir) / layout.METRICS, args.overwrite)
     quiet_libraries()
     import time
 
@@ -127,8 +148,6 @@ def cmd_eval(args) -> None:
     k = search_k(model.cfg.eval, split.filter)
     if k > model.num_labels:
         raise ConfigError(f"eval.ks asks for the top {k} (filtered pairs included) of {model.num_labels} labels")
-    if args.out_dir:
-        _fresh_output(Path(args.out_dir) / layout.METRICS, args.overwrite)
     queries, calibration = model.encode_tokens(split.tokens)
     if args.ann:
         searches = {MODEL: "exact", MODEL_ANN: "ann"}
@@ -158,11 +177,19 @@ def cmd_eval(args) -> None:
 
 
 def _read_texts(args) -> list[str]:
+    """--text, or the lines of --input (a file, or - for stdin): UTF-8, one text a line (none: no predictions)."""
     if args.text:
         return args.text
-    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8", errors="replace")
+    stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     with stream:
-        texts = [line.rstrip("\n") for line in stream]
+        lines = stream.read().splitlines()
+    texts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            texts.append(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{args.input}: line {number} is not UTF-8 text (byte {err.start + 1}: "
+                            f"{line[err.start:err.start + 1]!r})") from None
     empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
     if empty:
         raise UserError(f"{args.input}: line {empty[0]} is empty ({len(empty)} empty lines): one text a line")
@@ -172,6 +199,8 @@ def _read_texts(args) -> list[str]:
 def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels: int) -> None:
     import json
 
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     if fmt == "npz":
         from astra_ds.eval.evaluate import save_predictions
 
@@ -197,6 +226,7 @@ def cmd_predict(args) -> None:
         raise ConfigError(f"--out {args.out}: the format comes from the extension, .jsonl, .tsv or .npz (or --format)")
     if fmt == "npz" and not args.out:
         raise ConfigError("--format npz needs --out FILE.npz")
+    _finished_run(args.run_dir)
     if args.out:
         _fresh_output(Path(args.out), args.overwrite)
     texts = _read_texts(args)
@@ -216,6 +246,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_index(args) -> None:
+    _finished_run(args.run_dir)
     quiet_libraries()
     from astra_ds.config import load_config
     from astra_ds.serve.ann import build_serving_index
@@ -230,6 +261,7 @@ def cmd_index(args) -> None:
 
 
 def cmd_export(args) -> None:
+    _finished_run(args.run_dir)
     quiet_libraries()
     from astra_ds.serve.export import export
 

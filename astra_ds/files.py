@@ -8,8 +8,10 @@ files) are scanned for the globals their pickles name before the library opens t
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +49,12 @@ def write_atomically(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether `err`, an OSError or a library's RuntimeError (torch and zarr say a full disk as an iostream error),
+    came from a full disk under `directory`."""
+    return getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(directory).free < 2**20
 
 
 def files_under(path: Path) -> list[str]:

@@ -85,7 +85,7 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
             if cfg.checkpoint.dir:  # two runs writing one checkpoint directory would mix their checkpoints
                 locks.append(RunLock(Path(cfg.checkpoint.dir), "checkpoint.dir"))
         trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from, overwrite=overwrite,
-                          allow_changes=allow_changes)
+                          allow_changes=allow_changes, evaluate=evaluate)
         trainer.fit()
         trainer.save_model()
         metrics = trainer.evaluate() if evaluate else None

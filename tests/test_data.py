@@ -138,10 +138,10 @@ def test_synthetic_data_is_deterministic_and_valid(tmp_path):
     per_query = np.diff(d.train.labels.indptr)
     assert d.num_labels == 200 and len(d.train.texts) == 2000 and len(d.label_texts) == 200
     assert per_query.min() >= 1 and per_query.max() <= 5
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="already exists: choose a new directory"):
         generate(SMALL, tmp_path / "a")
     assert generate(SMALL, tmp_path / "a", exist_ok=True) == tmp_path / "a"
-    with pytest.raises(FileExistsError, match="another generator config"):
+    with pytest.raises(UserError, match="another generator config"):
         generate(SynthConfig(**{**SMALL.__dict__, "num_train": 10}), tmp_path / "a", exist_ok=True)
 
 

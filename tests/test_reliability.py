@@ -430,3 +430,84 @@ def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run,
         shutil.rmtree(checkpoint)
         shutil.copytree(saved_run / "checkpoints" / "global_step4", checkpoint)
     assert not marker.exists()
+
+
+# ---- user mistakes and edge cases end in one line or a right answer (issue 24, item 10) -------------------------
+
+def test_predict_takes_no_texts_crlf_and_refuses_what_is_not_utf8(saved_run, tmp_path, capsys, monkeypatch):
+    import io
+
+    model = astra_ds.load(saved_run)
+    empty = model.predict([], k=3)
+    assert empty.ids.shape == (0, 3) and empty.scores.shape == (0, 3) and empty.names == []
+
+    def predict_stdin(data: bytes, *args: str) -> int:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        capsys.readouterr()
+        return main(["predict", "--run-dir", str(saved_run), "--input", "-", *args])
+
+    assert predict_stdin(b"") == 0 and capsys.readouterr().out == ""
+    (tmp_path / "empty.txt").write_text("")
+    run_main("predict", "--run-dir", str(saved_run), "--input", str(tmp_path / "empty.txt"), "--out",
+             str(tmp_path / "new" / "none.jsonl"))
+    assert (tmp_path / "new" / "none.jsonl").read_text() == ""
+    assert predict_stdin(b"a b\r\nb c\r\n") == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["a b", "b c"]
+    assert lines[0]["ids"] == model.predict(["a b"], k=5).ids[0].tolist()
+    assert predict_stdin(b"a b\nb \xff c\n") == 2
+    assert capsys.readouterr().err == "astra-ds: error: -: line 2 is not UTF-8 text (byte 3: b'\\xff')\n"
+
+
+def test_wrong_paths_are_refused_before_the_model_or_the_libraries_load(saved_run, synth_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert f"cannot write {afile / 'out.jsonl'}: {afile} is not a writable directory" in _error(
+        capsys, "predict", "--run-dir", str(saved_run), "--text", "a", "--out", str(afile / "out.jsonl"))
+    assert f"cannot write {afile / 'e' / 'metrics.json'}" in _error(
+        capsys, "eval", "--run-dir", str(saved_run), "--out-dir", str(afile / "e"))
+    probe = ("import sys; from astra_ds.cli import main; status = main(sys.argv[1:]); "
+             "print(status, sorted({'torch', 'transformers', 'deepspeed'} & set(sys.modules)))")
+    for args, expected in ((["predict", "--run-dir", str(tmp_path / "nope"), "--text", "a"], "no run at"),
+                           (["export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x")],
+                            "is not a finished run"),
+                           (["train", "--set", f"data.path={tmp_path / 'nodata'}"], "is not a directory"),
+                           (["train", "--resume", str(tmp_path / "gone"), "--set", f"data.path={synth_dir}"],
+                            "--resume: no checkpoint at")):
+        result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=REPO,
+                                env=fresh_process_env(), timeout=120)
+        assert result.stdout.strip() == "2 []" and expected in result.stderr, (args, result.stderr)
+
+
+def test_synth_into_an_existing_folder_and_an_empty_test_split_are_one_line(synth_dir, token_cache, tmp_path,
+                                                                           capsys):
+    assert f"{synth_dir} already exists: choose a new directory" in _error(capsys, "data", "synth", "--out",
+                                                                           str(synth_dir))
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    (data / "tst_X.txt").write_text("")
+    (data / "tst_X_Y.txt").write_text("0 50\n")
+    out = tmp_path / "run"
+    assert "has no test queries, so the model could not be evaluated: train with --no-eval" in _error(
+        capsys, "train", *_args(data, token_cache, out, "train.max_steps=1"))
+    assert not (out / "config.yaml").exists()  # refused before anything was trained or written
+    run_main("train", "--no-eval", *_args(data, token_cache, out, "train.max_steps=1"))
+
+
+def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
+    import astra_ds.training.trainer as trainer_module
+    from astra_ds.errors import UserError
+
+    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+                           "train.max_steps=1")
+    trainer.fit()
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(trainer_module.torch, "save", full_disk)
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(UserError, match=r"the disk is full: saving the model into .* failed \(0 bytes free\); its "
+                                        r"last checkpoint is intact"):
+        trainer.save_model()
+    assert not (tmp_path / "manifest.json").exists()

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from astra_ds.errors import UserError
+
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
 _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]  # 70 syllables
@@ -182,7 +184,8 @@ def generate(cfg: SynthConfig, out_dir: str | Path, exist_ok: bool = False) -> P
         saved = out_dir / CONFIG_FILE
         if exist_ok and saved.is_file() and json.loads(saved.read_text()) == dataclasses.asdict(cfg):
             return out_dir
-        raise FileExistsError(f"{out_dir} already exists" + (" with another generator config" if exist_ok else ""))
+        raise UserError(f"{out_dir} already exists" + (" with another generator config" if exist_ok else
+                                                      ": choose a new directory (or --exist-ok to keep the same one)"))
     tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     model = TopicModel(cfg)

@@ -84,16 +84,22 @@ def write_run_manifest(run_dir: Path) -> None:
     write_atomically(run_dir / layout.MANIFEST, json.dumps(manifest(run_dir, _model_files(run_dir)), indent=1))
 
 
-def verify_run(run_dir: Path) -> None:
-    """Refuses a directory that is not a finished run (no manifest.json: a training that has not finished saving
-    its model, or was killed while saving it) or whose model files are missing or changed since training wrote
-    them."""
+def check_published(run_dir: Path) -> Path:
+    """Refuses a directory that is not a finished run (nothing read but its listing); returns its manifest."""
     path = run_dir / layout.MANIFEST
     if not run_dir.is_dir():
         raise UserError(f"no run at {run_dir}")
     if not path.is_file():
         raise UserError(f"{run_dir} is not a finished run: its training has not saved a complete model (no "
                         f"{layout.MANIFEST}); `astra-ds train --resume auto` finishes it")
+    return path
+
+
+def verify_run(run_dir: Path) -> None:
+    """Refuses a directory that is not a finished run (no manifest.json: a training that has not finished saving
+    its model, or was killed while saving it) or whose model files are missing or changed since training wrote
+    them."""
+    path = check_published(run_dir)
     try:
         digests = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -112,16 +112,22 @@ class XCModel:
 
     def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none."""
-        if not 1 <= k <= self.num_labels:
-            raise UserError(f"k must be between 1 and the {self.num_labels} labels, not {k}")
+        self.check_k(k)
         if exact or self.index is None:
             return exact_topk(queries, self.scoring_rows(), k, normalize_rows=False,
                               label_block=self.cfg.eval.label_block, progress=self.progress)
         scores, ids = self.index.search(queries, k)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.num_labels:
+            raise UserError(f"k must be between 1 and the {self.num_labels} labels, not {k}")
+
     def predict(self, texts: list[str], k: int = 5, exact: bool = False, logits: bool = False) -> Predictions:
         """The k best labels of each text, best first, with their probabilities (or logits)."""
+        if len(texts) == 0 and not isinstance(texts, str):
+            self.check_k(k)
+            return Predictions(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), [])
         queries, (log_scale, bias) = self.encode_tokens(self.tokenize(texts))
         scores, ids = self.topk(queries, k, exact)
         values = log_scale.exp() * scores + bias

@@ -22,7 +22,6 @@ keep_last = 2, every checkpoint is a full copy). A damaged shared file names eve
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -39,7 +38,7 @@ from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
 from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import CheckpointError
-from astra_ds.files import files_under, fsync_dir, fsync_tree, load_torch_file, write_atomically
+from astra_ds.files import disk_full, files_under, fsync_dir, fsync_tree, load_torch_file, write_atomically
 
 log = logging.getLogger("astra_ds")
 
@@ -180,10 +179,10 @@ class CheckpointManager:
         try:
             return self._save(step, meta)
         except (OSError, RuntimeError) as err:
-            free = shutil.disk_usage(self.dir).free
-            if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20:
-                raise CheckpointError(f"the disk is full: writing a checkpoint into {self.dir} failed ({free} bytes "
-                                      "free); the previous checkpoint is intact") from None
+            if disk_full(err, self.dir):
+                raise CheckpointError(f"the disk is full: writing a checkpoint into {self.dir} failed "
+                                      f"({shutil.disk_usage(self.dir).free} bytes free); the previous checkpoint is "
+                                      "intact") from None
             raise
 
     def _save(self, step: int, meta: dict) -> Path:

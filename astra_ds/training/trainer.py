@@ -35,7 +35,7 @@ from astra_ds.dist import DistInfo
 from astra_ds.errors import CheckpointError, Preempted, TrainingError, UserError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
-from astra_ds.files import write_atomically
+from astra_ds.files import disk_full, write_atomically
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
@@ -91,12 +91,13 @@ def flat_config(values: dict, prefix: str = "") -> dict:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, dist: DistInfo, progress: bool = True, resume: str | None = None,
-                 init_from: str | None = None, overwrite: bool = False, allow_changes: bool = False):
+                 init_from: str | None = None, overwrite: bool = False, allow_changes: bool = False,
+                 evaluate: bool = True):
         """`resume`: "auto" (the latest checkpoint of this run, if any) or a checkpoint directory, continued with
         its full state (on the same data, with the same settings but those that leave the steps as they were,
         unless `allow_changes`); `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh
-        run; `overwrite`: an earlier run in out_dir is deleted (else refused). The caller holds the run
-        directory's lock."""
+        run; `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
+        evaluation on the test split, which must hold queries. The caller holds the run directory's lock."""
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
         self.progress = progress and self.dist.is_main and sys.stderr.isatty()
@@ -119,6 +120,9 @@ class Trainer:
 
         parts = build_training(cfg, self.dist, start, progress=self.progress)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
+        if evaluate and not len(self.data.test_tokens):
+            raise UserError(f"the data at {cfg.data.path} has no test queries, so the model could not be evaluated: "
+                            "train with --no-eval (evaluate=False), or add them")
         self.data_fingerprint = self.data.dataset.train.fingerprint()
         if resume_path:
             check_resumable(start[1], resume_path, cfg, self.data_fingerprint, allow_changes)
@@ -358,7 +362,17 @@ class Trainer:
 
     def save_model(self) -> None:
         """The final encoder weights and classifier table (each rank writes its rows), the files `astra-ds eval`
-        and `predict` read besides."""
+        and `predict` read besides; the manifest last, which makes the directory a finished run."""
+        try:
+            self._save_model()
+        except (OSError, RuntimeError) as err:
+            if disk_full(err, self.run_dir):
+                raise UserError(f"the disk is full: saving the model into {self.run_dir} failed "
+                                f"({shutil.disk_usage(self.run_dir).free} bytes free); its last checkpoint is intact: "
+                                "make room, then `astra-ds train --resume auto` saves it") from None
+            raise
+
+    def _save_model(self) -> None:
         state = encoder_state_dict(self.engine)
         if self.dist.is_main:
             torch.save(state, self.run_dir / layout.ENCODER_WEIGHTS)
