@@ -311,7 +311,7 @@ def cmd_validate(args) -> None:
     from astra_ds.data.validate import validate
     from astra_ds.model.encoder import build_tokenizer
 
-    dataset = read_dataset(args.path, args.format, cfg.data.text_fields)
+    dataset = read_dataset(args.path, args.format, cfg.data.text_fields, cfg.data.on_bad_text)
     lines, warnings = validate(dataset, build_tokenizer(cfg.encoder), cfg.data.max_len, cfg.siamese.label_max_len)
     print(f"dataset {args.path} ({cfg.encoder.model} tokens):\n  " + "\n  ".join(lines))
     print("warnings:\n  " + "\n  ".join(warnings) if warnings else "no warnings")

@@ -18,6 +18,7 @@ from astra_ds.errors import ConfigError
 DataFormat = READERS.literal("auto")
 Pooling = typing.Literal["mean", "cls"]
 TextFields = typing.Literal["title", "title_content"]
+BadText = typing.Literal["replace", "error"]
 TableOptimizer = OPTIMIZERS.literal()
 TableInit = TABLE_INITS.literal()
 TableDtype = typing.Literal["float32", "bfloat16"]
@@ -46,6 +47,9 @@ class DataConfig:
     # along training (eval.every_epochs) use it, so that choices are made on it and the test split is read once,
     # at the end; `astra-ds eval --split validation` evaluates a finished run on it. 0: no validation split
     validation_fraction: float = 0.0
+    # bytes that are not UTF-8 in the texts: replace (with U+FFFD; the lines are counted in a warning and by
+    # `astra-ds data validate`) or error (the first such line ends the command)
+    on_bad_text: BadText = "replace"
 
     def __post_init__(self):
         _check(self.max_len >= 2, f"data.max_len must be >= 2, not {self.max_len}")

@@ -20,6 +20,7 @@ import torch
 
 import astra_ds
 from astra_ds.cli import main
+from astra_ds.data.readers import read_dataset
 from conftest import REPO, TINY_RUN, fresh_process_env, make_trainer, rewrite_meta, run_main
 
 UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "train.log_every=1"]
@@ -191,16 +192,27 @@ def test_a_truncated_state_file_names_the_file(saved_run, tmp_path):
     assert load_torch_file(state) == {"ok": 1}
 
 
-def test_non_utf8_text_and_too_many_negatives_warn(synth_dir, token_cache, tmp_path, caplog):
+def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth_dir, token_cache, tmp_path,
+                                                                           caplog, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
     texts = (data / "trn_X.txt").read_bytes().split(b"\n")
     texts[3] = texts[3] + b" \xff\xfe"
-    (data / "trn_X.txt").write_bytes(b"\n".join(texts))
+    (data / "trn_X.txt").write_bytes(b"\r\n".join(texts))  # and CRLF line ends
+    (data / "Y.txt").write_bytes((data / "Y.txt").read_bytes().replace(b"\n", b"\r\n"))
     run_main("train", "--no-eval", *_args(data, token_cache, tmp_path / "run", "train.max_steps=1",
                                           "negatives.num_negatives=60"))
-    assert "trn_X.txt: 1 lines hold bytes that are not UTF-8" in caplog.text
+    assert "1 train texts hold bytes that are not UTF-8 (read as U+FFFD), first at line 4" in caplog.text
     assert "negatives.num_negatives=60 is not below the 50 labels" in caplog.text
+    assert "data.on_bad_text=error" not in caplog.text
+    dataset = read_dataset(data)
+    assert not any("\r" in text for text in dataset.train.texts + dataset.label_texts)
+    assert dataset.train.texts[0] == read_dataset(synth_dir).train.texts[0]
+    capsys.readouterr()
+    run_main("data", "validate", str(data), "--set", "encoder.model=tiny-random")
+    assert "texts with bytes that are not UTF-8: 1 train texts (first at line 4)" in capsys.readouterr().out
+    assert "the train texts hold bytes that are not UTF-8, first at line 4" in _error(
+        capsys, "train", *_args(data, token_cache, tmp_path / "strict", "data.on_bad_text=error"))
 
 
 def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):

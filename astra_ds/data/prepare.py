@@ -67,7 +67,7 @@ def validation_rows(num_train: int, fraction: float, seed: int) -> np.ndarray:
 def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None, seed: int = 0) -> PreparedData:
     """The dataset and its token ids; with `label_max_len`, the label texts' too (when the data has them); with
     data.validation_fraction, the validation split drawn from `seed` (the run's train.seed)."""
-    dataset = read_dataset(cfg.path, cfg.format, cfg.text_fields)
+    dataset = read_dataset(cfg.path, cfg.format, cfg.text_fields, cfg.on_bad_text)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     label_tokens = None
     if label_max_len is not None and dataset.label_texts is not None:

@@ -106,12 +106,9 @@ def _numbered_lines(path: Path):
 
 
 def read_lines(path: Path) -> list[str]:
-    """One entry per line, trailing whitespace removed; bytes that are not UTF-8 become U+FFFD, with a warning."""
-    lines = [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
-    replaced = sum(1 for line in lines if "\ufffd" in line)
-    if replaced:
-        log.warning("%s: %d lines hold bytes that are not UTF-8 (read as U+FFFD)", path, replaced)
-    return lines
+    """One entry per line, the line end (LF or CRLF) removed; bytes that are not UTF-8 become U+FFFD (see
+    bad_text)."""
+    return [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
 
 
 def _parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:
@@ -379,12 +376,30 @@ def detect_format(directory: Path) -> str:
                     f"trn_X_Xf.txt, train.txt or NAME_train_word.txt)")
 
 
-def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title") -> XCDataset:
-    """`text_fields` (the JSON layout): the query text is the title, or title and content (title_content)."""
+def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title",
+                 on_bad_text: str = "replace") -> XCDataset:
+    """`text_fields` (the JSON layout): the query text is the title, or title and content (title_content);
+    `on_bad_text`: texts with bytes that are not UTF-8 are read with U+FFFD in their place and counted in a
+    warning ("replace"), or end the reading in one line ("error")."""
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
     fmt = detect_format(directory) if fmt == "auto" else fmt
     reader = READERS.get(fmt)
-    dataset = reader(directory, text_fields)  # layouts without title and content ignore text_fields
-    return _read_filters(dataset, directory)
+    dataset = _read_filters(reader(directory, text_fields), directory)  # text_fields: for the JSON layout
+    for texts, lines in bad_text(dataset).items():
+        if on_bad_text == "error":
+            raise DataError(f"{directory}: the {texts} hold bytes that are not UTF-8, first at line {lines[0]} "
+                            f"({len(lines)} lines; data.on_bad_text=replace reads them with U+FFFD)")
+        log.warning("%s: %d %s hold bytes that are not UTF-8 (read as U+FFFD), first at line %d", directory,
+                    len(lines), texts, lines[0])
+    return dataset
+
+
+def bad_text(dataset: XCDataset) -> dict[str, list[int]]:
+    """The lines (1-based, in the order of the queries or labels) whose text holds U+FFFD, the character that
+    undecodable bytes were read as: by texts ("train texts", "test texts", "label texts"), those with any."""
+    texts = {"train texts": dataset.train.texts, "test texts": dataset.test.texts,
+             "label texts": dataset.label_texts or []}
+    found = {name: [i for i, text in enumerate(values, 1) if "\ufffd" in text] for name, values in texts.items()}
+    return {name: lines for name, lines in found.items() if lines}

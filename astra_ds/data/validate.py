@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from astra_ds.data.readers import XCDataset
+from astra_ds.data.readers import XCDataset, bad_text
 
 
 def _share(part: int, whole: int) -> str:
@@ -29,6 +29,11 @@ def validate(dataset: XCDataset, tokenizer, max_len: int, label_max_len: int) ->
             warnings.append(f"{blank} {name} queries have an empty text")
         if empty and name == "train":
             warnings.append(f"{empty} training queries have no labels (they contribute negatives only)")
+    undecodable = bad_text(dataset)
+    lines.append("texts with bytes that are not UTF-8: " + (", ".join(
+        f"{len(found)} {name} (first at line {found[0]})" for name, found in undecodable.items()) or "none"))
+    warnings += [f"{len(found)} {name} hold bytes that are not UTF-8, read as U+FFFD (data.on_bad_text=error "
+                 "refuses them)" for name, found in undecodable.items()]
     untrained = int((train_counts == 0).sum())
     unseen = (train_counts == 0) & (test_counts > 0)
     lines.append(f"labels without training points: {_share(untrained, dataset.num_labels)}; test labels never "
