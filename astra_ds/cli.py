@@ -204,7 +204,7 @@ def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels:
     if fmt == "npz":
         from astra_ds.eval.evaluate import save_predictions
 
-        save_predictions(out, predictions.scores, predictions.ids, num_labels)
+        save_predictions(out, predictions.scores, predictions.ids, num_labels)  # logits, as every .npz
         return
     stream = open(out, "w", encoding="utf-8") if out else sys.stdout
     for text, ids, scores, names in zip(texts, predictions.ids, predictions.scores, predictions.names):
@@ -239,7 +239,7 @@ def cmd_predict(args) -> None:
     if args.top_k > model.num_labels:
         raise ConfigError(f"--top-k {args.top_k} exceeds the model's {model.num_labels} labels")
     started = time.perf_counter()
-    predictions = model.predict(texts, args.top_k, exact=args.exact, logits=args.logits)
+    predictions = model.predict(texts, args.top_k, exact=args.exact, logits=args.logits or fmt == "npz")
     log.info("%d texts: top-%d by %s search in %.2f s", len(texts), args.top_k,
              "exact" if args.exact or model.index is None else "ANN", time.perf_counter() - started)
     _write_predictions(predictions, texts, args.out, fmt, model.num_labels)
@@ -412,14 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "predict", cmd_predict, "tag new text with a trained run",
         "The top-k labels of each text: JSONL (text, ids, names, scores) on stdout or --out; .tsv (text, rank, id, "
         "score, name a line) and .npz (an N x L CSR matrix of scores) by extension. Scores are sigmoid "
-        "probabilities (--logits: scale * <q, v> + bias).", "--out")
+        "probabilities (--logits: scale * <q, v> + bias); an .npz always holds logits, as the evaluation's "
+        "predictions.npz (its array 'score' says so).", "--out")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to tag (repeatable)")
     source.add_argument("--input", metavar="FILE", help="one text a line; - reads standard input")
     predict.add_argument("--top-k", type=int, default=5, help="labels a text (default 5)")
     predict.add_argument("--out", help="output file (.jsonl, .tsv, .npz); default: JSONL on stdout")
     predict.add_argument("--format", choices=["jsonl", "tsv", "npz"], help="output format, if not the extension's")
-    predict.add_argument("--logits", action="store_true", help="scores as logits, not probabilities")
+    predict.add_argument("--logits", action="store_true", help="scores as logits, not probabilities (.npz: always)")
 
     _run_command(commands, "index", cmd_index, "build the serving index of a trained run",
                  "A faiss index over the run's scoring vectors (classifier rows, plus label-text embeddings with dual "

@@ -81,16 +81,21 @@ def _test_texts(synth_dir) -> list[str]:
 
 
 def test_predict_gives_the_evaluation_s_predictions(run_dir, synth_dir, tmp_path):
-    """The training's evaluation (exact top-k, logits) and `predict --exact --logits` on the same texts agree."""
+    """The training's evaluation (exact top-k) and `predict --exact` on the same texts agree: logits in every .npz,
+    said in the file."""
     texts = _test_texts(synth_dir)
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     out = tmp_path / "predicted.npz"
     run_main("predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "texts.txt"), "--top-k", "5",
-             "--exact", "--logits", "--out", str(out))
+             "--exact", "--out", str(out))
     evaluated, predicted = sp.load_npz(run_dir / "predictions.npz"), sp.load_npz(out)
     assert predicted.shape == evaluated.shape == (len(texts), 50)
     np.testing.assert_array_equal(predicted.indices, evaluated.indices)
     np.testing.assert_allclose(predicted.data, evaluated.data, rtol=1e-5, atol=1e-5)
+    assert str(np.load(run_dir / "predictions.npz")["score"]) == str(np.load(out)["score"]) == "logit"
+    probabilities = astra_ds.load(run_dir).predict(texts, k=5, exact=True).scores
+    from_logits = torch.sigmoid(torch.from_numpy(predicted.data)).numpy().reshape(len(texts), 5)  # 5 a row
+    np.testing.assert_allclose(np.sort(probabilities, axis=1), np.sort(from_logits, axis=1), rtol=1e-5)
 
 
 def test_the_api_predicts_probabilities_with_names_and_encodes(run_dir, synth_dir):

@@ -111,7 +111,7 @@ def test_a_run_with_lexical_features_predicts_as_it_evaluated(synth_dir, token_c
     texts = read_dataset(synth_dir).test.texts
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     run_main("predict", "--run-dir", str(run.run_dir), "--input", str(tmp_path / "texts.txt"), "--top-k", "5",
-             "--exact", "--logits", "--out", str(tmp_path / "predicted.npz"))
+             "--exact", "--out", str(tmp_path / "predicted.npz"))
     evaluated, predicted = sp.load_npz(run.run_dir / "predictions.npz"), sp.load_npz(tmp_path / "predicted.npz")
     np.testing.assert_array_equal(predicted.indices, evaluated.indices)
     np.testing.assert_allclose(predicted.data, evaluated.data, rtol=1e-5, atol=1e-5)

@@ -54,8 +54,8 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
     """Metrics of each top-k in `topk` (name -> (scores <q, v>, ids), (N, search_k) each; the first is the one
     whose predictions are saved) and of the popularity baseline. With `test_filter` (reciprocal pairs), its
     pairs leave the predictions and the gold labels first. With `write` (rank 0 of a run), metrics.json (with
-    `about`: the step, the dataset, exact or ANN, ...) and predictions.npz (top-k scores s = scale * <q, v> + bias,
-    CSR) are written into out_dir; every rank returns the metrics."""
+    `about`: the step, the dataset, exact or ANN, ...) and predictions.npz (the top-k's logits
+    scale * <q, v> + bias, CSR: see save_predictions) are written into out_dir; every rank returns the metrics."""
     k = max(cfg.ks)
     topk = {name: remove_filtered(scores, ids, test_filter, k) for name, (scores, ids) in topk.items()}
     if test_filter is not None:
@@ -85,10 +85,13 @@ def ann_recall(ann_ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
     return recall_at_k(ann_ids.numpy(), exact_ids.numpy())
 
 
-def save_predictions(path: str | Path, scores: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
-    """Top-k predictions as a CSR (N x L) .npz of scores (scipy.sparse.load_npz reads it); ids < 0 (padding)
-    are left out."""
+def save_predictions(path: str | Path, logits: np.ndarray, ids: np.ndarray, num_labels: int) -> None:
+    """Top-k predictions as a CSR (N x L) .npz (scipy.sparse.load_npz reads it) of logits, the one convention of
+    every .npz astra_ds writes (probabilities, sigmoid(logit), saturate at 1 and would lose the ranking), said in
+    the file: np.load(path)["score"] == "logit". Ids < 0 (padding) are left out."""
     kept = ids >= 0
     indptr = np.concatenate([[0], np.cumsum(kept.sum(axis=1))])
-    matrix = sp.csr_matrix((scores[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
-    sp.save_npz(path, matrix)
+    matrix = sp.csr_matrix((logits[kept].astype(np.float32), ids[kept], indptr), shape=(ids.shape[0], num_labels))
+    with open(path, "wb") as f:  # as scipy.sparse.save_npz writes a CSR, with the kind of score beside it
+        np.savez_compressed(f, format=b"csr", shape=matrix.shape, data=matrix.data, indices=matrix.indices,
+                            indptr=matrix.indptr, score=np.array("logit"))
