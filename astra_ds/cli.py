@@ -260,6 +260,26 @@ def cmd_index(args) -> None:
           f"{run_dir / layout.ANN_DIR}")
 
 
+def cmd_finalize(args) -> None:
+    run_dir = Path(args.run_dir)
+    if not (run_dir / layout.CONFIG).is_file():
+        raise UserError(f"{run_dir} holds no run ({layout.CONFIG} is missing)")
+    cfg = load_config(run_dir / layout.CONFIG, args.set)
+    cfg.out_dir = str(run_dir)  # where the run is now, wherever it was trained
+    quiet_libraries()
+    from astra_ds.run import train
+    from astra_ds.training.checkpoint import CheckpointManager, check_checkpoint
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else CheckpointManager(cfg.checkpoint, run_dir, 0,
+                                                                                 1).resolve("auto")
+    if checkpoint is None:
+        raise UserError(f"{run_dir} has no checkpoint to publish")
+    step = check_checkpoint(checkpoint)["step"]
+    cfg.train.max_steps = step  # resumed there, and trained no further
+    train(cfg, resume=str(checkpoint), evaluate=not args.no_eval)
+    log.info("%s is a finished run: the model of %s (step %d)", run_dir, checkpoint.name, step)
+
+
 def cmd_export(args) -> None:
     _finished_run(args.run_dir)
     quiet_libraries()
@@ -427,6 +447,20 @@ def build_parser() -> argparse.ArgumentParser:
                  "scoring) in <run-dir>/ann/, the kind chosen by L as for training (index.kind to force one): "
                  "predict and eval use it. `train` builds it at its end unless eval.ann_index=false.")
 
+    finalize = commands.add_parser(
+        "finalize", help="publish a checkpoint of a run as its finished model",
+        description="A run killed or stopped before it saved its model is not a finished run (predict, eval and "
+                    "export refuse it). This publishes its newest checkpoint that verifies (or --checkpoint) as the "
+                    "run's model, as training would have at that step: the validation choices, the model files, "
+                    "the evaluation on the test split and the serving index. It reads the run's dataset.")
+    finalize.add_argument("--run-dir", required=True, help="out_dir of the run")
+    finalize.add_argument("--checkpoint", metavar="PATH", help="a global_step<N> directory (default: the newest "
+                                                               "that verifies)")
+    finalize.add_argument("--no-eval", action="store_true", help="skip the evaluation on the test split")
+    finalize.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a key of the run's config (those a resume may change)")
+    finalize.set_defaults(func=cmd_finalize)
+
     export = commands.add_parser("export", help="export a trained run for serving",
                                  description="The encoder as a sentence-transformers model (SentenceTransformer(OUT)"
                                              " loads it), and in OUT/labels the label vectors (.npy), the faiss "
@@ -508,7 +542,7 @@ def _message(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "finalize"):
         discover_launch()  # rank and world size, for the log lines, from the launcher, MPI or SLURM
     _setup_logging()
     rank, multi_rank = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1")) > 1

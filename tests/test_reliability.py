@@ -523,3 +523,19 @@ def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, token_cac
                                         r"last checkpoint is intact"):
         trainer.save_model()
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_finalize_publishes_a_checkpoint_of_a_run_that_did_not_finish(saved_run, tmp_path, capsys):
+    run = _copy(saved_run, tmp_path)
+    for name in ("manifest.json", "model.json", "encoder.pt", "metrics.json"):  # killed before its model was saved
+        (run / name).unlink()
+    shutil.rmtree(run / "table")
+    assert "is not a finished run" in _error(capsys, "predict", "--run-dir", str(run), "--text", "a b")
+    run_main("finalize", "--run-dir", str(run), "--no-eval")
+    texts = ["a b", "b c d"]
+    expected, published = astra_ds.load(saved_run).predict(texts, k=3), astra_ds.load(run).predict(texts, k=3)
+    assert published.ids.tolist() == expected.ids.tolist() and astra_ds.load(run).card.step == 4
+    np.testing.assert_allclose(published.scores, expected.scores, rtol=1e-5)
+    assert sorted(p.name for p in (run / "checkpoints").glob("global_step*")) == ["global_step2", "global_step4"]
+    run_main("finalize", "--run-dir", str(run), "--checkpoint", str(run / "checkpoints" / "global_step2"))
+    assert astra_ds.load(run).card.step == 2 and json.loads((run / "metrics.json").read_text())["step"] == 2
