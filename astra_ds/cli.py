@@ -140,7 +140,7 @@ def cmd_eval(args) -> None:
     from astra_ds.eval.metrics import format_table
     from astra_ds.serve.model import XCModel
 
-    model = XCModel.load(args.run_dir, args.set, progress=sys.stderr.isatty())
+    model = XCModel.load(args.run_dir, args.set, progress=True)
     data = model.load_data()
     split = data.split(args.split)
     if args.ann and model.index is None:
@@ -235,7 +235,7 @@ def cmd_predict(args) -> None:
 
     from astra_ds.serve.model import XCModel
 
-    model = XCModel.load(args.run_dir, args.set, progress=sys.stderr.isatty())
+    model = XCModel.load(args.run_dir, args.set, progress=True)
     if args.top_k > model.num_labels:
         raise ConfigError(f"--top-k {args.top_k} exceeds the model's {model.num_labels} labels")
     started = time.perf_counter()
@@ -255,7 +255,7 @@ def cmd_index(args) -> None:
     run_dir = Path(args.run_dir)
     card = read_card(run_dir)  # verified
     cfg = load_config(run_dir / layout.CONFIG, args.set)
-    info = build_serving_index(run_dir, cfg.index, cfg.train.seed, sys.stderr.isatty(), card)
+    info = build_serving_index(run_dir, cfg.index, cfg.train.seed, True, card)
     print(f"serving index ({info['kind']}) over {info['num_labels']} labels, built in {info['build_seconds']:.1f} s: "
           f"{run_dir / layout.ANN_DIR}")
 
@@ -285,7 +285,7 @@ def cmd_export(args) -> None:
     quiet_libraries()
     from astra_ds.serve.export import export
 
-    out = export(args.run_dir, args.out, sys.stderr.isatty())
+    out = export(args.run_dir, args.out, progress=True)
     print(f"exported to {out}: SentenceTransformer('{out}') encodes queries; {out}/labels holds the label "
           "vectors, the index and the score card")
 

@@ -4,6 +4,7 @@ nccl on GPUs. Collectives time out after `timeout_s`, so a lost rank ends the jo
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,6 +12,7 @@ from datetime import timedelta
 import torch
 
 from astra_ds.launch import discover_launch
+from astra_ds.libraries import native_output_logged
 
 
 def configure_accelerator() -> None:
@@ -40,8 +42,9 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     discover_launch()
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        with native_output_logged("DeepSpeed start-up", logging.DEBUG):  # its op builds and their linker lines
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                       timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

@@ -57,6 +57,9 @@ def resolve_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> tupl
         raise ConfigError(f"{path} enables bf16, which CPU runs do not use; pick train.ds_config=cpu (or auto)")
     if train.encoder_lr is not None:
         config.setdefault("optimizer", {"type": "AdamW", "params": {}}).setdefault("params", {})["lr"] = train.encoder_lr
+    if "optimizer" not in config:
+        raise ConfigError(f"{path} sets no optimizer, which DeepSpeed ZeRO needs (as astra_ds/ds_configs/cpu.json: "
+                          '"optimizer": {"type": "AdamW", "params": {"lr": 5e-5}}), and train.encoder_lr is unset')
     if (train.encoder_warmup > 0 or train.encoder_decay == "linear") and "scheduler" in config:
         raise ConfigError(f"{path} sets a scheduler, and so do train.encoder_warmup / train.encoder_decay: keep one")
     return config, path

@@ -20,7 +20,6 @@ import copy
 import gc
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +95,7 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
         del trainer  # the training state goes before the serving index is built
         gc.collect()
         if dist.is_main and cfg.eval.ann_index:
-            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress and sys.stderr.isatty())
+            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress)
         report_memory(memory_plan, run_dir, dist.is_main)  # the peak of the whole run
     finally:
         for lock in locks:

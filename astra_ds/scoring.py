@@ -12,10 +12,10 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from astra_ds.collectives import all_gather_cat, merge_topk, padded_part
 from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.progress import progress as progress_of
 
 
 @contextmanager
@@ -43,7 +43,7 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
     by_length = np.argsort(tokens.lengths[rows], kind="stable")
     chunks, calibration = [], None
     with evaluating(model):
-        for start in tqdm(range(0, len(rows), batch_size), desc="encode", unit="batch", disable=not progress):
+        for start in progress_of(range(0, len(rows), batch_size), "encode", progress, "batch"):
             input_ids, attention_mask = tokens.batch(rows[by_length[start:start + batch_size]])
             embeddings, calibration = model(input_ids.to(device), attention_mask.to(device))
             chunks.append(embeddings.float().cpu())
@@ -85,7 +85,7 @@ def exact_topk(queries: torch.Tensor, table, k: int, normalize_rows: bool,
     device = scoring.device
     all_scores, all_ids = [], []
     blocks = [(s, min(s + label_block, scoring.end)) for s in range(scoring.start, scoring.end, label_block)]
-    for q_start in tqdm(range(0, len(queries), query_block), desc="top-k", unit="block", disable=not progress):
+    for q_start in progress_of(range(0, len(queries), query_block), "top-k", progress, "block"):
         q = queries[q_start:q_start + query_block].to(device)
         best_scores = torch.full((len(q), 0), float("-inf"), device=device)
         best_ids = torch.zeros((len(q), 0), dtype=torch.long, device=device)

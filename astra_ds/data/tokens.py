@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from astra_ds.progress import progress as progress_of
 
 
 @dataclass
@@ -84,8 +85,7 @@ def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | 
         tmp.mkdir(parents=True)
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(len(texts), max_len))
         lengths = np.zeros(len(texts), np.int32)
-        for start in tqdm(range(0, len(texts), chunk), desc=f"tokenize {name}", unit="chunk",
-                          disable=len(texts) <= chunk or None):  # None: no bar when stderr is no terminal
+        for start in progress_of(range(0, len(texts), chunk), f"tokenize {name}", len(texts) > chunk, "chunk"):
             _tokenize_into(ids, lengths, start, texts[start:start + chunk], tokenizer, max_len)
         ids.flush()
         del ids

@@ -123,7 +123,10 @@ class IVFPQ(IVFFlat):
     def create(cls, cfg: IndexConfig, dim: int, rows: int):
         cls.check(cfg, dim)
         faiss, nlist = import_faiss(), nlist_for(cfg, rows)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, pq_m_for(cfg, dim), 8, faiss.METRIC_INNER_PRODUCT)
+        # 256 codes a sub-vector, fewer when fewer rows train them (each code needs one)
+        bits = min(8, max(1, int(math.log2(max(2, min(rows, cfg.train_rows))))))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, pq_m_for(cfg, dim), bits,
+                                 faiss.METRIC_INNER_PRODUCT)
         index.nprobe = min(cfg.nprobe, nlist)
         return index
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from astra_ds.config import IndexConfig
 from astra_ds.index.kinds import import_faiss, index_kind
+from astra_ds.libraries import native_output_logged
+from astra_ds.progress import progress as progress_of
 from astra_ds.scoring import exact_topk, recall_at_k
 
 
@@ -72,8 +73,10 @@ class LabelIndex:
         blocks = range(rows.start, rows.end, self.cfg.add_block)
         if not index.is_trained:
             sample = np.sort(rng.choice(count, size=min(count, self.cfg.train_rows), replace=False)) + rows.start
-            index.train(self._vectors(_gather(rows, sample, blocks, self.cfg.add_block)))
-        for start in tqdm(blocks, desc=f"index ({name})", unit="block", disable=not progress):
+            vectors = self._vectors(_gather(rows, sample, blocks, self.cfg.add_block))
+            with native_output_logged(f"faiss training ({name})"):
+                index.train(vectors)
+        for start in progress_of(blocks, f"index ({name})", progress, "block"):
             index.add(self._vectors(rows.block_rows(start, min(start + self.cfg.add_block, rows.end))))
         self.index, self.offset = index, rows.start
         return BuildReport(name, count, time.perf_counter() - started)

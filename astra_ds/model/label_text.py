@@ -13,10 +13,10 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from astra_ds.collectives import barrier
 from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.progress import progress as progress_of
 from astra_ds.scoring import evaluating
 from astra_ds.table import store
 from astra_ds.table.table import ClassifierTable
@@ -46,7 +46,7 @@ def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts, model: t
     # forward, collectively); a rank whose shard is done encodes a dummy batch.
     batches = math.ceil(target.geometry.largest_shard / batch_size)
     with evaluating(model):
-        for batch in tqdm(range(batches), desc="encode label texts", unit="batch", disable=not progress):
+        for batch in progress_of(range(batches), "encode label texts", progress, "batch"):
             start = target.start + batch * batch_size
             end = min(start + batch_size, target.end)
             input_ids, attention_mask = label_tokens.batch(np.arange(start, end) if start < end else np.arange(1))

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from astra_ds import layout
 from astra_ds.errors import UserError
+from astra_ds.progress import progress as progress_of
 from astra_ds.serve.ann import build_serving_index, stored_scoring_rows
 from astra_ds.serve.model import XCModel
 
@@ -68,8 +68,7 @@ def _label_files(model: XCModel, out: Path, block: int = 65536) -> None:
     rows = stored_scoring_rows(model.run_dir, model.card)
     vectors = np.lib.format.open_memmap(out / "label_vectors.npy", mode="w+", dtype=np.float32,
                                         shape=(model.num_labels, model.card.dim))
-    for start in tqdm(range(0, model.num_labels, block), desc="label vectors", unit="block",
-                      disable=not model.progress):
+    for start in progress_of(range(0, model.num_labels, block), "label vectors", model.progress, "block"):
         vectors[start:start + block] = rows.block_rows(start, min(start + block, model.num_labels)).numpy()
     vectors.flush()
     shutil.copyfile(model.run_dir / layout.ANN_INDEX, out / "index.faiss")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from astra_ds.choices import OPTIMIZERS
 from astra_ds.collectives import barrier
 from astra_ds.config import TableConfig
 from astra_ds.errors import TableError, TrainingError
+from astra_ds.progress import progress as progress_of
 from astra_ds.rng import Stream, torch_generator
 from astra_ds.table import store
 from astra_ds.table.host_memory import host_zeros
@@ -160,7 +160,7 @@ class ClassifierTable:
         group = store.open_table(path, mode="r+")
         for name, (tensor, trailing, _) in self._arrays().items():
             target = group[name]
-            for i, (chunk, start, end) in enumerate(tqdm(list(self._chunks()), desc=f"save {name}", disable=not progress)):
+            for i, (chunk, start, end) in enumerate(progress_of(list(self._chunks()), f"save {name}", progress, "chunk")):
                 if unchanged_from is not None and not self.dirty[i] and _link_chunk(
                         unchanged_from, path, name, chunk, 1 + len(trailing)):
                     continue
@@ -196,7 +196,7 @@ class ClassifierTable:
             if name.startswith("optim/") and (rows_only or not same_optimizer):
                 continue  # fresh optimizer state
             source = group[name]
-            for _, start, end in tqdm(list(self._chunks()), desc=f"load {name}", disable=not progress):
+            for _, start, end in progress_of(list(self._chunks()), f"load {name}", progress, "chunk"):
                 values = torch.from_numpy(np.asarray(source[start:end]))
                 if name == "rows" and stored_dtype == "bfloat16":
                     values = values.view(torch.bfloat16)

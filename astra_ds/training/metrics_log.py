@@ -1,4 +1,6 @@
-"""Training metrics: JSONL file and TensorBoard scalars, written by rank 0 only."""
+"""Training metrics: JSONL file and TensorBoard scalars, written by rank 0 only; and, when the DeepSpeed config
+enables its monitor section (W&B, CSV, Comet, TensorBoard), the same scalars through DeepSpeed's monitor, named
+astra_ds/<key>."""
 
 from __future__ import annotations
 
@@ -28,11 +30,13 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None, monitor=None):
         """A run resumed from the checkpoint of `resumed_step` keeps the log lines up to that step (the lines
-        after it belong to steps the resumed run does again) and appends."""
+        after it belong to steps the resumed run does again) and appends. `monitor`: DeepSpeed's (engine.monitor),
+        used when its config enables it."""
         self.enabled = enabled
         self.writer = None
+        self.monitor = monitor if monitor is not None and monitor.enabled else None
         if not enabled:
             return
         path = run_dir / layout.TRAIN_LOG
@@ -53,10 +57,13 @@ class MetricsLog:
             return
         self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
         self.file.flush()
+        scalars = {key: value for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.monitor is not None and scalars:
+            self.monitor.write_events([(f"astra_ds/{key}", value, step) for key, value in scalars.items()])
 
     def close(self) -> None:
         if self.enabled:

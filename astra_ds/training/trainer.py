@@ -99,8 +99,10 @@ class Trainer:
         run; `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
         evaluation on the test split, which must hold queries. The caller holds the run directory's lock."""
         self.cfg, self.dist, self.device = cfg, dist, dist.device
-        # progress bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
-        self.progress = progress and self.dist.is_main and sys.stderr.isatty()
+        # rank 0 shows progress: bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
+        # and the long phases' progress lines (astra_ds/progress.py)
+        self.progress = progress and self.dist.is_main
+        self.bars = self.progress and sys.stderr.isatty()
         self.run_dir = Path(cfg.out_dir)
         earlier_run = not resume and (self.run_dir / layout.CONFIG).exists()
         if earlier_run and not overwrite:
@@ -160,7 +162,8 @@ class Trainer:
                 self.delete_earlier_run()
             write_atomically(self.run_dir / layout.CONFIG, cfg.with_absolute_paths().to_yaml())
             write_atomically(self.run_dir / layout.DS_CONFIG, json.dumps(parts.ds_config, indent=2))
-        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None)
+        self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None,
+                                      getattr(self.engine, "monitor", None))
         d = self.data.dataset
         log.info("data %s: %d train / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
                  "%d ranks | stages %s | %d steps", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
@@ -221,7 +224,7 @@ class Trainer:
         window, window_start = [], time.time()
         if every and self.step == first and self.step not in self.evaluated_steps:
             self.evaluate_along(stage, epoch=0)  # where the curve starts: the initial rows (random or label-text)
-        bar = tqdm(total=end, initial=self.step, desc=stage.name, unit="step", disable=not self.progress)
+        bar = tqdm(total=end, initial=self.step, desc=stage.name, unit="step", disable=not self.bars)
         for epoch in range((self.step - first) // per_epoch, stage.epochs):
             first_position = self.step - first - epoch * per_epoch  # > 0 when resumed within the epoch
             if first_position == 0 and self.step < end:
@@ -252,7 +255,7 @@ class Trainer:
                               "queries_per_s": len(window) * stage.batches.batch_size / elapsed,
                               "train_seconds": self.train_seconds()}
                     self.log(values)
-                    if not self.progress:
+                    if not self.bars:
                         log.info("%s step %d/%d | epoch %d | loss %.4g | %.1f queries/s", stage.name, self.step,
                                  self.total_steps, epoch, values["loss"], values["queries_per_s"])
                     window, window_start = [], time.time()
