@@ -53,6 +53,8 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.set)  # before torch is imported: a config mistake answers at once
+    if args.resume and args.init_from:
+        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
     if not Path(cfg.data.path).is_dir():
         raise UserError(f"data.path {cfg.data.path} is not a directory (a dataset is a directory of files)")
     for option, path in (("--resume", args.resume), ("--init-from", args.init_from)):

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from astra_ds.data.readers import DataError, read_dataset, read_sparse_file, write_sparse_file
 from astra_ds.data.synth import SynthConfig, TopicModel, generate
 from astra_ds.data.tokens import tokenize_cached
+from astra_ds.errors import UserError
 from astra_ds.model.encoder import build_tokenizer
 from astra_ds.config import EncoderConfig
 

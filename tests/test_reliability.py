@@ -166,11 +166,12 @@ def test_a_torn_last_log_line_is_dropped_on_resume(saved_run, synth_dir, token_c
     assert steps[-1] == 5 and steps == sorted(steps)
 
 
-def test_os_and_file_errors_read_as_one_line(saved_run, tmp_path, capsys):
+def test_os_and_file_errors_read_as_one_line(saved_run, synth_dir, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")
     assert f"out_dir {afile} is a file" in _error(capsys, "train", "--set", f"out_dir={afile}",
-                                                   "--set", "encoder.model=tiny-random")
+                                                   "--set", "encoder.model=tiny-random", "--set",
+                                                   f"data.path={synth_dir}")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: 3\n bad: [\n")
     assert f"{bad}:3:2: not valid YAML" in _error(capsys, "config", "show", "--config", str(bad))
@@ -215,23 +216,24 @@ def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth
         capsys, "train", *_args(data, token_cache, tmp_path / "strict", "data.on_bad_text=error"))
 
 
-def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
-    """A full disk cannot be made here: torch.save fails as it does on one (an iostream-style RuntimeError) and
-    the disk reports no free bytes."""
-    import errno
+def _fill_the_disk(monkeypatch, module, error: str) -> None:
+    """A full disk cannot be made here: torch.save in `module` fails as it does on one (an iostream-style
+    RuntimeError) and the disk reports no free bytes."""
+    def full_disk(*args, **kwargs):
+        raise RuntimeError(error)
 
+    monkeypatch.setattr(module.torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+
+
+def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
     import astra_ds.training.checkpoint as checkpoint
     from astra_ds.cli import _message
     from astra_ds.errors import CheckpointError
 
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=1", "train.max_steps=2")
-
-    def full_disk(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
-
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    _fill_the_disk(monkeypatch, checkpoint, "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     with pytest.raises(CheckpointError, match=r"the disk is full: writing a checkpoint into .*checkpoints failed "
                                               r"\(0 bytes free\); the previous checkpoint is intact"):
         trainer.fit()
@@ -513,12 +515,7 @@ def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, token_cac
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "train.max_steps=1")
     trainer.fit()
-
-    def full_disk(*args, **kwargs):
-        raise RuntimeError("basic_ios::clear: iostream error")
-
-    monkeypatch.setattr(trainer_module.torch, "save", full_disk)
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    _fill_the_disk(monkeypatch, trainer_module, "basic_ios::clear: iostream error")
     with pytest.raises(UserError, match=r"the disk is full: saving the model into .* failed \(0 bytes free\); its "
                                         r"last checkpoint is intact"):
         trainer.save_model()

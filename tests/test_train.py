@@ -76,15 +76,16 @@ def test_python_overrides_are_the_cli_s_set_values():
     (["train", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
     (["train", "--resume", "auto", "--init-from", "x"], "--resume continues a run, --init-from starts a new one"),
     (["train", "--set", "encoder.model=tiny-random", "--set", "data.path=no/such/dir"],
-     "dataset directory not found: no/such/dir"),
-    (["train", "--set", "train.ds_config=zero9"], "train.ds_config='zero9' is neither a file nor one of"),
-    (["eval", "--run-dir", "no/such/run"], "no/such/run is not a finished run"),
+     "data.path no/such/dir is not a directory"),
+    (["train", "--set", "data.path={synth}", "--set", "train.ds_config=zero9"],
+     "train.ds_config='zero9' is neither a file nor one of"),
+    (["eval", "--run-dir", "no/such/run"], "no run at no/such/run"),
     (["plan", "--world-size", "0"], "--world-size and --ranks-per-host must be >= 1"),
     (["config", "show", "--set", "batching.mode=kmeans"], "batching.mode must be one of random, clustered"),
     (["data", "synth", "--out", "x", "--min-words", "9", "--max-words", "2"], "need 1 <= min_words <= max_words"),
 ])
-def test_user_mistakes_give_one_line_errors(args, message, capsys):
-    assert main(args) == 2
+def test_user_mistakes_give_one_line_errors(args, message, synth_dir, capsys):
+    assert main([arg.format(synth=synth_dir) for arg in args]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0, err
     assert err.startswith("astra-ds: error: ") and message in err

@@ -50,11 +50,13 @@ from astra_ds.training.stages import Stage, build_stages
 log = logging.getLogger("astra_ds")
 
 
-# Settings a resumed run may change: where it writes, how far it goes, what it logs and evaluates at the end. Any
-# other change alters the steps still to come, and the resumed run would no longer equal an uninterrupted one.
-RESUMABLE_CHANGES = ("out_dir", "data.path", "data.cache_dir", "train.epochs", "train.max_steps", "train.log_every",
-                     "train.collective_timeout_s", "train.record_batches", "checkpoint.", "eval.ks", "eval.batch_size",
-                     "eval.label_block", "eval.psp", "eval.ann_index", "eval.label_text_weight")
+# Settings a resumed run may change: where it writes, how far it goes (a finished run extended by more epochs or
+# stages continues as one trained so from the start), what it logs and evaluates at the end. Any other change
+# alters the steps still to come, and the resumed run would no longer equal an uninterrupted one.
+RESUMABLE_CHANGES = ("out_dir", "data.path", "data.cache_dir", "train.epochs", "train.max_steps", "siamese.epochs",
+                     "classifier.epochs", "classifier.refit_epochs", "train.log_every", "train.collective_timeout_s",
+                     "train.record_batches", "checkpoint.", "eval.ks", "eval.batch_size", "eval.label_block",
+                     "eval.psp", "eval.ann_index", "eval.label_text_weight")
 
 
 def check_resumable(meta: dict, path: Path, cfg: RunConfig, data_fingerprint: str, allow_changes: bool) -> None:
