@@ -70,6 +70,10 @@ def cmd_plan(args) -> None:
     cfg = load_config(args.config, args.set)
     if args.world_size < 1 or args.ranks_per_host < 1:
         raise ConfigError("--world-size and --ranks-per-host must be >= 1")
+    given = [args.num_labels, args.num_train, args.num_test]
+    if any(value is not None for value in given) and not all(value is not None and value >= 1 for value in given):
+        raise ConfigError("--num-labels, --num-train and --num-test go together (each >= 1): the data's shape, "
+                          "when it is not read from data.path")
     from astra_ds.dist import configure_accelerator
 
     configure_accelerator()
@@ -77,20 +81,30 @@ def cmd_plan(args) -> None:
     import deepspeed  # noqa: F401  (held by every training process: the measured part of the plan includes it)
     import torch
 
-    from astra_ds.plan import GiB, advice, available_host_bytes, plan_run, process_bytes
+    from astra_ds.model.encoder import QueryEncoder
+    from astra_ds.plan import DataShape, GiB, advice, available_host_bytes, plan_run, process_bytes
     from astra_ds.training.build import build_data, build_encoder
 
-    _, data = build_data(cfg)
+    if args.num_labels is None:
+        _, data = build_data(cfg)
+        shape = DataShape.of(data)
+    else:
+        data, shape = None, DataShape(args.num_labels, args.num_train, args.num_test, args.labels_per_query)
     SAMPLERS.get(cfg.negatives.strategy).import_dependencies()
     held = process_bytes()
-    encoder = build_encoder(cfg, data)
-    plan = plan_run(cfg, data, encoder, args.world_size, 0, torch.cuda.is_available(), held)
+    encoder = build_encoder(cfg, data) if data is not None else QueryEncoder(cfg.encoder, shape.num_labels)
+    on_gpu = args.gpu or torch.cuda.is_available()
+    plan = plan_run(cfg, shape, encoder, args.world_size, 0, on_gpu, held)
     print(plan.format())
     per_host = min(args.ranks_per_host, args.world_size)
     need = per_host * plan.to_allocate() + held  # shown with this process's own part
+    gpu = f"; each GPU: {plan.total('device') / GiB:.2f} GiB" if on_gpu else ""
+    if args.num_labels is not None or on_gpu and not torch.cuda.is_available():  # planned for other machines
+        print(f"\na host: {per_host} rank(s) x plan = {need / GiB:.2f} GiB{gpu}")
+        return
     available = available_host_bytes() + held
     print(f"\nthis host: {per_host} rank(s) x plan = {need / GiB:.2f} GiB of {available / GiB:.2f} GiB available: "
-          + ("fits" if need <= available else "does NOT fit"))
+          + ("fits" if need <= available else "does NOT fit") + gpu)
     if need > available:
         raise ConfigError(f"the run does not fit this host's memory. {advice(plan)}")
 
@@ -479,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arguments(plan)
     plan.add_argument("--world-size", type=int, default=1, help="ranks of the run (the table is split over them)")
     plan.add_argument("--ranks-per-host", type=int, default=1, help="ranks that share this host's memory")
+    plan.add_argument("--gpu", action="store_true",
+                      help="plan the run as it will be on GPUs (train.ds_config auto: zero2 in bf16; the table's "
+                           "step staging on the device), also from a machine without one")
+    shape = plan.add_argument_group("the data's shape, when the dataset is not on this machine (all three)")
+    shape.add_argument("--num-labels", type=int, help="labels L")
+    shape.add_argument("--num-train", type=int, help="training queries (the validation split left out)")
+    shape.add_argument("--num-test", type=int, help="test queries")
+    shape.add_argument("--labels-per-query", type=float, default=5.0,
+                       help="positives a training query has, on average (default 5)")
     plan.set_defaults(func=cmd_plan)
 
     show = _command_group(commands, "config", "inspect run configs").add_parser("show", help="every config key with its default and effective value",

@@ -117,12 +117,51 @@ def activation_bytes(encoder: torch.nn.Module, micro_batch: int, max_len: int) -
     return config.num_hidden_layers * per_layer
 
 
-def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world_size: int, rank: int,
+def encoder_activations(cfg: RunConfig, encoder: torch.nn.Module, micro_batch: int, num_labels: int,
+                        positives_per_query: float, world_size: int, place) -> PlanLine:
+    """The activations of the stage that keeps the most for backward: the joint stage's micro-batch of queries,
+    or the Siamese stage's, which also runs the texts of the micro-batch's labels through the encoder (their
+    number grows with the labels a query has: about 19 a query on Delicious, so 15 times the queries' tokens)."""
+    queries = activation_bytes(encoder, micro_batch, cfg.data.max_len)
+    line = PlanLine("encoder activations", **place(queries), detail=f"micro-batch {micro_batch} x "
+                                                                    f"{cfg.data.max_len} tokens")
+    if cfg.siamese.epochs:
+        global_micro = micro_batch * world_size
+        label_texts = math.ceil(min(num_labels, math.ceil(global_micro * positives_per_query)) / world_size)
+        siamese = queries + activation_bytes(encoder, label_texts, cfg.siamese.label_max_len)
+        line = PlanLine("encoder activations", **place(siamese),
+                        detail=f"Siamese stage: {micro_batch} queries x {cfg.data.max_len} tokens, ~{label_texts} "
+                               f"label texts x {cfg.siamese.label_max_len}")
+    return line
+
+
+def uses_label_embeddings(cfg: RunConfig) -> bool:
+    """The run keeps its rows' label-text embeddings: dual scoring adds them to the rows."""
+    return any(weight > 0 for weight in [cfg.eval.label_text_weight, *cfg.eval.label_text_weights])
+
+
+@dataclass(frozen=True)
+class DataShape:
+    """What the plan needs of the data: read from a prepared dataset, or given (`astra-ds plan --num-labels ...`,
+    planning a run whose data is not on this machine)."""
+
+    num_labels: int
+    num_train: int
+    num_test: int
+    positives_per_query: float
+
+    @classmethod
+    def of(cls, data: PreparedData) -> "DataShape":
+        labels = data.dataset.train.labels
+        return cls(data.dataset.num_labels, labels.shape[0], len(data.test_tokens), labels.nnz / max(1, labels.shape[0]))
+
+
+def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_size: int, rank: int,
              on_gpu: bool, held_bytes: int) -> MemoryPlan:
-    """The memory plan of rank `rank`; `held_bytes` is what the process already holds (measured)."""
-    labels = data.dataset.train.labels
-    num_labels, num_train, num_test = data.dataset.num_labels, labels.shape[0], len(data.test_tokens)
-    positives_per_query = labels.nnz / max(1, num_train)
+    """The memory plan of rank `rank`; `held_bytes` is what the process already holds (measured); `on_gpu`: as the
+    run will be, also when planned from a machine without a GPU."""
+    num_labels, num_train, num_test = shape.num_labels, shape.num_train, shape.num_test
+    positives_per_query = shape.positives_per_query
     ds_config, ds_path = resolve_ds_config(cfg.train, world_size, on_gpu)
     zero = ds_config.get("zero_optimization", {})
     stage = zero.get("stage", 0)
@@ -151,9 +190,13 @@ def plan_run(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, world
                  detail=f"{num_params / 1e6:.1f}M params, ZeRO-{stage} ({ds_path.name})"),
         PlanLine("encoder master + Adam", **place(encoder_state["master"] + encoder_state["adam"], on_host=offload),
                  detail="offloaded to the CPU" if offload else ""),
-        PlanLine("encoder activations", **place(activation_bytes(encoder, micro_batch, cfg.data.max_len)),
-                 detail=f"micro-batch {micro_batch} x {cfg.data.max_len} tokens"),
+        encoder_activations(cfg, encoder, micro_batch, num_labels, positives_per_query, world_size, place),
     ]
+    if cfg.classifier.epochs or cfg.classifier.refit_epochs:
+        resident.append(PlanLine("frozen query embeddings", num_train * dim * 4,
+                                 detail=f"classifier and refit stages: {num_train:,} training queries x {dim}"))
+    if uses_label_embeddings(cfg):
+        resident.append(PlanLine("label-text embeddings", rows * dim * 4, detail="dual scoring"))
     sampler_resident, sampler_phases = SAMPLERS.get(cfg.negatives.strategy).memory(cfg, rows, dim, num_train)
     resident += sampler_resident + BATCHING.get(cfg.batching.mode).memory(num_train, dim)
 
@@ -177,7 +220,7 @@ def plan_and_check(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module,
     """This rank's plan, logged; the run stops here, before allocating, when its host cannot hold it (unless
     train.memory_check is off). Collective."""
     on_gpu = dist.device.type == "cuda"
-    plan = plan_run(cfg, data, encoder, dist.world_size, dist.rank, on_gpu, held_bytes)
+    plan = plan_run(cfg, DataShape.of(data), encoder, dist.world_size, dist.rank, on_gpu, held_bytes)
     log.info("memory plan of rank %d:\n%s", dist.rank, plan.format())
     if cfg.train.memory_check:
         check_fits(plan, on_gpu)

@@ -2,6 +2,7 @@
 does not fit."""
 
 import json
+import re
 
 import pytest
 
@@ -85,3 +86,41 @@ def test_plan_splits_the_table_over_ranks(million_labels, token_cache, tmp_path,
     assert "1,000,000 of 1,000,000 rows x 128 x bfloat16" in rows[1]
     assert "253,952 of 1,000,000 rows" in rows[4]  # whole 4,096-row chunks: 62 of 245 on rank 0
     assert "fits" in outputs[1]
+
+
+def test_the_plan_counts_the_siamese_stage_s_label_texts_and_the_frozen_embeddings():
+    from astra_ds.model.encoder import QueryEncoder
+    from astra_ds.plan import DataShape, activation_bytes, plan_run
+
+    shape = DataShape(num_labels=1000, num_train=20_000, num_test=100, positives_per_query=4.0)
+
+    def plan(*overrides):
+        cfg = load_config(None, ["encoder.model=tiny-random", "train.batch_size=64", *overrides])
+        encoder = QueryEncoder(cfg.encoder, shape.num_labels)
+        lines = {line.component: line for line in plan_run(cfg, shape, encoder, 2, 0, False, 0).resident}
+        return lines, encoder, cfg
+
+    joint, encoder, cfg = plan("siamese.epochs=0", "classifier.epochs=0", "classifier.refit_epochs=0")
+    assert joint["encoder activations"].host == activation_bytes(encoder, 32, cfg.data.max_len)
+    assert "frozen query embeddings" not in joint and "label-text embeddings" not in joint
+    staged, _, _ = plan("siamese.epochs=1", "classifier.epochs=2", "eval.label_text_weight=0.5")
+    # 2 ranks: each encodes its 32 queries and half of the ~64 x 4 labels of the global micro-batch
+    assert staged["encoder activations"].host == (activation_bytes(encoder, 32, cfg.data.max_len)
+                                                   + activation_bytes(encoder, 128, cfg.siamese.label_max_len))
+    assert staged["frozen query embeddings"].host == 20_000 * encoder.dim * 4
+    assert staged["label-text embeddings"].host == staged["table rows"].host  # this rank's rows, float32
+
+
+def test_plan_without_the_dataset_and_for_gpus_from_a_machine_without_one(tmp_path):
+    args = ["plan", "--set", "encoder.model=tiny-random", "--set", f"data.path={tmp_path / 'elsewhere'}", "--set",
+            "table.chunk_mb=1",
+            "--num-labels", "1000000", "--num-train", "3000000", "--num-test", "100000", "--world-size", "8",
+            "--ranks-per-host", "8", "--gpu"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[-2:] == ["host", "GPU"] and "ZeRO-2 (zero2.json)" in result.stdout
+    rows = int(re.search(r"([\d,]+) of 1,000,000 rows", result.stdout).group(1).replace(",", ""))
+    assert abs(rows - 1_000_000 / 8) < 8192 and lines[-1].startswith("a host: 8 rank(s) x plan = ")
+    partial = run_cli(*args[:7], "--num-labels", "10")
+    assert partial.returncode == 2 and "--num-labels, --num-train and --num-test go together" in partial.stderr

@@ -37,6 +37,7 @@ from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search
 from astra_ds.eval.metrics import format_table
 from astra_ds.files import disk_full, write_atomically
 from astra_ds.model.label_text import LabelEmbeddings
+from astra_ds.plan import GiB, peak_rss_bytes
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
 from astra_ds.serve.card import withdraw_run, write_model_files, write_run_manifest
@@ -255,11 +256,12 @@ class Trainer:
                     values = {"stage": stage.name, "epoch": epoch, "epochs_done": (self.step - first) / per_epoch,
                               **stats, "loss": float(np.mean(window)), "steps_per_s": len(window) / elapsed,
                               "queries_per_s": len(window) * stage.batches.batch_size / elapsed,
-                              "train_seconds": self.train_seconds()}
+                              "train_seconds": self.train_seconds(), "peak_rss_gib": peak_rss_bytes() / GiB}
                     self.log(values)
                     if not self.bars:
-                        log.info("%s step %d/%d | epoch %d | loss %.4g | %.1f queries/s", stage.name, self.step,
-                                 self.total_steps, epoch, values["loss"], values["queries_per_s"])
+                        log.info("%s step %d/%d | epoch %d | loss %.4g | %.1f queries/s | peak RSS %.2f GiB",
+                                 stage.name, self.step, self.total_steps, epoch, values["loss"],
+                                 values["queries_per_s"], values["peak_rss_gib"])
                     window, window_start = [], time.time()
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
@@ -326,7 +328,7 @@ class Trainer:
                    "train_seconds": self.train_seconds()}
         split = self.data.validation or self.data.test  # the test split only when there is no validation split
         results = self.evaluate(split)[MODEL]
-        self.log(trained | {f"{split.name}_{k}": v for k, v in results.items()})
+        self.log(trained | {f"{split.name}_{k}": v for k, v in results.items()} | {"peak_rss_gib": peak_rss_bytes() / GiB})
         best, since = self.best.get(stage.name, (-1.0, 0))
         self.best[stage.name] = (results["P@1"], 0) if results["P@1"] > best else (best, since + 1)
         seconds = time.time() - started
