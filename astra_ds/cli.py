@@ -89,7 +89,8 @@ def cmd_plan(args) -> None:
         _, data = build_data(cfg)
         shape = DataShape.of(data)
     else:
-        data, shape = None, DataShape(args.num_labels, args.num_train, args.num_test, args.labels_per_query)
+        data, shape = None, DataShape(args.num_labels, args.num_train, args.num_test, args.labels_per_query,
+                                      args.query_tokens, args.label_tokens)
     SAMPLERS.get(cfg.negatives.strategy).import_dependencies()
     held = process_bytes()
     encoder = build_encoder(cfg, data) if data is not None else QueryEncoder(cfg.encoder, shape.num_labels)
@@ -502,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--num-test", type=int, help="test queries")
     shape.add_argument("--labels-per-query", type=float, default=5.0,
                        help="positives a training query has, on average (default 5)")
+    shape.add_argument("--query-tokens", type=int, help="the longest query in tokens (default data.max_len)")
+    shape.add_argument("--label-tokens", type=int,
+                       help="the longest label text in tokens (default siamese.label_max_len)")
     plan.set_defaults(func=cmd_plan)
 
     show = _command_group(commands, "config", "inspect run configs").add_parser("show", help="every config key with its default and effective value",

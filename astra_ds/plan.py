@@ -117,21 +117,24 @@ def activation_bytes(encoder: torch.nn.Module, micro_batch: int, max_len: int) -
     return config.num_hidden_layers * per_layer
 
 
-def encoder_activations(cfg: RunConfig, encoder: torch.nn.Module, micro_batch: int, num_labels: int,
-                        positives_per_query: float, world_size: int, place) -> PlanLine:
+def encoder_activations(cfg: RunConfig, encoder: torch.nn.Module, micro_batch: int, shape: DataShape,
+                        world_size: int, place) -> PlanLine:
     """The activations of the stage that keeps the most for backward: the joint stage's micro-batch of queries,
     or the Siamese stage's, which also runs the texts of the micro-batch's labels through the encoder (their
-    number grows with the labels a query has: about 19 a query on Delicious, so 15 times the queries' tokens)."""
-    queries = activation_bytes(encoder, micro_batch, cfg.data.max_len)
-    line = PlanLine("encoder activations", **place(queries), detail=f"micro-batch {micro_batch} x "
-                                                                    f"{cfg.data.max_len} tokens")
+    number grows with the labels a query has: about 19 a query on Delicious). A batch is padded to its longest
+    text."""
+    query_tokens = min(cfg.data.max_len, shape.query_tokens or cfg.data.max_len)
+    queries = activation_bytes(encoder, micro_batch, query_tokens)
+    line = PlanLine("encoder activations", **place(queries), detail=f"micro-batch {micro_batch} x {query_tokens} "
+                                                                    "tokens")
     if cfg.siamese.epochs:
         global_micro = micro_batch * world_size
-        label_texts = math.ceil(min(num_labels, math.ceil(global_micro * positives_per_query)) / world_size)
-        siamese = queries + activation_bytes(encoder, label_texts, cfg.siamese.label_max_len)
+        label_texts = math.ceil(min(shape.num_labels, math.ceil(global_micro * shape.positives_per_query)) / world_size)
+        label_tokens = min(cfg.siamese.label_max_len, shape.label_tokens or cfg.siamese.label_max_len)
+        siamese = queries + activation_bytes(encoder, label_texts, label_tokens)
         line = PlanLine("encoder activations", **place(siamese),
-                        detail=f"Siamese stage: {micro_batch} queries x {cfg.data.max_len} tokens, ~{label_texts} "
-                               f"label texts x {cfg.siamese.label_max_len}")
+                        detail=f"Siamese stage: {micro_batch} queries x {query_tokens} tokens, ~{label_texts} label "
+                               f"texts x {label_tokens}")
     return line
 
 
@@ -149,11 +152,15 @@ class DataShape:
     num_train: int
     num_test: int
     positives_per_query: float
+    query_tokens: int | None = None  # the longest query, in tokens (a batch is padded to its longest); None: max_len
+    label_tokens: int | None = None  # the longest label text; None: siamese.label_max_len
 
     @classmethod
     def of(cls, data: PreparedData) -> "DataShape":
         labels = data.dataset.train.labels
-        return cls(data.dataset.num_labels, labels.shape[0], len(data.test_tokens), labels.nnz / max(1, labels.shape[0]))
+        label_tokens = int(data.label_tokens.lengths.max()) if data.label_tokens is not None else None
+        return cls(data.dataset.num_labels, labels.shape[0], len(data.test_tokens), labels.nnz / max(1, labels.shape[0]),
+                   int(data.train_tokens.lengths.max()), label_tokens)
 
 
 def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_size: int, rank: int,
@@ -190,7 +197,7 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
                  detail=f"{num_params / 1e6:.1f}M params, ZeRO-{stage} ({ds_path.name})"),
         PlanLine("encoder master + Adam", **place(encoder_state["master"] + encoder_state["adam"], on_host=offload),
                  detail="offloaded to the CPU" if offload else ""),
-        encoder_activations(cfg, encoder, micro_batch, num_labels, positives_per_query, world_size, place),
+        encoder_activations(cfg, encoder, micro_batch, shape, world_size, place),
     ]
     if cfg.classifier.epochs or cfg.classifier.refit_epochs:
         resident.append(PlanLine("frozen query embeddings", num_train * dim * 4,
