@@ -79,6 +79,11 @@ def test_two_ranks_train_like_one(launcher, one_rank, synth_dir, token_cache, ds
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "2 ranks" in result.stdout + result.stderr
 
+    _assert_trained_alike(out, one_rank)
+
+
+def _assert_trained_alike(out, one_rank) -> None:
+    """The same losses, rows, encoder weights and metrics as the one-rank run."""
     assert len(_losses(out)) == 3
     np.testing.assert_allclose(_losses(out), _losses(one_rank), rtol=1e-4)
     rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in (out, one_rank)]
@@ -150,3 +155,90 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoi
     meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == step
     assert job.returncode == 143, output[-3000:]  # mpirun passes on the ranks' status
+
+
+# ---- two hosts: network namespaces with their own sshd (tools/two_hosts.sh), one file system ------------------
+
+TWO_HOSTS = REPO / "tools" / "two_hosts.sh"
+HOST_ADDRS = ("10.77.0.1", "10.77.0.2")
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """The state directory of two hosts (ssh config, client key, deepspeed_env), or a skip saying why they cannot
+    be made on this machine; taken down at the end, also when a test fails."""
+    import shutil
+
+    if os.geteuid() != 0:
+        pytest.skip("two hosts need network namespaces (ip netns), which need root")
+    missing = [tool for tool in ("ip", "/usr/sbin/sshd", "pdsh", "ssh-keygen") if not shutil.which(tool)]
+    if missing:
+        pytest.skip(f"two hosts need {', '.join(missing)} (apt-get install openssh-server pdsh)")
+    state = tmp_path_factory.mktemp("hosts")
+    env = os.environ | {"ASTRA_HOSTS_DIR": str(state)}
+    up = subprocess.run([TWO_HOSTS, "up"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        if up.returncode != 0 and "Operation not permitted" in up.stderr:
+            pytest.skip(f"ip netns is not permitted here: {up.stderr.strip().splitlines()[-1]}")
+        assert up.returncode == 0, up.stderr
+        yield state
+    finally:
+        subprocess.run([TWO_HOSTS, "down"], env=env, capture_output=True, timeout=120)
+
+
+def _on_host(host: int, *command: str) -> list[str]:
+    return [str(TWO_HOSTS), "run", str(host), *command]
+
+
+def _host_env(state, port: int) -> dict[str, str]:
+    """What a launch on a host needs: DeepSpeed's CPU accelerator, gloo on the hosts' link, the launchers' ssh."""
+    return _env(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="astra0", MASTER_PORT=str(port),
+                DS_ENV_FILE=str(state / "deepspeed_env"), PDSH_SSH_ARGS_APPEND=f"-F {state / 'ssh_config'}")
+
+
+def _run_on_hosts(commands: list[list[str]], env: dict[str, str]) -> str:
+    """Each command started at once (one a host), all waited for; their output."""
+    jobs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for command in commands]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    for job, output in zip(jobs, outputs):
+        assert job.returncode == 0, output[-4000:]
+    return "\n".join(outputs)
+
+
+@pytest.mark.parametrize("ranks_per_host", [1, 2])
+def test_the_deepspeed_launcher_with_a_hostfile_trains_two_hosts_like_one_rank(two_hosts, ranks_per_host, one_rank,
+                                                                                 synth_dir, token_cache, ds_config,
+                                                                                 tmp_path):
+    """pdsh over ssh starts a launch.py on each host (its node rank, the exports of DS_ENV_FILE); rank 0's host is
+    the rendezvous."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{addr} slots={ranks_per_host}\n" for addr in HOST_ADDRS))
+    out = tmp_path / "run"
+    port = _free_port()
+    output = _run_on_hosts([_on_host(0, "deepspeed", "--hostfile", str(hostfile), "--master_addr", HOST_ADDRS[0],
+                                     "--master_port", str(port), "--no_ssh_check", "--module", "astra_ds", "train",
+                                     *_args(synth_dir, token_cache, ds_config, out))], _host_env(two_hosts, port))
+    assert f"{2 * ranks_per_host} ranks" in output and f"{HOST_ADDRS[1]}: " in output  # a rank ran on host 1
+    _assert_trained_alike(out, one_rank)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed --no_ssh", "torchrun"])
+def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, launcher, one_rank, synth_dir, token_cache,
+                                                            ds_config, tmp_path):
+    """Without ssh between the hosts (Kubernetes, some clusters): each host runs its own launcher with its node
+    rank and rank 0's address."""
+    out, port = tmp_path / "run", _free_port()
+    args = _args(synth_dir, token_cache, ds_config, out)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{addr} slots=1\n" for addr in HOST_ADDRS))
+    if launcher == "torchrun":
+        commands = [_on_host(host, "torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(host),
+                             "--master_addr", HOST_ADDRS[0], "--master_port", str(port), "-m", "astra_ds", "train",
+                             *args) for host in (0, 1)]
+    else:
+        commands = [_on_host(host, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(host),
+                             "--master_addr", HOST_ADDRS[0], "--master_port", str(port), "--module", "astra_ds",
+                             "train", *args) for host in (0, 1)]
+    assert "2 ranks" in _run_on_hosts(commands, _host_env(two_hosts, port))
+    _assert_trained_alike(out, one_rank)
