@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+from astra_ds.collectives import all_gather_objects, barrier
+from astra_ds.errors import UserError
 from astra_ds.launch import discover_launch
 from astra_ds.libraries import native_output_logged
 
@@ -50,3 +55,29 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if cuda:
         torch.cuda.set_device(device)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def check_shared(directories: dict[str, Path], rank: int) -> None:
+    """Every rank sees the same `directories` (config key -> path): rank 0 writes a marker file into each, every
+    rank looks for it. A rank that does not see one (a node-local path, a file system a node has not mounted) ends
+    the run on every rank at start-up, in one line naming the rank, its host and the path: never a hang, or a
+    checkpoint half written where the other nodes cannot see it. Collective."""
+    if len(all_gather_objects(None)) == 1:
+        return
+    marker = all_gather_objects(f".shared-{secrets.token_hex(8)}")[0]  # rank 0's name, on every rank
+    if rank == 0:
+        for path in directories.values():
+            path.mkdir(parents=True, exist_ok=True)
+            (path / marker).write_text(socket.gethostname())
+    barrier()
+    seen = {key: (path / marker).is_file() for key, path in directories.items()}
+    everyone = all_gather_objects((socket.gethostname(), seen))
+    if rank == 0:
+        for path in directories.values():
+            (path / marker).unlink(missing_ok=True)
+    for other, (host, seen) in enumerate(everyone):
+        for key, shared in seen.items():
+            if not shared:
+                raise UserError(f"{key} {directories[key]} is not shared between the nodes: rank {other} on {host} "
+                                "does not see what rank 0 wrote there (out_dir and checkpoint.dir must be on a file "
+                                "system that every node mounts at the same path)")

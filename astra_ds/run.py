@@ -25,7 +25,7 @@ from pathlib import Path
 
 from astra_ds import layout
 from astra_ds.config import RunConfig, load_config
-from astra_ds.dist import configure_accelerator, init_distributed
+from astra_ds.dist import check_shared, configure_accelerator, init_distributed
 from astra_ds.errors import ConfigError
 from astra_ds.libraries import quiet_libraries
 from astra_ds.plan import report_memory
@@ -83,6 +83,8 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
             locks.append(RunLock(run_dir))
             if cfg.checkpoint.dir:  # two runs writing one checkpoint directory would mix their checkpoints
                 locks.append(RunLock(Path(cfg.checkpoint.dir), "checkpoint.dir"))
+        check_shared({"out_dir": run_dir, "checkpoint.dir": Path(cfg.checkpoint.dir or run_dir / layout.CHECKPOINTS)},
+                     dist.rank)
         trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from, overwrite=overwrite,
                           allow_changes=allow_changes, evaluate=evaluate)
         trainer.fit()

@@ -242,3 +242,28 @@ def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, launcher,
                              "train", *args) for host in (0, 1)]
     assert "2 ranks" in _run_on_hosts(commands, _host_env(two_hosts, port))
     _assert_trained_alike(out, one_rank)
+
+
+def test_a_run_whose_nodes_do_not_share_out_dir_ends_at_start_up_in_one_line(two_hosts, synth_dir, token_cache,
+                                                                             ds_config, tmp_path):
+    """Host 1 mounts a node-local file system over the run's parent directory (its own mount namespace): every
+    rank stops before training, naming the rank, its host and the path; nothing is half written."""
+    local = tmp_path / "node_local"
+    local.mkdir()
+    out, port = local / "run", _free_port()
+    args = _args(synth_dir, token_cache, ds_config, out)
+    torchrun = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", HOST_ADDRS[0], "--master_port",
+                str(port), "-m", "astra_ds", "train", *args]
+    commands = [_on_host(0, *torchrun[:5], "--node_rank", "0", *torchrun[5:]),
+                _on_host(1, "sh", "-c", f'mount -t tmpfs node_local "{local}" && exec "$@"', "sh", *torchrun[:5],
+                         "--node_rank", "1", *torchrun[5:])]
+    jobs = [subprocess.Popen(command, cwd=REPO, env=_host_env(two_hosts, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for command in commands]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert all(job.returncode != 0 for job in jobs)
+    expected = (f"astra-ds: error: out_dir {out} is not shared between the nodes: rank 1 on {socket.gethostname()} "
+                "does not see what rank 0 wrote there")
+    assert all(expected in output for output in outputs), outputs[0][-3000:]
+    assert f'File "{REPO / "astra_ds"}' not in "".join(outputs)  # torchrun's own traceback only, none of ours
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints"]  # nothing trained or half written
+    assert not any((out / "checkpoints").iterdir())
