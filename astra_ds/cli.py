@@ -594,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not multi_rank:
             raise
+        from astra_ds.dist import lost_peer
+
+        lost = lost_peer(err)
+        if lost:  # a rank or its host went away: one line, not this rank's traceback
+            print(f"astra-ds: error: rank {rank} lost {lost} during a collective: that rank or its host ended (see "
+                  "its log); the last checkpoint is intact, `astra-ds train --resume auto` continues on any number "
+                  "of ranks", file=sys.stderr)
+            return _end_rank(1, multi_rank)
         hint = ""
         if "timed out" in str(err).lower() or "timeout" in type(err).__name__.lower():
             hint = (" (a collective timed out after train.collective_timeout_s: another rank probably failed, "

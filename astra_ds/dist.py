@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 from dataclasses import dataclass
@@ -54,7 +55,37 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    _PEERS[:] = all_gather_objects((socket.gethostname(), _address_towards(os.environ.get("MASTER_ADDR"))))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+_PEERS: list[tuple[str, str | None]] = []  # (host name, address) of every rank, for naming a lost one
+
+
+def _address_towards(master: str | None) -> str | None:
+    """The address this host reaches rank 0's host from (the one its peers see), without sending anything."""
+    if not master:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master, 9))
+            return probe.getsockname()[0]
+    except OSError:
+        return None
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """For an error of a collective whose peer went away (its process or host ended, its link went down): which
+    rank and host that was, as far as the error's peer address tells; None for any other error."""
+    text = str(err)
+    if not any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                         "Connection refused")):
+        return None
+    found = re.search(r"\[([0-9a-fA-F:.]+)\]:\d+", text)  # gloo: "Read error [10.1.2.3]:51234: Connection reset ..."
+    address = found.group(1) if found else None
+    ranks = [f"rank {rank} on {host}" for rank, (host, peer) in enumerate(_PEERS) if peer and peer == address]
+    reason = re.sub(r"^\[[^\]]*\] ", "", text.strip().splitlines()[0]).split(". ")[0][:120]  # no source location
+    return (", ".join(ranks) + f" ({address})" if ranks else "a peer rank") + f" ({reason})"
 
 
 def check_shared(directories: dict[str, Path], rank: int) -> None:

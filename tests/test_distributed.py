@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -267,3 +268,85 @@ def test_a_run_whose_nodes_do_not_share_out_dir_ends_at_start_up_in_one_line(two
     assert f'File "{REPO / "astra_ds"}' not in "".join(outputs)  # torchrun's own traceback only, none of ours
     assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoints"]  # nothing trained or half written
     assert not any((out / "checkpoints").iterdir())
+
+
+def _two_host_job(two_hosts, args: list[str], port: int) -> list[subprocess.Popen]:
+    """torchrun on each host, each in its own process group (to take a host away: kill its group)."""
+    torchrun = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", HOST_ADDRS[0],
+                "--master_port", str(port)]
+    return [subprocess.Popen(_on_host(host, *torchrun, "--node_rank", str(host), "-m", "astra_ds", "train", *args),
+                             cwd=REPO, env=_host_env(two_hosts, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True) for host in (0, 1)]
+
+
+def _take_host_away(host: int) -> None:
+    """Every process of the host but its sshd (which later tests use) is killed at once, as when a node dies."""
+    import psutil
+
+    pids = subprocess.run(["ip", "netns", "pids", f"astra_h{host}"], capture_output=True, text=True).stdout.split()
+    for pid in map(int, pids):
+        try:
+            process = psutil.Process(pid)
+            if "sshd" not in " ".join(process.cmdline()):
+                process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_for_steps(log, count: int, jobs) -> None:
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= count):
+        assert all(job.poll() is None for job in jobs) and time.monotonic() < deadline, "the job ended early"
+        time.sleep(0.1)
+
+
+def test_a_lost_host_ends_the_other_in_one_line_and_the_run_resumes_on_the_rest(two_hosts, synth_dir, token_cache,
+                                                                                ds_config, tmp_path):
+    """Host 1's launcher and rank are killed mid-run: rank 0 ends within the collective timeout, naming the lost
+    rank and host; the last checkpoint verifies, and `--resume auto` on host 0 alone (one rank) continues it."""
+    from astra_ds.training.checkpoint import check_checkpoint, checkpoints_in
+
+    out, port = tmp_path / "run", _free_port()
+    args = _args(synth_dir, token_cache, ds_config, out, "train.max_steps=12", "checkpoint.save_every=2",
+                 "train.collective_timeout_s=30")
+    jobs = _two_host_job(two_hosts, args, port)
+    _wait_for_steps(out / "train_log.jsonl", 3, jobs)
+    lost_at = time.monotonic()
+    _take_host_away(1)
+    output = jobs[0].communicate(timeout=120)[0]
+    jobs[1].communicate(timeout=60)
+    assert jobs[0].returncode != 0 and time.monotonic() - lost_at < 60
+    expected = f"astra-ds: error: rank 0 lost rank 1 on {socket.gethostname()} ({HOST_ADDRS[1]}) ("
+    assert expected in output, output[-3000:]
+    assert f'File "{REPO / "astra_ds"}' not in output  # one line, no traceback of ours
+    last = checkpoints_in(out / "checkpoints")[0]  # a save cut short by the loss (.tmp) is not one
+    meta = check_checkpoint(last)
+    assert meta["world_size"] == 2 and meta["step"] >= 2
+
+    resumed = subprocess.run(_on_host(0, sys.executable, "-m", "astra_ds", "train", "--resume", "auto", *args),
+                             cwd=REPO, env=_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last} (step {meta['step']}" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 12
+
+
+def test_a_sigterm_to_one_host_stops_both_at_the_same_step_with_one_checkpoint(two_hosts, synth_dir, token_cache,
+                                                                               ds_config, tmp_path):
+    """A preempted node: only host 1's rank gets SIGTERM; the stop, all-reduced each step, reaches host 0."""
+    import psutil
+
+    out, port = tmp_path / "run", _free_port()
+    jobs = _two_host_job(two_hosts, _args(synth_dir, token_cache, ds_config, out, "train.max_steps=100000",
+                                          "train.epochs=1000"), port)
+    _wait_for_steps(out / "train_log.jsonl", 2, jobs)
+    rank1 = [p for p in psutil.Process(jobs[1].pid).children(recursive=True) if "astra_ds" in " ".join(p.cmdline())
+             and "torchrun" not in " ".join(p.cmdline())]
+    rank1[0].send_signal(15)
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert "stopped by SIGTERM at step" in outputs[0], outputs[0][-3000:]
+    step = int(outputs[0].split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
+    assert [p.name for p in (out / "checkpoints").glob("global_step*")].count(f"global_step{step}") == 1
+    meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == step
