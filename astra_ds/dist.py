@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from astra_ds.collectives import all_gather_objects, barrier
-from astra_ds.errors import UserError
+from astra_ds.errors import ConfigError, UserError
 from astra_ds.launch import discover_launch
 from astra_ds.libraries import native_output_logged
 
@@ -52,11 +52,23 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                        timeout=timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = cuda_device(local_rank, torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     _PEERS[:] = all_gather_objects((socket.gethostname(), _address_towards(os.environ.get("MASTER_ADDR"))))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def cuda_device(local_rank: int, visible: int) -> torch.device:
+    """A rank's GPU: cuda:LOCAL_RANK where every rank of a node sees all its GPUs (the deepspeed launcher,
+    torchrun), cuda:0 where the launcher gives each rank its own (SLURM's --gpus-per-task, CUDA_VISIBLE_DEVICES
+    set per rank). More ranks on a node than GPUs it shows them is refused: they would share a device."""
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise ConfigError(f"local rank {local_rank} but {visible} GPUs visible: start at most one rank a GPU "
+                          f"(--num_gpus / --nproc_per_node {visible})")
+    return torch.device("cuda", local_rank)
 
 
 _PEERS: list[tuple[str, str | None]] = []  # (host name, address) of every rank, for naming a lost one

@@ -270,13 +270,20 @@ def _stored_rows(path) -> torch.Tensor:
     return bits.view(torch.bfloat16).float()
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="needs CUDA (tools/gpu_check.sh runs it on a GPU host)"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prefetch_one_step_ahead_with_the_overlap_patch_equals_fetching_in_order(dtype):
+def test_prefetch_one_step_ahead_with_the_overlap_patch_equals_fetching_in_order(dtype, device):
     """Rows of step t + 1 read before step t's update: the rows that update changed are patched, so training
-    is the same as fetching each step's rows after the previous update."""
+    is the same as fetching each step's rows after the previous update. On CUDA: the table in pinned memory,
+    the prefetch through pinned staging buffers on a side stream."""
     cfg = TableConfig(lr=0.3, dtype=dtype)
-    steps = list(_batches(6, seed=5))
-    in_order, ahead = ClassifierTable(L, D, cfg), ClassifierTable(L, D, cfg)
+    steps = [(ids, queries.to(device)) for ids, queries in _batches(6, seed=5)]
+    in_order, ahead = ClassifierTable(L, D, cfg, device), ClassifierTable(L, D, cfg, device)
+    assert ahead.rows.is_pinned() == (device == "cuda")
     in_order.init_random(2)
     ahead.init_random(2)
     for ids, queries in steps:
@@ -285,6 +292,7 @@ def test_prefetch_one_step_ahead_with_the_overlap_patch_equals_fetching_in_order
         in_order.apply_gradients([block])
 
     pager = RowPager(ahead)
+    assert (pager.copy_stream is not None) == (device == "cuda")
     prefetched, patched_rows = pager.prefetch(steps[0][0]), 0
     for t, (ids, queries) in enumerate(steps):
         stale = prefetched.weights.clone()
