@@ -134,13 +134,19 @@ def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, token_cach
     assert steps[-1] == step  # the step in progress finished, no further one began
 
 
-def test_a_second_run_on_a_directory_in_use_is_refused(synth_dir, token_cache, tmp_path, capsys):
-    out = tmp_path / "run"
+def _hold_lock(directory) -> subprocess.Popen:
+    """Another process holding the run lock of `directory` (for 60 s, or until killed)."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.training.run_lock import "
                                "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
-         str(out)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
+         str(directory)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
     assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(synth_dir, token_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
     err = _error(capsys, "train", *_args(synth_dir, token_cache, out, "train.max_steps=1"))
     assert f"{out} is in use by astra-ds pid {holder.pid} on " in err
     holder.kill()
@@ -318,12 +324,8 @@ def test_training_into_a_finished_run_needs_overwrite(saved_run, synth_dir, toke
 
 def test_a_checkpoint_directory_in_use_by_another_run_is_refused(synth_dir, token_cache, tmp_path, capsys):
     shared = tmp_path / "shared_checkpoints"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.training.run_lock import "
-                               "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
-         str(shared)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
+    holder = _hold_lock(shared)
     try:
-        assert holder.stdout.readline().strip() == "held"
         err = _error(capsys, "train", *_args(synth_dir, token_cache, tmp_path / "b", "train.max_steps=1",
                                              f"checkpoint.dir={shared}"))
         assert f"{shared} is in use by astra-ds pid {holder.pid}" in err and "choose another checkpoint.dir" in err
