@@ -30,6 +30,7 @@ from astra_ds.errors import ConfigError
 from astra_ds.libraries import quiet_libraries
 from astra_ds.plan import report_memory
 from astra_ds.serve.ann import build_serving_index
+from astra_ds.serve.card import ModelCard
 from astra_ds.serve.model import XCModel
 from astra_ds.training.run_lock import RunLock
 from astra_ds.training.trainer import Trainer
@@ -97,7 +98,9 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
         del trainer  # the training state goes before the serving index is built
         gc.collect()
         if dist.is_main and cfg.eval.ann_index:
-            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress)
+            # the card as save_model just wrote and digested it: verifying would read every model file again
+            card = ModelCard.load(run_dir / layout.MODEL_CARD)
+            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress, card)
         report_memory(memory_plan, run_dir, dist.is_main)  # the peak of the whole run
     finally:
         for lock in locks:
