@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from astra_ds.data.synth import SynthConfig, generate
 
 REPO = Path(__file__).resolve().parents[1]
+# what the tests' runs leave in the user's cache (digests verified once per model version) stays out of it
+os.environ["ASTRA_DS_CACHE"] = tempfile.mkdtemp(prefix="astra_ds_cache_")
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A small learnable dataset and settings under which the tiny random encoder learns it in seconds.

@@ -16,6 +16,7 @@ from astra_ds import layout
 from astra_ds.digests import damaged_files, listed, manifest
 from astra_ds.errors import UserError
 from astra_ds.files import files_under, fsync_dir, write_atomically
+from astra_ds.serve.verified import already_verified, remember_verified
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
                  "embedding, v = (w / |w| if normalize_rows else w) + label_text_weight * e")
@@ -98,12 +99,16 @@ def check_published(run_dir: Path) -> Path:
 def verify_run(run_dir: Path) -> None:
     """Refuses a directory that is not a finished run (no manifest.json: a training that has not finished saving
     its model, or was killed while saving it) or whose model files are missing or changed since training wrote
-    them."""
+    them. Checked once per model version (serve/verified.py)."""
     path = check_published(run_dir)
     try:
         digests = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is damaged ({err})") from None
+    names = [layout.MANIFEST, *digests]
+    if already_verified(run_dir, names):
+        return
     damaged = damaged_files(run_dir, digests)
     if damaged:
         raise UserError(f"{run_dir} is damaged: {listed(damaged)} missing or changed since training wrote them")
+    remember_verified(run_dir, names)
