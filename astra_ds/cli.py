@@ -7,6 +7,7 @@
     astra-ds train --config configs/synthetic.yaml      train, then evaluate on the test split
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
     astra-ds predict --run-dir runs/synthetic --text "..."   tag new text (also --input FILE, or - for stdin)
+    astra-ds serve --run-dir runs/synthetic             answer HTTP requests (POST /v1/predict), batched
     astra-ds index --run-dir runs/synthetic             (re)build the run's serving ANN index
     astra-ds export --run-dir runs/synthetic --out x    the encoder for sentence-transformers, label vectors, index
     astra-ds plan --config configs/synthetic.yaml       memory per rank, and whether the run fits
@@ -262,6 +263,26 @@ def cmd_predict(args) -> None:
     _write_predictions(predictions, texts, args.out, fmt, model.num_labels)
 
 
+def cmd_serve(args) -> None:
+    for name in ("max_batch", "max_queue", "max_texts", "max_chars", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+    if args.max_wait_ms < 0 or args.drain_s < 0:
+        raise ConfigError("--max-wait-ms and --drain-s must be >= 0")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, not {args.port}")
+    _finished_run(args.run_dir)
+    # torch's OpenMP threads sleep between batches instead of spinning on the cores the event loop answers on
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    quiet_libraries()
+    from astra_ds.serve.requests import Limits
+    from astra_ds.serve.server import ServeSettings, serve
+
+    serve(ServeSettings(args.run_dir, args.host, args.port, args.max_batch, args.max_wait_ms, args.max_queue,
+                        Limits(args.max_texts, args.max_chars, args.max_body_bytes), args.set, args.device,
+                        args.drain_s))
+
+
 def cmd_index(args) -> None:
     _finished_run(args.run_dir)
     quiet_libraries()
@@ -458,6 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="output file (.jsonl, .tsv, .npz); default: JSONL on stdout")
     predict.add_argument("--format", choices=["jsonl", "tsv", "npz"], help="output format, if not the extension's")
     predict.add_argument("--logits", action="store_true", help="scores as logits, not probabilities (.npz: always)")
+
+    serve = _run_command(
+        commands, "serve", cmd_serve, "answer HTTP requests with a trained run (batched, reloadable)",
+        "An HTTP server (FastAPI on uvicorn) over a finished run: POST /v1/predict {\"texts\": [...], \"k\": 5}, "
+        "POST /v1/encode, GET /v1/model, POST /v1/reload (also SIGHUP), GET /healthz, /readyz, /metrics "
+        "(Prometheus). Concurrent requests are batched into one encoder forward. SIGTERM answers the requests in "
+        "flight, then exits 0. It listens on loopback unless --host says otherwise: put it behind a proxy that "
+        "does not expose /v1/reload.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged)")
+    serve.add_argument("--max-batch", type=int, default=64, help="texts a model batch (default 64)")
+    serve.add_argument("--max-wait-ms", type=float, default=1.0,
+                       help="how long a request waits for others to batch with while the model is idle (default 1)")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="texts waiting for the model; more are answered 503 with Retry-After (default 1024)")
+    serve.add_argument("--max-texts", type=int, default=64, help="texts a request (default 64; more: 413)")
+    serve.add_argument("--max-chars", type=int, default=2000, help="characters a text (default 2000; more: 413)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes a request body (default 1 MiB)")
+    serve.add_argument("--drain-s", type=float, default=30.0,
+                       help="on SIGTERM, the longest to wait for the requests in flight (default 30)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
 
     _run_command(commands, "index", cmd_index, "build the serving index of a trained run",
                  "A faiss index over the run's scoring vectors (classifier rows, plus label-text embeddings with dual "

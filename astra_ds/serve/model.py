@@ -11,16 +11,19 @@ else (or with exact=True) from the blockwise exact search over the rows, which a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from astra_ds import layout
+from astra_ds import __version__, layout
 from astra_ds.config import RunConfig, load_config
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
+from astra_ds.digests import file_digest
 from astra_ds.errors import ConfigError, UserError
 from astra_ds.files import load_torch_file
 from astra_ds.libraries import quiet_libraries
@@ -70,6 +73,14 @@ class XCModel:
     @property
     def num_labels(self) -> int:
         return self.card.num_labels
+
+    def description(self) -> dict:
+        """What is served: the model card, where it came from, its version (its manifest's digest, which moves
+        with any change of the model) and how the top-k is searched."""
+        index = json.loads((self.run_dir / layout.ANN_INFO).read_text())["kind"] if self.index else "exact"
+        return dataclasses.asdict(self.card) | {
+            "run_dir": str(self.run_dir.resolve()), "version": file_digest(self.run_dir / layout.MANIFEST),
+            "index": index, "served_label_text_weight": self.label_text_weight, "astra_ds": __version__}
 
     def scoring_rows(self) -> ScoringRows:
         """The vectors exact search scores against, read into memory at the first use."""
@@ -128,8 +139,14 @@ class XCModel:
         if len(texts) == 0 and not isinstance(texts, str):
             self.check_k(k)
             return Predictions(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), [])
-        queries, (log_scale, bias) = self.encode_tokens(self.tokenize(texts))
+        queries, calibration = self.encode_tokens(self.tokenize(texts))
+        return self.rank(queries, calibration, k, exact, logits)
+
+    def rank(self, queries: torch.Tensor, calibration: tuple[torch.Tensor, torch.Tensor], k: int,
+             exact: bool = False, logits: bool = False) -> Predictions:
+        """predict() for queries already encoded (encode_tokens' two results)."""
         scores, ids = self.topk(queries, k, exact)
+        log_scale, bias = calibration
         values = log_scale.exp() * scores + bias
         values = values if logits else torch.sigmoid(values)
         ids = ids.numpy()
