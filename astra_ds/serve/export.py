@@ -92,7 +92,7 @@ def export(run_dir: str | Path, out: str | Path, progress: bool = False) -> Path
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: export writes a new directory")
-    model = XCModel.load(run_dir, progress=progress)
+    model = XCModel.load(run_dir, progress=progress, transformers_backbone=True)  # it saves the transformer
     if model.encoder.lexical is not None:
         raise UserError(f"{run_dir} appends lexical features to its embeddings (encoder.lexical_dim="
                         f"{model.cfg.encoder.lexical_dim}), which sentence-transformers cannot compute: serve it "

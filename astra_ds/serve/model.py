@@ -52,13 +52,15 @@ class XCModel:
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] = (), device: str | None = None,
-             progress: bool = False) -> "XCModel":
-        """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"]."""
+             progress: bool = False, transformers_backbone: bool = False) -> "XCModel":
+        """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"].
+        `transformers_backbone`: the encoder's transformer as a transformers model (the export saves it), not
+        model/bert.py's plain-torch BERT, which loads faster."""
         run_dir = Path(run_dir)
         card = read_card(run_dir)  # verified: a finished run, its files as training wrote them
         cfg = load_config(run_dir / layout.CONFIG, overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        encoder = QueryEncoder(cfg.encoder, card.num_labels)
+        encoder = QueryEncoder(cfg.encoder, card.num_labels, for_weights=not transformers_backbone)
         try:
             encoder.load_state_dict(load_torch_file(run_dir / layout.ENCODER_WEIGHTS))
         except RuntimeError as err:  # another encoder.model, encoder.dim or lexical_dim than the weights

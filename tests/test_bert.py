@@ -1,0 +1,55 @@
+"""model/bert.py's plain-torch BERT against transformers' BertModel (the dense reference): the same state dict, the
+same hidden states on every real token of a padded batch (tests/test_serve.py checks that inference imports no
+transformers modeling code)."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from astra_ds.config import EncoderConfig
+from astra_ds.model.bert import BertBackbone, supports
+from astra_ds.model.encoder import MINILM, QueryEncoder
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])
+def test_the_plain_bert_computes_what_bert_model_does(activation):
+    torch.manual_seed(0)
+    config = {"model_type": "bert", "vocab_size": 100, "hidden_size": 24, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "intermediate_size": 40, "max_position_embeddings": 16, "type_vocab_size": 2,
+              "hidden_act": activation, "layer_norm_eps": 1e-7}
+    reference = BertModel(BertConfig(**config)).eval()
+    with torch.no_grad():
+        for parameter in reference.parameters():  # away from the init's zeros and ones
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    plain = BertBackbone(config)
+    plain.load_state_dict(reference.state_dict(), strict=False)
+    assert set(reference.state_dict()) - set(plain.state_dict()) <= {"embeddings.position_ids"}
+    input_ids = torch.randint(1, 100, (3, 9))
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[1, 5:] = 0
+    attention_mask[2, 2:] = 0
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        got = plain(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-5)
+
+
+def test_minilm_loads_into_the_plain_bert_and_embeds_as_trained():
+    cfg = EncoderConfig(model=MINILM, lexical_dim=64)
+    trained = QueryEncoder(cfg, num_labels=10).eval()
+    served = QueryEncoder(cfg, num_labels=10, for_weights=True).eval()
+    assert type(served.backbone).__name__ == "BertBackbone"
+    served.load_state_dict(trained.state_dict())
+    input_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
+    attention_mask = (input_ids != 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids, attention_mask)[0], trained(input_ids, attention_mask)[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_other_configs_are_left_to_transformers():
+    assert not supports({"model_type": "distilbert"})
+    assert not supports({"model_type": "bert", "position_embedding_type": "relative_key"})
+    assert not supports({"model_type": "bert", "hidden_act": "silu"})
+
