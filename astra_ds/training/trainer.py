@@ -37,6 +37,7 @@ from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search
 from astra_ds.eval.metrics import format_table
 from astra_ds.files import disk_full, write_atomically
 from astra_ds.model.label_text import LabelEmbeddings
+from astra_ds.libraries import release_free_memory
 from astra_ds.plan import GiB, peak_rss_bytes
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
@@ -246,6 +247,8 @@ class Trainer:
                     raise TrainingError(f"step {self.step + 1}: {err}; stopped before saving (the last checkpoint "
                                         "is intact)") from None
                 self.step += 1
+                if stage.trains_encoder:  # its activations change size with each batch's length
+                    release_free_memory()
                 if cfg.train.record_batches:  # as step n (1-based), like the loss of the step
                     self.log({"batch": order[position].tolist()})
                 window.append(stats["loss"])
