@@ -362,3 +362,23 @@ def test_inference_imports_neither_deepspeed_nor_transformers_modeling_code(run_
                             env=fresh_process_env(), timeout=300)
     assert result.returncode == 0, result.stderr
     assert "modeling_bert" not in result.stdout and "deepspeed" not in result.stdout, result.stdout
+
+
+def test_a_bug_answers_500_with_its_message_and_the_server_goes_on(run_dir):
+    def failing_loader(*args):
+        model = load_warm(*args)
+        rank = model.rank
+        model.rank = lambda queries, calibration, k, *rest: (rank(queries, calibration, k, *rest) if k != 2
+                                                             else 1 / 0)
+        return model
+
+    server = LiveServer(ServeSettings(str(run_dir)), failing_loader).wait_ready()
+    try:
+        response = server.client.post("/v1/predict", json={"texts": ["w1"], "k": 2})
+        assert response.status_code == 500
+        assert response.json()["error"]["message"] == "internal error: division by zero"
+        assert server.client.post("/v1/predict", json={"texts": ["w1"], "k": 3}).status_code == 200
+        metrics = server.client.get("/metrics").text
+        assert _metric(metrics, "astra_ds_request_errors_total", endpoint="/v1/predict", kind="internal") == 1
+    finally:
+        server.stop()

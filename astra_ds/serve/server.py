@@ -117,8 +117,9 @@ def error_kind(status: int) -> str:
 
 
 class Observed:
-    """ASGI middleware: each HTTP request's status and latency into the metrics (plain ASGI: Starlette's
-    BaseHTTPMiddleware costs a task and a stream per request)."""
+    """ASGI middleware: each HTTP request's status and latency into the metrics, and a bug's exception answered
+    500 in JSON (Starlette's own answer to it closes the connection). Plain ASGI: Starlette's BaseHTTPMiddleware
+    costs a task and a stream per request."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -126,7 +127,7 @@ class Observed:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started, status = time.perf_counter(), [500]
+        started, status = time.perf_counter(), [None]
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
@@ -135,9 +136,16 @@ class Observed:
 
         try:
             await self.app(scope, receive, observed_send)
+        except Exception as err:  # a bug: 500 with its message, on a connection that stays open
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if status[0] is not None:  # the response had begun: nothing more can be said on it
+                raise
+            body = {"error": {"status": 500, "field": None, "message": f"internal error: {err}"}}
+            await JSONResponse(body, 500)(scope, receive, observed_send)
         finally:
-            self.metrics.answered(scope["path"], status[0], time.perf_counter() - started,
-                                  error_kind(status[0]) if status[0] >= 400 else None)
+            answered = status[0] or 500
+            self.metrics.answered(scope["path"], answered, time.perf_counter() - started,
+                                  error_kind(answered) if answered >= 400 else None)
 
 
 def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_warm) -> FastAPI:
@@ -179,10 +187,6 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
     app = FastAPI(title="astra_ds", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     app.add_middleware(Observed, metrics=metrics)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception):  # a bug: 500 with its message, the server goes on
-        return JSONResponse({"error": {"status": 500, "field": None, "message": f"internal error: {err}"}}, 500)
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, err: ClientError):
