@@ -8,6 +8,7 @@
     astra-ds eval --run-dir runs/synthetic              evaluate a finished run again
     astra-ds predict --run-dir runs/synthetic --text "..."   tag new text (also --input FILE, or - for stdin)
     astra-ds serve --run-dir runs/synthetic             answer HTTP requests (POST /v1/predict), batched
+    astra-ds labels add --run-dir runs/synthetic --labels new.txt   add labels to a trained run (also retire)
     astra-ds index --run-dir runs/synthetic             (re)build the run's serving ANN index
     astra-ds export --run-dir runs/synthetic --out x    the encoder for sentence-transformers, label vectors, index
     astra-ds plan --config configs/synthetic.yaml       memory per rank, and whether the run fits
@@ -254,8 +255,8 @@ def cmd_predict(args) -> None:
     from astra_ds.serve.model import XCModel
 
     model = XCModel.load(args.run_dir, args.set, progress=True)
-    if args.top_k > model.num_labels:
-        raise ConfigError(f"--top-k {args.top_k} exceeds the model's {model.num_labels} labels")
+    if args.top_k > model.predictable_labels:
+        raise ConfigError(f"--top-k {args.top_k} exceeds the model's {model.predictable_labels} labels")
     started = time.perf_counter()
     predictions = model.predict(texts, args.top_k, exact=args.exact, logits=args.logits or fmt == "npz")
     log.info("%d texts: top-%d by %s search in %.2f s", len(texts), args.top_k,
@@ -281,6 +282,29 @@ def cmd_serve(args) -> None:
     serve(ServeSettings(args.run_dir, args.host, args.port, args.max_batch, args.max_wait_ms, args.max_queue,
                         Limits(args.max_texts, args.max_chars, args.max_body_bytes), args.set, args.device,
                         args.drain_s))
+
+
+def cmd_labels(args) -> None:
+    run_dir = Path(args.run_dir)
+    if args.labels_command != "finish":
+        _finished_run(args.run_dir)
+    quiet_libraries()
+    from astra_ds.serve import labels
+
+    if args.labels_command == "add":
+        ids = labels.add_labels(run_dir, labels.read_label_file(Path(args.labels)), progress=True)
+        print(f"{len(ids)} labels added to {run_dir}: ids {ids.start}-{ids.stop - 1}")
+    elif args.labels_command == "finish":
+        done = labels.finish_pending(run_dir, progress=True)
+        print(f"{run_dir}: " + ("the interrupted change is finished" if done else "no change to finish"))
+    else:
+        change = labels.retire_labels if args.labels_command == "retire" else labels.restore_labels
+        retired = change(run_dir, args.ids or [], args.names or [])
+        print(f"{run_dir}: {len(retired)} labels retired" + (f" (ids {_ids_text(retired)})" if retired else ""))
+
+
+def _ids_text(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def cmd_index(args) -> None:
@@ -500,6 +524,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-s", type=float, default=30.0,
                        help="on SIGTERM, the longest to wait for the requests in flight (default 30)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+
+    label_commands = _command_group(commands, "labels", "add or retire labels of a trained run")
+    add = label_commands.add_parser(
+        "add", help="add labels to a finished run from their texts",
+        description="Each new label gets its row from its text through the run's final encoder (and its label-text "
+                    "embedding for dual scoring); rows, names, model card and serving index grow in place, and the "
+                    "run's version moves. --labels: one label a line, its text; or NAME<TAB>TEXT; or JSON lines "
+                    '{"text": ..., "name": ...}. A name may not repeat one the run has.')
+    add.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
+    add.add_argument("--labels", required=True, metavar="FILE", help="the new labels (UTF-8)")
+    for name, text in (("retire", "remove labels from every prediction (ids are kept)"),
+                       ("restore", "undo `labels retire` for some labels")):
+        change = label_commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        change.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
+        change.add_argument("--ids", type=int, nargs="+", help="label ids")
+        change.add_argument("--names", nargs="+", help="label names (label_names.txt)")
+    finish = label_commands.add_parser("finish", help="finish a labels change that was interrupted",
+                                       description="A crash during `labels add/retire/restore` leaves the run "
+                                                   "withdrawn; this applies the recorded change again.")
+    finish.add_argument("--run-dir", required=True, help="the run directory")
+    for label_command in label_commands.choices.values():
+        label_command.set_defaults(func=cmd_labels)
 
     _run_command(commands, "index", cmd_index, "build the serving index of a trained run",
                  "A faiss index over the run's scoring vectors (classifier rows, plus label-text embeddings with dual "

@@ -8,6 +8,7 @@ Run directory (`out_dir`):
     model.json                       what predicting needs besides the weights: step, L, d, the score formula
     manifest.json                    digests of the model's files (encoder, table, label embeddings), checked on load
     label_names.txt                  one name a label (the dataset's label texts), for predictions
+    retired_labels.json              labels retired from predictions (`astra-ds labels retire`)
     ann/                             the serving index: index.faiss over the scoring vectors, index.json
     evals/<n>/                       the results of each `astra-ds eval` (never overwritten)
     metrics.json, predictions.npz    the evaluation on the test split
@@ -33,6 +34,8 @@ LABEL_EMBEDDINGS = "label_embeddings"
 MODEL_CARD = "model.json"
 MANIFEST = "manifest.json"
 LABEL_NAMES = "label_names.txt"
+RETIRED_LABELS = "retired_labels.json"  # ids of labels removed from predictions (`astra-ds labels retire`)
+LABELS_CHANGE = "labels_change.json"  # a `labels` change under way: what finishes it after a crash
 ANN_DIR = "ann"
 ANN_INDEX = "ann/index.faiss"
 ANN_INFO = "ann/index.json"

@@ -76,9 +76,11 @@ class ScoringRows:
 @torch.no_grad()
 def exact_topk(queries: torch.Tensor, table, k: int, normalize_rows: bool,
                label_block: int = 65536, query_block: int = 4096, progress: bool = True,
-               label_embeddings=None, label_text_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               label_embeddings=None, label_text_weight: float = 0.0,
+               excluded: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products of `queries` (N, d) against this shard's rows of `table` as ScoringRows scores them
-    (`label_embeddings`: dual scoring): (scores, global ids), (N, k) each.
+    (`label_embeddings`: dual scoring): (scores, global ids), (N, k) each. `excluded`: sorted global ids that
+    never come out (retired labels; scored -inf).
 
     Queries and rows are scored on the table's device, block by block, with a running top-k."""
     scoring = ScoringRows(table, normalize_rows, label_embeddings, label_text_weight)
@@ -90,7 +92,11 @@ def exact_topk(queries: torch.Tensor, table, k: int, normalize_rows: bool,
         best_scores = torch.full((len(q), 0), float("-inf"), device=device)
         best_ids = torch.zeros((len(q), 0), dtype=torch.long, device=device)
         for start, end in blocks:
-            top = (q @ scoring.block_rows(start, end).T).topk(min(k, end - start), dim=1)
+            scores = q @ scoring.block_rows(start, end).T
+            if excluded is not None:
+                inside = excluded[np.searchsorted(excluded, start):np.searchsorted(excluded, end)]
+                scores[:, torch.from_numpy(inside - start).to(device)] = float("-inf")
+            top = scores.topk(min(k, end - start), dim=1)
             best_scores, best_ids = merge_topk(torch.cat([best_scores, top.values], 1),
                                                torch.cat([best_ids, top.indices + start], 1), k)
         all_scores.append(best_scores.cpu())

@@ -96,14 +96,31 @@ class LabelIndex:
             index.nprobe = min(self.cfg.nprobe, index.nlist)
         self.index, self.offset = self._to_gpu(index, index_kind(self.cfg, rows.end - rows.start)[1].on_gpu), rows.start
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, global ids), (B, k) each; ids are -1 where the index has fewer than k results."""
+    def search(self, queries: torch.Tensor, k: int,
+               excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, global ids), (B, k) each; ids are -1 where the index has fewer than k results. `excluded`:
+        global ids never returned (retired labels), skipped inside the search by a faiss ID selector."""
         if self.index is None:
             raise RuntimeError("the index has not been built")
         if hasattr(self.index, "hnsw"):  # HNSW returns at most efSearch results
             self.index.hnsw.efSearch = max(self.cfg.ef_search, k)
-        scores, ids = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
+        vectors = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        if excluded is not None and len(excluded):
+            scores, ids = self.index.search(vectors, k, params=self._skipping(excluded - self.offset, k))
+        else:
+            scores, ids = self.index.search(vectors, k)
         return scores, np.where(ids >= 0, ids + self.offset, -1)
+
+    def _skipping(self, local_ids: np.ndarray, k: int):
+        """Search parameters that skip `local_ids`, with the index's own nprobe / efSearch (faiss would otherwise
+        take the parameters' defaults)."""
+        faiss = import_faiss()
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(np.ascontiguousarray(local_ids, dtype=np.int64)))
+        if hasattr(self.index, "hnsw"):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.cfg.ef_search, k))
+        if hasattr(self.index, "nprobe"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+        return faiss.SearchParameters(sel=selector)
 
     def recall(self, table, queries: torch.Tensor, k: int) -> float:
         """Mean |approximate top-k ∩ exact top-k| / k over (at most index.recall_queries of) `queries`."""

@@ -12,6 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from astra_ds import layout
 from astra_ds.digests import damaged_files, listed, manifest
 from astra_ds.errors import UserError
@@ -62,8 +64,14 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
               str(Path(cfg.data.path).resolve())).save(run_dir / layout.MODEL_CARD)
 
 
+def retired_ids(run_dir: Path) -> np.ndarray:
+    """The sorted ids of the run's retired labels (none: an empty array)."""
+    path = run_dir / layout.RETIRED_LABELS
+    return np.array(sorted(json.loads(path.read_text())["retired"]) if path.is_file() else [], dtype=np.int64)
+
+
 def _model_files(run_dir: Path) -> list[str]:
-    names = [layout.CONFIG, layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES]
+    names = [layout.CONFIG, layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES, layout.RETIRED_LABELS]
     files = [name for name in names if (run_dir / name).is_file()]
     for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS):
         files += [f"{directory}/{name}" for name in files_under(run_dir / directory)]
@@ -90,6 +98,9 @@ def check_published(run_dir: Path) -> Path:
     path = run_dir / layout.MANIFEST
     if not run_dir.is_dir():
         raise UserError(f"no run at {run_dir}")
+    if not path.is_file() and (run_dir / layout.LABELS_CHANGE).is_file():
+        raise UserError(f"{run_dir} is changing its labels, or a change was interrupted: `astra-ds labels finish "
+                        f"--run-dir {run_dir}` finishes it")
     if not path.is_file():
         raise UserError(f"{run_dir} is not a finished run: its training has not saved a complete model (no "
                         f"{layout.MANIFEST}); `astra-ds train --resume auto` finishes it")

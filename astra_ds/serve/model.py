@@ -30,7 +30,7 @@ from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
 from astra_ds.serve.ann import load_serving_index
-from astra_ds.serve.card import ModelCard, read_card
+from astra_ds.serve.card import ModelCard, read_card, retired_ids
 from astra_ds.table.store import StoredRows
 
 
@@ -43,21 +43,25 @@ class Predictions:
 
 class XCModel:
     def __init__(self, run_dir: Path, cfg: RunConfig, card: ModelCard, tokenizer, encoder: QueryEncoder,
-                 device: torch.device, label_names: list[str] | None, progress: bool = False):
+                 device: torch.device, label_names: list[str] | None, progress: bool = False,
+                 with_index: bool = True):
         self.run_dir, self.cfg, self.card, self.tokenizer, self.encoder = run_dir, cfg, card, tokenizer, encoder
         self.device, self.label_names, self.progress = device, label_names, progress
         self.label_text_weight = cfg.eval.label_text_weight  # the card's, unless overridden
-        self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight)
+        self.retired = retired_ids(run_dir)  # sorted ids never predicted
+        self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
         self._scoring_rows: ScoringRows | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] = (), device: str | None = None,
-             progress: bool = False, transformers_backbone: bool = False) -> "XCModel":
+             progress: bool = False, transformers_backbone: bool = False, changing: bool = False) -> "XCModel":
         """`overrides`: config keys to change, e.g. ["index.nprobe=64", "eval.batch_size=64"].
         `transformers_backbone`: the encoder's transformer as a transformers model (the export saves it), not
-        model/bert.py's plain-torch BERT, which loads faster."""
+        model/bert.py's plain-torch BERT, which loads faster. `changing`: a run that a `labels` change has
+        withdrawn (verified before it began), loaded without its serving index."""
         run_dir = Path(run_dir)
-        card = read_card(run_dir)  # verified: a finished run, its files as training wrote them
+        # verified: a finished run, its files as training wrote them
+        card = ModelCard.load(run_dir / layout.MODEL_CARD) if changing else read_card(run_dir)
         cfg = load_config(run_dir / layout.CONFIG, overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels, for_weights=not transformers_backbone)
@@ -69,8 +73,10 @@ class XCModel:
                             f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
         names_file = run_dir / layout.LABEL_NAMES
         names = names_file.read_text(encoding="utf-8").split("\n")[:card.num_labels] if names_file.is_file() else None
-        return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,
-                   progress)
+        model = cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,
+                    progress, with_index=not changing)
+        model.overrides = list(overrides)
+        return model
 
     @property
     def num_labels(self) -> int:
@@ -92,8 +98,8 @@ class XCModel:
                 if not (self.run_dir / layout.LABEL_EMBEDDINGS).is_dir():
                     raise UserError(f"eval.label_text_weight > 0 needs label-text embeddings, and {self.run_dir} "
                                     "has none: it was trained without dual scoring")
-                embeddings = StoredRows(self.run_dir / layout.LABEL_EMBEDDINGS).load()
-            rows = StoredRows(self.run_dir / layout.TABLE).load()
+                embeddings = StoredRows(self.run_dir / layout.LABEL_EMBEDDINGS, self.num_labels).load()
+            rows = StoredRows(self.run_dir / layout.TABLE, self.num_labels).load()
             rows.device = self.device
             self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight)
         return self._scoring_rows
@@ -126,15 +132,22 @@ class XCModel:
     def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none."""
         self.check_k(k)
+        excluded = self.retired if len(self.retired) else None
         if exact or self.index is None:
             return exact_topk(queries, self.scoring_rows(), k, normalize_rows=False,
-                              label_block=self.cfg.eval.label_block, progress=self.progress)
-        scores, ids = self.index.search(queries, k)
+                              label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
+        scores, ids = self.index.search(queries, k, excluded)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
+    @property
+    def predictable_labels(self) -> int:
+        """The labels a prediction can name: all but the retired ones."""
+        return self.num_labels - len(self.retired)
+
     def check_k(self, k: int) -> None:
-        if not 1 <= k <= self.num_labels:
-            raise UserError(f"k must be between 1 and the {self.num_labels} labels, not {k}")
+        if not 1 <= k <= self.predictable_labels:
+            retired = f" ({len(self.retired)} more retired)" if len(self.retired) else ""
+            raise UserError(f"k must be between 1 and the {self.predictable_labels} labels{retired}, not {k}")
 
     def predict(self, texts: list[str], k: int = 5, exact: bool = False, logits: bool = False) -> Predictions:
         """The k best labels of each text, best first, with their probabilities (or logits)."""
@@ -154,6 +167,35 @@ class XCModel:
         ids = ids.numpy()
         names = [[self.name(i) for i in row] for row in ids]
         return Predictions(ids, values.numpy().astype(np.float32), names)
+
+    def add_labels(self, texts: list[str], names: list[str] | None = None) -> range:
+        """Appends labels to the run (serve/labels.py: rows from their texts) and reloads it; their ids."""
+        from astra_ds.serve.labels import NewLabels, add_labels
+
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise UserError(f"label text {i} is empty or not a string")
+        if names is not None and len(names) != len(texts):
+            raise UserError(f"{len(names)} names for {len(texts)} label texts")
+        ids = add_labels(self.run_dir, NewLabels([t.strip() for t in texts], list(names or texts)), self.progress)
+        self._reload()
+        return ids
+
+    def retire_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
+        """Removes labels from every prediction (ids kept), in the run and here."""
+        from astra_ds.serve.labels import retire_labels
+
+        retire_labels(self.run_dir, ids, names)
+        self._reload()
+
+    def restore_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
+        from astra_ds.serve.labels import restore_labels
+
+        restore_labels(self.run_dir, ids, names)
+        self._reload()
+
+    def _reload(self) -> None:
+        self.__dict__.update(XCModel.load(self.run_dir, self.overrides, str(self.device), self.progress).__dict__)
 
     def name(self, label_id: int) -> str:
         return self.label_names[label_id] if self.label_names is not None and label_id >= 0 else str(label_id)

@@ -207,7 +207,7 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
         body = parse_body(await read_body(request, limits.max_body_bytes), limits)
         unknown_fields(body, {"texts", "k"})
         model = served.ready()
-        texts, k = texts_of(body, limits), k_of(body, model.num_labels)
+        texts, k = texts_of(body, limits), k_of(body, model.predictable_labels)
         predictions = await submit(texts, k)
         return {"predictions": [{"ids": ids.tolist(), "names": names, "scores": scores.tolist()}
                                 for ids, names, scores in zip(predictions.ids, predictions.names,

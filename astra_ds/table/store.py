@@ -72,10 +72,12 @@ class StoredRows:
     """The rows of a saved table (or of label embeddings), read as float32 blocks: from disk a block at a time,
     or from memory after `load` (which keeps bfloat16 rows in bfloat16)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, num_rows: int | None = None):
+        """`num_rows`: the first rows only (a model loaded before labels were added to its run reads its own)."""
         group = open_table(path)
         self.array, self.bfloat16 = group["rows"], group.attrs.get("dtype", "float32") == "bfloat16"
-        self.start, self.end, self.dim = 0, int(group.attrs["num_labels"]), int(group.attrs["dim"])
+        self.start, self.dim = 0, int(group.attrs["dim"])
+        self.end = int(group.attrs["num_labels"]) if num_rows is None else num_rows
         self.device = torch.device("cpu")
         self.rows: torch.Tensor | None = None
 

@@ -1,0 +1,278 @@
+"""Labels that change after training: added to a finished run, or retired from its predictions, without training.
+
+An added label gets its row from its text through the run's final encoder, as `table.init: label_text` starts
+rows (the unit label-text embedding, scaled to the trained rows' median norm when rows are not normalised for
+scoring), and the same embedding as its label-text vector for dual scoring; the rows are appended to the table
+(its optimizer state starting at zero), the label names, the model card and the serving index (added in place:
+every index kind astra_ds builds takes new vectors without retraining). A retired label keeps its id and its row
+and is skipped by every search, exact and approximate; `restore` undoes it.
+
+A change publishes a new version of the model: its manifest (and so the version `serve` and `/v1/model` report)
+moves. While it is under way the run is not a finished run (no manifest), and `labels_change.json` says what
+was being done: a crash at any point is finished by running `astra-ds labels finish --run-dir R`, which
+re-applies the change (each step writes what it writes again, never twice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astra_ds import layout
+from astra_ds.data.tokens import tokenize
+from astra_ds.digests import file_digest
+from astra_ds.errors import UserError
+from astra_ds.files import write_atomically
+from astra_ds.index.label_index import LabelIndex
+from astra_ds.scoring import ScoringRows
+from astra_ds.serve.card import ModelCard, retired_ids, write_run_manifest
+from astra_ds.table.store import open_table
+from astra_ds.training.run_lock import RunLock
+
+log = logging.getLogger("astra_ds")
+
+
+@dataclass
+class NewLabels:
+    texts: list[str]
+    names: list[str]  # the text itself where the file gave no name
+
+
+def read_label_file(path: Path) -> NewLabels:
+    """One label a line: its text; or `name<TAB>text`; or JSON lines {"text": ..., "name": ...} ("name" optional).
+    UTF-8 (a line with other bytes is refused, naming it); blank lines are skipped."""
+    if not path.is_file():
+        raise UserError(f"no label file at {path}")
+    texts, names = [], []
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path}, line {number}: not UTF-8 (byte {err.start + 1}); convert the file to UTF-8 "
+                            "first") from None
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                record = json.loads(line)
+                text, name = record["text"], record.get("name", record["text"])
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f'{path}, line {number}: not a JSON object with a "text"') from None
+        elif "\t" in line:
+            name, text = line.split("\t", 1)
+        else:
+            name = text = line
+        if not isinstance(text, str) or not text.strip() or not isinstance(name, str) or not name.strip():
+            raise UserError(f"{path}, line {number}: an empty label text or name")
+        texts.append(text.strip())
+        names.append(name.strip())
+    if not texts:
+        raise UserError(f"{path} holds no label")
+    return NewLabels(texts, names)
+
+
+def _label_names(run_dir: Path, num_labels: int) -> list[str]:
+    path = run_dir / layout.LABEL_NAMES
+    if path.is_file():
+        return path.read_text(encoding="utf-8").split("\n")[:num_labels]
+    return [str(i) for i in range(num_labels)]
+
+
+def _check_new_names(existing: list[str], new: list[str]) -> None:
+    seen, known = set(), set(existing)
+    for name in new:
+        if name in known:
+            raise UserError(f"label {name!r} exists already (id {existing.index(name)})")
+        if name in seen:
+            raise UserError(f"label {name!r} is twice in the new labels")
+        seen.add(name)
+
+
+def _begin(run_dir: Path, change: dict) -> None:
+    """The change is recorded, then the run withdrawn: from here until _publish it is not a finished run."""
+    write_atomically(run_dir / layout.LABELS_CHANGE, json.dumps(change))
+    (run_dir / layout.MANIFEST).unlink(missing_ok=True)
+
+
+def _publish(run_dir: Path) -> None:
+    """The new version: its manifest, then the serving index stamped with it."""
+    write_run_manifest(run_dir)
+    info_path = run_dir / layout.ANN_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        info["model"] = file_digest(run_dir / layout.MANIFEST)
+        write_atomically(info_path, json.dumps(info, indent=2))
+    (run_dir / layout.LABELS_CHANGE).unlink()
+
+
+def _resize(group, num_labels: int) -> None:
+    """Every array of a zarr table group (rows, optimizer state) to `num_labels` rows; new rows read as zeros."""
+    for name, array in group.arrays():
+        array.resize((num_labels, *array.shape[1:]))
+    for _, subgroup in group.groups():
+        _resize(subgroup, num_labels)
+    group.attrs["num_labels"] = num_labels
+
+
+def _write_rows(array, start: int, rows: torch.Tensor, bfloat16: bool) -> None:
+    values = rows.to(torch.bfloat16).view(torch.int16) if bfloat16 else rows.float()
+    array[start:start + len(rows)] = values.numpy().astype(array.dtype, copy=False)
+
+
+class _Block:
+    """Rows [start, start + len(rows)) held in memory: what ScoringRows reads."""
+
+    def __init__(self, rows: torch.Tensor, start: int):
+        self.rows, self.start, self.end, self.dim, self.device = rows, start, start + len(rows), rows.shape[1], rows.device
+
+    def block_rows(self, start: int, end: int) -> torch.Tensor:
+        return self.rows[start - self.start:end - self.start]
+
+
+def _apply_add(run_dir: Path, change: dict, progress: bool) -> None:
+    from astra_ds.serve.model import XCModel  # the model's loader imports torch's world; this module stays light
+
+    start, texts, names = change["num_labels"], change["texts"], change["names"]
+    end = start + len(texts)
+    model = XCModel.load(run_dir, progress=progress, changing=True)  # verified before the change began
+    embeddings = model.encode_tokens(tokenize(texts, model.tokenizer, model.cfg.siamese.label_max_len))[0]
+    table = open_table(run_dir / layout.TABLE, mode="r+")
+    bfloat16 = table.attrs.get("dtype", "float32") == "bfloat16"
+    scale = 1.0
+    if not model.card.normalize_rows:  # rows keep their norms in the score: the trained rows' typical one
+        sample = torch.from_numpy(np.asarray(table["rows"][:min(start, 100_000)]))
+        scale = float((sample.view(torch.bfloat16) if bfloat16 else sample).float().norm(dim=1).median())
+    _resize(table, end)
+    _write_rows(table["rows"], start, embeddings * scale, bfloat16)
+    if (run_dir / layout.LABEL_EMBEDDINGS).is_dir():
+        label_embeddings = open_table(run_dir / layout.LABEL_EMBEDDINGS, mode="r+")
+        _resize(label_embeddings, end)
+        _write_rows(label_embeddings["rows"], start, embeddings, False)
+    write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(_label_names(run_dir, start) + names))
+    dataclasses.replace(model.card, num_labels=end).save(run_dir / layout.MODEL_CARD)
+    if (run_dir / layout.ANN_INDEX).is_file():
+        _add_to_index(run_dir, model.cfg.index, _Block(embeddings * scale, start), _Block(embeddings, start),
+                      model.card.normalize_rows)
+
+
+def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, normalize_rows: bool) -> None:
+    """The new rows' scoring vectors added to the serving index, in place (unless a crash came after that)."""
+    info_path = run_dir / layout.ANN_INFO
+    info = json.loads(info_path.read_text())
+    index = LabelIndex(cfg, normalize_rows=False)
+    index.load(run_dir / layout.ANN_INDEX, _Block(torch.empty(rows.start, 0), 0))
+    if index.index.ntotal == rows.start:
+        vectors = ScoringRows(rows, normalize_rows, label_embeddings, info["label_text_weight"])
+        index.index.add(np.ascontiguousarray(vectors.block_rows(rows.start, rows.end).numpy()))
+        tmp = run_dir / (layout.ANN_INDEX + layout.TMP_SUFFIX)
+        index.save(tmp)
+        tmp.replace(run_dir / layout.ANN_INDEX)
+    info |= {"num_labels": rows.end, "digest": file_digest(run_dir / layout.ANN_INDEX)}
+    write_atomically(info_path, json.dumps(info, indent=2))
+
+
+def _apply(run_dir: Path, change: dict, progress: bool) -> None:
+    if change["change"] == "add":
+        _apply_add(run_dir, change, progress)
+    else:
+        write_atomically(run_dir / layout.RETIRED_LABELS, json.dumps({"retired": change["retired"]}))
+    _publish(run_dir)
+
+
+def _change(run_dir: Path, make_change, progress: bool = False) -> dict:
+    """Under the run's lock: a pending change finished first, then `make_change(card)` (a dict, checked before
+    anything is written) applied and published."""
+    from astra_ds.serve.card import read_card
+
+    lock = RunLock(run_dir, "--run-dir")
+    try:
+        finish_pending(run_dir, progress, locked=True)
+        card = read_card(run_dir)  # verified
+        change = make_change(card)
+        _begin(run_dir, change)
+        _apply(run_dir, change, progress)
+        return change
+    finally:
+        lock.release()
+
+
+def finish_pending(run_dir: Path, progress: bool = False, locked: bool = False) -> bool:
+    """Finishes a `labels` change a crash interrupted; whether there was one."""
+    path = run_dir / layout.LABELS_CHANGE
+    if not path.is_file():
+        return False
+    if not locked:
+        lock = RunLock(run_dir, "--run-dir")
+        try:
+            return finish_pending(run_dir, progress, locked=True)
+        finally:
+            lock.release()
+    change = json.loads(path.read_text())
+    log.info("finishing the interrupted `labels %s` of %s", change["change"], run_dir)
+    _apply(run_dir, change, progress)
+    return True
+
+
+def add_labels(run_dir: str | Path, labels: NewLabels, progress: bool = False) -> range:
+    """Appends `labels` to the finished run at `run_dir`; returns their ids."""
+    run_dir = Path(run_dir)
+
+    def make_change(card: ModelCard) -> dict:
+        _check_new_names(_label_names(run_dir, card.num_labels), labels.names)
+        return {"change": "add", "num_labels": card.num_labels, "texts": labels.texts, "names": labels.names}
+
+    change = _change(run_dir, make_change, progress)
+    ids = range(change["num_labels"], change["num_labels"] + len(labels.texts))
+    log.info("%d labels added to %s: ids %d-%d", len(ids), run_dir, ids.start, ids.stop - 1)
+    return ids
+
+
+def resolve_ids(run_dir: Path, num_labels: int, ids: list[int] = (), names: list[str] = ()) -> list[int]:
+    """Label ids from ids and names, each checked (in range, a known and unambiguous name)."""
+    bad = [i for i in ids if not 0 <= i < num_labels]
+    if bad:
+        raise UserError(f"label id {bad[0]} is out of range: the model has ids 0-{num_labels - 1}")
+    resolved = list(ids)
+    if names:
+        by_name: dict[str, list[int]] = {}
+        for i, name in enumerate(_label_names(run_dir, num_labels)):
+            by_name.setdefault(name, []).append(i)
+        for name in names:
+            found = by_name.get(name, [])
+            if len(found) != 1:
+                raise UserError(f"no label is named {name!r}" if not found else
+                                f"{len(found)} labels are named {name!r} (ids {found[:5]}): give --ids instead")
+            resolved.append(found[0])
+    if not resolved:
+        raise UserError("no label given: --ids or --names")
+    return resolved
+
+
+def retire_labels(run_dir: str | Path, ids: list[int] = (), names: list[str] = ()) -> list[int]:
+    """Removes labels from every prediction of the run (ids kept); returns all the retired ids."""
+    return _set_retired(Path(run_dir), ids, names, retire=True)
+
+
+def restore_labels(run_dir: str | Path, ids: list[int] = (), names: list[str] = ()) -> list[int]:
+    """Undoes retire_labels for these labels; returns the ids still retired."""
+    return _set_retired(Path(run_dir), ids, names, retire=False)
+
+
+def _set_retired(run_dir: Path, ids, names, retire: bool) -> list[int]:
+    def make_change(card: ModelCard) -> dict:
+        chosen = set(resolve_ids(run_dir, card.num_labels, ids, names))
+        before = set(retired_ids(run_dir).tolist())
+        retired = sorted(before | chosen if retire else before - chosen)
+        if len(retired) == card.num_labels:
+            raise UserError(f"retiring these would retire all {card.num_labels} labels: nothing left to predict")
+        return {"change": "retire" if retire else "restore", "retired": retired}
+
+    retired = _change(run_dir, make_change)["retired"]
+    log.info("%s: %d labels retired", run_dir, len(retired))
+    return retired

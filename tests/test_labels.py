@@ -1,0 +1,162 @@
+"""Labels that change on a finished run (serve/labels.py): added labels are found by exact and ANN prediction and
+score as their text's embedding says; retired labels never come out; the changed run's digests verify and its
+version moves; an interrupted change is refused until `labels finish`; bad input ends in one line."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import astra_ds
+from astra_ds.cli import main
+from astra_ds.serve import labels as labels_module
+from astra_ds.serve.card import read_card
+from astra_ds.table.store import open_table
+from conftest import TINY_RUN
+
+# dual scoring, normalised rows, an HNSW serving index built at the end of training
+LABELS_RUN = [*TINY_RUN, "train.epochs=1", "eval.label_text_weight=0.5", "negatives.strategy=uniform",
+              "batching.mode=random"]
+NEW = ["zeta w401 w402", "w403 w404 w405 w406", "w407"]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dir, token_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels") / "run"
+    astra_ds.train(None, [*LABELS_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}"],
+                   evaluate=False)
+    return out
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def _label_file(path, lines: list[str]):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_added_labels_are_found_and_score_as_their_texts_embedding_says(run_dir, tmp_path, capsys):
+    before = astra_ds.load(run_dir)
+    version = before.description()["version"]
+    file = _label_file(tmp_path / "new.txt", [NEW[0], f"fresh\t{NEW[1]}", json.dumps({"text": NEW[2], "name": "n3"})])
+    assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file)]) == 0
+    assert capsys.readouterr().out.strip() == f"3 labels added to {run_dir}: ids 50-52"
+    read_card(run_dir)  # the digests of the changed run verify
+    model = astra_ds.load(run_dir)
+    assert model.num_labels == 53 and model.description()["version"] != version
+    assert model.label_names[50:] == [NEW[0], "fresh", "n3"]
+    # the row is the unit label-text embedding e (normalised rows), its scoring vector (1 + 0.5) e
+    embeddings = torch.from_numpy(model.encode(NEW))
+    queries = torch.from_numpy(model.encode(["w5 w401 w407", "w12 w403"]))
+    scores, ids = model.topk(queries, 53, exact=True)
+    for q in range(2):
+        for new in range(3):
+            position = ids[q].tolist().index(50 + new)
+            assert scores[q, position].item() == pytest.approx(1.5 * (queries[q] @ embeddings[new]).item(), abs=1e-5)
+    # its own text finds it first (the score's upper bound), exact and through the serving index
+    for exact in (True, False):
+        assert model.predict(NEW, k=1, exact=exact).ids[:, 0].tolist() == [50, 51, 52]
+    assert model.index is not None and model.index.index.ntotal == 53
+    table = open_table(run_dir / "table")
+    for name, array in table.arrays():
+        assert array.shape[0] == 53
+    for _, group in table.groups():
+        for _, array in group.arrays():  # optimizer state: new rows start fresh
+            assert array.shape[0] == 53 and not np.asarray(array[50:]).any()
+    # predictions of old labels are unchanged where no new label outranks them
+    old = before.predict(["w1 w2 w3"], k=5, exact=True)
+    new = model.predict(["w1 w2 w3"], k=5, exact=True)
+    assert [i for i in new.ids[0] if i < 50] == old.ids[0][:len([i for i in new.ids[0] if i < 50])].tolist()
+
+
+def test_retired_labels_never_come_out_and_restore_brings_them_back(run_dir, capsys):
+    model = astra_ds.load(run_dir)
+    texts = ["w1 w2", "w33 w7 w9", "w100"]
+    top = model.predict(texts, k=3, exact=True).ids
+    retired = sorted({int(top[0, 0]), int(top[1, 0]), 7})
+    assert main(["labels", "retire", "--run-dir", str(run_dir), "--ids", *map(str, retired)]) == 0
+    assert f"{len(retired)} labels retired" in capsys.readouterr().out
+    model = astra_ds.load(run_dir)
+    for exact in (True, False):
+        ids = model.predict(texts, k=50 - len(retired), exact=exact).ids
+        assert not set(ids.ravel().tolist()) & set(retired)
+        if exact:
+            assert sorted(ids[0].tolist()) == sorted(set(range(50)) - set(retired))
+    assert main(["predict", "--run-dir", str(run_dir), "--text", "w1", "--top-k", "50"]) == 2
+    assert f"exceeds the model's {50 - len(retired)} labels" in capsys.readouterr().err
+    assert main(["labels", "restore", "--run-dir", str(run_dir), "--ids", str(retired[0])]) == 0
+    capsys.readouterr()
+    model = astra_ds.load(run_dir)
+    np.testing.assert_array_equal(model.retired, retired[1:])
+    model.restore_labels(ids=retired[1:])
+    assert len(model.retired) == 0
+    np.testing.assert_array_equal(model.predict(texts, k=3, exact=True).ids, top)
+
+
+def test_the_python_api_adds_and_retires_labels_on_the_loaded_model(run_dir):
+    model = astra_ds.load(run_dir)
+    ids = model.add_labels(["w450 w451"], names=["api label"])
+    assert list(ids) == [50] and model.num_labels == 51
+    assert model.predict(["w450 w451"], k=1).names == [["api label"]]
+    model.retire_labels(names=["api label"])
+    assert 50 not in model.predict(["w450 w451"], k=5).ids
+
+
+def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monkeypatch, capsys):
+    file = _label_file(tmp_path / "new.txt", NEW)
+    publish = labels_module._publish
+
+    def crash(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels_module, "_publish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        labels_module.add_labels(run_dir, labels_module.read_label_file(file))
+    monkeypatch.setattr(labels_module, "_publish", publish)
+    assert main(["predict", "--run-dir", str(run_dir), "--text", "w1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"astra-ds: error: {run_dir} is changing its labels, or a change was "
+                                               f"interrupted: `astra-ds labels finish --run-dir {run_dir}` finishes it")
+    assert main(["labels", "finish", "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    model = astra_ds.load(run_dir)
+    assert model.num_labels == 53 and model.index.index.ntotal == 53  # added once, not twice
+    assert model.predict(NEW, k=1).ids[:, 0].tolist() == [50, 51, 52]
+
+
+@pytest.mark.parametrize("lines, command, message", [
+    ([], "add", "holds no label"),
+    (["label one", "label one"], "add", "'label one' is twice in the new labels"),
+    (["{\"name\": \"no text\"}"], "add", 'line 1: not a JSON object with a "text"'),
+    (None, "add", "line 2: not UTF-8 (byte 3)"),
+    (None, "retire --ids 50", "label id 50 is out of range: the model has ids 0-49"),
+    (None, "retire --names nothing-like-it", "no label is named 'nothing-like-it'"),
+    (None, "retire --ids " + " ".join(map(str, range(50))), "would retire all 50 labels"),
+])
+def test_bad_label_input_ends_in_one_line(run_dir, tmp_path, capsys, lines, command, message):
+    args = ["labels", *command.split(), "--run-dir", str(run_dir)]
+    if command == "add":
+        file = tmp_path / "new.txt"
+        if lines is None:
+            file.write_bytes("fine\n".encode() + "ca\xe9f\n".encode("latin-1"))
+        else:
+            _label_file(file, lines)
+        args += ["--labels", str(file)]
+    manifest = (run_dir / "manifest.json").read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("astra-ds: error: ") and message in err and "\n" not in err
+    assert (run_dir / "manifest.json").read_bytes() == manifest  # nothing changed
+
+
+def test_a_name_the_run_has_already_is_refused(run_dir, tmp_path, capsys):
+    existing = (run_dir / "label_names.txt").read_text().split("\n")[3]
+    file = _label_file(tmp_path / "new.txt", [f"{existing}\tsome text"])
+    assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file)]) == 2
+    assert f"label {existing!r} exists already (id 3)" in capsys.readouterr().err
