@@ -290,16 +290,22 @@ def cmd_labels(args) -> None:
         _finished_run(args.run_dir)
     quiet_libraries()
     from astra_ds.serve import labels
+    from astra_ds.serve.model import XCModel
+
+    new = labels.read_label_file(Path(args.labels)) if args.labels_command == "add" else None
+
+    def embed(texts: list[str]):  # the run's encoder, loaded only when labels are added
+        return XCModel.load(run_dir, progress=True, changing=True).embed_label_texts(texts)
 
     if args.labels_command == "add":
-        ids = labels.add_labels(run_dir, labels.read_label_file(Path(args.labels)), progress=True)
+        ids = labels.add_labels(run_dir, new, embed)
         print(f"{len(ids)} labels added to {run_dir}: ids {ids.start}-{ids.stop - 1}")
     elif args.labels_command == "finish":
-        done = labels.finish_pending(run_dir, progress=True)
+        done = labels.finish_pending(run_dir, embed)
         print(f"{run_dir}: " + ("the interrupted change is finished" if done else "no change to finish"))
     else:
         change = labels.retire_labels if args.labels_command == "retire" else labels.restore_labels
-        retired = change(run_dir, args.ids or [], args.names or [])
+        retired = change(run_dir, args.ids or [], args.names or [], embed)
         print(f"{run_dir}: {len(retired)} labels retired" + (f" (ids {_ids_text(retired)})" if retired else ""))
 
 

@@ -118,7 +118,8 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monk
 
     monkeypatch.setattr(labels_module, "_publish", crash)
     with pytest.raises(KeyboardInterrupt):
-        labels_module.add_labels(run_dir, labels_module.read_label_file(file))
+        labels_module.add_labels(run_dir, labels_module.read_label_file(file),
+                                 astra_ds.load(run_dir).embed_label_texts)
     monkeypatch.setattr(labels_module, "_publish", publish)
     assert main(["predict", "--run-dir", str(run_dir), "--text", "w1"]) == 2
     assert capsys.readouterr().err.strip() == (f"astra-ds: error: {run_dir} is changing its labels, or a change was "

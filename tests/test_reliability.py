@@ -137,7 +137,7 @@ def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, token_cach
 def _hold_lock(directory) -> subprocess.Popen:
     """Another process holding the run lock of `directory` (for 60 s, or until killed)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.training.run_lock import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.run_lock import "
                                "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
          str(directory)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
     assert holder.stdout.readline().strip() == "held"

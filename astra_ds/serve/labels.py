@@ -20,22 +20,26 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from astra_ds import layout
-from astra_ds.data.tokens import tokenize
+from astra_ds.config import load_config
 from astra_ds.digests import file_digest
 from astra_ds.errors import UserError
 from astra_ds.files import write_atomically
 from astra_ds.index.label_index import LabelIndex
+from astra_ds.run_lock import RunLock
 from astra_ds.scoring import ScoringRows
-from astra_ds.serve.card import ModelCard, retired_ids, write_run_manifest
+from astra_ds.serve.card import ModelCard, read_card, retired_ids, write_run_manifest
 from astra_ds.table.store import open_table
-from astra_ds.training.run_lock import RunLock
 
 log = logging.getLogger("astra_ds")
+
+# texts -> their (n, d) unit embeddings through the run's final encoder, as label texts (XCModel.embed_label_texts)
+Embed = Callable[[list[str]], torch.Tensor]
 
 
 @dataclass
@@ -135,17 +139,15 @@ class _Block:
         return self.rows[start - self.start:end - self.start]
 
 
-def _apply_add(run_dir: Path, change: dict, progress: bool) -> None:
-    from astra_ds.serve.model import XCModel  # the model's loader imports torch's world; this module stays light
-
+def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     start, texts, names = change["num_labels"], change["texts"], change["names"]
     end = start + len(texts)
-    model = XCModel.load(run_dir, progress=progress, changing=True)  # verified before the change began
-    embeddings = model.encode_tokens(tokenize(texts, model.tokenizer, model.cfg.siamese.label_max_len))[0]
+    card = ModelCard.load(run_dir / layout.MODEL_CARD)  # verified before the change began
+    embeddings = embed(texts)
     table = open_table(run_dir / layout.TABLE, mode="r+")
     bfloat16 = table.attrs.get("dtype", "float32") == "bfloat16"
     scale = 1.0
-    if not model.card.normalize_rows:  # rows keep their norms in the score: the trained rows' typical one
+    if not card.normalize_rows:  # rows keep their norms in the score: the trained rows' typical one
         sample = torch.from_numpy(np.asarray(table["rows"][:min(start, 100_000)]))
         scale = float((sample.view(torch.bfloat16) if bfloat16 else sample).float().norm(dim=1).median())
     _resize(table, end)
@@ -155,10 +157,10 @@ def _apply_add(run_dir: Path, change: dict, progress: bool) -> None:
         _resize(label_embeddings, end)
         _write_rows(label_embeddings["rows"], start, embeddings, False)
     write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(_label_names(run_dir, start) + names))
-    dataclasses.replace(model.card, num_labels=end).save(run_dir / layout.MODEL_CARD)
+    dataclasses.replace(card, num_labels=end).save(run_dir / layout.MODEL_CARD)
     if (run_dir / layout.ANN_INDEX).is_file():
-        _add_to_index(run_dir, model.cfg.index, _Block(embeddings * scale, start), _Block(embeddings, start),
-                      model.card.normalize_rows)
+        _add_to_index(run_dir, load_config(run_dir / layout.CONFIG).index, _Block(embeddings * scale, start),
+                      _Block(embeddings, start), card.normalize_rows)
 
 
 def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, normalize_rows: bool) -> None:
@@ -177,32 +179,30 @@ def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, no
     write_atomically(info_path, json.dumps(info, indent=2))
 
 
-def _apply(run_dir: Path, change: dict, progress: bool) -> None:
+def _apply(run_dir: Path, change: dict, embed: Embed) -> None:
     if change["change"] == "add":
-        _apply_add(run_dir, change, progress)
+        _apply_add(run_dir, change, embed)
     else:
         write_atomically(run_dir / layout.RETIRED_LABELS, json.dumps({"retired": change["retired"]}))
     _publish(run_dir)
 
 
-def _change(run_dir: Path, make_change, progress: bool = False) -> dict:
+def _change(run_dir: Path, make_change, embed: Embed) -> dict:
     """Under the run's lock: a pending change finished first, then `make_change(card)` (a dict, checked before
     anything is written) applied and published."""
-    from astra_ds.serve.card import read_card
-
     lock = RunLock(run_dir, "--run-dir")
     try:
-        finish_pending(run_dir, progress, locked=True)
+        finish_pending(run_dir, embed, locked=True)
         card = read_card(run_dir)  # verified
         change = make_change(card)
         _begin(run_dir, change)
-        _apply(run_dir, change, progress)
+        _apply(run_dir, change, embed)
         return change
     finally:
         lock.release()
 
 
-def finish_pending(run_dir: Path, progress: bool = False, locked: bool = False) -> bool:
+def finish_pending(run_dir: Path, embed: Embed, locked: bool = False) -> bool:
     """Finishes a `labels` change a crash interrupted; whether there was one."""
     path = run_dir / layout.LABELS_CHANGE
     if not path.is_file():
@@ -210,16 +210,16 @@ def finish_pending(run_dir: Path, progress: bool = False, locked: bool = False) 
     if not locked:
         lock = RunLock(run_dir, "--run-dir")
         try:
-            return finish_pending(run_dir, progress, locked=True)
+            return finish_pending(run_dir, embed, locked=True)
         finally:
             lock.release()
     change = json.loads(path.read_text())
     log.info("finishing the interrupted `labels %s` of %s", change["change"], run_dir)
-    _apply(run_dir, change, progress)
+    _apply(run_dir, change, embed)
     return True
 
 
-def add_labels(run_dir: str | Path, labels: NewLabels, progress: bool = False) -> range:
+def add_labels(run_dir: str | Path, labels: NewLabels, embed: Embed) -> range:
     """Appends `labels` to the finished run at `run_dir`; returns their ids."""
     run_dir = Path(run_dir)
 
@@ -227,7 +227,7 @@ def add_labels(run_dir: str | Path, labels: NewLabels, progress: bool = False) -
         _check_new_names(_label_names(run_dir, card.num_labels), labels.names)
         return {"change": "add", "num_labels": card.num_labels, "texts": labels.texts, "names": labels.names}
 
-    change = _change(run_dir, make_change, progress)
+    change = _change(run_dir, make_change, embed)
     ids = range(change["num_labels"], change["num_labels"] + len(labels.texts))
     log.info("%d labels added to %s: ids %d-%d", len(ids), run_dir, ids.start, ids.stop - 1)
     return ids
@@ -254,17 +254,18 @@ def resolve_ids(run_dir: Path, num_labels: int, ids: list[int] = (), names: list
     return resolved
 
 
-def retire_labels(run_dir: str | Path, ids: list[int] = (), names: list[str] = ()) -> list[int]:
-    """Removes labels from every prediction of the run (ids kept); returns all the retired ids."""
-    return _set_retired(Path(run_dir), ids, names, retire=True)
+def retire_labels(run_dir: str | Path, ids: list[int], names: list[str], embed: Embed) -> list[int]:
+    """Removes labels from every prediction of the run (ids kept); returns all the retired ids. (`embed`: for a
+    pending addition a crash interrupted.)"""
+    return _set_retired(Path(run_dir), ids, names, embed, retire=True)
 
 
-def restore_labels(run_dir: str | Path, ids: list[int] = (), names: list[str] = ()) -> list[int]:
+def restore_labels(run_dir: str | Path, ids: list[int], names: list[str], embed: Embed) -> list[int]:
     """Undoes retire_labels for these labels; returns the ids still retired."""
-    return _set_retired(Path(run_dir), ids, names, retire=False)
+    return _set_retired(Path(run_dir), ids, names, embed, retire=False)
 
 
-def _set_retired(run_dir: Path, ids, names, retire: bool) -> list[int]:
+def _set_retired(run_dir: Path, ids, names, embed: Embed, retire: bool) -> list[int]:
     def make_change(card: ModelCard) -> dict:
         chosen = set(resolve_ids(run_dir, card.num_labels, ids, names))
         before = set(retired_ids(run_dir).tolist())
@@ -273,6 +274,6 @@ def _set_retired(run_dir: Path, ids, names, retire: bool) -> list[int]:
             raise UserError(f"retiring these would retire all {card.num_labels} labels: nothing left to predict")
         return {"change": "retire" if retire else "restore", "retired": retired}
 
-    retired = _change(run_dir, make_change)["retired"]
+    retired = _change(run_dir, make_change, embed)["retired"]
     log.info("%s: %d labels retired", run_dir, len(retired))
     return retired

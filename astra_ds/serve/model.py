@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from astra_ds import __version__, layout
+from astra_ds import layout
 from astra_ds.config import RunConfig, load_config
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
@@ -29,6 +30,7 @@ from astra_ds.files import load_torch_file
 from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
+from astra_ds.serve import labels
 from astra_ds.serve.ann import load_serving_index
 from astra_ds.serve.card import ModelCard, read_card, retired_ids
 from astra_ds.table.store import StoredRows
@@ -88,7 +90,7 @@ class XCModel:
         index = json.loads((self.run_dir / layout.ANN_INFO).read_text())["kind"] if self.index else "exact"
         return dataclasses.asdict(self.card) | {
             "run_dir": str(self.run_dir.resolve()), "version": file_digest(self.run_dir / layout.MANIFEST),
-            "index": index, "served_label_text_weight": self.label_text_weight, "astra_ds": __version__}
+            "index": index, "served_label_text_weight": self.label_text_weight, "astra_ds": version("astra_ds")}
 
     def scoring_rows(self) -> ScoringRows:
         """The vectors exact search scores against, read into memory at the first use."""
@@ -168,30 +170,29 @@ class XCModel:
         names = [[self.name(i) for i in row] for row in ids]
         return Predictions(ids, values.numpy().astype(np.float32), names)
 
+    def embed_label_texts(self, texts: list[str]) -> torch.Tensor:
+        """(n, d) unit embeddings of label texts, tokenized as training tokenized them."""
+        return self.encode_tokens(tokenize(list(texts), self.tokenizer, self.cfg.siamese.label_max_len))[0]
+
     def add_labels(self, texts: list[str], names: list[str] | None = None) -> range:
         """Appends labels to the run (serve/labels.py: rows from their texts) and reloads it; their ids."""
-        from astra_ds.serve.labels import NewLabels, add_labels
-
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"label text {i} is empty or not a string")
         if names is not None and len(names) != len(texts):
             raise UserError(f"{len(names)} names for {len(texts)} label texts")
-        ids = add_labels(self.run_dir, NewLabels([t.strip() for t in texts], list(names or texts)), self.progress)
+        new = labels.NewLabels([text.strip() for text in texts], list(names or texts))
+        ids = labels.add_labels(self.run_dir, new, self.embed_label_texts)
         self._reload()
         return ids
 
     def retire_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
         """Removes labels from every prediction (ids kept), in the run and here."""
-        from astra_ds.serve.labels import retire_labels
-
-        retire_labels(self.run_dir, ids, names)
+        labels.retire_labels(self.run_dir, ids, names, self.embed_label_texts)
         self._reload()
 
     def restore_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
-        from astra_ds.serve.labels import restore_labels
-
-        restore_labels(self.run_dir, ids, names)
+        labels.restore_labels(self.run_dir, ids, names, self.embed_label_texts)
         self._reload()
 
     def _reload(self) -> None:
