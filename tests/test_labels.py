@@ -14,26 +14,15 @@ from astra_ds.cli import main
 from astra_ds.serve import labels as labels_module
 from astra_ds.serve.card import read_card
 from astra_ds.table.store import open_table
-from conftest import TINY_RUN
 
-# dual scoring, normalised rows, an HNSW serving index built at the end of training
-LABELS_RUN = [*TINY_RUN, "train.epochs=1", "eval.label_text_weight=0.5", "negatives.strategy=uniform",
-              "batching.mode=random"]
 NEW = ["zeta w401 w402", "w403 w404 w405 w406", "w407"]
 
 
-@pytest.fixture(scope="module")
-def trained(synth_dir, token_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("labels") / "run"
-    astra_ds.train(None, [*LABELS_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}"],
-                   evaluate=False)
-    return out
-
-
 @pytest.fixture
-def run_dir(trained, tmp_path):
+def run_dir(finished_run, tmp_path):
+    """A copy of the finished run (dual scoring, normalised rows, an HNSW serving index)."""
     copy = tmp_path / "run"
-    shutil.copytree(trained, copy)
+    shutil.copytree(finished_run, copy)
     return copy
 
 

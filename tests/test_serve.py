@@ -22,21 +22,16 @@ import uvicorn
 import astra_ds
 from astra_ds.serve.batcher import Batcher, Overloaded
 from astra_ds.serve.requests import ClientError, Limits, k_of, parse_body, texts_of
-from astra_ds.serve.server import ServeSettings, bind, build_app, load_warm
 from astra_ds.cli import main
-from conftest import REPO, TINY_RUN, fresh_process_env
+from astra_ds.serve.server import ServeSettings, bind, build_app, load_warm
+from conftest import REPO, fresh_process_env
 
-SERVE_RUN = [*TINY_RUN, "train.epochs=1", "eval.label_text_weight=0.5", "encoder.dim=16",
-             "negatives.strategy=uniform", "batching.mode=random"]
 TEXTS = ["w12 w7 w301", "w5 w5 w88 w91", "w400", "w3 w250 w17 w9 w100 w2"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(synth_dir, token_cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "run"
-    astra_ds.train(None, [*SERVE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}"],
-                   evaluate=False)
-    return out
+def run_dir(finished_run):
+    return finished_run
 
 
 @pytest.fixture(scope="module")
