@@ -109,18 +109,18 @@ class Pooler(nn.Module):  # unused by the query encoder; present so that BertMod
 
 class BertBackbone(nn.Module):
     """`BertBackbone(config)(input_ids=..., attention_mask=...).last_hidden_state`, as BertModel's. Its weights are
-    left uninitialised: a trained encoder's state dict fills them."""
+    random: a trained encoder's state dict fills them."""
 
     def __init__(self, config: dict, add_pooling_layer: bool = True):
         super().__init__()
         defaults = {"type_vocab_size": 2, "layer_norm_eps": 1e-12, "hidden_act": "gelu",
                     "max_position_embeddings": 512}
         self.config = c = SimpleNamespace(**(defaults | config))
-        with torch.device("meta"):  # no initialisation: the state dict is loaded next
-            self.embeddings = Embeddings(c)
-            self.encoder = Encoder(c)
-            self.pooler = Pooler(c) if add_pooling_layer else None
-        self.to_empty(device="cpu")
+        # built on the CPU, initialised at random: building on the meta device instead would import torch's
+        # compiler (3 s) to skip an initialisation that costs a tenth of that
+        self.embeddings = Embeddings(c)
+        self.encoder = Encoder(c)
+        self.pooler = Pooler(c) if add_pooling_layer else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
         keep = attention_mask[:, None, None, :].bool()  # the keys each query attends to
