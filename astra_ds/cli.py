@@ -520,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged)")
     serve.add_argument("--max-batch", type=int, default=64, help="texts a model batch (default 64)")
-    serve.add_argument("--max-wait-ms", type=float, default=1.0,
-                       help="how long a request waits for others to batch with while the model is idle (default 1)")
+    serve.add_argument("--max-wait-ms", type=float, default=0.0,
+                       help="how long a request may wait for others to batch with while the model is idle (default "
+                            "0: batches form from the requests that arrive while the model works)")
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="texts waiting for the model; more are answered 503 with Retry-After (default 1024)")
     serve.add_argument("--max-texts", type=int, default=64, help="texts a request (default 64; more: 413)")

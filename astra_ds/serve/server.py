@@ -49,7 +49,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (the log says which)
     max_batch: int = 64  # texts a model batch
-    max_wait_ms: float = 1.0  # the longest a request waits for others to batch with while the model is idle
+    max_wait_ms: float = 0.0  # the longest a request waits for others while the model is idle
     max_queue: int = 1024  # texts waiting for the model; beyond them, 503 with Retry-After
     limits: Limits = field(default_factory=Limits)
     overrides: list[str] = field(default_factory=list)  # config keys for the loaded run, e.g. index.nprobe=64
