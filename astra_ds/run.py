@@ -29,10 +29,10 @@ from astra_ds.dist import check_shared, configure_accelerator, init_distributed
 from astra_ds.errors import ConfigError
 from astra_ds.libraries import quiet_libraries
 from astra_ds.plan import report_memory
+from astra_ds.run_lock import RunLock
 from astra_ds.serve.ann import build_serving_index
 from astra_ds.serve.card import ModelCard
 from astra_ds.serve.model import XCModel
-from astra_ds.run_lock import RunLock
 from astra_ds.training.trainer import Trainer
 
 log = logging.getLogger("astra_ds")

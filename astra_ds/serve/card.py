@@ -64,6 +64,12 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
               str(Path(cfg.data.path).resolve())).save(run_dir / layout.MODEL_CARD)
 
 
+def label_names(run_dir: Path, num_labels: int) -> list[str] | None:
+    """The names of the run's first `num_labels` labels (label_names.txt), or None when it has none."""
+    path = run_dir / layout.LABEL_NAMES
+    return path.read_text(encoding="utf-8").split("\n")[:num_labels] if path.is_file() else None
+
+
 def retired_ids(run_dir: Path) -> np.ndarray:
     """The sorted ids of the run's retired labels (none: an empty array)."""
     path = run_dir / layout.RETIRED_LABELS

@@ -33,7 +33,7 @@ from astra_ds.files import write_atomically
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.run_lock import RunLock
 from astra_ds.scoring import ScoringRows
-from astra_ds.serve.card import ModelCard, read_card, retired_ids, write_run_manifest
+from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids, write_run_manifest
 from astra_ds.table.store import open_table
 
 log = logging.getLogger("astra_ds")
@@ -82,10 +82,8 @@ def read_label_file(path: Path) -> NewLabels:
 
 
 def _label_names(run_dir: Path, num_labels: int) -> list[str]:
-    path = run_dir / layout.LABEL_NAMES
-    if path.is_file():
-        return path.read_text(encoding="utf-8").split("\n")[:num_labels]
-    return [str(i) for i in range(num_labels)]
+    """The run's label names, or their ids where it has none."""
+    return label_names(run_dir, num_labels) or [str(i) for i in range(num_labels)]
 
 
 def _check_new_names(existing: list[str], new: list[str]) -> None:

@@ -32,7 +32,7 @@ from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
 from astra_ds.serve import labels
 from astra_ds.serve.ann import load_serving_index
-from astra_ds.serve.card import ModelCard, read_card, retired_ids
+from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids
 from astra_ds.table.store import StoredRows
 
 
@@ -46,9 +46,11 @@ class Predictions:
 class XCModel:
     def __init__(self, run_dir: Path, cfg: RunConfig, card: ModelCard, tokenizer, encoder: QueryEncoder,
                  device: torch.device, label_names: list[str] | None, progress: bool = False,
-                 with_index: bool = True):
+                 with_index: bool = True, overrides: list[str] = ()):
+        """`overrides`: the config keys `cfg` changed from the run's (a reload applies them again)."""
         self.run_dir, self.cfg, self.card, self.tokenizer, self.encoder = run_dir, cfg, card, tokenizer, encoder
         self.device, self.label_names, self.progress = device, label_names, progress
+        self.overrides = list(overrides)
         self.label_text_weight = cfg.eval.label_text_weight  # the card's, unless overridden
         self.retired = retired_ids(run_dir)  # sorted ids never predicted
         self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
@@ -73,12 +75,8 @@ class XCModel:
             raise UserError(f"{run_dir / layout.ENCODER_WEIGHTS} does not fit encoder.model={cfg.encoder.model}, "
                             f"encoder.dim={cfg.encoder.dim}, encoder.lexical_dim={cfg.encoder.lexical_dim}: "
                             f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
-        names_file = run_dir / layout.LABEL_NAMES
-        names = names_file.read_text(encoding="utf-8").split("\n")[:card.num_labels] if names_file.is_file() else None
-        model = cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device, names,
-                    progress, with_index=not changing)
-        model.overrides = list(overrides)
-        return model
+        return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device,
+                   label_names(run_dir, card.num_labels), progress, with_index=not changing, overrides=overrides)
 
     @property
     def num_labels(self) -> int:

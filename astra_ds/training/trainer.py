@@ -36,8 +36,8 @@ from astra_ds.errors import CheckpointError, Preempted, TrainingError, UserError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
 from astra_ds.files import disk_full, write_atomically
-from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.libraries import release_free_memory
+from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.plan import GiB, peak_rss_bytes
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
