@@ -39,7 +39,7 @@ from astra_ds.choices import READERS, SAMPLERS
 from astra_ds.config import describe, load_config
 from astra_ds.data.synth import SynthConfig
 from astra_ds.errors import ConfigError, Preempted, UserError
-from astra_ds.launch import discover_launch
+from astra_ds.launch import discover_launch, end_mpi_job
 from astra_ds.libraries import quiet_libraries
 
 log = logging.getLogger("astra_ds")
@@ -646,12 +646,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _end_rank(code: int, multi_rank: bool) -> int:
-    """In a multi-rank run a failed rank exits at once (the launcher then stops the others), rather than
-    returning through interpreter shutdown, which can wait on peers that wait on it."""
+def _end_rank(code: int, multi_rank: bool, failed: bool = True) -> int:
+    """In a multi-rank run a failed rank ends the job at once (the launcher then stops the others), rather than
+    returning through interpreter shutdown, which can wait on peers that wait on it. A rank stopped by a signal
+    (`failed=False`) exits with its peers, which stop at the same step."""
     if multi_rank:
         sys.stdout.flush()
         sys.stderr.flush()
+        if failed:
+            end_mpi_job(code)
         os._exit(code)
     return code
 
@@ -675,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         if rank == "0":
             print(f"astra-ds: {err}", file=sys.stderr)
-        return _end_rank(err.exit_status, multi_rank)
+        return _end_rank(err.exit_status, multi_rank, failed=False)
     except BrokenPipeError:  # the output was piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except KeyboardInterrupt:  # before or after training (during it, SIGINT ends in a checkpoint)
