@@ -61,7 +61,7 @@ def cmd_train(args) -> None:
         raise UserError(f"data.path {cfg.data.path} is not a directory (a dataset is a directory of files)")
     for option, path in (("--resume", args.resume), ("--init-from", args.init_from)):
         if path and path != "auto" and not Path(path).is_dir():
-            raise UserError(f"{option}: no checkpoint at {path}")
+            raise UserError(f"{option}: no {'checkpoint' if option == '--resume' else 'run or checkpoint'} at {path}")
     from astra_ds.run import train
 
     train(cfg, resume=args.resume, init_from=args.init_from, evaluate=not args.no_eval, overwrite=args.overwrite,
@@ -474,8 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue a run from a checkpoint: auto = the latest one in checkpoint.dir (start "
                             "from scratch if there is none), or a global_step<N> directory; any number of ranks")
     train.add_argument("--init-from", metavar="PATH",
-                       help="start a new run from a checkpoint's weights (encoder, classifier rows), with fresh "
-                            "optimizer states")
+                       help="start a new run from a finished run directory (its encoder, and its rows with their "
+                            "optimizer state, matched to this dataset's labels by name; new labels start from their "
+                            "texts) or from a checkpoint's weights (encoder and rows of the same labels, fresh "
+                            "optimizer states)")
     train.add_argument("--overwrite", action="store_true",
                        help="out_dir holds an earlier run: delete it (model, checkpoints, evaluations) and start "
                             "a new one there (without this, such an out_dir is refused)")

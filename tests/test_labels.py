@@ -1,19 +1,29 @@
 """Labels that change on a finished run (serve/labels.py): added labels are found by exact and ANN prediction and
 score as their text's embedding says; retired labels never come out; the changed run's digests verify and its
-version moves; an interrupted change is refused until `labels finish`; bad input ends in one line."""
+version moves; an interrupted change is refused until `labels finish`; bad input ends in one line. A training run
+that starts from a finished run on a grown label set (training/from_run.py) takes the run's rows and optimizer state
+by name, starts the new rows from their texts, and resumes like any other."""
 
 import json
+import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 import astra_ds
 from astra_ds.cli import main
+from astra_ds.data.convert import with_labels, write_raw_text
+from astra_ds.data.readers import read_dataset
+from astra_ds.errors import UserError
+from astra_ds.training.from_run import match_labels
 from astra_ds.serve import labels as labels_module
 from astra_ds.serve.card import read_card
 from astra_ds.table.store import open_table
+from conftest import TINY_RUN, run_main
 
 NEW = ["zeta w401 w402", "w403 w404 w405 w406", "w407"]
 
@@ -150,3 +160,100 @@ def test_a_name_the_run_has_already_is_refused(run_dir, tmp_path, capsys):
     file = _label_file(tmp_path / "new.txt", [f"{existing}\tsome text"])
     assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file)]) == 2
     assert f"label {existing!r} exists already (id 3)" in capsys.readouterr().err
+
+
+# ---- training on from a finished run, the label set grown ---------------------------------------------------------
+
+# the finished run's encoder settings; the classifier stage alone trains the rows
+GROWN_RUN = [*TINY_RUN, "encoder.dim=16", "negatives.strategy=uniform", "batching.mode=random", "train.epochs=0",
+             "classifier.epochs=2", "classifier.batch_size=64", "table.init=label_text", "train.log_every=1"]
+
+
+def _grown_data(synth_dir, out, order: np.ndarray, new_texts: list[str]):
+    """The run's dataset with its labels in `order`, then `new_texts` as new labels, each relevant to a few queries."""
+    dataset = with_labels(read_dataset(synth_dir), order)
+    rng = np.random.default_rng(0)
+
+    def with_new(split):
+        extra = sp.random(len(split.texts), len(new_texts), density=0.05, random_state=rng, format="csr")
+        extra.data[:] = 1
+        return replace(split, labels=sp.hstack([split.labels, extra], format="csr"))
+
+    grown = replace(dataset, train=with_new(dataset.train), test=with_new(dataset.test),
+                    num_labels=dataset.num_labels + len(new_texts), label_texts=dataset.label_texts + new_texts)
+    out.mkdir()
+    write_raw_text(grown, out)
+    return out
+
+
+def _grown_sets(data, token_cache, out, *more):
+    return [arg for setting in [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+                                *more] for arg in ("--set", setting)]
+
+
+def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_starts_new_ones_from_their_texts(
+        finished_run, synth_dir, token_cache, tmp_path):
+    from astra_ds.config import load_config
+    from astra_ds.dist import init_distributed
+    from astra_ds.training.trainer import Trainer
+
+    order = np.random.default_rng(1).permutation(50)
+    data = _grown_data(synth_dir, tmp_path / "data", order, NEW)
+    cfg = load_config(None, [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={token_cache}",
+                             f"out_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg, init_distributed(), progress=False, init_from=str(finished_run))
+    trainer.parts.initialize_rows()
+    table, stored = trainer.table, open_table(finished_run / "table")
+    np.testing.assert_array_equal(table.rows[:50].numpy(), np.asarray(stored["rows"][:])[order])
+    np.testing.assert_array_equal(table.optimizer.state["sum"][:50].numpy(), np.asarray(stored["optim/sum"][:])[order])
+    assert (table.optimizer.state["sum"][50:] == 0).all()  # new rows: fresh optimizer state
+    torch.testing.assert_close(table.rows[50:], astra_ds.load(finished_run).embed_label_texts(NEW), rtol=1e-4,
+                               atol=1e-5)
+    run_weights = torch.load(finished_run / "encoder.pt")
+    for name, weight in trainer.engine.module.state_dict().items():
+        torch.testing.assert_close(weight, run_weights[name])
+
+
+def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_run, synth_dir, token_cache, tmp_path):
+    data = _grown_data(synth_dir, tmp_path / "data", np.arange(50)[::-1], NEW)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_main("train", *_grown_sets(data, token_cache, straight, "train.max_steps=6"), "--init-from",
+             str(finished_run), "--no-eval")
+    run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=3"), "--init-from",
+             str(finished_run), "--no-eval")
+    run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=6"), "--resume", "auto", "--no-eval")
+    losses = [[r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+              for run in (straight, resumed)]
+    assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    rows = [np.asarray(open_table(run / "table")["rows"][:]) for run in (straight, resumed)]
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-7)
+    assert astra_ds.load(resumed).num_labels == 53
+
+
+@pytest.mark.parametrize("run_names, names, retired, expected", [
+    (["a", "b", "c"], ["c", "new", "a", "b"], [], [2, -1, 0, 1]),
+    (["a", "x", "b", "x"], ["x", "b", "x", "a", "y"], [], [1, 2, 3, 0, -1]),  # the same name: matched in order
+    (["a", "b", "c"], ["c", "a"], [1], [2, 0]),  # a retired label may be left out
+    (None, ["p", "q", "r"], [], [0, 1, 2]),  # no names on one side: by id, the new labels after
+    (["a", "b", "c"], ["a", "c"], [], "1 labels of the run are not in this dataset's labels (e.g. 'b')"),
+    (["x", "b"], ["x", "x", "b"], [], "label name 'x' names 2 labels of this dataset and 1 of the run"),
+    (None, ["p"], [], "the run has 3 labels and this dataset 1"),
+])
+def test_labels_are_matched_by_name_and_a_missing_or_ambiguous_one_is_refused(run_names, names, retired, expected):
+    def match():
+        return match_labels(run_names, 3 if run_names is None else len(run_names), names, len(names),
+                            np.array(retired, dtype=np.int64)).tolist()
+
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=re.escape(expected)):
+            match()
+    else:
+        assert match() == expected
+
+
+def test_a_dataset_without_all_the_runs_labels_is_refused_in_one_line(finished_run, synth_dir, token_cache,
+                                                                      tmp_path, capsys):
+    data = _grown_data(synth_dir, tmp_path / "data", np.arange(49), [])
+    assert main(["train", *_grown_sets(data, token_cache, tmp_path / "run"), "--init-from", str(finished_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("astra-ds: error: 1 labels of the run are not in this dataset's labels")

@@ -9,6 +9,7 @@ import gzip
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,19 @@ def _write_lines(path: Path, lines) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")
+
+
+def with_labels(dataset: XCDataset, label_ids: np.ndarray) -> XCDataset:
+    """The dataset with only the labels `label_ids`, renumbered in that order (label i is old label
+    label_ids[i]): the positives of the others are dropped, the queries stay."""
+    def columns(matrix: sp.csr_matrix | None) -> sp.csr_matrix | None:
+        return None if matrix is None else sp.csr_matrix(matrix[:, label_ids])
+
+    texts = None if dataset.label_texts is None else [dataset.label_texts[i] for i in label_ids]
+    return replace(dataset, train=replace(dataset.train, labels=columns(dataset.train.labels)),
+                   test=replace(dataset.test, labels=columns(dataset.test.labels)), num_labels=len(label_ids),
+                   label_texts=texts, test_filter=columns(dataset.test_filter),
+                   train_filter=columns(dataset.train_filter))
 
 
 def write_raw_text(dataset: XCDataset, out: Path) -> None:

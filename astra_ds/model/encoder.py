@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from astra_ds.config import ConfigError, EncoderConfig
+from astra_ds.errors import UserError
+from astra_ds.files import load_torch_file
 from astra_ds.model.bert import BertBackbone, read_config, supports
 from astra_ds.model.lexical import LexicalSketch
 
@@ -88,6 +90,15 @@ class QueryEncoder(nn.Module):
             self.calibration = nn.Parameter(calibration)
         else:
             self.register_buffer("calibration", calibration)
+
+    def load_trained(self, path: Path, cfg: EncoderConfig) -> None:
+        """The weights a training saved (encoder.pt), refused in one line where they do not fit this encoder."""
+        try:
+            self.load_state_dict(load_torch_file(path))
+        except RuntimeError as err:  # another encoder.model, encoder.dim or lexical_dim than the weights
+            raise UserError(f"{path} does not fit encoder.model={cfg.model}, encoder.dim={cfg.dim}, "
+                            f"encoder.lexical_dim={cfg.lexical_dim}: "
+                            f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias. With lexical features:

@@ -26,7 +26,6 @@ from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
 from astra_ds.digests import file_digest
 from astra_ds.errors import ConfigError, UserError
-from astra_ds.files import load_torch_file
 from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
@@ -69,12 +68,7 @@ class XCModel:
         cfg = load_config(run_dir / layout.CONFIG, overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels, for_weights=not transformers_backbone)
-        try:
-            encoder.load_state_dict(load_torch_file(run_dir / layout.ENCODER_WEIGHTS))
-        except RuntimeError as err:  # another encoder.model, encoder.dim or lexical_dim than the weights
-            raise UserError(f"{run_dir / layout.ENCODER_WEIGHTS} does not fit encoder.model={cfg.encoder.model}, "
-                            f"encoder.dim={cfg.encoder.dim}, encoder.lexical_dim={cfg.encoder.lexical_dim}: "
-                            f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
+        encoder.load_trained(run_dir / layout.ENCODER_WEIGHTS, cfg.encoder)
         return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device,
                    label_names(run_dir, card.num_labels), progress, with_index=not changing, overrides=overrides)
 

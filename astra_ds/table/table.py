@@ -186,25 +186,51 @@ class ClassifierTable:
     def load(self, path: str | Path, rows_only: bool = False, progress: bool = False) -> None:
         """Read this shard's rows and optimizer state (not with `rows_only`) from the table at `path` (any world
         size wrote it)."""
-        group = store.open_table(path)
-        if (group.attrs["num_labels"], group.attrs["dim"]) != (self.num_labels, self.dim):
-            raise TableError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
-                             f"expected {self.num_labels} x {self.dim}")
+        group = self._open_stored(path, self.num_labels)
         same_optimizer = group.attrs["optimizer"] == self.cfg.optimizer
-        stored_dtype = group.attrs.get("dtype", "float32")
-        for name, (tensor, _, _) in self._arrays().items():
-            if name.startswith("optim/") and (rows_only or not same_optimizer):
-                continue  # fresh optimizer state
-            source = group[name]
-            for _, start, end in progress_of(list(self._chunks()), f"load {name}", progress, "chunk"):
-                values = torch.from_numpy(np.asarray(source[start:end]))
-                if name == "rows" and stored_dtype == "bfloat16":
-                    values = values.view(torch.bfloat16)
-                tensor[start - self.start:end - self.start] = values  # float32 <-> bfloat16 converts (to nearest)
+        self._read_rows(group, np.arange(self.start, self.end), with_optimizer=same_optimizer and not rows_only,
+                        progress=progress)
         self.updates = 0 if rows_only else group.attrs.get("updates", 0)
         self.initialized = group.attrs.get("initialized", True)  # tables from before the flag always were
-        same_bytes = same_optimizer and not rows_only and stored_dtype == self.cfg.dtype
+        same_bytes = same_optimizer and not rows_only and group.attrs.get("dtype", "float32") == self.cfg.dtype
         self.dirty[:] = not same_bytes  # else the chunks are those of the table at `path`
+
+    def load_matched(self, path: str | Path, source_rows: np.ndarray) -> None:
+        """This shard's rows, and their optimizer state where the stored table has this optimizer's, from rows
+        `source_rows` of the table at `path` (one stored row a local row; -1: the row is left as it is). The stored
+        table may have any number of rows (a run whose labels this one extends, astra_ds/training/from_run.py)."""
+        group = self._open_stored(path, None)
+        self._read_rows(group, source_rows, with_optimizer=group.attrs["optimizer"] == self.cfg.optimizer)
+        self.dirty[:] = True
+
+    def _open_stored(self, path: str | Path, num_labels: int | None):
+        group = store.open_table(path)
+        if group.attrs["dim"] != self.dim or num_labels not in (None, group.attrs["num_labels"]):
+            raise TableError(f"table at {path} is {group.attrs['num_labels']} x {group.attrs['dim']}, "
+                             f"expected {num_labels or 'L'} x {self.dim}")
+        return group
+
+    def _read_rows(self, group, source_rows: np.ndarray, with_optimizer: bool, progress: bool = False) -> None:
+        """Local row i <- stored row source_rows[i] (skipped where -1), for the rows and, `with_optimizer`, the
+        optimizer state; the stored table is read a chunk at a time, each chunk once."""
+        local = np.flatnonzero(source_rows >= 0)
+        order = np.argsort(source_rows[local], kind="stable")
+        local, stored = local[order], source_rows[local][order]
+        bfloat16_rows = group.attrs.get("dtype", "float32") == "bfloat16"
+        for name, (tensor, _, _) in self._arrays().items():
+            if name.startswith("optim/") and not with_optimizer:
+                continue  # fresh optimizer state
+            source = group[name]
+            chunk_rows, num_stored = source.chunks[0], source.shape[0]
+            for start in progress_of(range(0, num_stored, chunk_rows), f"load {name}", progress, "chunk"):
+                lo, hi = np.searchsorted(stored, [start, start + chunk_rows])
+                if lo == hi:
+                    continue  # no row of this shard in this chunk
+                block = np.asarray(source[start:min(start + chunk_rows, num_stored)])
+                values = torch.from_numpy(np.ascontiguousarray(block[stored[lo:hi] - start]))
+                if name == "rows" and bfloat16_rows:
+                    values = values.view(torch.bfloat16)
+                tensor[torch.from_numpy(local[lo:hi])] = values.to(tensor.dtype)  # float32 <-> bfloat16: nearest
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -28,6 +28,7 @@ from astra_ds.negatives.base import NegativeSampler, SamplerContext
 from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
 from astra_ds.table.table import ClassifierTable
 from astra_ds.training.engine import build_engine
+from astra_ds.training.from_run import RunStart
 
 log = logging.getLogger("astra_ds")
 
@@ -120,6 +121,7 @@ class Training:
     sampler: NegativeSampler
     memory_plan: MemoryPlan
     progress: bool
+    run_start: RunStart | None = None  # the finished run this one starts from (--init-from RUN_DIR)
 
     def encode_label_texts(self, target) -> None:
         """This rank's rows of `target` (the table, LabelEmbeddings) <- the current encoder's label-text embeddings."""
@@ -128,16 +130,21 @@ class Training:
         log.info("label texts encoded in %.1f s", time.time() - started)
 
     def initialize_rows(self) -> None:
-        """A fresh run's rows, as table.init says (label-text rows from the encoder as it is now)."""
-        TABLE_INITS.get(self.cfg.table.init).initialize(self.table, self.cfg.train.seed, self.encode_label_texts)
+        """A fresh run's rows, as table.init says (label-text rows from the encoder as it is now); in a run that
+        starts from a finished one, the rows of its labels are that run's."""
+        if self.run_start is None or self.run_start.num_new:
+            TABLE_INITS.get(self.cfg.table.init).initialize(self.table, self.cfg.train.seed, self.encode_label_texts)
+        if self.run_start is not None:
+            self.run_start.load_rows(self.table)
         self.table.mark_initialized()
 
 
 def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict] | None = None,
-                   progress: bool = False) -> Training:
+                   progress: bool = False, from_run: Path | None = None) -> Training:
     """`checkpoint`: (path, meta) of the checkpoint the run resumes or starts from (checked against the data and
-    encoder). The rows are left empty: the trainer initialises them (Training.initialize_rows) when the first stage
-    that trains them begins, or loads them from the checkpoint."""
+    encoder); `from_run`: a finished run whose encoder and rows start this one (astra_ds/training/from_run.py). The
+    rows are left empty: the trainer initialises them (Training.initialize_rows) when the first stage that trains
+    them begins, or loads them from the checkpoint."""
     ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
     tokenizer, data = build_data(cfg, dist)
     check_data(cfg, data)
@@ -146,6 +153,10 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     sampler_class.import_dependencies()
     held = process_bytes()  # before the model: the plan measures the process as it is now
     encoder = build_encoder(cfg, data)
+    run_start = None
+    if from_run is not None:
+        run_start = RunStart.read(from_run, data.dataset.label_texts, data.dataset.num_labels)
+        encoder.load_trained(run_start.encoder_weights, cfg.encoder)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint[1], checkpoint[0], data, encoder.dim)
         if checkpoint[1]["world_size"] != dist.world_size:  # re-sliced through a universal checkpoint
@@ -155,4 +166,5 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
                             dist.world_size, cfg.train.seed)
     sampler = sampler_class(SamplerContext(cfg, table, len(data.train_tokens)))
-    return Training(cfg, dist, tokenizer, data, engine, ds_config, ds_path, table, sampler, memory_plan, progress)
+    return Training(cfg, dist, tokenizer, data, engine, ds_config, ds_path, table, sampler, memory_plan, progress,
+                    run_start)

@@ -45,6 +45,7 @@ from astra_ds.serve.card import withdraw_run, write_model_files, write_run_manif
 from astra_ds.training.build import build_training
 from astra_ds.training.checkpoint import CheckpointManager
 from astra_ds.training.engine import EngineCheckpoint, encoder_state_dict
+from astra_ds.training.from_run import is_run_dir
 from astra_ds.training.metrics_log import MetricsLog
 from astra_ds.training.preemption import Preemption
 from astra_ds.training.stages import Stage, build_stages
@@ -100,7 +101,8 @@ class Trainer:
         """`resume`: "auto" (the latest checkpoint of this run, if any) or a checkpoint directory, continued with
         its full state (on the same data, with the same settings but those that leave the steps as they were,
         unless `allow_changes`); `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh
-        run; `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
+        run, or a finished run whose encoder, rows and their optimizer state do, on a label set that may have grown
+        (astra_ds/training/from_run.py); `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
         evaluation on the test split, which must hold queries. The caller holds the run directory's lock."""
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         # rank 0 shows progress: bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
@@ -113,7 +115,8 @@ class Trainer:
             raise UserError(f"out_dir {self.run_dir} holds an earlier run: continue it with --resume auto, replace "
                             "it with --overwrite, or choose another out_dir")
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
-        start = self.checkpoints.start_point(resume, init_from)  # (path, meta) or None
+        from_run = Path(init_from) if init_from and is_run_dir(Path(init_from)) else None
+        start = self.checkpoints.start_point(resume, None if from_run else init_from)  # (path, meta) or None
         if resume == "auto" and start is None:
             log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
         start_path = start[0] if start else None
@@ -124,7 +127,7 @@ class Trainer:
         if self.dist.is_main:
             log.info("config:\n%s", summary(cfg))
 
-        parts = build_training(cfg, self.dist, start, progress=self.progress)
+        parts = build_training(cfg, self.dist, start, progress=self.progress, from_run=from_run)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
         if evaluate and not len(self.data.test_tokens):
             raise UserError(f"the data at {cfg.data.path} has no test queries, so the model could not be evaluated: "
@@ -152,11 +155,11 @@ class Trainer:
         if resume_path:
             self.checkpoints.load(*start)
             log.info("resumed from %s (step %d, %s stage)", resume_path, self.step, start[1]["stage"])
-        elif init_from:
+        elif init_from and not from_run:
             self.checkpoints.load_weights(start_path)
             log.info("encoder and classifier rows initialised from %s", start_path)
         # the rows start (table.init) when the first stage that trains them begins, from the encoder the stages
-        # before it left; rows that --init-from brought are kept
+        # before it left; rows that --init-from brought from a checkpoint are kept, a finished run's are put in then
         first_rows_stage = next((s for s in self.stages if s.trains_table), self.stages[0])
         self.rows_stage = None if init_from and self.table.initialized else first_rows_stage
         if self.dist.is_main:  # written once everything is built and loaded: a failed resume changes nothing

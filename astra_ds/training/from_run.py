@@ -1,0 +1,95 @@
+"""A training run that starts from a finished run (`astra-ds train --init-from RUN_DIR`), on a label set that
+holds the run's labels and maybe new ones: the label set grew while the model served (README, "Labels that
+change").
+
+The finished run gives the encoder's weights and, for each of its labels, the row and the row's optimizer state.
+A label of the run is found in the new label set by its name (its text: label_names.txt, the dataset's label
+texts); labels that share a name are matched in the order they appear on each side. Without names on either side,
+label i is label i and the new labels come after the run's. The rows of the new labels start as `table.init` says
+(label_text: their texts through the run's encoder); the stages then train all rows.
+
+Refused in one line: a label of the run missing from the new set (the run's retired labels may be missing), and a
+name that the new set holds more than once and the run a different number of times (which of them is the run's?).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from astra_ds import layout
+from astra_ds.errors import UserError
+from astra_ds.serve.card import ModelCard, label_names, retired_ids, verify_run
+
+log = logging.getLogger("astra_ds")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory (finished or not), as opposed to a checkpoint."""
+    return (path / layout.CONFIG).is_file() and not (path / layout.META).is_file()
+
+
+def match_labels(run_names: list[str] | None, run_labels: int, names: list[str] | None, num_labels: int,
+                 retired: np.ndarray) -> np.ndarray:
+    """For each of the `num_labels` labels of the new set, its id in the run, or -1 for a label the run does not
+    have. `run_names`/`names`: the labels' names, or None (then matched by id)."""
+    if run_names is None or names is None:
+        if num_labels < run_labels:
+            raise UserError(f"the run has {run_labels} labels and this dataset {num_labels}, and without label names "
+                            "on both sides labels are matched by id: the dataset must hold the run's labels first")
+        return np.concatenate([np.arange(run_labels), np.full(num_labels - run_labels, -1)])
+    run_ids_of: dict[str, list[int]] = defaultdict(list)
+    for run_id, name in enumerate(run_names):
+        run_ids_of[name].append(run_id)
+    new_ids_of: dict[str, list[int]] = defaultdict(list)
+    for label, name in enumerate(names):
+        new_ids_of[name].append(label)
+    run_ids = np.full(num_labels, -1)
+    for name, labels in new_ids_of.items():
+        known = run_ids_of.get(name, [])
+        if len(labels) > 1 and known and len(known) != len(labels):
+            raise UserError(f"label name {name!r} names {len(labels)} labels of this dataset and {len(known)} of the "
+                            "run: which of them are the run's is ambiguous (give the labels distinct names)")
+        run_ids[labels[:len(known)]] = known[:len(labels)]
+    missing = np.setdiff1d(np.arange(run_labels), np.concatenate([run_ids[run_ids >= 0], retired]))
+    if len(missing):
+        shown = ", ".join(repr(run_names[i]) for i in missing[:3])
+        raise UserError(f"{len(missing)} labels of the run are not in this dataset's labels (e.g. {shown}): a run "
+                        "continues on a label set that holds all its labels (retire a label first to leave it out)")
+    return run_ids
+
+
+@dataclass
+class RunStart:
+    """Where a run that starts from a finished run takes its weights and rows from."""
+
+    run_dir: Path
+    run_ids: np.ndarray  # (L,) the finished run's id of each label of this run; -1 for a new label
+
+    @classmethod
+    def read(cls, run_dir: Path, names: list[str] | None, num_labels: int) -> "RunStart":
+        """The finished run at `run_dir`, verified, its labels matched to this run's (`names`, or None)."""
+        verify_run(run_dir)
+        card = ModelCard.load(run_dir / layout.MODEL_CARD)
+        run_ids = match_labels(label_names(run_dir, card.num_labels), card.num_labels, names, num_labels,
+                               retired_ids(run_dir))
+        start = cls(run_dir, run_ids)
+        log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run_dir,
+                 num_labels - start.num_new, "name" if names else "id", start.num_new)
+        return start
+
+    @property
+    def num_new(self) -> int:
+        return int((self.run_ids < 0).sum())
+
+    @property
+    def encoder_weights(self) -> Path:
+        return self.run_dir / layout.ENCODER_WEIGHTS
+
+    def load_rows(self, table) -> None:
+        """The rows (and their optimizer state) of the run's labels into this rank's shard of `table`."""
+        table.load_matched(self.run_dir / layout.TABLE, self.run_ids[table.start:table.end])
