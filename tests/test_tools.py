@@ -90,3 +90,26 @@ def test_bench_checkpoint_prints_save_digest_and_verify_times():
     for name in ("full save", "full digest", "next save", "next digest"):
         assert float(lines[name].split()[2]) >= 0, out
     assert "verify" in out and "digests of the first save: " in out
+
+
+@pytest.mark.slow
+def test_label_churn_holds_labels_out_adds_them_back_and_scores_every_model(synth_dir, token_cache, finished_run,
+                                                                           tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")
+    out = _tool("tools/label_churn.py", "--config", str(config), "--out", str(tmp_path / "churn"), "--fraction", "0.2",
+                "--full-run", str(finished_run),
+                *[a for s in [*TINY_RUN, "encoder.dim=16", "table.init=label_text", "classifier.epochs=1",
+                              "classifier.batch_size=64", "negatives.strategy=uniform", "batching.mode=random"]
+                  for a in ("--set", s)])
+    churn = json.loads((tmp_path / "churn" / "churn.json").read_text())
+    held_out, table = churn["held_out"], churn["table"]
+    assert len(held_out) == 10 and "10 of 50 labels held out" in out
+    kept_names = (tmp_path / "churn" / "kept" / "label_names.txt").read_text().split("\n")
+    all_names = (finished_run / "label_names.txt").read_text().split("\n")
+    assert len(kept_names) == 40 and not {all_names[i] for i in held_out} & set(kept_names)
+    assert table["kept"]["new R@5"] == 0 and table["kept"]["P@5"] == table["kept"]["old P@5"]
+    added = (tmp_path / "churn" / "zero_shot" / "label_names.txt").read_text().split("\n")
+    assert added == kept_names + [all_names[i] for i in held_out]  # (a): the held-out labels appended
+    assert table["grown"]["train s"] > 0 and table["zero_shot"]["train s"] is None
+    assert "| zero_shot |" in out and "grown training time / full's" in out
