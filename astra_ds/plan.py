@@ -2,13 +2,13 @@
 
     process     measured: the interpreter, libraries, the dataset and its token ids (read before planning)
     table       rows (L_rank x d x 2 or 4 bytes) and the row-sparse optimizer state
-    encoder     weights, gradients and Adam state under the ZeRO stage (sharded over ranks from stage 1 up),
-                and the activations of one micro-batch
+    encoder     weights, gradients and Adam state under the ZeRO stage (sharded over ranks from stage 1 up)
     index       the faiss index over the rank's rows (ASTRA), precomputed shortlists, NGAME's embeddings
 
-Some memory is held only during one phase (a step's staging buffers, an index (re)build's training sample
-and recall check, an evaluation's score blocks); the phases never
-overlap, so the plan adds the largest of them to what is resident. (A checkpoint streams the table and the
+Some memory is held only during one phase: a step of one stage (the Siamese and joint stages' activations and
+optimizer step, the rows a step fetches), an index (re)build's training sample and recall check, an evaluation's
+score blocks. Stages run one after the other and the other phases fall between steps, so no two phases overlap
+and the plan adds the largest of them to what is resident. (A checkpoint streams the table and the
 index to files and needs no memory of its own.) `check_fits` stops a run whose ranks would
 need more than their hosts have, naming what to change.
 """
@@ -117,25 +117,37 @@ def activation_bytes(encoder: torch.nn.Module, micro_batch: int, max_len: int) -
     return config.num_hidden_layers * per_layer
 
 
-def encoder_activations(cfg: RunConfig, encoder: torch.nn.Module, micro_batch: int, shape: DataShape,
-                        world_size: int, place) -> PlanLine:
-    """The activations of the stage that keeps the most for backward: the joint stage's micro-batch of queries,
-    or the Siamese stage's, which also runs the texts of the micro-batch's labels through the encoder (their
-    number grows with the labels a query has: about 19 a query on Delicious). A batch is padded to its longest
-    text."""
+def optimizer_step_bytes(num_params: int, zero_stage: int, world_size: int) -> int:
+    """What the encoder's optimizer step allocates for its duration: DeepSpeed flattens the rank's fp32 gradient
+    partition into one new tensor, and torch's AdamW makes two more of its size (measured on CPU: 0.25-0.34 GiB
+    above the RSS before the step for MiniLM on one rank)."""
+    partition = math.ceil(num_params * 4 / world_size) if zero_stage >= 1 else num_params * 4
+    return 3 * partition
+
+
+def training_step_phases(cfg: RunConfig, encoder: torch.nn.Module, micro_batch: int, shape: DataShape,
+                         world_size: int, optimizer_step: int, staging: int, place) -> list[PlanLine]:
+    """A phase for each stage that trains the encoder: the activations its micro-batch keeps for backward, then the
+    optimizer step (glibc keeps the freed activations' pages until the trim after the step, so the two add up).
+    The joint stage's micro-batch of queries also fetches rows (`staging`); the Siamese stage's also runs the texts
+    of the micro-batch's labels through the encoder (their number grows with the labels a query has: about 19 a
+    query on Delicious). A batch is padded to its longest text."""
     query_tokens = min(cfg.data.max_len, shape.query_tokens or cfg.data.max_len)
     queries = activation_bytes(encoder, micro_batch, query_tokens)
-    line = PlanLine("encoder activations", **place(queries), detail=f"micro-batch {micro_batch} x {query_tokens} "
-                                                                    "tokens")
+    lines = []
     if cfg.siamese.epochs:
         global_micro = micro_batch * world_size
         label_texts = math.ceil(min(shape.num_labels, math.ceil(global_micro * shape.positives_per_query)) / world_size)
         label_tokens = min(cfg.siamese.label_max_len, shape.label_tokens or cfg.siamese.label_max_len)
         siamese = queries + activation_bytes(encoder, label_texts, label_tokens)
-        line = PlanLine("encoder activations", **place(siamese),
-                        detail=f"Siamese stage: {micro_batch} queries x {query_tokens} tokens, ~{label_texts} label "
-                               f"texts x {label_tokens}")
-    return line
+        lines.append(PlanLine("Siamese step", **place(siamese + optimizer_step),
+                              detail=f"activations of {micro_batch} queries x {query_tokens} tokens and ~{label_texts} "
+                                     f"label texts x {label_tokens}, optimizer step"))
+    if cfg.train.epochs:
+        lines.append(PlanLine("joint step", **place(queries + optimizer_step + staging),
+                              detail=f"activations of {micro_batch} queries x {query_tokens} tokens, optimizer step, "
+                                     "fetched rows"))
+    return lines
 
 
 def uses_label_embeddings(cfg: RunConfig) -> bool:
@@ -197,7 +209,6 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
                  detail=f"{num_params / 1e6:.1f}M params, ZeRO-{stage} ({ds_path.name})"),
         PlanLine("encoder master + Adam", **place(encoder_state["master"] + encoder_state["adam"], on_host=offload),
                  detail="offloaded to the CPU" if offload else ""),
-        encoder_activations(cfg, encoder, micro_batch, shape, world_size, place),
     ]
     if cfg.classifier.epochs or cfg.classifier.refit_epochs:
         resident.append(PlanLine("frozen query embeddings", num_train * dim * 4,
@@ -213,9 +224,12 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
         step_rows = min(rows, step_rows + math.ceil(cfg.train.batch_size * positives_per_query))
     # fetched rows, their gradient, the optimizer's gathered state and new weights, the host copy back
     staging = step_rows * (dim * 4 * 5 + state_per_row * 3)
+    optimizer_step = optimizer_step_bytes(num_params, stage, world_size)
     evaluation = exact_topk_bytes(min(num_test, 4096), rows, dim, cfg.eval.label_block)
     phases = [
-        PlanLine("step staging", **place(staging), detail=f"~{step_rows:,} rows a step"),
+        *training_step_phases(cfg, encoder, micro_batch, shape, world_size, optimizer_step, staging, place),
+        *([PlanLine("classifier step", **place(staging), detail=f"~{step_rows:,} fetched rows (and refit)")]
+          if cfg.classifier.epochs or cfg.classifier.refit_epochs else []),
         PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation,
                  detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"),
         *sampler_phases,

@@ -88,7 +88,7 @@ def test_plan_splits_the_table_over_ranks(million_labels, token_cache, tmp_path,
     assert "fits" in outputs[1]
 
 
-def test_the_plan_counts_the_siamese_stage_s_label_texts_and_the_frozen_embeddings():
+def test_the_plan_counts_each_stage_s_step_as_a_phase_and_the_frozen_embeddings():
     from astra_ds.model.encoder import QueryEncoder
     from astra_ds.plan import DataShape, activation_bytes, plan_run
 
@@ -97,16 +97,21 @@ def test_the_plan_counts_the_siamese_stage_s_label_texts_and_the_frozen_embeddin
     def plan(*overrides):
         cfg = load_config(None, ["encoder.model=tiny-random", "train.batch_size=64", *overrides])
         encoder = QueryEncoder(cfg.encoder, shape.num_labels)
-        lines = {line.component: line for line in plan_run(cfg, shape, encoder, 2, 0, False, 0).resident}
-        return lines, encoder, cfg
+        memory = plan_run(cfg, shape, encoder, 2, 0, False, 0)
+        return {line.component: line for line in memory.resident + memory.phases}, encoder, cfg
 
     joint, encoder, cfg = plan("siamese.epochs=0", "classifier.epochs=0", "classifier.refit_epochs=0")
-    assert joint["encoder activations"].host == activation_bytes(encoder, 32, cfg.data.max_len)
-    assert "frozen query embeddings" not in joint and "label-text embeddings" not in joint
+    num_params = sum(p.numel() for p in encoder.parameters())
+    optimizer_step = 3 * num_params * 4 // 2  # the flat fp32 gradient partition and AdamW's two temporaries
+    queries = activation_bytes(encoder, 32, cfg.data.max_len)
+    assert joint["joint step"].host - queries - optimizer_step > 0  # and the rows the step fetches
+    assert {"Siamese step", "classifier step", "frozen query embeddings", "label-text embeddings"}.isdisjoint(joint)
     staged, _, _ = plan("siamese.epochs=1", "classifier.epochs=2", "eval.label_text_weight=0.5")
     # 2 ranks: each encodes its 32 queries and half of the ~64 x 4 labels of the global micro-batch
-    assert staged["encoder activations"].host == (activation_bytes(encoder, 32, cfg.data.max_len)
-                                                   + activation_bytes(encoder, 128, cfg.siamese.label_max_len))
+    assert staged["Siamese step"].host == (queries + activation_bytes(encoder, 128, cfg.siamese.label_max_len)
+                                           + optimizer_step)
+    assert staged["joint step"].host == joint["joint step"].host
+    assert staged["joint step"].host - queries - optimizer_step == staged["classifier step"].host  # fetched rows
     assert staged["frozen query embeddings"].host == 20_000 * encoder.dim * 4
     assert staged["label-text embeddings"].host == staged["table rows"].host  # this rank's rows, float32
 

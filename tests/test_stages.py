@@ -71,19 +71,33 @@ def test_stages_run_in_order_and_rows_start_from_the_siamese_encoder(synth_dir, 
     assert stages == [(s, "siamese") for s in range(1, siamese_steps + 1)] + [(siamese_steps + 1, "classifier")]
 
 
+def _embeddings_at_the_end(stage) -> dict:
+    """The frozen query embeddings `stage` trained on, kept as it ends (and lets them go)."""
+    kept, end = {}, stage.end
+
+    def keep_then_end():
+        kept["queries"] = stage.queries
+        end()
+
+    stage.end = keep_then_end
+    return kept
+
+
 def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "classifier.epochs=1", "train.epochs=0",
                            "classifier.batch_size=64")
     (classifier,) = trainer.stages
     encoder_before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
     rows_before = trainer.table.rows.clone()
+    trained_on = _embeddings_at_the_end(classifier)
     trainer.fit()
+    assert not hasattr(classifier, "queries")  # let go when the stage ended
     assert trainer.step == 8 and not torch.equal(trainer.table.rows, rows_before)
     for name, value in trainer.engine.module.state_dict().items():
         assert torch.equal(value, encoder_before[name]), name
     with torch.no_grad():  # the cached embeddings are the frozen encoder's
         expected, _ = trainer.engine.module.eval()(*trainer.data.train_tokens.batch(np.arange(5)))
-    torch.testing.assert_close(classifier.queries[:5], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trained_on["queries"][:5], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(synth_dir, token_cache, tmp_path):
@@ -93,13 +107,14 @@ def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(syn
     rows_after_joint = {}
     begin = refit.begin
     refit.begin = lambda resumed: (rows_after_joint.setdefault("rows", trainer.table.rows.clone()), begin(resumed))
+    trained_on = {stage.name: _embeddings_at_the_end(stage) for stage in (classifier, refit)}
     trainer.fit()
 
     assert not torch.equal(trainer.table.rows, rows_after_joint["rows"])
     with torch.no_grad():  # the refit's cached embeddings are the final encoder's, the classifier stage's are not
         expected, _ = trainer.engine.module.eval()(*trainer.data.train_tokens.batch(np.arange(5)))
-    torch.testing.assert_close(refit.queries[:5], expected, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(classifier.queries[:5], expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(trained_on["refit"]["queries"][:5], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(trained_on["classifier"]["queries"][:5], expected, rtol=1e-3, atol=1e-4)
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     stages = [r["stage"] for r in records if "loss" in r]
     assert stages == [s.name for s in trainer.stages for _ in range(s.epochs * s.steps_per_epoch)]

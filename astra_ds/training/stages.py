@@ -54,6 +54,9 @@ class Stage:
     def begin(self, resumed: bool) -> None:
         """The stage starts (or a run resumes inside it)."""
 
+    def end(self) -> None:
+        """The stage has run its steps: what it held for them goes."""
+
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """Embeddings (host) of the training queries at `rows` (None: all), as this stage trains on them: by the
         encoder as it is now."""
@@ -124,6 +127,9 @@ class ClassifierStage(Stage):
         """The frozen encoder's embeddings of every training query, computed once (again when resumed: the
         same values) and kept on the host."""
         self.queries, self.calibration = self._encode_train(None)
+
+    def end(self) -> None:
+        del self.queries, self.calibration
 
     def train_queries(self, rows: np.ndarray | None) -> torch.Tensor:
         """The frozen embeddings: the encoder does not move in this stage."""

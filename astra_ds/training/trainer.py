@@ -222,6 +222,7 @@ class Trainer:
                 self.parts.initialize_rows()
             stage.begin(resumed=not fresh)
             self.run_stage(stage, first)
+            stage.end()
 
     def run_stage(self, stage: Stage, first: int) -> None:
         cfg, per_epoch = self.cfg, stage.steps_per_epoch
