@@ -40,6 +40,8 @@ from astra_ds.config import describe, load_config
 from astra_ds.data.synth import SynthConfig
 from astra_ds.errors import ConfigError, Preempted, UserError
 from astra_ds.launch import discover_launch, end_mpi_job
+from astra_ds.serve.requests import Limits
+from astra_ds.serve.settings import ServeSettings
 from astra_ds.libraries import quiet_libraries
 
 log = logging.getLogger("astra_ds")
@@ -276,8 +278,7 @@ def cmd_serve(args) -> None:
     # torch's OpenMP threads sleep between batches instead of spinning on the cores the event loop answers on
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     quiet_libraries()
-    from astra_ds.serve.requests import Limits
-    from astra_ds.serve.server import ServeSettings, serve
+    from astra_ds.serve.server import serve
 
     serve(ServeSettings(args.run_dir, args.host, args.port, args.max_batch, args.max_wait_ms, args.max_queue,
                         Limits(args.max_texts, args.max_chars, args.max_body_bytes), args.set, args.device,
@@ -519,19 +520,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(Prometheus). Concurrent requests are batched into one encoder forward. SIGTERM answers the requests in "
         "flight, then exits 0. It listens on loopback unless --host says otherwise: put it behind a proxy that "
         "does not expose /v1/reload.")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one, logged)")
-    serve.add_argument("--max-batch", type=int, default=64, help="texts a model batch (default 64)")
-    serve.add_argument("--max-wait-ms", type=float, default=0.0,
-                       help="how long a request may wait for others to batch with while the model is idle (default "
-                            "0: batches form from the requests that arrive while the model works)")
-    serve.add_argument("--max-queue", type=int, default=1024,
-                       help="texts waiting for the model; more are answered 503 with Retry-After (default 1024)")
-    serve.add_argument("--max-texts", type=int, default=64, help="texts a request (default 64; more: 413)")
-    serve.add_argument("--max-chars", type=int, default=2000, help="characters a text (default 2000; more: 413)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="bytes a request body (default 1 MiB)")
-    serve.add_argument("--drain-s", type=float, default=30.0,
-                       help="on SIGTERM, the longest to wait for the requests in flight (default 30)")
+    defaults, limits = ServeSettings(run_dir=""), Limits()
+    serve.add_argument("--host", default=defaults.host,
+                       help=f"address to listen on (default {defaults.host}; 0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=defaults.port,
+                       help=f"port (default {defaults.port}; 0: any free one, logged)")
+    serve.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                       help=f"texts a model batch (default {defaults.max_batch})")
+    serve.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                       help=f"how long a request may wait for others to batch with while the model is idle (default "
+                            f"{defaults.max_wait_ms:g}: batches form from the requests that arrive while the model "
+                            "works)")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help=f"texts waiting for the model; more are answered 503 with Retry-After (default "
+                            f"{defaults.max_queue})")
+    serve.add_argument("--max-texts", type=int, default=limits.max_texts,
+                       help=f"texts a request (default {limits.max_texts}; more: 413)")
+    serve.add_argument("--max-chars", type=int, default=limits.max_chars,
+                       help=f"characters a text (default {limits.max_chars}; more: 413)")
+    serve.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes,
+                       help=f"bytes a request body (default {limits.max_body_bytes >> 20} MiB)")
+    serve.add_argument("--drain-s", type=float, default=defaults.drain_s,
+                       help=f"on SIGTERM, the longest to wait for the requests in flight (default {defaults.drain_s:g})")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
 
     label_commands = _command_group(commands, "labels", "add or retire labels of a trained run")

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
@@ -36,25 +35,12 @@ from astra_ds.errors import UserError
 from astra_ds.serve.batcher import Batcher, Overloaded
 from astra_ds.serve.metrics import ServerMetrics
 from astra_ds.serve.model import XCModel
-from astra_ds.serve.requests import ClientError, Limits, k_of, parse_body, texts_of, unknown_fields
+from astra_ds.serve.requests import ClientError, k_of, parse_body, texts_of, unknown_fields
+from astra_ds.serve.settings import ServeSettings
 
 log = logging.getLogger("astra_ds")
 
 RETRY_AFTER = {"Retry-After": "1"}
-
-
-@dataclass
-class ServeSettings:
-    run_dir: str
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: any free port (the log says which)
-    max_batch: int = 64  # texts a model batch
-    max_wait_ms: float = 0.0  # the longest a request waits for others while the model is idle
-    max_queue: int = 1024  # texts waiting for the model; beyond them, 503 with Retry-After
-    limits: Limits = field(default_factory=Limits)
-    overrides: list[str] = field(default_factory=list)  # config keys for the loaded run, e.g. index.nprobe=64
-    device: str | None = None
-    drain_s: float = 30.0  # the longest SIGTERM waits for requests in flight
 
 
 def load_warm(run_dir: str, overrides: list[str], device: str | None) -> XCModel:
