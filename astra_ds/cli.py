@@ -39,6 +39,7 @@ from astra_ds.choices import READERS, SAMPLERS
 from astra_ds.config import describe, load_config
 from astra_ds.data.synth import SynthConfig
 from astra_ds.errors import ConfigError, Preempted, UserError
+from astra_ds.files import utf8_lines
 from astra_ds.launch import discover_launch, end_mpi_job
 from astra_ds.serve.requests import Limits
 from astra_ds.serve.settings import ServeSettings
@@ -203,14 +204,7 @@ def _read_texts(args) -> list[str]:
         return args.text
     stream = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")
     with stream:
-        lines = stream.read().splitlines()
-    texts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            texts.append(line.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise UserError(f"{args.input}: line {number} is not UTF-8 text (byte {err.start + 1}: "
-                            f"{line[err.start:err.start + 1]!r})") from None
+        texts = utf8_lines(stream.read(), args.input)
     empty = [i for i, text in enumerate(texts, 1) if not text.strip()]
     if empty:
         raise UserError(f"{args.input}: line {empty[0]} is empty ({len(empty)} empty lines): one text a line")

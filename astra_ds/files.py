@@ -1,6 +1,6 @@
 """Files of runs and checkpoints: durable writes (a file replaced atomically: temporary file, fsync, rename; trees
-flushed to disk), the files under a directory (what a manifest of digests lists), and torch files read back with
-damage named in one line (for the trainer and for serving alike).
+flushed to disk), the files under a directory (what a manifest of digests lists), torch files read back with
+damage named in one line (for the trainer and for serving alike), and users' text files read as UTF-8 lines.
 
 A run directory or checkpoint may come from someone else, and unpickling can run any code: torch files are read
 with `weights_only=True` (tensors and plain containers), and files that a library reads itself (DeepSpeed's ZeRO
@@ -17,7 +17,20 @@ from typing import Callable
 
 from astra_ds import layout
 from astra_ds.digests import listed
-from astra_ds.errors import CheckpointError
+from astra_ds.errors import CheckpointError, UserError
+
+
+def utf8_lines(data: bytes, source: str) -> list[str]:
+    """The lines of a user's text file (a line ends at LF, CRLF or CR), a line that is not
+    UTF-8 refused in one line naming it."""
+    lines = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise UserError(f"{source}, line {number}: not UTF-8 (byte {err.start + 1}: {raw[err.start:err.start + 1]!r}"
+                            "); convert it to UTF-8 first") from None
+    return lines
 
 
 def fsync_tree(path: Path) -> None:

@@ -134,7 +134,7 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monk
     ([], "add", "holds no label"),
     (["label one", "label one"], "add", "'label one' is twice in the new labels"),
     (["{\"name\": \"no text\"}"], "add", 'line 1: not a JSON object with a "text"'),
-    (None, "add", "line 2: not UTF-8 (byte 3)"),
+    (None, "add", "line 2: not UTF-8 (byte 3: "),
     (None, "retire --ids 50", "label id 50 is out of range: the model has ids 0-49"),
     (None, "retire --names nothing-like-it", "no label is named 'nothing-like-it'"),
     (None, "retire --ids " + " ".join(map(str, range(50))), "would retire all 50 labels"),

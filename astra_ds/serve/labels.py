@@ -29,7 +29,7 @@ from astra_ds import layout
 from astra_ds.config import load_config
 from astra_ds.digests import file_digest
 from astra_ds.errors import UserError
-from astra_ds.files import write_atomically
+from astra_ds.files import utf8_lines, write_atomically
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.run_lock import RunLock
 from astra_ds.scoring import ScoringRows
@@ -54,12 +54,7 @@ def read_label_file(path: Path) -> NewLabels:
     if not path.is_file():
         raise UserError(f"no label file at {path}")
     texts, names = [], []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError as err:
-            raise UserError(f"{path}, line {number}: not UTF-8 (byte {err.start + 1}); convert the file to UTF-8 "
-                            "first") from None
+    for number, line in enumerate(utf8_lines(path.read_bytes(), str(path)), 1):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
