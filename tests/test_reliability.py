@@ -472,7 +472,8 @@ def test_predict_takes_no_texts_crlf_and_refuses_what_is_not_utf8(saved_run, tmp
     assert [line["text"] for line in lines] == ["a b", "b c"]
     assert lines[0]["ids"] == model.predict(["a b"], k=5).ids[0].tolist()
     assert predict_stdin(b"a b\nb \xff c\n") == 2
-    assert capsys.readouterr().err == "astra-ds: error: -, line 2: not UTF-8 (byte 3: b'\\xff'); convert it to UTF-8 first\n"
+    assert capsys.readouterr().err == ("astra-ds: error: -, line 2: not UTF-8 (byte 3: b'\\xff'); convert it to UTF-8 "
+                                       "first\n")
 
 
 def test_wrong_paths_are_refused_before_the_model_or_the_libraries_load(saved_run, synth_dir, tmp_path, capsys):
