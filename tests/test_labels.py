@@ -112,7 +112,7 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monk
     file = _label_file(tmp_path / "new.txt", NEW)
     publish = labels_module._publish
 
-    def crash(path):
+    def crash(path, known):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(labels_module, "_publish", crash)
@@ -153,6 +153,20 @@ def test_bad_label_input_ends_in_one_line(run_dir, tmp_path, capsys, lines, comm
     err = capsys.readouterr().err.strip()
     assert err.startswith("astra-ds: error: ") and message in err and "\n" not in err
     assert (run_dir / "manifest.json").read_bytes() == manifest  # nothing changed
+
+
+def test_a_change_reads_only_the_files_it_wrote_and_the_new_version_verifies(run_dir, tmp_path, monkeypatch):
+    from astra_ds import digests
+
+    model = astra_ds.load(run_dir)  # verified, remembered
+    reads = []
+    real_digest = digests.file_digest
+    monkeypatch.setattr(digests, "file_digest", lambda path: (reads.append(path.name), real_digest(path))[1])
+    model.retire_labels(ids=[3])  # writes retired_labels.json, then reloads the run
+    assert set(reads) - {"manifest.json"} == {"retired_labels.json"}
+    monkeypatch.undo()
+    digests_now = json.loads((run_dir / "manifest.json").read_text())
+    assert digests_now == {name: digests.file_digest(run_dir / name) for name in digests_now}
 
 
 def test_a_name_the_run_has_already_is_refused(run_dir, tmp_path, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from astra_ds import layout
-from astra_ds.digests import damaged_files, listed, manifest
+from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import UserError
 from astra_ds.files import files_under, fsync_dir, write_atomically
 from astra_ds.serve.verified import already_verified, remember_verified
@@ -93,10 +93,13 @@ def withdraw_run(run_dir: Path) -> None:
         fsync_dir(run_dir)
 
 
-def write_run_manifest(run_dir: Path) -> None:
+def write_run_manifest(run_dir: Path, known: DigestCache | None = None) -> None:
     """manifest.json, written last: the digests of the files a finished run's model is made of (not the
-    rebuildable index). Its presence is what makes the directory a finished run."""
-    write_atomically(run_dir / layout.MANIFEST, json.dumps(manifest(run_dir, _model_files(run_dir)), indent=1))
+    rebuildable index), those of `known` files not read again. Its presence is what makes the directory a
+    finished run; the files it lists have just been digested, so the run counts as verified (serve/verified.py)."""
+    digests = manifest(run_dir, _model_files(run_dir), known)
+    write_atomically(run_dir / layout.MANIFEST, json.dumps(digests, indent=1))
+    remember_verified(run_dir, [layout.MANIFEST, *digests])
 
 
 def check_published(run_dir: Path) -> Path:

@@ -27,13 +27,14 @@ import torch
 
 from astra_ds import layout
 from astra_ds.config import load_config
-from astra_ds.digests import file_digest
+from astra_ds.digests import DigestCache, file_digest
 from astra_ds.errors import UserError
 from astra_ds.files import utf8_lines, write_atomically
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.run_lock import RunLock
 from astra_ds.scoring import ScoringRows
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids, write_run_manifest
+from astra_ds.serve.verified import verified_digests
 from astra_ds.table.store import open_table
 
 log = logging.getLogger("astra_ds")
@@ -97,9 +98,10 @@ def _begin(run_dir: Path, change: dict) -> None:
     (run_dir / layout.MANIFEST).unlink(missing_ok=True)
 
 
-def _publish(run_dir: Path) -> None:
-    """The new version: its manifest, then the serving index stamped with it."""
-    write_run_manifest(run_dir)
+def _publish(run_dir: Path, known: DigestCache | None) -> None:
+    """The new version: its manifest (the digests of the files the change left as they were `known`), then the
+    serving index stamped with it."""
+    write_run_manifest(run_dir, known)
     info_path = run_dir / layout.ANN_INFO
     if info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -172,12 +174,12 @@ def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, no
     write_atomically(info_path, json.dumps(info, indent=2))
 
 
-def _apply(run_dir: Path, change: dict, embed: Embed) -> None:
+def _apply(run_dir: Path, change: dict, embed: Embed, known: DigestCache | None = None) -> None:
     if change["change"] == "add":
         _apply_add(run_dir, change, embed)
     else:
         write_atomically(run_dir / layout.RETIRED_LABELS, json.dumps({"retired": change["retired"]}))
-    _publish(run_dir)
+    _publish(run_dir, known)
 
 
 def _change(run_dir: Path, make_change, embed: Embed) -> dict:
@@ -187,9 +189,10 @@ def _change(run_dir: Path, make_change, embed: Embed) -> dict:
     try:
         finish_pending(run_dir, embed, locked=True)
         card = read_card(run_dir)  # verified
+        known = verified_digests(run_dir)
         change = make_change(card)
         _begin(run_dir, change)
-        _apply(run_dir, change, embed)
+        _apply(run_dir, change, embed, known)
         return change
     finally:
         lock.release()
