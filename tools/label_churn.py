@@ -6,12 +6,13 @@
 
 The held-out labels (--fraction of L, seeded; drawn among the labels whose name no other label has, so that the
 grown label set matches the run's by name without ambiguity) are removed from the dataset: the other labels are
-renumbered, the held-out ones' positives dropped from every query. Then, each a fresh `astra-ds` command:
+renumbered, the held-out ones' positives dropped from every query. Then, each an `astra-ds` command:
   kept       the config trained on the remaining labels;
   zero_shot  (a) a copy of `kept` with the held-out labels added by `astra-ds labels add` (rows from their texts);
   grown      (b) `train --init-from kept` on the full label set, the classifier stage only (no Siamese, joint or
              refit stage): the held-out labels start from their texts, every row trains;
   full       (c) the config trained on all labels from the start (or --full-run).
+The commands run in this process, one after another (their logs on stderr).
 Every model is scored on the full test split in the dataset's label ids, top-k exact: P@1 and P@5 over all
 labels; P@1, P@5 (over the test queries with a held-out positive) and recall@5 (held-out positives found in the
 top 5, of all held-out positives) of the held-out labels; and P@1/P@5 counting only hits on the kept labels, which
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,9 +54,11 @@ def held_out_labels(names: list[str] | None, num_labels: int, fraction: float, s
 
 
 def astra_ds(*args: str) -> None:
-    result = subprocess.run([sys.executable, "-m", "astra_ds", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"astra-ds {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    """`astra-ds ARGS` in this process (the imports paid once); its log goes to stderr."""
+    from astra_ds.cli import main
+
+    if main(list(args)) != 0:
+        raise SystemExit(f"astra-ds {' '.join(args)} failed (its error is above)")
 
 
 def train(config: str, sets: list[str], out: Path, *more: str) -> None:
