@@ -40,15 +40,16 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
     forward passes: ZeRO-3 gathers parameters collectively in each. Batches are cut from the queries sorted by
     length, so that each is padded to about its own length rather than to the longest query's."""
     rows = padded_part(len(tokens))
-    by_length = np.argsort(tokens.lengths[rows], kind="stable")
-    chunks, calibration = [], None
+    by_length = torch.from_numpy(np.argsort(tokens.lengths[rows], kind="stable"))
+    mine, calibration = None, None
     with evaluating(model):
         for start in progress_of(range(0, len(rows), batch_size), "encode", progress, "batch"):
-            input_ids, attention_mask = tokens.batch(rows[by_length[start:start + batch_size]])
+            batch = by_length[start:start + batch_size]
+            input_ids, attention_mask = tokens.batch(rows[batch.numpy()])
             embeddings, calibration = model(input_ids.to(device), attention_mask.to(device))
-            chunks.append(embeddings.float().cpu())
-    mine = torch.empty((len(rows), chunks[0].shape[1]))
-    mine[torch.from_numpy(by_length)] = torch.cat(chunks)  # back in the order of `rows`
+            if mine is None:
+                mine = torch.empty((len(rows), embeddings.shape[1]))
+            mine[batch] = embeddings.float().cpu()  # in the order of `rows`, written in place: no second copy
     return all_gather_cat(mine)[:len(tokens)], calibration.detach().float().cpu()
 
 
