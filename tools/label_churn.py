@@ -26,6 +26,7 @@ import argparse
 import json
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,7 @@ GROWN = ["siamese.epochs=0", "train.epochs=0", "classifier.refit_epochs=0"]  # (
 
 def held_out_labels(names: list[str] | None, num_labels: int, fraction: float, seed: int) -> np.ndarray:
     """Sorted ids of round(fraction * L) labels drawn at random among those with a name of their own."""
-    counts: dict[str, int] = {}
-    for name in names or []:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(names or [])
     candidates = [i for i in range(num_labels) if names is None or counts[names[i]] == 1]
     size = round(fraction * num_labels)
     if not 0 < size < len(candidates):
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"kept": args.out / "kept", "zero_shot": args.out / "zero_shot", "grown": args.out / "grown",
             "full": args.full_run or args.out / "full"}
     train(args.config, [*args.set, f"data.path={kept_data}"], runs["kept"])
-    if not (runs["zero_shot"] / "manifest.json").is_file() or not (runs["zero_shot"] / "table").is_dir():
+    if not (runs["zero_shot"] / "manifest.json").is_file():
         shutil.rmtree(runs["zero_shot"], ignore_errors=True)
         shutil.copytree(runs["kept"], runs["zero_shot"], ignore=shutil.ignore_patterns("checkpoints", ".lock"))
         astra_ds("labels", "add", "--run-dir", str(runs["zero_shot"]), "--labels", str(new_labels))

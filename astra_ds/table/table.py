@@ -226,11 +226,16 @@ class ClassifierTable:
                 lo, hi = np.searchsorted(stored, [start, start + chunk_rows])
                 if lo == hi:
                     continue  # no row of this shard in this chunk
-                block = np.asarray(source[start:min(start + chunk_rows, num_stored)])
-                values = torch.from_numpy(np.ascontiguousarray(block[stored[lo:hi] - start]))
+                first, last = stored[lo], stored[hi - 1]
+                block = np.asarray(source[first:last + 1])
+                if last - first == hi - lo - 1 and local[hi - 1] - local[lo] == hi - lo - 1:
+                    values, target = block, slice(local[lo], local[hi - 1] + 1)  # consecutive rows to consecutive rows
+                else:
+                    values, target = block[stored[lo:hi] - first], torch.from_numpy(local[lo:hi])
+                values = torch.from_numpy(np.ascontiguousarray(values))
                 if name == "rows" and bfloat16_rows:
                     values = values.view(torch.bfloat16)
-                tensor[torch.from_numpy(local[lo:hi])] = values.to(tensor.dtype)  # float32 <-> bfloat16: nearest
+                tensor[target] = values.to(tensor.dtype)  # float32 <-> bfloat16: to nearest
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

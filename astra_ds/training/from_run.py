@@ -23,7 +23,7 @@ import numpy as np
 
 from astra_ds import layout
 from astra_ds.errors import UserError
-from astra_ds.serve.card import ModelCard, label_names, retired_ids, verify_run
+from astra_ds.serve.card import label_names, read_card, retired_ids
 
 log = logging.getLogger("astra_ds")
 
@@ -73,13 +73,11 @@ class RunStart:
     @classmethod
     def read(cls, run_dir: Path, names: list[str] | None, num_labels: int) -> "RunStart":
         """The finished run at `run_dir`, verified, its labels matched to this run's (`names`, or None)."""
-        verify_run(run_dir)
-        card = ModelCard.load(run_dir / layout.MODEL_CARD)
-        run_ids = match_labels(label_names(run_dir, card.num_labels), card.num_labels, names, num_labels,
-                               retired_ids(run_dir))
-        start = cls(run_dir, run_ids)
+        card = read_card(run_dir)  # verified
+        run_names = label_names(run_dir, card.num_labels)
+        start = cls(run_dir, match_labels(run_names, card.num_labels, names, num_labels, retired_ids(run_dir)))
         log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run_dir,
-                 num_labels - start.num_new, "name" if names else "id", start.num_new)
+                 num_labels - start.num_new, "name" if names and run_names else "id", start.num_new)
         return start
 
     @property
