@@ -20,12 +20,14 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("
 def release_free_memory() -> None:
     """Hands the pages of freed blocks back to the system (glibc's malloc_trim; elsewhere nothing).
 
-    Called after each step that trains the encoder on the CPU. Its activations are blocks of a few MiB whose sizes
-    change with each batch's length; glibc raises its mmap threshold after each large free, so such blocks soon come
-    from the heap, where the free ones stay resident, fragmented, and the resident size grows step after step
-    (Bibtex recipe: 3.25 GiB at step 20, 3.67 at step 68, 3.78 at step 160, against 2.87 planned). Trimmed after
-    each step, it stays at one step's (3.05 GiB at steps 20 and 40), for 7-12% of those steps' speed on 2 cores;
-    a fixed 4 MiB mmap threshold instead held 2.8 GiB for 17%. docs/results.md has the measurements."""
+    Called after each step that trains the encoder on the CPU and after each batch of an encoding pass. Their
+    activations are blocks of a few MiB whose sizes change with each batch's length; glibc raises its mmap
+    threshold after each large free, so such blocks soon come from the heap, where the free ones stay resident,
+    fragmented, and the resident size grows step after step (Bibtex recipe: 3.25 GiB at step 20, 3.67 at step 68,
+    3.78 at step 160, against 2.87 planned; WordNetHyper: 1 GiB more over one pass of 63K queries). Trimmed after
+    each step, it stays at one step's (3.05 GiB at steps 20 and 40), for 7-12% of those steps' speed on 2 cores
+    (3% of an encoding pass's); a fixed 4 MiB mmap threshold instead held 2.8 GiB for 17%. docs/results.md has
+    the measurements."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
