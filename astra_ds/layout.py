@@ -2,6 +2,7 @@
 
 Run directory (`out_dir`):
     config.yaml, ds_config.json      the effective run and DeepSpeed configs
+    init_from.json                   what the run started from (--init-from): its start again if stopped early
     train_log.jsonl, tensorboard/    metrics along training
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
     label_embeddings/                the final encoder's label-text embeddings (zarr; dual scoring)
@@ -26,6 +27,7 @@ Checkpoint directory (`checkpoints/global_step<N>/`):
 
 CONFIG = "config.yaml"
 DS_CONFIG = "ds_config.json"
+INIT_FROM = "init_from.json"  # --init-from's path: `--resume auto` before the first checkpoint starts from it again
 TRAIN_LOG = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 ENCODER_WEIGHTS = "encoder.pt"

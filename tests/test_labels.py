@@ -228,13 +228,17 @@ def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_starts_new_ones_fr
         torch.testing.assert_close(weight, run_weights[name])
 
 
-def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_run, synth_dir, token_cache, tmp_path):
+@pytest.mark.parametrize("stopped", ["after a checkpoint", "before its first checkpoint"])
+def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_run, synth_dir, token_cache, tmp_path,
+                                                                    stopped):
     data = _grown_data(synth_dir, tmp_path / "data", np.arange(50)[::-1], NEW)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_main("train", *_grown_sets(data, token_cache, straight, "train.max_steps=6"), "--init-from",
              str(finished_run), "--no-eval")
     run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=3"), "--init-from",
              str(finished_run), "--no-eval")
+    if stopped == "before its first checkpoint":  # it then starts again from the run it began from
+        shutil.rmtree(resumed / "checkpoints")
     run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=6"), "--resume", "auto", "--no-eval")
     losses = [[r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
               for run in (straight, resumed)]

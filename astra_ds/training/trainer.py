@@ -102,7 +102,8 @@ class Trainer:
         its full state (on the same data, with the same settings but those that leave the steps as they were,
         unless `allow_changes`); `init_from`: a checkpoint whose weights (encoder, classifier rows) start a fresh
         run, or a finished run whose encoder, rows and their optimizer state do, on a label set that may have grown
-        (astra_ds/training/from_run.py); `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
+        (astra_ds/training/from_run.py), recorded in the run: `--resume auto` before its first checkpoint starts
+        from it again; `overwrite`: an earlier run in out_dir is deleted (else refused); `evaluate`: the run ends with an
         evaluation on the test split, which must hold queries. The caller holds the run directory's lock."""
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         # rank 0 shows progress: bars on a terminal; elsewhere (CI, nohup) a readable log line every log_every steps
@@ -118,9 +119,14 @@ class Trainer:
         from_run = Path(init_from) if init_from and is_run_dir(Path(init_from)) else None
         start = self.checkpoints.start_point(resume, None if from_run else init_from)  # (path, meta) or None
         if resume == "auto" and start is None:
-            log.info("no checkpoint in %s yet: starting from scratch", self.checkpoints.dir)
+            init_from = self.recorded_init_from()
+            if init_from:  # a run started with --init-from, stopped before its first checkpoint
+                from_run = Path(init_from) if is_run_dir(Path(init_from)) else None
+                start = self.checkpoints.start_point(None, None if from_run else init_from)
+            log.info("no checkpoint in %s yet: starting from %s", self.checkpoints.dir,
+                     f"{init_from} again, as this run began" if init_from else "scratch")
         start_path = start[0] if start else None
-        resume_path = start_path if resume else None
+        resume_path = start_path if resume and not init_from else None
         if resume_path and start[1].get("stage") not in STAGES.names:
             raise CheckpointError(f"checkpoint {resume_path} was written in a stage named {start[1]['stage']!r}, "
                                   f"which this version does not have (stages: {', '.join(STAGES.names)})")
@@ -169,6 +175,9 @@ class Trainer:
                 self.delete_earlier_run()
             write_atomically(self.run_dir / layout.CONFIG, cfg.with_absolute_paths().to_yaml())
             write_atomically(self.run_dir / layout.DS_CONFIG, json.dumps(parts.ds_config, indent=2))
+            if init_from and not resume_path:
+                write_atomically(self.run_dir / layout.INIT_FROM,
+                                 json.dumps({"init_from": str(Path(init_from).resolve())}))
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None,
                                       getattr(self.engine, "monitor", None))
         d = self.data.dataset
@@ -177,6 +186,11 @@ class Trainer:
                  cfg.encoder.model, self.table.dim, parts.ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch}" for s in self.stages),
                  self.total_steps)
+
+    def recorded_init_from(self) -> str | None:
+        """The --init-from this run began with (init_from.json), or None."""
+        path = self.run_dir / layout.INIT_FROM
+        return json.loads(path.read_text())["init_from"] if path.is_file() else None
 
     def delete_earlier_run(self) -> None:
         """--overwrite: the files of the run that was in out_dir, and its checkpoints, go (the lock stays)."""
