@@ -116,17 +116,16 @@ class Trainer:
             raise UserError(f"out_dir {self.run_dir} holds an earlier run: continue it with --resume auto, replace "
                             "it with --overwrite, or choose another out_dir")
         self.checkpoints = CheckpointManager(cfg.checkpoint, cfg.out_dir, self.dist.rank, self.dist.world_size)
-        from_run = Path(init_from) if init_from and is_run_dir(Path(init_from)) else None
-        start = self.checkpoints.start_point(resume, None if from_run else init_from)  # (path, meta) or None
-        if resume == "auto" and start is None:
+        start = self.checkpoints.start_point(resume, None) if resume else None  # (path, meta) or None
+        if resume == "auto" and start is None:  # a run begun with --init-from starts from it again
             init_from = self.recorded_init_from()
-            if init_from:  # a run started with --init-from, stopped before its first checkpoint
-                from_run = Path(init_from) if is_run_dir(Path(init_from)) else None
-                start = self.checkpoints.start_point(None, None if from_run else init_from)
             log.info("no checkpoint in %s yet: starting from %s", self.checkpoints.dir,
                      f"{init_from} again, as this run began" if init_from else "scratch")
+        resume_path = start[0] if start else None
+        from_run = Path(init_from) if init_from and is_run_dir(Path(init_from)) else None
+        if init_from and not from_run:
+            start = self.checkpoints.start_point(None, init_from)
         start_path = start[0] if start else None
-        resume_path = start_path if resume and not init_from else None
         if resume_path and start[1].get("stage") not in STAGES.names:
             raise CheckpointError(f"checkpoint {resume_path} was written in a stage named {start[1]['stage']!r}, "
                                   f"which this version does not have (stages: {', '.join(STAGES.names)})")
