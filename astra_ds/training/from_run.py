@@ -6,7 +6,8 @@ The finished run gives the encoder's weights and, for each of its labels, the ro
 A label of the run is found in the new label set by its name (its text: label_names.txt, the dataset's label
 texts); labels that share a name are matched in the order they appear on each side. Without names on either side,
 label i is label i and the new labels come after the run's. The rows of the new labels start as `table.init` says
-(label_text: their texts through the run's encoder); the stages then train all rows.
+(label_text: their texts through the run's encoder, then through the map from text embeddings to trained rows that
+`labels add` uses); the stages then train all rows.
 
 Refused in one line: a label of the run missing from the new set (the run's retired labels may be missing), and a
 name that the new set holds more than once and the run a different number of times (which of them is the run's?).
@@ -20,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from astra_ds import layout
 from astra_ds.errors import UserError
 from astra_ds.serve.card import label_names, read_card, retired_ids
+from astra_ds.table.text_to_row import fit_on_stored
 
 log = logging.getLogger("astra_ds")
 
@@ -68,6 +71,7 @@ class RunStart:
     """Where a run that starts from a finished run takes its weights and rows from."""
 
     run_dir: Path
+    run_labels: int  # the finished run's L
     run_ids: np.ndarray  # (L,) the finished run's id of each label of this run; -1 for a new label
 
     @classmethod
@@ -75,7 +79,8 @@ class RunStart:
         """The finished run at `run_dir`, verified, its labels matched to this run's (`names`, or None)."""
         card = read_card(run_dir)  # verified
         run_names = label_names(run_dir, card.num_labels)
-        start = cls(run_dir, match_labels(run_names, card.num_labels, names, num_labels, retired_ids(run_dir)))
+        start = cls(run_dir, card.num_labels,
+                    match_labels(run_names, card.num_labels, names, num_labels, retired_ids(run_dir)))
         log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run_dir,
                  num_labels - start.num_new, "name" if names and run_names else "id", start.num_new)
         return start
@@ -91,3 +96,16 @@ class RunStart:
     def load_rows(self, table) -> None:
         """The rows (and their optimizer state) of the run's labels into this rank's shard of `table`."""
         table.load_matched(self.run_dir / layout.TABLE, self.run_ids[table.start:table.end])
+
+    def map_new_rows(self, table) -> None:
+        """This shard's new rows, label-text embeddings (table.init), mapped as `labels add` maps them
+        (astra_ds/table/text_to_row.py: fitted on the run's stored rows and label-text embeddings), so that they
+        start like trained rows instead of outranking them. A run without stored label-text embeddings (no dual
+        scoring) leaves them as they are."""
+        new_rows = torch.from_numpy(np.flatnonzero(self.run_ids[table.start:table.end] < 0))
+        texts_path = self.run_dir / layout.LABEL_EMBEDDINGS
+        if not len(new_rows) or not texts_path.is_dir():
+            return
+        text_to_row = fit_on_stored(self.run_dir / layout.TABLE, texts_path, self.run_labels)
+        mapped = table.rows.index_select(0, new_rows).double() @ text_to_row
+        table.rows.index_copy_(0, new_rows, mapped.to(table.rows.dtype))
