@@ -112,6 +112,15 @@ def sum_across_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
+def sum_tensor_across_ranks(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The elementwise sum over ranks of `tensor` (reduced on `device`, the process group's), on the CPU."""
+    if _world_size() == 1:
+        return tensor
+    reduced = tensor.to(device)
+    dist.all_reduce(reduced)
+    return reduced.cpu()
+
+
 def min_across_ranks(value: float) -> float:
     if _world_size() == 1:
         return value

@@ -350,3 +350,22 @@ def test_a_sigterm_to_one_host_stops_both_at_the_same_step_with_one_checkpoint(t
     assert [p.name for p in (out / "checkpoints").glob("global_step*")].count(f"global_step{step}") == 1
     meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["step"] == step
+
+
+def test_two_ranks_start_a_grown_run_like_one(finished_run, synth_dir, token_cache, ds_config, tmp_path):
+    """A run from a finished run on a grown label set (training/from_run.py): the new labels' rows, mapped from
+    their texts by a map every rank fits on text embeddings summed over the ranks, then the classifier steps."""
+    from test_labels import NEW, _grown_data
+
+    data = _grown_data(synth_dir, tmp_path / "data", np.random.default_rng(1).permutation(50), NEW)
+    runs = {ranks: tmp_path / f"ranks{ranks}" for ranks in (1, 2)}
+    grown = ["encoder.dim=16", "siamese.epochs=0", "train.epochs=0", "classifier.epochs=1", "table.init=label_text",
+             f"data.path={data}"]
+    run_main("train", *_args(synth_dir, token_cache, ds_config, runs[1], *grown), "--init-from", str(finished_run))
+    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, token_cache, ds_config, runs[2], *grown),
+                             "--init-from", str(finished_run)],
+                            cwd=REPO, env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    np.testing.assert_allclose(_losses(runs[2]), _losses(runs[1]), rtol=1e-4)
+    rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in (runs[2], runs[1])]
+    np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-6)

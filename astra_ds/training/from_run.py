@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from astra_ds import layout
+from astra_ds.collectives import sum_tensor_across_ranks
 from astra_ds.errors import UserError
 from astra_ds.serve.card import label_names, read_card, retired_ids
-from astra_ds.table.text_to_row import fit_on_stored
+from astra_ds.table.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
 
 log = logging.getLogger("astra_ds")
 
@@ -98,14 +99,24 @@ class RunStart:
         table.load_matched(self.run_dir / layout.TABLE, self.run_ids[table.start:table.end])
 
     def map_new_rows(self, table) -> None:
-        """This shard's new rows, label-text embeddings (table.init), mapped as `labels add` maps them
-        (astra_ds/table/text_to_row.py: fitted on the run's stored rows and label-text embeddings), so that they
-        start like trained rows instead of outranking them. A run without stored label-text embeddings (no dual
-        scoring) leaves them as they are."""
-        new_rows = torch.from_numpy(np.flatnonzero(self.run_ids[table.start:table.end] < 0))
-        texts_path = self.run_dir / layout.LABEL_EMBEDDINGS
-        if not len(new_rows) or not texts_path.is_dir():
+        """This shard's new rows, label-text embeddings (table.init), through the map from text embeddings to trained
+        rows that `labels add` uses (astra_ds/table/text_to_row.py), so that they start like trained rows instead
+        of outranking them. The map is fitted on a sample of the run's labels: their rows in the run, their text
+        embeddings as table.init left them in this run's table (summed over the ranks that hold them, so that every
+        rank fits the same map). Every rank calls it."""
+        if not self.num_new:
             return
-        text_to_row = fit_on_stored(self.run_dir / layout.TABLE, texts_path, self.run_labels)
+        ranges = fit_ranges(self.run_labels)
+        labels = np.full(self.run_labels, -1)  # this run's label of each of the run's labels (-1: left out)
+        matched = np.flatnonzero(self.run_ids >= 0)
+        labels[self.run_ids[matched]] = matched
+        labels = labels[np.concatenate([np.arange(r.start, r.stop) for r in ranges])]
+        owned = np.flatnonzero((labels >= table.start) & (labels < table.end))
+        texts = torch.zeros(len(labels), table.dim)
+        texts[owned] = table.rows[labels[owned] - table.start].float()
+        texts = sum_tensor_across_ranks(texts, table.device)
+        found = torch.from_numpy(labels >= 0)
+        text_to_row = fit_text_to_row(texts[found], read_stored_rows(self.run_dir / layout.TABLE, ranges)[found])
+        new_rows = torch.from_numpy(np.flatnonzero(self.run_ids[table.start:table.end] < 0))
         mapped = table.rows.index_select(0, new_rows).double() @ text_to_row
         table.rows.index_copy_(0, new_rows, mapped.to(table.rows.dtype))
