@@ -272,6 +272,9 @@ class EvalConfig:
     # early stopping: a stage that trains the rows stops once P@1 on the validation split has not improved for this
     # many evaluations along training (eval.every_epochs); its epochs are then its budget. 0: stages run their epochs
     patience: int = 0
+    # an evaluation counts as better only when its validation P@1 beats the best by more than this (a fraction:
+    # 0.002 = 0.2 points), so that gains within the noise of the split do not keep a stage going
+    min_delta: float = 0.0
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
     label_text_weight: float = 0.0
@@ -293,6 +296,7 @@ class EvalConfig:
         _check(self.psp_b is None or self.psp_b > -1, f"eval.psp_b must be > -1, not {self.psp_b}")
         _check(self.every_epochs >= 0, f"eval.every_epochs must be >= 0, not {self.every_epochs}")
         _check(self.patience >= 0, f"eval.patience must be >= 0, not {self.patience}")
+        _check(0 <= self.min_delta < 1, f"eval.min_delta must be in [0, 1), not {self.min_delta}")
         _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
         _check(all(w >= 0 for w in self.label_text_weights),
                f"eval.label_text_weights must be >= 0, not {self.label_text_weights}")

@@ -71,16 +71,29 @@ def _log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluations(synth_dir, token_cache, tmp_path):
+def _stopping_point(curve: list[float], patience: int, min_delta: float) -> tuple[int, float]:
+    """By hand: the evaluation (0 = before the first step) a stage stops at, and the best P@1 it keeps."""
+    best, since = -1.0, 0
+    for position, p1 in enumerate(curve):
+        best, since = (p1, 0) if p1 > best + min_delta else (best, since + 1)
+        if position and since >= patience:
+            return position, best
+    raise AssertionError(f"the curve {curve} does not stop")
+
+
+@pytest.mark.parametrize("min_delta", [0.0, 0.09])  # 0.09: the first gain (11 of 128 queries) does not count
+def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluations(synth_dir, token_cache, tmp_path,
+                                                                                    min_delta):
     out = tmp_path / "run"
-    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}", *EARLY_STOPPING]
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}", *EARLY_STOPPING,
+            f"eval.min_delta={min_delta}"]
     run_main("train", *[a for s in sets for a in ("--set", s)])
     records = _log(out)
     curve = [r["validation_P@1"] for r in records if "validation_P@1" in r and r["stage"] == "classifier"]
     (stop,) = [r for r in records if r.get("stopped_early")]
-    best = max(curve[:-2])
-    assert curve.index(best) == len(curve) - 3 and max(curve[-2:]) <= best  # 2 evaluations without a better P@1
-    assert stop["best_P@1"] == best and stop["step"] == 6 * (len(curve) - 1) < 30 * 6  # 6 steps an epoch
+    position, best = _stopping_point(curve, 2, min_delta)
+    assert position == len(curve) - 1
+    assert stop["best_P@1"] == best and stop["step"] == 6 * position < 30 * 6  # 6 steps an epoch
     stages = [(r["step"], r["stage"]) for r in records if "loss" in r]
     assert stages == [(s, "classifier") for s in range(1, stop["step"] + 1)] + [
         (s, "joint") for s in range(stop["step"] + 1, stop["step"] + 13)]  # 12 joint steps follow at once

@@ -296,7 +296,8 @@ class Trainer:
         bar.close()
 
     def stops_early(self, stage: Stage, first: int, epoch: int) -> bool:
-        """eval.patience: the stage ends here when its P@1 has not improved for that many evaluations."""
+        """eval.patience: the stage ends here when its P@1 has not improved (by more than eval.min_delta) for that
+        many evaluations."""
         best, since = self.best[stage.name]
         if not self.cfg.eval.patience or since < self.cfg.eval.patience:
             return False
@@ -350,7 +351,8 @@ class Trainer:
         results = self.evaluate(split)[MODEL]
         self.log(trained | {f"{split.name}_{k}": v for k, v in results.items()} | {"peak_rss_gib": peak_rss_bytes() / GiB})
         best, since = self.best.get(stage.name, (-1.0, 0))
-        self.best[stage.name] = (results["P@1"], 0) if results["P@1"] > best else (best, since + 1)
+        better = results["P@1"] > best + self.cfg.eval.min_delta
+        self.best[stage.name] = (results["P@1"], 0) if better else (best, since + 1)
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
