@@ -75,12 +75,18 @@ def train_seconds(run: Path) -> float | None:
     return seconds[-1] if seconds else None
 
 
-def scores(run: Path, ids_of: np.ndarray, texts: list[str], truth, held_out: np.ndarray) -> dict:
+def scores(run: Path, ids_of: np.ndarray, texts: list[str], truth, held_out: np.ndarray, encoded: dict) -> dict:
     """The metrics of the model at `run` on the test split (`truth`: CSR, queries x labels); `ids_of`: the dataset's
-    id of each of the model's labels."""
+    id of each of the model's labels; `encoded`: the test queries by encoder digest (runs that share an encoder
+    encode them once)."""
     import astra_ds as api
+    from astra_ds.digests import file_digest
 
-    predicted = ids_of[api.load(run).predict(texts, k=K, exact=True).ids]  # (N, K) in the dataset's ids
+    model = api.load(run)
+    encoder = file_digest(run / "encoder.pt")
+    if encoder not in encoded:
+        encoded[encoder] = model.encode_tokens(model.tokenize(texts))
+    predicted = ids_of[model.rank(*encoded[encoder], k=K, exact=True).ids]  # (N, K) in the dataset's ids
     rows = np.repeat(np.arange(len(texts)), K)
     hits = np.asarray(truth[rows, predicted.ravel()]).reshape(predicted.shape).astype(bool)
     is_new = np.isin(predicted, held_out)
@@ -131,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     truth = dataset.test.labels.tocsr().astype(bool)
     ids_of = {"kept": kept, "zero_shot": np.concatenate([kept, held_out]), "grown": np.arange(dataset.num_labels),
               "full": np.arange(dataset.num_labels)}
-    table = {}
+    table, encoded = {}, {}
     for name, run in runs.items():
-        table[name] = scores(run, ids_of[name], dataset.test.texts, truth, held_out)
+        table[name] = scores(run, ids_of[name], dataset.test.texts, truth, held_out, encoded)
         table[name]["train s"] = None if name == "zero_shot" else train_seconds(run)
     columns = list(next(iter(table.values())))
     print("\n| model | " + " | ".join(columns) + " |\n|" + " --- |" * (len(columns) + 1))
