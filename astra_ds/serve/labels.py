@@ -36,7 +36,7 @@ from astra_ds.scoring import ScoringRows
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids, write_run_manifest
 from astra_ds.serve.verified import verified_digests
 from astra_ds.table.store import open_table
-from astra_ds.table.text_to_row import fit_on_stored, fit_ranges, fit_text_to_row, read_stored_rows
+from astra_ds.table.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
 
 log = logging.getLogger("astra_ds")
 
@@ -138,17 +138,17 @@ class _Block:
 def _rows_from_texts(run_dir: Path, num_labels: int, embeddings: torch.Tensor, embed: Embed) -> torch.Tensor:
     """The new labels' rows: their text embeddings through the map fitted on the run's trained labels (their
     stored label-text embeddings, or their names embedded now)."""
-    rows_path, texts_path = run_dir / layout.TABLE, run_dir / layout.LABEL_EMBEDDINGS
-    if texts_path.is_dir():
-        text_to_row = fit_on_stored(rows_path, texts_path, num_labels)
+    ranges = fit_ranges(num_labels)
+    if (run_dir / layout.LABEL_EMBEDDINGS).is_dir():
+        texts = read_stored_rows(run_dir / layout.LABEL_EMBEDDINGS, ranges)
     else:
         names = label_names(run_dir, num_labels)
         if names is None:
             log.warning("%s has no label texts to learn what a trained row looks like: the new labels' rows are "
                         "their text embeddings, which may outrank the trained labels", run_dir)
             return embeddings
-        ranges = fit_ranges(num_labels)
-        text_to_row = fit_text_to_row(embed([names[i] for r in ranges for i in r]), read_stored_rows(rows_path, ranges))
+        texts = embed([names[i] for r in ranges for i in r])
+    text_to_row = fit_text_to_row(texts, read_stored_rows(run_dir / layout.TABLE, ranges))
     return (embeddings.double() @ text_to_row).float()
 
 

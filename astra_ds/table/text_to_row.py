@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from astra_ds.table.store import open_table
+from astra_ds.table.store import StoredRows
 
 FIT_LABELS = 10_000
 FIT_BLOCKS = 16
@@ -46,12 +45,5 @@ def fit_text_to_row(embeddings: torch.Tensor, rows: torch.Tensor, ridge: float =
 
 def read_stored_rows(path: Path, ranges: list[range]) -> torch.Tensor:
     """Rows `ranges` of a stored table (or of stored label-text embeddings) as float32."""
-    group = open_table(path)
-    values = torch.from_numpy(np.concatenate([np.asarray(group["rows"][r.start:r.stop]) for r in ranges]))
-    return (values.view(torch.bfloat16) if group.attrs.get("dtype", "float32") == "bfloat16" else values).float()
-
-
-def fit_on_stored(rows_path: Path, texts_path: Path, num_labels: int) -> torch.Tensor:
-    """The map fitted on a finished run's first `num_labels` labels: their stored rows and label-text embeddings."""
-    ranges = fit_ranges(num_labels)
-    return fit_text_to_row(read_stored_rows(texts_path, ranges), read_stored_rows(rows_path, ranges))
+    stored = StoredRows(path)
+    return torch.cat([stored.block_rows(r.start, r.stop) for r in ranges])
