@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import errno
 import logging
 import os
@@ -289,11 +290,15 @@ def cmd_labels(args) -> None:
 
     new = labels.read_label_file(Path(args.labels)) if args.labels_command == "add" else None
 
-    def embed(texts: list[str]):  # the run's encoder, loaded only when labels are added
-        return XCModel.load(run_dir, progress=True, changing=True).embed_label_texts(texts)
+    @functools.cache
+    def model() -> XCModel:  # the run's encoder, loaded only when labels are added
+        return XCModel.load(run_dir, progress=True, changing=True)
+
+    def embed(texts: list[str]):
+        return model().embed_label_texts(texts)
 
     if args.labels_command == "add":
-        ids = labels.add_labels(run_dir, new, embed)
+        ids = labels.add_labels(run_dir, new, embed, lambda texts: model().encode_queries(texts), args.row_scale)
         print(f"{len(ids)} labels added to {run_dir}: ids {ids.start}-{ids.stop - 1}")
     elif args.labels_command == "finish":
         done = labels.finish_pending(run_dir, embed)
@@ -544,9 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each new label gets its row from its text through the run's final encoder (and its label-text "
                     "embedding for dual scoring); rows, names, model card and serving index grow in place, and the "
                     "run's version moves. --labels: one label a line, its text; or NAME<TAB>TEXT; or JSON lines "
-                    '{"text": ..., "name": ...}. A name may not repeat one the run has.')
+                    '{"text": ..., "name": ...}. A name may not repeat one the run has. '
+                    "The new rows' scores are scaled so that the new labels come first for no more than their share of the labels on 2,000 "
+                    "of the run's training queries (the card's row_scales; --row-scale sets it instead).")
     add.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
     add.add_argument("--labels", required=True, metavar="FILE", help="the new labels (UTF-8)")
+    add.add_argument("--row-scale", type=float, metavar="S",
+                     help="scale of the new rows' scores (default: chosen on the run's training queries; 1: as "
+                          "mapped from their texts)")
     for name, text in (("retire", "remove labels from every prediction (ids are kept)"),
                        ("restore", "undo `labels retire` for some labels")):
         change = label_commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")

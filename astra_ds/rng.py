@@ -20,6 +20,7 @@ class Stream(IntEnum):
     BF16_ROUNDING = 6  # stochastic rounding of bfloat16 rows (counters: rank, update)
     SERVING_INDEX = 7  # the rows the serving index of a finished run trains on (no counter)
     VALIDATION_SPLIT = 8  # the training queries held out as the validation split (no counter)
+    ROW_SCALE = 9  # the training queries a `labels add` scales the new rows on (counter: the first new id)
 
 
 def numpy_rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

@@ -60,11 +60,14 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
 
 class ScoringRows:
     """The vectors queries are scored against, a block at a time: a label's row w (w / |w| with `normalize`),
-    plus `label_text_weight` x its label-text embedding e with dual scoring. `rows` and `label_embeddings` hold
-    the same rows [start, end): a ClassifierTable and LabelEmbeddings in memory, or StoredRows on disk."""
+    times its range's scale in `row_scales` ([first, end, scale] triples: labels added after training,
+    serve/row_scale.py), plus `label_text_weight` x its label-text embedding e with dual scoring. `rows` and
+    `label_embeddings` hold the same rows [start, end): a ClassifierTable and LabelEmbeddings in memory, or
+    StoredRows on disk."""
 
-    def __init__(self, rows, normalize: bool, label_embeddings=None, label_text_weight: float = 0.0):
-        self.rows, self.normalize = rows, normalize
+    def __init__(self, rows, normalize: bool, label_embeddings=None, label_text_weight: float = 0.0,
+                 row_scales: list = ()):
+        self.rows, self.normalize, self.row_scales = rows, normalize, list(row_scales)
         self.label_embeddings = label_embeddings if label_text_weight else None
         self.label_text_weight = label_text_weight
         self.start, self.end, self.dim, self.device = rows.start, rows.end, rows.dim, rows.device
@@ -74,9 +77,22 @@ class ScoringRows:
         rows = self.rows.block_rows(start, end).to(self.device, non_blocking=True).float()
         if self.normalize:
             rows = F.normalize(rows, dim=-1)
+        scales = self._scales(start, end)
+        if scales is not None:
+            rows = rows * scales[:, None].to(self.device)  # not in place: `rows` may be the table's own memory
         if self.label_embeddings is not None:
             rows = rows + self.label_text_weight * self.label_embeddings.block_rows(start, end).to(self.device).float()
         return rows
+
+    def _scales(self, start: int, end: int) -> torch.Tensor | None:
+        """The row scales of [start, end), or None where they are all 1."""
+        scales = None
+        for first, last, scale in self.row_scales:
+            first, last = max(first, start), min(last, end)
+            if first < last and scale != 1:
+                scales = torch.ones(end - start) if scales is None else scales
+                scales[first - start:last - start] = scale
+        return scales
 
 
 @torch.no_grad()

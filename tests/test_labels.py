@@ -1,5 +1,5 @@
 """Labels that change on a finished run (serve/labels.py): added labels are found by exact and ANN prediction and
-score as the map of their text's embedding says; retired labels never come out; the changed run's digests verify and its
+score as the map of their text's embedding says, scaled as a dense reference chooses on the training queries; retired labels never come out; the changed run's digests verify and its
 version moves; an interrupted change is refused until `labels finish`; bad input ends in one line. A training run
 that starts from a finished run on a grown label set (training/from_run.py) takes the run's rows and optimizer state
 by name, starts the new rows from their texts mapped like trained rows, and resumes like any other."""
@@ -13,15 +13,18 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 
 import astra_ds
 from astra_ds.cli import main
 from astra_ds.data.convert import with_labels, write_raw_text
 from astra_ds.data.readers import read_dataset
-from astra_ds.errors import UserError
+from astra_ds.errors import DataError, UserError
 from astra_ds.training.from_run import match_labels
 from astra_ds.serve import labels as labels_module
-from astra_ds.serve.card import read_card
+from astra_ds.serve import row_scale as row_scale_module
+from astra_ds.serve.card import ModelCard, read_card
+from astra_ds.serve.row_scale import calibrated_row_scale, training_queries
 from astra_ds.table.store import open_table
 from conftest import TINY_RUN, run_main
 
@@ -57,16 +60,17 @@ def test_added_labels_are_found_and_score_as_the_map_of_their_texts_embedding_sa
     version = before.description()["version"]
     trained_map = _ridge_reference(_stored_rows(run_dir / "label_embeddings"), _stored_rows(run_dir / "table"))
     file = _label_file(tmp_path / "new.txt", [NEW[0], f"fresh\t{NEW[1]}", json.dumps({"text": NEW[2], "name": "n3"})])
-    assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file)]) == 0
+    assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file), "--row-scale", "0.6"]) == 0
     assert capsys.readouterr().out.strip() == f"3 labels added to {run_dir}: ids 50-52"
     read_card(run_dir)  # the digests of the changed run verify
     model = astra_ds.load(run_dir)
     assert model.num_labels == 53 and model.description()["version"] != version
     assert model.label_names[50:] == [NEW[0], "fresh", "n3"]
-    # the row is e A (A fitted on the 50 trained labels), its scoring vector (normalised rows) eA/|eA| + 0.5 e
+    # the row is e A (A fitted on the 50 trained labels), its scoring vector (normalised rows) s eA/|eA| + 0.5 e
     embeddings = torch.from_numpy(model.encode(NEW)).double()
     rows = embeddings @ trained_map
-    vectors = rows / rows.norm(dim=1, keepdim=True) + 0.5 * embeddings
+    assert model.card.row_scales == [[50, 53, 0.6]]
+    vectors = 0.6 * rows / rows.norm(dim=1, keepdim=True) + 0.5 * embeddings
     torch.testing.assert_close(_stored_rows(run_dir / "table")[50:], rows, rtol=1e-4, atol=1e-5)
     queries = torch.from_numpy(model.encode([*NEW, "w5 w401 w407", "w12 w403"]))
     exact_scores, exact_ids = model.topk(queries, 53, exact=True)
@@ -79,6 +83,10 @@ def test_added_labels_are_found_and_score_as_the_map_of_their_texts_embedding_sa
                                                                    abs=1e-5)
     assert model.index is not None and model.index.index.ntotal == 53
     np.testing.assert_array_equal(model.predict(NEW, k=5, exact=False).ids, model.predict(NEW, k=5, exact=True).ids)
+    assert main(["index", "--run-dir", str(run_dir)]) == 0  # a rebuilt index scales them too
+    rebuilt_scores, rebuilt_ids = astra_ds.load(run_dir).topk(queries, 53)
+    np.testing.assert_array_equal(rebuilt_ids, ann_ids)
+    torch.testing.assert_close(rebuilt_scores, ann_scores)
     table = open_table(run_dir / "table")
     for name, array in table.arrays():
         assert array.shape[0] == 53
@@ -102,6 +110,52 @@ def test_a_run_without_stored_label_text_embeddings_fits_the_map_on_its_names_em
     torch.testing.assert_close(embedded, stored, rtol=1e-3, atol=1e-4)
     (run_dir / "label_names.txt").unlink()  # nothing to fit on: the rows are the text embeddings
     assert torch.equal(labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts), embeddings)
+
+
+def _dense_row_scale(queries, old_vectors, rows, text_part, allowed) -> float:
+    """The largest scale in steps of 0.02 at which the added labels, scored beside the old ones by all their
+    vectors at once, are the top-1 of at most `allowed` queries."""
+    chosen = 0.0
+    for scale in np.linspace(0, 1, 51):
+        new_vectors = scale * rows / rows.norm(dim=1, keepdim=True) + text_part
+        top1 = (queries @ torch.cat([old_vectors, new_vectors]).T).argmax(dim=1)
+        if (top1 >= len(old_vectors)).sum() <= allowed:
+            chosen = scale
+    return chosen
+
+
+def test_the_row_scale_is_the_largest_at_which_added_labels_take_at_most_their_share_of_top_1s():
+    generator = torch.Generator().manual_seed(0)
+    hub = torch.randn(16, generator=generator, dtype=torch.float64)
+    queries = F.normalize(torch.randn(400, 16, generator=generator, dtype=torch.float64) + hub, dim=1)
+    old_vectors = F.normalize(torch.randn(200, 16, generator=generator, dtype=torch.float64), dim=1)
+    rows = torch.randn(20, 16, generator=generator, dtype=torch.float64) + 2 * hub  # rows near the queries' hub
+    embeddings = F.normalize(torch.randn(20, 16, generator=generator, dtype=torch.float64), dim=1)
+    card = ModelCard(0, 200, 16, "tiny-random", "mean", 8, normalize_rows=True, label_text_weight=0.5, log_scale=0.0,
+                     bias=0.0, dataset="")
+    best_old = (queries @ old_vectors.T).amax(dim=1)
+    expected = _dense_row_scale(queries, old_vectors, rows, 0.5 * embeddings, allowed=20 / 220 * 400)
+    assert 0 < expected < 1  # the case the scale is for: unscaled, the added rows take more than their share
+    assert calibrated_row_scale(queries, best_old, rows, embeddings, card, 200) == pytest.approx(expected)
+
+
+def test_labels_add_scales_the_new_rows_as_a_dense_reference_chooses_on_the_training_queries(
+        run_dir, tmp_path, monkeypatch, caplog):
+    model = astra_ds.load(run_dir)
+    queries = model.encode_queries(training_queries(model.cfg, model.card, 50)).double()
+    old_vectors = model.scoring_rows().block_rows(0, 50).double()
+    embeddings = model.embed_label_texts(NEW).double()
+    rows = embeddings @ _ridge_reference(_stored_rows(run_dir / "label_embeddings"), _stored_rows(run_dir / "table"))
+    expected = _dense_row_scale(queries, old_vectors, rows, 0.5 * embeddings, allowed=max(1, 3 / 53 * len(queries)))
+    model.add_labels(NEW)
+    assert model.card.row_scales == [[50, 53, pytest.approx(expected)]]
+    model.add_labels(["w460 w461"], row_scale=0.5)  # given: taken as is, the first addition's scale kept
+    assert model.card.row_scales == [[50, 53, pytest.approx(expected)], [53, 54, 0.5]]
+    monkeypatch.setattr(row_scale_module, "read_dataset", lambda *args: (_ for _ in ()).throw(
+        DataError("dataset directory not found: gone")))
+    model.add_labels(["w470 w471"])  # the training data is gone: not scaled, said so
+    assert model.card.row_scales[-1] == [54, 55, 1.0]
+    assert "the run's training data cannot be read (dataset directory not found: gone)" in caplog.text
 
 
 def test_retired_labels_never_come_out_and_restore_brings_them_back(run_dir, capsys):
@@ -146,8 +200,9 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, finished_run, 
 
     monkeypatch.setattr(labels_module, "_publish", crash)
     with pytest.raises(KeyboardInterrupt):
-        labels_module.add_labels(run_dir, labels_module.read_label_file(file),
-                                 astra_ds.load(run_dir).embed_label_texts)
+        model = astra_ds.load(run_dir)
+        labels_module.add_labels(run_dir, labels_module.read_label_file(file), model.embed_label_texts,
+                                 model.encode_queries)
     monkeypatch.setattr(labels_module, "_publish", publish)
     assert main(["predict", "--run-dir", str(run_dir), "--text", "w1"]) == 2
     assert capsys.readouterr().err.strip() == (f"astra-ds: error: {run_dir} is changing its labels, or a change was "
@@ -160,6 +215,7 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, finished_run, 
     shutil.copytree(finished_run, uninterrupted)
     astra_ds.load(uninterrupted).add_labels(NEW)
     torch.testing.assert_close(_stored_rows(run_dir / "table"), _stored_rows(uninterrupted / "table"))
+    assert model.card.row_scales == astra_ds.load(uninterrupted).card.row_scales
     for exact in (True, False):
         np.testing.assert_array_equal(model.predict(NEW, k=5, exact=exact).ids,
                                       astra_ds.load(uninterrupted).predict(NEW, k=5, exact=exact).ids)
@@ -173,10 +229,11 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, finished_run, 
     (None, "retire --ids 50", "label id 50 is out of range: the model has ids 0-49"),
     (None, "retire --names nothing-like-it", "no label is named 'nothing-like-it'"),
     (None, "retire --ids " + " ".join(map(str, range(50))), "would retire all 50 labels"),
+    (["fine"], "add --row-scale -1", "the row scale must be a number >= 0, not -1.0"),
 ])
 def test_bad_label_input_ends_in_one_line(run_dir, tmp_path, capsys, lines, command, message):
     args = ["labels", *command.split(), "--run-dir", str(run_dir)]
-    if command == "add":
+    if command.startswith("add"):
         file = tmp_path / "new.txt"
         if lines is None:
             file.write_bytes("fine\n".encode() + "ca\xe9f\n".encode("latin-1"))

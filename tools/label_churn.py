@@ -16,7 +16,8 @@ The commands run in this process, one after another (their logs on stderr).
 Every model is scored on the full test split in the dataset's label ids, top-k exact: P@1 and P@5 over all
 labels; P@1, P@5 (over the test queries with a held-out positive) and recall@5 (held-out positives found in the
 top 5, of all held-out positives) of the held-out labels; and P@1/P@5 counting only hits on the kept labels, which
-shows whether added labels push good old ones out of the top k. Training times come from each run's log
+shows whether added labels push good old ones out of the top k, as does the share of the test queries whose top-1 is
+a held-out label. Training times come from each run's log
 (evaluations excluded). churn.json keeps everything.
 """
 
@@ -95,7 +96,8 @@ def scores(run: Path, ids_of: np.ndarray, texts: list[str], truth, held_out: np.
     return {"P@1": hits[:, :1].mean() * 100, "P@5": hits.mean() * 100,
             "new P@1": (hits & is_new)[with_new, :1].mean() * 100, "new P@5": (hits & is_new)[with_new].mean() * 100,
             "new R@5": (hits & is_new).sum() / new_positives * 100,
-            "old P@1": (hits & ~is_new)[:, :1].mean() * 100, "old P@5": (hits & ~is_new).mean() * 100}
+            "old P@1": (hits & ~is_new)[:, :1].mean() * 100, "old P@5": (hits & ~is_new).mean() * 100,
+            "new top-1 %": is_new[:, 0].mean() * 100}
 
 
 def main(argv: list[str] | None = None) -> None:

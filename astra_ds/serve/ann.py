@@ -29,7 +29,8 @@ log = logging.getLogger("astra_ds")
 def stored_scoring_rows(run_dir: Path, card: ModelCard) -> ScoringRows:
     """The scoring vectors of a run, read from its table (and label embeddings) on disk."""
     embeddings = StoredRows(run_dir / layout.LABEL_EMBEDDINGS) if card.label_text_weight else None
-    return ScoringRows(StoredRows(run_dir / layout.TABLE), card.normalize_rows, embeddings, card.label_text_weight)
+    return ScoringRows(StoredRows(run_dir / layout.TABLE), card.normalize_rows, embeddings, card.label_text_weight,
+                       card.row_scales)
 
 
 def build_serving_index(run_dir: str | Path, cfg: IndexConfig, seed: int = 0, progress: bool = False,

@@ -1,7 +1,8 @@
 """The model card of a finished run (model.json): what predicting needs besides the weights and rows.
 
 Score of label l for query q:  logit = exp(log_scale) * <q, v_l> + bias,  probability = sigmoid(logit), where q is
-the unit-norm query embedding and v_l = w_l (w_l / |w_l| with normalize_rows) + label_text_weight * e_l.
+the unit-norm query embedding and v_l = s_l w_l (w_l / |w_l| with normalize_rows) + label_text_weight * e_l; s_l is 1
+but for labels added after training, whose scale row_scales records ([first id, end id, s] a `labels add`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from astra_ds.files import files_under, fsync_dir, write_atomically
 from astra_ds.serve.verified import already_verified, remember_verified
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
-                 "embedding, v = (w / |w| if normalize_rows else w) + label_text_weight * e")
+                 "embedding, v = s * (w / |w| if normalize_rows else w) + label_text_weight * e, s from row_scales "
+                 "(1 elsewhere)")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ModelCard:
     log_scale: float
     bias: float
     dataset: str  # the training data's path, absolute
+    row_scales: list = dataclasses.field(default_factory=list)  # [first id, end id, scale] of each `labels add`
     score: str = SCORE_FORMULA
 
     def save(self, path: Path) -> None:

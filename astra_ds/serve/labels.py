@@ -3,7 +3,9 @@
 An added label gets its row from its text through the run's final encoder: its label-text embedding e, mapped by
 the linear map that takes the trained labels' embeddings to their rows (astra_ds/table/text_to_row.py: a raw e
 would outrank the trained rows and push good old labels out), and e itself as its label-text vector for dual
-scoring; the rows are appended to the table (its optimizer state starting at zero), the label names, the model card
+scoring; the addition's rows are scored with a scale chosen on the run's training queries so that the new labels
+take no more than their share of the top-1s (serve/row_scale.py: mapped rows still do where label texts say
+little), recorded in the card's row_scales before anything is written. The rows are appended to the table (its optimizer state starting at zero), the label names, the model card
 and the serving index (added in place: every index kind astra_ds builds takes new vectors without retraining). A
 retired label keeps its id and its row and is skipped by every search, exact and approximate; `restore` undoes it.
 
@@ -32,15 +34,18 @@ from astra_ds.errors import UserError
 from astra_ds.files import utf8_lines, write_atomically
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.run_lock import RunLock
-from astra_ds.scoring import ScoringRows
+from astra_ds.scoring import ScoringRows, exact_topk
+from astra_ds.serve.ann import load_serving_index, stored_scoring_rows
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids, write_run_manifest
+from astra_ds.serve.row_scale import calibrated_row_scale, training_queries
 from astra_ds.serve.verified import verified_digests
 from astra_ds.table.store import open_table
 from astra_ds.table.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
 
 log = logging.getLogger("astra_ds")
 
-# texts -> their (n, d) unit embeddings through the run's final encoder, as label texts (XCModel.embed_label_texts)
+# texts -> their (n, d) unit embeddings through the run's final encoder: as label texts (XCModel.embed_label_texts)
+# or as queries
 Embed = Callable[[list[str]], torch.Tensor]
 
 
@@ -152,10 +157,37 @@ def _rows_from_texts(run_dir: Path, num_labels: int, embeddings: torch.Tensor, e
     return (embeddings.double() @ text_to_row).float()
 
 
+def _best_old_scores(run_dir: Path, card: ModelCard, queries: torch.Tensor) -> torch.Tensor:
+    """Each query's best score over the run's labels (retired ones skipped): from its serving index where it has
+    one, as serving ranks, else exact."""
+    retired = retired_ids(run_dir)
+    excluded = retired if len(retired) else None
+    index = load_serving_index(run_dir, load_config(run_dir / layout.CONFIG).index, card, card.label_text_weight)
+    if index is not None:
+        return torch.from_numpy(index.search(queries, 1, excluded)[0][:, 0])
+    scores, _ = exact_topk(queries, stored_scoring_rows(run_dir, card), 1, normalize_rows=False, progress=False,
+                           excluded=excluded)
+    return scores[:, 0]
+
+
+def _row_scale(run_dir: Path, card: ModelCard, texts: list[str], embed: Embed, encode_queries: Embed) -> float:
+    """The scale of the new labels' rows, chosen on the run's training queries (1 where they are gone)."""
+    queries = training_queries(load_config(run_dir / layout.CONFIG), card, card.num_labels)
+    if queries is None:
+        return 1.0
+    embeddings = embed(texts)
+    rows = _rows_from_texts(run_dir, card.num_labels, embeddings, embed)
+    encoded = encode_queries(queries)
+    return calibrated_row_scale(encoded, _best_old_scores(run_dir, card, encoded), rows, embeddings, card,
+                                card.num_labels - len(retired_ids(run_dir)))
+
+
 def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     start, texts, names = change["num_labels"], change["texts"], change["names"]
     end = start + len(texts)
     card = ModelCard.load(run_dir / layout.MODEL_CARD)  # verified before the change began
+    row_scales = [r for r in card.row_scales if r[0] < start] + [[start, end, change["row_scale"]]]  # once
+    card = dataclasses.replace(card, num_labels=end, row_scales=row_scales)
     embeddings = embed(texts)
     table = open_table(run_dir / layout.TABLE, mode="r+")
     bfloat16 = table.attrs.get("dtype", "float32") == "bfloat16"
@@ -167,20 +199,20 @@ def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
         _resize(label_embeddings, end)
         _write_rows(label_embeddings["rows"], start, embeddings, False)
     write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(_label_names(run_dir, start) + names))
-    dataclasses.replace(card, num_labels=end).save(run_dir / layout.MODEL_CARD)
+    card.save(run_dir / layout.MODEL_CARD)
     if (run_dir / layout.ANN_INDEX).is_file():
         _add_to_index(run_dir, load_config(run_dir / layout.CONFIG).index, _Block(rows, start),
-                      _Block(embeddings, start), card.normalize_rows)
+                      _Block(embeddings, start), card)
 
 
-def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, normalize_rows: bool) -> None:
+def _add_to_index(run_dir: Path, cfg, rows: _Block, label_embeddings: _Block, card: ModelCard) -> None:
     """The new rows' scoring vectors added to the serving index, in place (unless a crash came after that)."""
     info_path = run_dir / layout.ANN_INFO
     info = json.loads(info_path.read_text())
     index = LabelIndex(cfg, normalize_rows=False)
     index.load(run_dir / layout.ANN_INDEX, _Block(torch.empty(rows.start, 0), 0))
     if index.index.ntotal == rows.start:
-        vectors = ScoringRows(rows, normalize_rows, label_embeddings, info["label_text_weight"])
+        vectors = ScoringRows(rows, card.normalize_rows, label_embeddings, info["label_text_weight"], card.row_scales)
         index.index.add(np.ascontiguousarray(vectors.block_rows(rows.start, rows.end).numpy()))
         tmp = run_dir / (layout.ANN_INDEX + layout.TMP_SUFFIX)
         index.save(tmp)
@@ -230,17 +262,24 @@ def finish_pending(run_dir: Path, embed: Embed, locked: bool = False) -> bool:
     return True
 
 
-def add_labels(run_dir: str | Path, labels: NewLabels, embed: Embed) -> range:
-    """Appends `labels` to the finished run at `run_dir`; returns their ids."""
+def add_labels(run_dir: str | Path, labels: NewLabels, embed: Embed, encode_queries: Embed,
+               row_scale: float | None = None) -> range:
+    """Appends `labels` to the finished run at `run_dir`; returns their ids. `row_scale`: the scale of their rows'
+    scores, instead of the one chosen on the run's training queries."""
     run_dir = Path(run_dir)
+    if row_scale is not None and not 0 <= row_scale < float("inf"):
+        raise UserError(f"the row scale must be a number >= 0, not {row_scale}")
 
     def make_change(card: ModelCard) -> dict:
         _check_new_names(_label_names(run_dir, card.num_labels), labels.names)
-        return {"change": "add", "num_labels": card.num_labels, "texts": labels.texts, "names": labels.names}
+        scale = row_scale if row_scale is not None else _row_scale(run_dir, card, labels.texts, embed, encode_queries)
+        return {"change": "add", "num_labels": card.num_labels, "texts": labels.texts, "names": labels.names,
+                "row_scale": scale}
 
     change = _change(run_dir, make_change, embed)
     ids = range(change["num_labels"], change["num_labels"] + len(labels.texts))
-    log.info("%d labels added to %s: ids %d-%d", len(ids), run_dir, ids.start, ids.stop - 1)
+    log.info("%d labels added to %s: ids %d-%d, rows scaled by %.2f", len(ids), run_dir, ids.start, ids.stop - 1,
+             change["row_scale"])
     return ids
 
 

@@ -95,7 +95,8 @@ class XCModel:
                 embeddings = StoredRows(self.run_dir / layout.LABEL_EMBEDDINGS, self.num_labels).load()
             rows = StoredRows(self.run_dir / layout.TABLE, self.num_labels).load()
             rows.device = self.device
-            self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight)
+            self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight,
+                                             self.card.row_scales)
         return self._scoring_rows
 
     def load_data(self) -> PreparedData:
@@ -119,9 +120,13 @@ class XCModel:
         """Query embeddings (N, d, host) and the calibration (log scale, bias)."""
         return encode_queries(self.encoder, tokens, self.cfg.eval.batch_size, self.device, self.progress)
 
+    def encode_queries(self, texts: list[str]) -> torch.Tensor:
+        """(N, d) unit-norm embeddings of `texts` as the model's queries, on the host."""
+        return self.encode_tokens(self.tokenize(texts))[0]
+
     def encode(self, texts: list[str]) -> np.ndarray:
-        """(N, d) float32 unit-norm embeddings of `texts`, as the model's queries."""
-        return self.encode_tokens(self.tokenize(texts))[0].numpy()
+        """encode_queries as a float32 array."""
+        return self.encode_queries(texts).numpy()
 
     def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none."""
@@ -166,15 +171,16 @@ class XCModel:
         """(n, d) unit embeddings of label texts, tokenized as training tokenized them."""
         return self.encode_tokens(tokenize(list(texts), self.tokenizer, self.cfg.siamese.label_max_len))[0]
 
-    def add_labels(self, texts: list[str], names: list[str] | None = None) -> range:
-        """Appends labels to the run (serve/labels.py: rows from their texts) and reloads it; their ids."""
+    def add_labels(self, texts: list[str], names: list[str] | None = None, row_scale: float | None = None) -> range:
+        """Appends labels to the run (serve/labels.py: rows from their texts) and reloads it; their ids.
+        `row_scale`: their rows' scale, instead of the one chosen on the run's training queries."""
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"label text {i} is empty or not a string")
         if names is not None and len(names) != len(texts):
             raise UserError(f"{len(names)} names for {len(texts)} label texts")
         new = labels.NewLabels([text.strip() for text in texts], list(names or texts))
-        ids = labels.add_labels(self.run_dir, new, self.embed_label_texts)
+        ids = labels.add_labels(self.run_dir, new, self.embed_label_texts, self.encode_queries, row_scale)
         self._reload()
         return ids
 

@@ -6,7 +6,8 @@ of it (q·e against q·row): on WordNetHyper an added label came first for 38.6%
 old ones out (old-label P@1 62.69 -> 44.83, docs/results.md). A map A fitted by ridge regression from the trained
 labels' text embeddings to their rows (rows ≈ E A) turns e into a row like the trained ones there (old-label P@1
 60.35, the new labels' recall@5 0.52 of a model trained on them). It is no cure where label texts say little: on
-Delicious (single tags) mapped rows, which average trained rows, still come first for half the queries.
+Delicious (single tags) mapped rows, which average trained rows, still come first for half the queries: `labels
+add` scales them on the run's training queries (serve/row_scale.py).
 
 The map is fitted on at most FIT_LABELS labels, read as FIT_BLOCKS contiguous blocks spread over the ids, so that
 a table of any size is read in a few slices, and with a fixed ridge (the label-text embeddings are unit vectors, so
