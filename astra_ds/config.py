@@ -47,6 +47,10 @@ class DataConfig:
     # along training (eval.every_epochs) use it, so that choices are made on it and the test split is read once,
     # at the end; `astra-ds eval --split validation` evaluates a finished run on it. 0: no validation split
     validation_fraction: float = 0.0
+    # each label's text (Y.txt) also a training query, its one positive that label (Renée's label features as data
+    # points): the rows and the encoder see every label, the tail's too; the validation and test splits and the
+    # label counts that propensities come from stay the dataset's own
+    label_texts_as_queries: bool = False
     # bytes that are not UTF-8 in the texts: replace (with U+FFFD; the lines are counted in a warning and by
     # `astra-ds data validate`) or error (the first such line ends the command)
     on_bad_text: BadText = "replace"

@@ -169,7 +169,7 @@ class DataShape:
 
     @classmethod
     def of(cls, data: PreparedData) -> "DataShape":
-        labels = data.dataset.train.labels
+        labels = data.train_labels
         label_tokens = int(data.label_tokens.lengths.max()) if data.label_tokens is not None else None
         return cls(data.dataset.num_labels, labels.shape[0], len(data.test_tokens), labels.nnz / max(1, labels.shape[0]),
                    int(data.train_tokens.lengths.max()), label_tokens)

@@ -1,5 +1,7 @@
 """A dataset ready for training: read, validated, tokenised (through the token cache), and split into the queries
-training uses, the validation split held out of them (data.validation_fraction) and the test split."""
+training uses, the validation split held out of them (data.validation_fraction) and the test split; with
+data.label_texts_as_queries the label texts join the queries training uses (not the dataset's train split, whose
+label counts give the propensities)."""
 
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ class EvalSplit:
 
 @dataclass
 class PreparedData:
-    dataset: XCDataset  # its train split holds the queries training uses (the validation split left out)
-    train_tokens: TokenizedTexts
+    dataset: XCDataset  # its train split: the training queries less the validation split
+    train_tokens: TokenizedTexts  # the queries training uses: the train split's, then the label texts as queries
+    train_labels: sp.csr_matrix  # their positives
     test_tokens: TokenizedTexts
     label_tokens: TokenizedTexts | None = None  # the label texts, when the run uses them
     validation: EvalSplit | None = None  # held out of the training queries, when data.validation_fraction > 0
@@ -83,4 +86,23 @@ def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None, s
         train_filter = dataset.train_filter[kept] if dataset.train_filter is not None else None
         dataset = dataclasses.replace(dataset, train=train, train_filter=train_filter)
         train_tokens = train_tokens.subset(kept)
-    return PreparedData(dataset, train_tokens, test_tokens, label_tokens, validation)
+    train_labels = dataset.train.labels
+    if cfg.label_texts_as_queries:
+        train_tokens, train_labels = _with_label_queries(dataset, train_tokens, tokenizer, cfg, cache_dir)
+    return PreparedData(dataset, train_tokens, train_labels, test_tokens, label_tokens, validation)
+
+
+def _with_label_queries(dataset: XCDataset, train_tokens: TokenizedTexts, tokenizer, cfg: DataConfig,
+                        cache_dir: Path) -> tuple[TokenizedTexts, sp.csr_matrix]:
+    """The training queries followed by one query per label with a text (at the queries' max_len), its positive
+    the label."""
+    if dataset.label_texts is None:
+        raise ConfigError(f"data.label_texts_as_queries needs label texts, and the data at {cfg.path} has none")
+    labels = np.array([i for i, text in enumerate(dataset.label_texts) if text.strip()], dtype=np.int64)
+    tokens = tokenize_cached([dataset.label_texts[i] for i in labels], tokenizer, cfg.max_len, cache_dir,
+                             "label_queries")
+    positives = sp.csr_matrix((np.ones(len(labels), dataset.train.labels.dtype), labels, np.arange(len(labels) + 1)),
+                              shape=(len(labels), dataset.num_labels))
+    return (TokenizedTexts(np.concatenate([train_tokens.ids, tokens.ids]),
+                           np.concatenate([train_tokens.lengths, tokens.lengths])),
+            sp.vstack([dataset.train.labels, positives], format="csr"))

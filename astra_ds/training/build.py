@@ -81,7 +81,7 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
     if cfg.negatives.num_negatives >= data.dataset.num_labels:
         log.warning("negatives.num_negatives=%d is not below the %d labels: every label is drawn, several times",
                     cfg.negatives.num_negatives, data.dataset.num_labels)
-    unlabelled = int((np.diff(data.dataset.train.labels.indptr) == 0).sum())
+    unlabelled = int((np.diff(data.train_labels.indptr) == 0).sum())
     if unlabelled:
         log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
 

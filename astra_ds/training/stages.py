@@ -100,7 +100,7 @@ class SiameseStage(Stage):
         losses = []
         for micro in np.array_split(batch_rows, self.cfg.train.grad_accum):
             queries, _ = self._encode_batch(micro)
-            positives = parts.data.dataset.train.labels[micro]
+            positives = parts.data.train_labels[micro]
             labels = np.unique(positives.indices)
             input_ids, attention_mask = parts.data.label_tokens.batch(labels[padded_part(len(labels))])
             local_labels, _ = parts.engine(input_ids.to(device), attention_mask.to(device))
@@ -141,7 +141,7 @@ class ClassifierStage(Stage):
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
         queries = self.queries[batch_rows].to(self.dist.device)
         calibration = self.calibration.to(self.dist.device)
-        positives = parts.data.dataset.train.labels[batch_rows]
+        positives = parts.data.train_labels[batch_rows]
         negatives = parts.sampler.sample(batch_rows, queries, positives, rng)
         part = classifier_loss(parts.table, queries, calibration, positives, negatives,
                                cfg.negatives.importance_weights, cfg.negatives.in_batch, cfg.table.normalize_rows)
@@ -168,7 +168,7 @@ class JointStage(Stage):
         blocks, totals = [], np.zeros(2)  # loss, rows fetched
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
             queries, calibration = self._encode_batch(micro)  # (len(micro), d) on every rank
-            positives = parts.data.dataset.train.labels[micro]
+            positives = parts.data.train_labels[micro]
             negatives = parts.sampler.sample(micro, queries, positives, rng)
             part = classifier_loss(parts.table, queries, calibration, positives, negatives, neg.importance_weights,
                                    neg.in_batch, cfg.table.normalize_rows)

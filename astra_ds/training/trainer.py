@@ -180,8 +180,10 @@ class Trainer:
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, start[1]["step"] if resume_path else None,
                                       getattr(self.engine, "monitor", None))
         d = self.data.dataset
-        log.info("data %s: %d train / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
-                 "%d ranks | stages %s | %d steps", d.name, len(d.train.texts), len(d.test.texts), d.num_labels,
+        label_queries = len(self.data.train_tokens) - len(d.train.texts)
+        log.info("data %s: %d train%s / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
+                 "%d ranks | stages %s | %d steps", d.name, len(d.train.texts),
+                 f" (+{label_queries} label texts)" if label_queries else "", len(d.test.texts), d.num_labels,
                  cfg.encoder.model, self.table.dim, parts.ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch}" for s in self.stages),
                  self.total_steps)
