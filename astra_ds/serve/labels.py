@@ -5,8 +5,8 @@ the linear map that takes the trained labels' embeddings to their rows (astra_ds
 would outrank the trained rows and push good old labels out), and e itself as its label-text vector for dual
 scoring; the addition's rows are scored with a scale chosen on the run's training queries so that the new labels
 take no more than their share of the top-1s (serve/row_scale.py: mapped rows still do where label texts say
-little), recorded in the card's row_scales before anything is written. The rows are appended to the table (its optimizer state starting at zero), the label names, the model card
-and the serving index (added in place: every index kind astra_ds builds takes new vectors without retraining). A
+little), recorded in the card's row_scales. The rows are appended to the table (its optimizer state starting at
+zero), the label names, the model card and the serving index (added in place: every index kind astra_ds builds takes new vectors without retraining). A
 retired label keeps its id and its row and is skipped by every search, exact and approximate; `restore` undoes it.
 
 A change publishes a new version of the model: its manifest (and so the version `serve` and `/v1/model` report)
@@ -186,7 +186,7 @@ def _apply_add(run_dir: Path, change: dict, embed: Embed) -> None:
     start, texts, names = change["num_labels"], change["texts"], change["names"]
     end = start + len(texts)
     card = ModelCard.load(run_dir / layout.MODEL_CARD)  # verified before the change began
-    row_scales = [r for r in card.row_scales if r[0] < start] + [[start, end, change["row_scale"]]]  # once
+    row_scales = [r for r in card.row_scales if r[0] < start] + [[start, end, change.get("row_scale", 1.0)]]  # once
     card = dataclasses.replace(card, num_labels=end, row_scales=row_scales)
     embeddings = embed(texts)
     table = open_table(run_dir / layout.TABLE, mode="r+")
