@@ -6,8 +6,9 @@ would outrank the trained rows and push good old labels out), and e itself as it
 scoring; the addition's rows are scored with a scale chosen on the run's training queries so that the new labels
 take no more than their share of the top-1s (serve/row_scale.py: mapped rows still do where label texts say
 little), recorded in the card's row_scales. The rows are appended to the table (its optimizer state starting at
-zero), the label names, the model card and the serving index (added in place: every index kind astra_ds builds takes new vectors without retraining). A
-retired label keeps its id and its row and is skipped by every search, exact and approximate; `restore` undoes it.
+zero), the label names, the model card and the serving index (added in place: every index kind astra_ds builds
+takes new vectors without retraining). A retired label keeps its id and its row and is skipped by every search,
+exact and approximate; `restore` undoes it.
 
 A change publishes a new version of the model: its manifest (and so the version `serve` and `/v1/model` report)
 moves. While it is under way the run is not a finished run (no manifest), and `labels_change.json` says what
