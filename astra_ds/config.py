@@ -279,6 +279,10 @@ class EvalConfig:
     # an evaluation counts as better only when its validation P@1 beats the best by more than this (a fraction:
     # 0.002 = 0.2 points), so that gains within the noise of the split do not keep a stage going
     min_delta: float = 0.0
+    # a stage that trains the rows on the frozen encoder (classifier, refit) ends with the rows (and their optimizer
+    # state) of its best validation evaluation, not its last: a copy of the table is kept for it, in host memory
+    # and in checkpoints (astra_ds/training/best_rows.py)
+    keep_best: bool = False
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone
     label_text_weight: float = 0.0
@@ -328,6 +332,9 @@ class RunConfig:
         _check(not self.eval.patience or (self.eval.every_epochs > 0 and self.data.validation_fraction > 0),
                "eval.patience stops stages on the validation split's P@1: it needs eval.every_epochs > 0 and "
                "data.validation_fraction > 0 (the test split is not for choices)")
+        _check(not self.eval.keep_best or (self.eval.every_epochs > 0 and self.data.validation_fraction > 0),
+               "eval.keep_best keeps the rows of the best evaluation on the validation split: it needs "
+               "eval.every_epochs > 0 and data.validation_fraction > 0")
         _check(not self.eval.label_text_weights or self.data.validation_fraction > 0,
                "eval.label_text_weights are chosen among on the validation split: set data.validation_fraction > 0")
 

@@ -205,6 +205,8 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
         PlanLine("table rows", row_bytes, detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}",
                  advice=f"table.dtype=bfloat16 (saves {row_bytes / 2 / GiB:.1f} GiB)" if dtype.itemsize == 4 else None),
         PlanLine("table optimizer state", rows * state_per_row, detail=f"{cfg.table.optimizer}, {state_per_row} B/row"),
+        *([PlanLine("best rows' copy", row_bytes + rows * state_per_row, detail="eval.keep_best: rows and state")]
+          if cfg.eval.keep_best else []),
         PlanLine("encoder weights + grads", **place(encoder_state["weights"] + encoder_state["grads"]),
                  detail=f"{num_params / 1e6:.1f}M params, ZeRO-{stage} ({ds_path.name})"),
         PlanLine("encoder master + Adam", **place(encoder_state["master"] + encoder_state["adam"], on_host=offload),

@@ -118,6 +118,40 @@ def test_a_run_resumed_after_an_early_stop_equals_an_uninterrupted_one(synth_dir
     np.testing.assert_array_equal(rows[0], rows[1])
 
 
+def _table_arrays(run) -> dict[str, np.ndarray]:
+    """Rows and optimizer state of a run's saved table."""
+    group = zarr.open_group(run / "table", mode="r")
+    arrays = {"rows": np.asarray(group["rows"][:])}
+    return arrays | {f"optim/{name}": np.asarray(a[:]) for name, a in group["optim"].arrays()}
+
+
+def test_keep_best_ends_a_stage_with_the_rows_of_its_best_evaluation_also_when_resumed(synth_dir, token_cache,
+                                                                                       tmp_path):
+    def train(out, *more, resume=()):
+        run_main("train", "--no-eval", *resume, *[a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+                                                     f"out_dir={tmp_path / out}", *EARLY_STOPPING, "train.epochs=0",
+                                                     "eval.min_delta=0.01", *more] for a in ("--set", s)])
+        return _log(tmp_path / out)
+
+    records = train("kept", "eval.keep_best=true")
+    curve = [(r["step"], r["validation_P@1"]) for r in records if "validation_P@1" in r]
+    position, best = _stopping_point([p1 for _, p1 in curve], 2, 0.01)
+    best_step = curve[[p1 for _, p1 in curve].index(best)][0]
+    assert curve[-1][1] < best and best_step < curve[-1][0]  # it stopped below its best: there is something to undo
+    train("until_best", f"train.max_steps={best_step}")  # the rows as they were at the best evaluation
+    kept, at_best = _table_arrays(tmp_path / "kept"), _table_arrays(tmp_path / "until_best")
+    assert kept.keys() == at_best.keys()
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], at_best[name], err_msg=name)
+    train("resumed", "eval.keep_best=true", f"train.max_steps={best_step + 1}")  # killed after the copy was taken
+    train("resumed", "eval.keep_best=true", resume=("--resume", "auto"))
+    resumed = _table_arrays(tmp_path / "resumed")
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], resumed[name], err_msg=name)
+    with pytest.raises(ConfigError, match="eval.keep_best keeps the rows of the best evaluation"):
+        load_config(None, ["eval.keep_best=true", "eval.every_epochs=1"])
+
+
 @pytest.mark.slow
 def test_the_dual_scoring_weight_is_chosen_on_the_validation_split(synth_dir, token_cache, tmp_path):
     out = tmp_path / "run"

@@ -42,6 +42,7 @@ from astra_ds.plan import GiB, peak_rss_bytes
 from astra_ds.rng import GlobalRngState
 from astra_ds.scoring import encode_queries
 from astra_ds.serve.card import withdraw_run, write_model_files, write_run_manifest
+from astra_ds.training.best_rows import BestRows
 from astra_ds.training.build import build_training
 from astra_ds.training.checkpoint import CheckpointManager
 from astra_ds.training.engine import EngineCheckpoint, encoder_state_dict
@@ -151,10 +152,13 @@ class Trainer:
         # embeddings kept while the encoder does not change (see `current`): name -> (encoder steps, embeddings)
         self.encodings: dict[str, tuple[int, object]] = {}
         self.evaluated_steps: set[int] = set()
+        # eval.keep_best: the rows of the best evaluation of a stage that trains them alone
+        self.best_rows = BestRows(self.table, self.dist.world_size) if cfg.eval.keep_best else None
 
         for name, component in (("encoder", EngineCheckpoint(self.engine, self.dist.rank)), (layout.TABLE, self.table),
                                 ("negatives", self.sampler), ("trainer", self),
-                                *((f"{stage.name}_batches", stage.batches) for stage in self.stages)):
+                                *((f"{stage.name}_batches", stage.batches) for stage in self.stages),
+                                *((("best_rows", self.best_rows),) if self.best_rows else ())):
             self.checkpoints.register(name, component)
         self.checkpoints.register("rng", GlobalRngState(), per_rank=True)
         if resume_path:
@@ -285,16 +289,23 @@ class Trainer:
                                  stage.name, self.step, self.total_steps, epoch, values["loss"],
                                  values["queries_per_s"], values["peak_rss_gib"])
                     window, window_start = [], time.time()
+                # the last step of the run is evaluated on the test split after training, and on the validation
+                # split here only when the stage may go back to its best rows
+                stops = False
+                if self.step in eval_steps and (self.step < self.total_steps or self.best_rows is not None):
+                    window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
+                    stops = self.stops_early(stage, first, epoch)
+                if self.best_rows is not None and (stops or self.step == first + self.stage_steps(stage)):
+                    self.best_rows.end_stage(stage.name, self.step)
+                # after the step's evaluation: a run resumed here goes on as this one does
                 if self.checkpoints.due(self.step):
                     self.save_checkpoint()
                 signum = self.preemption.requested()
                 if signum:
                     raise Preempted(signum, self.step, self.save_checkpoint())
-                if self.step in eval_steps and self.step < self.total_steps:
-                    window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
-                    if self.stops_early(stage, first, epoch):
-                        bar.close()
-                        return
+                if stops:
+                    bar.close()
+                    return
         bar.close()
 
     def stops_early(self, stage: Stage, first: int, epoch: int) -> bool:
@@ -355,6 +366,8 @@ class Trainer:
         best, since = self.best.get(stage.name, (-1.0, 0))
         better = results["P@1"] > best + self.cfg.eval.min_delta
         self.best[stage.name] = (results["P@1"], 0) if better else (best, since + 1)
+        if better and self.best_rows is not None and not stage.trains_encoder:  # the table is all the stage trains
+            self.best_rows.take(stage.name, self.step, results["P@1"])
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
