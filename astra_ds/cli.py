@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import errno
+import functools
 import logging
 import os
 import sys
@@ -549,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Each new label gets its row from its text through the run's final encoder (and its label-text "
                     "embedding for dual scoring); rows, names, model card and serving index grow in place, and the "
                     "run's version moves. --labels: one label a line, its text; or NAME<TAB>TEXT; or JSON lines "
-                    '{"text": ..., "name": ...}. A name may not repeat one the run has. '
-                    "The new rows' scores are scaled so that the new labels come first for no more than their share of the labels on 2,000 "
-                    "of the run's training queries (the card's row_scales; --row-scale sets it instead).")
+                    '{"text": ..., "name": ...}. A name may not repeat one the run has. The new rows\' scores are '
+                    "scaled so that the new labels come first for no more than their share of the labels on 2,000 of "
+                    "the run's training queries (the card's row_scales; --row-scale sets it instead).")
     add.add_argument("--run-dir", required=True, help="out_dir of a finished `astra-ds train`")
     add.add_argument("--labels", required=True, metavar="FILE", help="the new labels (UTF-8)")
     add.add_argument("--row-scale", type=float, metavar="S",

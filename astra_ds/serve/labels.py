@@ -263,6 +263,19 @@ def finish_pending(run_dir: Path, embed: Embed, locked: bool = False) -> bool:
     return True
 
 
+def _remembering(embed: Embed) -> Embed:
+    """`embed` that computes each list of texts once."""
+    done: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def embed_once(texts: list[str]) -> torch.Tensor:
+        key = tuple(texts)
+        if key not in done:
+            done[key] = embed(texts)
+        return done[key]
+
+    return embed_once
+
+
 def add_labels(run_dir: str | Path, labels: NewLabels, embed: Embed, encode_queries: Embed,
                row_scale: float | None = None) -> range:
     """Appends `labels` to the finished run at `run_dir`; returns their ids. `row_scale`: the scale of their rows'
@@ -270,6 +283,7 @@ def add_labels(run_dir: str | Path, labels: NewLabels, embed: Embed, encode_quer
     run_dir = Path(run_dir)
     if row_scale is not None and not 0 <= row_scale < float("inf"):
         raise UserError(f"the row scale must be a number >= 0, not {row_scale}")
+    embed = _remembering(embed)  # the scale and the change embed the same texts: the encoder runs once for them
 
     def make_change(card: ModelCard) -> dict:
         _check_new_names(_label_names(run_dir, card.num_labels), labels.names)

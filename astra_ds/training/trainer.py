@@ -295,7 +295,7 @@ class Trainer:
                 if self.step in eval_steps and (self.step < self.total_steps or self.best_rows is not None):
                     window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
                     stops = self.stops_early(stage, first, epoch)
-                if self.best_rows is not None and (stops or self.step == first + self.stage_steps(stage)):
+                if self.best_rows is not None and self.step == first + self.stage_steps(stage):  # its last step
                     self.best_rows.end_stage(stage.name, self.step)
                 # after the step's evaluation: a run resumed here goes on as this one does
                 if self.checkpoints.due(self.step):
