@@ -46,6 +46,12 @@ SHORTLISTS = Registry("shortlist mode", {
     "precomputed": "astra_ds.negatives.shortlists:PrecomputedShortlists",
 })
 
+# The loss of the rows' scores (astra_ds/training/loss.py), in every stage that trains rows.
+LOSSES = Registry("classifier loss", {
+    "bce": "astra_ds.training.loss:one_vs_all_bce",
+    "softmax": "astra_ds.training.loss:decoupled_softmax",
+})
+
 BATCHING = Registry("batching mode", {
     "random": "astra_ds.training.batching:RandomBatches",
     "clustered": "astra_ds.training.batching:ClusteredBatches",

@@ -104,6 +104,30 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else _ScaleGrad.apply(x, factor)
 
 
+class _LogSumExpAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        everyone = torch.stack([local.new_empty(local.shape) for _ in range(_world_size())])
+        dist.all_gather(list(everyone.unbind(0)), local.contiguous())
+        total = torch.logsumexp(everyone, dim=0)
+        ctx.save_for_backward(local, total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        local, total = ctx.saved_tensors
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on the total
+        share = torch.where(torch.isfinite(local), (local - total).exp(), torch.zeros_like(local))
+        return grad * share
+
+
+def logsumexp_across_ranks(local: torch.Tensor) -> torch.Tensor:
+    """log sum over ranks of e^local, elementwise, differentiable: the backward gives each rank's `local` the
+    gradient of the sum of all ranks' losses (each rank's loss a function of the total)."""
+    return local if _world_size() == 1 else _LogSumExpAcrossRanks.apply(local)
+
+
 def sum_across_ranks(values: list[float]) -> list[float]:
     if _world_size() == 1:
         return values

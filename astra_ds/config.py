@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from astra_ds.choices import BATCHING, INDEX_KINDS, OPTIMIZERS, READERS, SAMPLERS, SHORTLISTS, TABLE_INITS
+from astra_ds.choices import BATCHING, INDEX_KINDS, LOSSES, OPTIMIZERS, READERS, SAMPLERS, SHORTLISTS, TABLE_INITS
 from astra_ds.errors import ConfigError
 
 # The choices of each option: names from the registries (checked when a config is loaded) and fixed sets.
@@ -25,6 +25,7 @@ TableDtype = typing.Literal["float32", "bfloat16"]
 SamplerName = SAMPLERS.literal()
 ShortlistMode = SHORTLISTS.literal()
 BatchingMode = BATCHING.literal()
+ClassifierLoss = LOSSES.literal()
 EncoderDecay = typing.Literal["constant", "linear"]
 PROPENSITY_PRESETS = {"default": (0.55, 1.5), "amazon": (0.6, 2.6), "wikipedia": (0.5, 0.4)}  # XC repository's A, B
 PropensityPreset = typing.Literal["default", "amazon", "wikipedia"]
@@ -211,6 +212,9 @@ class ClassifierConfig:
     epochs: int = 0  # 0: no classifier stage
     batch_size: int = 512  # queries a step
     refit_epochs: int = 0  # 0: no refit stage
+    # The loss of the rows' scores in every stage that trains rows (classifier, joint, refit): bce (one-vs-all,
+    # each label on its own) or softmax (each positive against the query's negatives: DEXML's decoupled softmax).
+    loss: ClassifierLoss = "bce"
 
     def __post_init__(self):
         _check(self.epochs >= 0 and self.refit_epochs >= 0,

@@ -15,7 +15,7 @@ from astra_ds.index.kinds import choose_kind
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.negatives.mixture import mixture_log_q, sample_mixture, shortlist_distribution
 from astra_ds.table.table import ClassifierTable
-from astra_ds.training.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import make_pairs, one_vs_all_bce, pair_scores
 from conftest import make_trainer
 from test_loss_negatives import assert_unbiased, full_bce, scoring_problem
 
@@ -62,7 +62,7 @@ def test_mixture_weighted_loss_is_unbiased_for_the_full_bce():
         negatives = sample_mixture(POSITIVES, SHORTLIST, STALE, 4, alpha=0.7, tau=0.1, rng=rng)
         pairs = make_pairs(POSITIVES, negatives, importance_weights=True)
         s = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
-        estimates.append(sampled_bce(s, pairs, num_queries=3).item())
+        estimates.append(one_vs_all_bce(s, pairs, num_queries=3).item())
     assert_unbiased(estimates, full_bce(queries, calibration, rows, POSITIVES).item())
 
 

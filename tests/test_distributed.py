@@ -24,10 +24,11 @@ DISTRIBUTED_RUN = [*TINY_RUN, "train.max_steps=3", "train.log_every=1", "table.c
                    "negatives.in_batch=true", "batching.mode=clustered", "batching.warmup_epochs=0",
                    "batching.cluster_size=4", "encoder.learn_score=true"]
 # the three stages, two steps each (256 of the 512 queries a step): the Siamese gathers of queries and of label
-# texts, the classifier stage on embeddings every rank holds, then the joint stage
+# texts, the classifier stage on embeddings every rank holds, then the joint stage; the rows' softmax, whose
+# sums over negatives run across the ranks' shards, with in-batch labels split by owner
 STAGED_RUN = ["siamese.epochs=1", "classifier.epochs=1", "train.epochs=1", "train.batch_size=256",
               "classifier.batch_size=256", "table.init=label_text", "eval.label_text_weight=0.5",
-              "train.max_steps=6"]
+              "train.max_steps=6", "classifier.loss=softmax", "negatives.in_batch=true"]
 LAUNCHERS = {"deepspeed": "launchers/deepspeed_local.sh", "mpirun": "launchers/mpirun.sh"}
 
 

@@ -1,4 +1,5 @@
-"""Uniform negatives, the importance-weighted sampled BCE (unbiased for the full BCE) and exact top-k."""
+"""Uniform negatives, the importance-weighted sampled BCE (unbiased for the full BCE), the decoupled softmax
+against a dense reference, and exact top-k."""
 
 import math
 
@@ -11,9 +12,11 @@ import torch.nn.functional as F
 from astra_ds.config import TableConfig
 from astra_ds.eval.evaluate import save_predictions
 from astra_ds.scoring import exact_topk
+from astra_ds.negatives.base import Negatives
+from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.table.table import ClassifierTable
-from astra_ds.training.loss import make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import decoupled_softmax, in_batch_scores, make_pairs, one_vs_all_bce, pair_scores
 
 POSITIVES = sp.csr_matrix(np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0],
                                     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
@@ -64,8 +67,47 @@ def test_importance_weighted_loss_is_unbiased_for_thefull_bce():
     for _ in range(3000):
         pairs = make_pairs(POSITIVES, sample_uniform(POSITIVES, 4, rng), importance_weights=True)
         scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
-        estimates.append(sampled_bce(scores, pairs, num_queries=3).item())
+        estimates.append(one_vs_all_bce(scores, pairs, num_queries=3).item())
     assert_unbiased(estimates, full_bce(queries, calibration, rows, POSITIVES).item())
+
+
+def dense_decoupled_softmax(queries, calibration, rows, positives):
+    """Each positive against all of its query's non-positive labels, every score computed: the reference."""
+    scores = calibration[0].exp() * queries @ F.normalize(rows, dim=-1).T + calibration[1]
+    positive = torch.from_numpy(positives.toarray()) > 0
+    negatives = torch.logsumexp(scores.masked_fill(positive, float("-inf")), dim=1, keepdim=True)
+    return (torch.logaddexp(scores, negatives) - scores)[positive].sum() / len(queries)
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_softmax_over_every_negative_equals_the_dense_decoupled_softmax(in_batch):
+    """Every non-positive drawn twice at Q = 1/K (weight 1/2 each): the value and the rows' gradients are those
+    of the dense reference, with the batch's labels scored as pairs or as the dense in-batch block."""
+    positives = sp.csr_matrix(np.eye(3, 12, dtype=np.float32) + np.eye(3, 12, k=6, dtype=np.float32))
+    queries, rows, calibration = scoring_problem(3, 12)
+    others = np.stack([np.setdiff1d(np.arange(12), positives[i].indices) for i in range(3)])
+    negatives = Negatives(np.concatenate([others, others], axis=1), np.full((3, 20), -math.log(10)))
+    labels = batch_labels(positives) if in_batch else None
+    pairs = make_pairs(positives, negatives, importance_weights=True, in_batch=labels)
+    rows = rows.requires_grad_()
+    scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
+    dense = (in_batch_scores(queries, calibration, rows[labels.global_ids], normalize_rows=True),
+             torch.from_numpy(labels.targets)) if in_batch else ()
+    loss = decoupled_softmax(scores, pairs, 3, *dense)
+    (grad,) = torch.autograd.grad(loss, rows)
+    reference = dense_decoupled_softmax(queries, calibration, rows, positives)
+    (reference_grad,) = torch.autograd.grad(reference, rows)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    torch.testing.assert_close(grad, reference_grad)
+
+
+def test_softmax_ranks_a_positive_against_negatives_only():
+    """A query's other positives are not in its softmax: raising one positive's score leaves another's term."""
+    positives = sp.csr_matrix(np.array([[1, 1, 0, 0]], dtype=np.float32))
+    pairs = make_pairs(positives, Negatives(np.array([[2, 3]]), np.full((1, 2), -math.log(2))), True)
+    low, high = (decoupled_softmax(torch.tensor([0.0, first, 0.5, -0.5]), pairs, 1) for first in (0.0, 3.0))
+    assert (low - high).item() == pytest.approx(math.log(1 + math.exp(0.5) + math.exp(-0.5))
+                                                - math.log(1 + math.exp(0.5 - 3) + math.exp(-0.5 - 3)))
 
 
 def test_unweighted_mode_weighs_each_negative_one():

@@ -15,7 +15,7 @@ from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.training.batching import ClusteredBatches, RandomBatches, balanced_clusters
-from astra_ds.training.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
+from astra_ds.training.loss import in_batch_scores, make_pairs, one_vs_all_bce, pair_scores
 from conftest import make_trainer
 from test_loss_negatives import POSITIVES, assert_unbiased, full_bce, scoring_problem
 
@@ -33,8 +33,8 @@ def _in_batch_estimate(queries, calibration, rows, positives, negatives, importa
     pairs = make_pairs(positives, negatives, importance_weights, in_batch)
     assert not in_batch.contains(pairs.label.numpy()).any() and not pairs.target.any()
     scores = pair_scores(queries, calibration, rows, pairs.label, pairs.query, normalize_rows=True)
-    dense = in_batch_bce(queries, calibration, rows[in_batch.global_ids], torch.from_numpy(in_batch.targets), True)
-    return sampled_bce(scores, pairs, num_queries=len(queries)) + dense / len(queries)
+    dense = in_batch_scores(queries, calibration, rows[in_batch.global_ids], normalize_rows=True)
+    return one_vs_all_bce(scores, pairs, len(queries), dense, torch.from_numpy(in_batch.targets))
 
 
 @pytest.mark.parametrize("proposal", ["uniform", "mixture"])

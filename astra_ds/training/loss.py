@@ -1,9 +1,14 @@
-"""Sampled one-vs-all BCE.
+"""The losses of the rows' scores (`classifier.loss`), both over a query's positives and sampled negatives
+l_j ~ Q_i, each negative weighted by w_ij = 1 / (m Q_i(l_j)) (1 with importance weights off):
 
-loss_i = sum_{l in P_i} softplus(-s_il) + (1/m) sum_j softplus(s_{i,l_j}) / Q_i(l_j),   l_j ~ Q_i,
-an unbiased estimate of the full BCE over all L labels; the batch loss is the mean over its queries.
-With importance weights off, every sampled negative weighs 1 (plain sampled BCE). NGAME's in-batch negatives
-join as a dense block (`in_batch_bce`, see astra_ds/negatives/in_batch.py).
+bce:      loss_i = sum_{l in P_i} softplus(-s_il) + sum_j w_ij softplus(s_{i,l_j}),
+          an unbiased estimate of the full one-vs-all BCE over all L labels;
+softmax:  loss_i = sum_{l in P_i} log(1 + N_i / e^{s_il}),  N_i = sum_j w_ij e^{s_{i,l_j}},
+          DEXML's decoupled softmax: each positive against the query's negatives only (not its other positives),
+          N_i an unbiased estimate of the sum of e^s over all its negatives.
+The batch loss is the mean over its queries. NGAME's in-batch labels join as a dense (B, U) block of scores
+whose non-positives weigh 1 (see astra_ds/negatives/in_batch.py). Under several ranks each rank scores the
+labels it owns and its loss is its part of the sum: N_i is summed across ranks (`logsumexp_across_ranks`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
+from astra_ds.collectives import logsumexp_across_ranks
 from astra_ds.negatives.in_batch import InBatch
 from astra_ds.negatives.base import Negatives
 
@@ -72,18 +78,47 @@ def pair_scores(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Te
     return calibration[0].exp() * inner + calibration[1]
 
 
-def in_batch_bce(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                 normalize_rows: bool) -> torch.Tensor:
-    """Summed BCE of every query against every in-batch label: rows (U, d), targets (B, U)."""
+def in_batch_scores(queries: torch.Tensor, calibration: torch.Tensor, rows: torch.Tensor,
+                    normalize_rows: bool) -> torch.Tensor:
+    """s = scale * <q_i, w_l> + bias of every query against every in-batch row: (B, U)."""
     if normalize_rows:
         rows = F.normalize(rows, dim=-1)
-    scores = calibration[0].exp() * (queries @ rows.T) + calibration[1]
-    return F.binary_cross_entropy_with_logits(scores, targets, reduction="sum")
+    return calibration[0].exp() * (queries @ rows.T) + calibration[1]
 
 
-def sampled_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int) -> torch.Tensor:
-    per_pair = F.binary_cross_entropy_with_logits(scores, pairs.target, reduction="none")
-    return (pairs.weight * per_pair).sum() / num_queries
+def one_vs_all_bce(scores: torch.Tensor, pairs: Pairs, num_queries: int, dense_scores: torch.Tensor | None = None,
+                   dense_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted BCE of the pairs, plus that of every entry of the dense in-batch block if any, / num_queries."""
+    loss = (pairs.weight * F.binary_cross_entropy_with_logits(scores, pairs.target, reduction="none")).sum()
+    if dense_scores is not None:
+        loss = loss + F.binary_cross_entropy_with_logits(dense_scores, dense_targets, reduction="sum")
+    return loss / num_queries
+
+
+def per_query_logsumexp(values: torch.Tensor, query: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """log sum_{p: query[p] = i} e^{values[p]} for each i (-inf where none)."""
+    peak = torch.full((num_queries,), float("-inf"), device=values.device, dtype=values.dtype)
+    peak = peak.scatter_reduce(0, query, values.detach(), "amax")
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.zeros_like(peak).index_add(0, query, (values - peak[query]).exp())
+    return total.log() + peak
+
+
+def decoupled_softmax(scores: torch.Tensor, pairs: Pairs, num_queries: int, dense_scores: torch.Tensor | None = None,
+                      dense_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over (query i, positive l) of log(1 + N_i / e^{s_il}), / num_queries (module docstring)."""
+    if dense_scores is None:
+        dense_scores = dense_targets = scores.new_zeros((0, 0))
+    dense_positive = dense_targets > 0
+    dense_query = torch.arange(len(dense_scores), device=scores.device)[:, None].expand_as(dense_scores)
+    negative = pairs.target == 0
+    log_weighted = torch.cat([scores[negative] + pairs.weight[negative].log(), dense_scores[~dense_positive]])
+    log_n = per_query_logsumexp(log_weighted, torch.cat([pairs.query[negative], dense_query[~dense_positive]]),
+                                num_queries)
+    log_n = logsumexp_across_ranks(log_n)
+    positive_scores = torch.cat([scores[~negative], dense_scores[dense_positive]])
+    positive_query = torch.cat([pairs.query[~negative], dense_query[dense_positive]])
+    return (torch.logaddexp(positive_scores, log_n[positive_query]) - positive_scores).sum() / num_queries
 
 
 def siamese_softmax(queries: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, scale: float) -> torch.Tensor:

@@ -144,7 +144,8 @@ class ClassifierStage(Stage):
         positives = parts.data.train_labels[batch_rows]
         negatives = parts.sampler.sample(batch_rows, queries, positives, rng)
         part = classifier_loss(parts.table, queries, calibration, positives, negatives,
-                               cfg.negatives.importance_weights, cfg.negatives.in_batch, cfg.table.normalize_rows)
+                               cfg.negatives.importance_weights, cfg.negatives.in_batch, cfg.table.normalize_rows,
+                               cfg.classifier.loss)
         part.loss.backward()
         parts.table.apply_gradients([part.block])
         parts.sampler.observe(batch_rows, queries.cpu())
@@ -171,7 +172,7 @@ class JointStage(Stage):
             positives = parts.data.train_labels[micro]
             negatives = parts.sampler.sample(micro, queries, positives, rng)
             part = classifier_loss(parts.table, queries, calibration, positives, negatives, neg.importance_weights,
-                                   neg.in_batch, cfg.table.normalize_rows)
+                                   neg.in_batch, cfg.table.normalize_rows, cfg.classifier.loss)
             loss = part.loss
             if ranks > 1:  # keep the gather in the graph even if this rank owns no label of the batch
                 loss = loss + 0.0 * queries.sum()

@@ -2,7 +2,7 @@
 
 Given the batch's query embeddings (every rank holds all of them) and its negatives: build the (query, label)
 pairs, keep those whose label this rank owns, fetch their rows from the host table to the device, score them and
-return this rank's part of the sampled BCE (mean over the batch's queries). After backward, the rows' gradients
+return this rank's part of the loss (`classifier.loss`, mean over the batch's queries). After backward, the rows' gradients
 are in `block.weights.grad`, for `ClassifierTable.apply_gradients`.
 """
 
@@ -17,7 +17,8 @@ import torch
 from astra_ds.negatives.base import Negatives
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.table.table import ClassifierTable, RowBlock
-from astra_ds.training.loss import in_batch_bce, make_pairs, pair_scores, sampled_bce
+from astra_ds.choices import LOSSES
+from astra_ds.training.loss import in_batch_scores, make_pairs, pair_scores
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ClassifierPart:
 
 def classifier_loss(table: ClassifierTable, queries: torch.Tensor, calibration: torch.Tensor,
                     positives: sp.csr_matrix, negatives: Negatives, importance_weights: bool = True,
-                    in_batch: bool = False, normalize_rows: bool = True) -> ClassifierPart:
+                    in_batch: bool = False, normalize_rows: bool = True, loss: str = "bce") -> ClassifierPart:
     """`in_batch` (NGAME): the batch's labels are scored densely against every query and summed exactly; sampled
     negatives inside them are dropped (astra_ds/negatives/in_batch.py)."""
     labels = batch_labels(positives) if in_batch else None
@@ -40,9 +41,9 @@ def classifier_loss(table: ClassifierTable, queries: torch.Tensor, calibration: 
     block, slots = table.fetch(torch.cat([pairs.label.cpu(), in_batch_ids]))
     pair_slots, in_batch_slots = slots[:len(pairs.label)], slots[len(pairs.label):]
     scores = pair_scores(queries, calibration, block.weights, pair_slots, pairs.query, normalize_rows)
-    loss = sampled_bce(scores, pairs, num_queries=len(queries))
+    dense_scores = dense_targets = None
     if labels is not None:
-        targets = torch.from_numpy(labels.targets).to(queries.device)
-        loss = loss + in_batch_bce(queries, calibration, block.weights[in_batch_slots], targets,
-                                   normalize_rows) / len(queries)
-    return ClassifierPart(loss, block)
+        dense_scores = in_batch_scores(queries, calibration, block.weights[in_batch_slots], normalize_rows)
+        dense_targets = torch.from_numpy(labels.targets).to(queries.device)
+    value = LOSSES.get(loss)(scores, pairs, len(queries), dense_scores, dense_targets)
+    return ClassifierPart(value, block)
