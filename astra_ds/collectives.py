@@ -107,9 +107,7 @@ def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
 class _LogSumExpAcrossRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:
-        everyone = torch.stack([local.new_empty(local.shape) for _ in range(_world_size())])
-        dist.all_gather(list(everyone.unbind(0)), local.contiguous())
-        total = torch.logsumexp(everyone, dim=0)
+        total = torch.logsumexp(all_gather_cat(local[None]), dim=0)  # (W, ...) -> (...)
         ctx.save_for_backward(local, total)
         return total
 

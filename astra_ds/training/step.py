@@ -2,8 +2,8 @@
 
 Given the batch's query embeddings (every rank holds all of them) and its negatives: build the (query, label)
 pairs, keep those whose label this rank owns, fetch their rows from the host table to the device, score them and
-return this rank's part of the loss (`classifier.loss`, mean over the batch's queries). After backward, the rows' gradients
-are in `block.weights.grad`, for `ClassifierTable.apply_gradients`.
+return this rank's part of the loss (`classifier.loss`, mean over the batch's queries). After backward, the rows'
+gradients are in `block.weights.grad`, for `ClassifierTable.apply_gradients`.
 """
 
 from __future__ import annotations
