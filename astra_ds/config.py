@@ -293,6 +293,17 @@ class EvalConfig:
     # with a validation split: the dual-scoring weights the run chooses label_text_weight from at the end of
     # training, by validation P@1 (the first of equals); config.yaml and model.json keep the chosen one
     label_text_weights: list[float] = field(default_factory=list)
+    # kNN votes (eval/neighbour_votes.py): the `neighbours` training queries nearest a query (by the final encoder,
+    # their embeddings kept in the run directory: neighbours/) vote for their labels, each with weight
+    # softmax(similarity / neighbour_temperature) over them; the top `neighbour_candidates` labels of the dual score
+    # are re-ranked by dual score + neighbour_weight x votes. 0: no votes
+    neighbour_weight: float = 0.0
+    # with a validation split: the weights the run chooses neighbour_weight from at the end of training (after
+    # label_text_weight), by validation P@1 (the first of equals); config.yaml and model.json keep the chosen one
+    neighbour_weights: list[float] = field(default_factory=list)
+    neighbours: int = 10
+    neighbour_temperature: float = 0.02
+    neighbour_candidates: int = 100
     # at the end of training, build the serving index over the final rows (<out_dir>/ann/, the kind chosen by the
     # index section, as for training); `astra-ds index` builds it later
     ann_index: bool = True
@@ -312,6 +323,18 @@ class EvalConfig:
         _check(self.label_text_weight >= 0, f"eval.label_text_weight must be >= 0, not {self.label_text_weight}")
         _check(all(w >= 0 for w in self.label_text_weights),
                f"eval.label_text_weights must be >= 0, not {self.label_text_weights}")
+        _check(self.neighbour_weight >= 0 and all(w >= 0 for w in self.neighbour_weights),
+               f"eval.neighbour_weight(s) must be >= 0, not {self.neighbour_weight} / {self.neighbour_weights}")
+        _check(self.neighbours >= 1, f"eval.neighbours must be >= 1, not {self.neighbours}")
+        _check(self.neighbour_temperature > 0,
+               f"eval.neighbour_temperature must be > 0, not {self.neighbour_temperature}")
+        _check(self.neighbour_candidates >= 1,
+               f"eval.neighbour_candidates must be >= 1, not {self.neighbour_candidates}")
+
+    @property
+    def uses_neighbour_votes(self) -> bool:
+        """Whether the run keeps its training queries for kNN votes (a weight, or weights to choose from, > 0)."""
+        return any(weight > 0 for weight in [self.neighbour_weight, *self.neighbour_weights])
 
 
 @dataclass
@@ -341,6 +364,8 @@ class RunConfig:
                "eval.every_epochs > 0 and data.validation_fraction > 0")
         _check(not self.eval.label_text_weights or self.data.validation_fraction > 0,
                "eval.label_text_weights are chosen among on the validation split: set data.validation_fraction > 0")
+        _check(not self.eval.neighbour_weights or self.data.validation_fraction > 0,
+               "eval.neighbour_weights are chosen among on the validation split: set data.validation_fraction > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

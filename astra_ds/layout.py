@@ -6,6 +6,7 @@ Run directory (`out_dir`):
     train_log.jsonl, tensorboard/    metrics along training
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
     label_embeddings/                the final encoder's label-text embeddings (zarr; dual scoring)
+    neighbours/                      the training queries' embeddings (zarr) and labels (labels.npz): kNN votes
     model.json                       what predicting needs besides the weights: step, L, d, the score formula
     manifest.json                    digests of the model's files (encoder, table, label embeddings), checked on load
     label_names.txt                  one name a label (the dataset's label texts), for predictions
@@ -33,6 +34,7 @@ TENSORBOARD = "tensorboard"
 ENCODER_WEIGHTS = "encoder.pt"
 TABLE = "table"
 LABEL_EMBEDDINGS = "label_embeddings"
+NEIGHBOURS = "neighbours"
 MODEL_CARD = "model.json"
 MANIFEST = "manifest.json"
 LABEL_NAMES = "label_names.txt"

@@ -228,12 +228,15 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
     staging = step_rows * (dim * 4 * 5 + state_per_row * 3)
     optimizer_step = optimizer_step_bytes(num_params, stage, world_size)
     evaluation = exact_topk_bytes(min(num_test, 4096), rows, dim, cfg.eval.label_block)
+    votes = (num_train * dim * 4 + exact_topk_bytes(min(num_test, 4096), num_train, dim, cfg.eval.label_block)
+             if cfg.eval.uses_neighbour_votes else 0)
     phases = [
         *training_step_phases(cfg, encoder, micro_batch, shape, world_size, optimizer_step, staging, place),
         *([PlanLine("classifier step", **place(staging), detail=f"~{step_rows:,} fetched rows (and refit)")]
           if cfg.classifier.epochs or cfg.classifier.refit_epochs else []),
-        PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation,
-                 detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"),
+        PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation + votes,
+                 detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"
+                        + (", the training queries' embeddings and search blocks (kNN votes)" if votes else "")),
         *sampler_phases,
     ]
     return MemoryPlan(resident, phases, world_size, rank)

@@ -28,7 +28,7 @@ DISTRIBUTED_RUN = [*TINY_RUN, "train.max_steps=3", "train.log_every=1", "table.c
 # sums over negatives run across the ranks' shards, with in-batch labels split by owner
 STAGED_RUN = ["siamese.epochs=1", "classifier.epochs=1", "train.epochs=1", "train.batch_size=256",
               "classifier.batch_size=256", "table.init=label_text", "eval.label_text_weight=0.5",
-              "train.max_steps=6", "classifier.loss=softmax", "negatives.in_batch=true"]
+              "train.max_steps=6", "classifier.loss=softmax", "negatives.in_batch=true", "eval.neighbour_weight=0.5"]
 LAUNCHERS = {"deepspeed": "launchers/deepspeed_local.sh", "mpirun": "launchers/mpirun.sh"}
 
 
@@ -107,7 +107,7 @@ def test_two_ranks_run_the_stages_like_one(synth_dir, token_cache, ds_config, tm
                if "loss" in r] for run in (runs[1], runs[2])]
     assert [s for s, _ in stages[0]] == ["siamese"] * 2 + ["classifier"] * 2 + ["joint"] * 2 == [s for s, _ in stages[1]]
     np.testing.assert_allclose([loss for _, loss in stages[1]], [loss for _, loss in stages[0]], rtol=1e-4)
-    for name in ("table", "label_embeddings"):
+    for name in ("table", "label_embeddings", "neighbours"):  # neighbours: the training queries' embeddings
         rows = [np.asarray(store.open_table(run / name)["rows"][:]) for run in (runs[2], runs[1])]
         np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-6)
     metrics = [json.loads((run / "metrics.json").read_text())["astra_ds"] for run in (runs[2], runs[1])]

@@ -14,6 +14,7 @@ from astra_ds.collectives import global_topk
 from astra_ds.config import EvalConfig
 from astra_ds.data.membership import CSRMembership
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
+from astra_ds.eval.neighbour_votes import NeighbourVotes
 from astra_ds.scoring import exact_topk, recall_at_k
 
 MODEL, MODEL_ANN, BASELINE = "astra_ds", "astra_ds (ann)", "popularity"
@@ -40,11 +41,15 @@ def remove_filtered(scores: torch.Tensor, ids: torch.Tensor, test_filter: sp.csr
 
 
 def exact_topk_all_ranks(queries: torch.Tensor, table, cfg: EvalConfig, normalize_rows: bool, k: int,
-                         label_embeddings=None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         label_embeddings=None, votes: NeighbourVotes | None = None,
+                         progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top-k of `queries` over the rows of every rank (each scores its own; the top-k are merged); with
-    `label_embeddings`, dual scoring."""
-    return global_topk(*exact_topk(queries, table, k, normalize_rows, cfg.label_block, progress=progress,
-                                   label_embeddings=label_embeddings, label_text_weight=cfg.label_text_weight), k)
+    `label_embeddings`, dual scoring; with `votes`, the kNN votes re-rank the top eval.neighbour_candidates."""
+    candidates = votes.candidates(k, table.num_labels) if votes else k
+    scores, ids = global_topk(*exact_topk(queries, table, candidates, normalize_rows, cfg.label_block,
+                                          progress=progress, label_embeddings=label_embeddings,
+                                          label_text_weight=cfg.label_text_weight), candidates)
+    return votes.rerank(scores, ids, queries, cfg.neighbour_weight, k) if votes else (scores, ids)
 
 
 def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: torch.Tensor,

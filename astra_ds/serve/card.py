@@ -2,7 +2,9 @@
 
 Score of label l for query q:  logit = exp(log_scale) * <q, v_l> + bias,  probability = sigmoid(logit), where q is
 the unit-norm query embedding and v_l = s_l w_l (w_l / |w_l| with normalize_rows) + label_text_weight * e_l; s_l is 1
-but for labels added after training, whose scale row_scales records ([first id, end id, s] a `labels add`).
+but for labels added after training, whose scale row_scales records ([first id, end id, s] a `labels add`). With
+neighbour_weight > 0, <q, v_l> + neighbour_weight * (kNN votes of the training queries for l) ranks the top
+neighbour_candidates labels of <q, v_l> and takes its place in the logit (eval/neighbour_votes.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from astra_ds.serve.verified import already_verified, remember_verified
 
 SCORE_FORMULA = ("logit = exp(log_scale) * <q, v> + bias, probability = sigmoid(logit); q the unit-norm query "
                  "embedding, v = s * (w / |w| if normalize_rows else w) + label_text_weight * e, s from row_scales "
-                 "(1 elsewhere)")
+                 "(1 elsewhere); with neighbour_weight > 0, <q, v> + neighbour_weight * votes in place of <q, v> "
+                 "for the top labels")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ModelCard:
     bias: float
     dataset: str  # the training data's path, absolute
     row_scales: list = dataclasses.field(default_factory=list)  # [first id, end id, scale] of each `labels add`
+    neighbour_weight: float = 0.0  # the kNN votes' weight (0: none)
     score: str = SCORE_FORMULA
 
     def save(self, path: Path) -> None:
@@ -64,7 +68,8 @@ def write_model_files(run_dir: Path, cfg, num_labels: int, dim: int, step: int, 
         write_atomically(run_dir / layout.LABEL_NAMES, "\n".join(text.replace("\n", " ") for text in label_texts))
     ModelCard(step, num_labels, dim, cfg.encoder.model, cfg.encoder.pooling, cfg.data.max_len,
               cfg.table.normalize_rows, cfg.eval.label_text_weight, float(calibration[0]), float(calibration[1]),
-              str(Path(cfg.data.path).resolve())).save(run_dir / layout.MODEL_CARD)
+              str(Path(cfg.data.path).resolve()),
+              neighbour_weight=cfg.eval.neighbour_weight).save(run_dir / layout.MODEL_CARD)
 
 
 def label_names(run_dir: Path, num_labels: int) -> list[str] | None:
@@ -82,7 +87,7 @@ def retired_ids(run_dir: Path) -> np.ndarray:
 def _model_files(run_dir: Path) -> list[str]:
     names = [layout.CONFIG, layout.ENCODER_WEIGHTS, layout.MODEL_CARD, layout.LABEL_NAMES, layout.RETIRED_LABELS]
     files = [name for name in names if (run_dir / name).is_file()]
-    for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS):
+    for directory in (layout.TABLE, layout.LABEL_EMBEDDINGS, layout.NEIGHBOURS):
         files += [f"{directory}/{name}" for name in files_under(run_dir / directory)]
     return files
 

@@ -5,8 +5,9 @@
     embeddings = model.encode(["a text"])                  # (N, d) unit vectors
 
 Everything comes from the run directory (model.json, config.yaml, encoder.pt, table/, label_embeddings/,
-label_names.txt, ann/); the dataset is not read. The top-k comes from the serving index when the run has one,
-else (or with exact=True) from the blockwise exact search over the rows, which are then read into memory.
+neighbours/, label_names.txt, ann/); the dataset is not read. The top-k comes from the serving index when the run
+has one, else (or with exact=True) from the blockwise exact search over the rows, which are then read into memory;
+with kNN votes (eval/neighbour_votes.py), the training queries' votes re-rank its top candidates.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
 from astra_ds.digests import file_digest
 from astra_ds.errors import ConfigError, UserError
+from astra_ds.eval.neighbour_votes import NeighbourVotes
 from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
@@ -54,6 +56,7 @@ class XCModel:
         self.retired = retired_ids(run_dir)  # sorted ids never predicted
         self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
         self._scoring_rows: ScoringRows | None = None
+        self._neighbour_votes: NeighbourVotes | None = None
 
     @classmethod
     def load(cls, run_dir: str | Path, overrides: list[str] = (), device: str | None = None,
@@ -82,7 +85,8 @@ class XCModel:
         index = json.loads((self.run_dir / layout.ANN_INFO).read_text())["kind"] if self.index else "exact"
         return dataclasses.asdict(self.card) | {
             "run_dir": str(self.run_dir.resolve()), "version": file_digest(self.run_dir / layout.MANIFEST),
-            "index": index, "served_label_text_weight": self.label_text_weight, "astra_ds": version("astra_ds")}
+            "index": index, "served_label_text_weight": self.label_text_weight,
+            "served_neighbour_weight": self.cfg.eval.neighbour_weight, "astra_ds": version("astra_ds")}
 
     def scoring_rows(self) -> ScoringRows:
         """The vectors exact search scores against, read into memory at the first use."""
@@ -98,6 +102,18 @@ class XCModel:
             self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight,
                                              self.card.row_scales)
         return self._scoring_rows
+
+    def neighbour_votes(self) -> NeighbourVotes | None:
+        """The kNN votes of the run's training queries (read at the first use), or None with no neighbour_weight."""
+        if not self.cfg.eval.neighbour_weight:
+            return None
+        if self._neighbour_votes is None:
+            path = self.run_dir / layout.NEIGHBOURS
+            if not path.is_dir():
+                raise UserError(f"eval.neighbour_weight > 0 needs the training queries' embeddings, and {self.run_dir} "
+                                "has none: it was trained without kNN votes")
+            self._neighbour_votes = NeighbourVotes.load(path, self.cfg.eval, self.num_labels)
+        return self._neighbour_votes
 
     def load_data(self) -> PreparedData:
         """The data the model is evaluated on: its run's dataset (and validation split), or another one of the same
@@ -129,14 +145,18 @@ class XCModel:
         return self.encode_queries(texts).numpy()
 
     def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none."""
+        """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none; with kNN
+        votes, the top neighbour_candidates so found re-ranked by <q, v> + neighbour_weight x votes."""
         self.check_k(k)
         excluded = self.retired if len(self.retired) else None
+        votes = self.neighbour_votes()
+        candidates = votes.candidates(k, self.predictable_labels) if votes else k
         if exact or self.index is None:
-            return exact_topk(queries, self.scoring_rows(), k, normalize_rows=False,
-                              label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
-        scores, ids = self.index.search(queries, k, excluded)
-        return torch.from_numpy(scores), torch.from_numpy(ids)
+            scores, ids = exact_topk(queries, self.scoring_rows(), candidates, normalize_rows=False,
+                                     label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
+        else:
+            scores, ids = map(torch.from_numpy, self.index.search(queries, candidates, excluded))
+        return votes.rerank(scores, ids, queries, self.cfg.eval.neighbour_weight, k) if votes else (scores, ids)
 
     @property
     def predictable_labels(self) -> int:

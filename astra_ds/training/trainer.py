@@ -35,6 +35,7 @@ from astra_ds.dist import DistInfo
 from astra_ds.errors import CheckpointError, Preempted, TrainingError, UserError
 from astra_ds.eval.evaluate import MODEL, evaluate, exact_topk_all_ranks, search_k
 from astra_ds.eval.metrics import format_table
+from astra_ds.eval.neighbour_votes import NeighbourVotes
 from astra_ds.files import disk_full, write_atomically
 from astra_ds.libraries import release_free_memory
 from astra_ds.model.label_text import LabelEmbeddings
@@ -60,7 +61,7 @@ log = logging.getLogger("astra_ds")
 RESUMABLE_CHANGES = ("out_dir", "data.path", "data.cache_dir", "train.epochs", "train.max_steps", "siamese.epochs",
                      "classifier.epochs", "classifier.refit_epochs", "train.log_every", "train.collective_timeout_s",
                      "train.record_batches", "checkpoint.", "eval.ks", "eval.batch_size", "eval.label_block",
-                     "eval.psp", "eval.ann_index", "eval.label_text_weight")
+                     "eval.psp", "eval.ann_index", "eval.label_text_weight", "eval.neighbour")
 
 
 def check_resumable(meta: dict, path: Path, cfg: RunConfig, data_fingerprint: str, allow_changes: bool) -> None:
@@ -214,7 +215,7 @@ class Trainer:
             self.run_stages()
         finally:
             self.preemption.restore()
-        self.choose_label_text_weight()
+        self.choose_scoring()
         previous = self.checkpoints.previous
         if previous is None or layout.step_of(previous.name) != self.step:
             self.save_checkpoint()  # the end of the run
@@ -349,6 +350,12 @@ class Trainer:
 
         return self.current("label texts", encode)
 
+    def current_neighbour_votes(self) -> NeighbourVotes:
+        """The training queries as the encoder embeds them now, with their labels: the kNN votes."""
+        return self.current("training queries", lambda _: NeighbourVotes(encode_queries(
+            self.engine, self.data.train_tokens, self.cfg.eval.batch_size, self.device, self.progress)[0],
+            self.data.train_labels, self.cfg.eval))
+
     def log(self, values: dict) -> None:
         if values:
             self.metrics_log.log(self.step, values)
@@ -426,39 +433,50 @@ class Trainer:
         barrier()
         if self.cfg.eval.label_text_weight > 0:
             self.current_label_embeddings().save(self.run_dir / layout.LABEL_EMBEDDINGS)
+        if self.cfg.eval.neighbour_weight > 0:
+            votes = self.current_neighbour_votes()  # collective: every rank encodes a part of the training queries
+            if self.dist.is_main:
+                votes.save(self.run_dir / layout.NEIGHBOURS)
         if self.dist.is_main:  # what predicting needs: the score formula, label names, the serving index
             write_model_files(self.run_dir, self.cfg, self.table.num_labels, self.table.dim, self.step,
                               state["calibration"], self.data.dataset.label_texts)
             write_run_manifest(self.run_dir)
         barrier()
 
-    def choose_label_text_weight(self) -> None:
-        """eval.label_text_weights: the dual-scoring weight with the best validation P@1 (the first of equals)
-        becomes eval.label_text_weight, for the test evaluation, the saved model and the run's config.yaml."""
-        weights = self.cfg.eval.label_text_weights
+    def choose_scoring(self) -> None:
+        """The scoring weights chosen on the validation split, in turn: the dual-scoring weight among
+        eval.label_text_weights, then the kNN votes' among eval.neighbour_weights; the chosen ones go to the test
+        evaluation, the saved model and the run's config.yaml."""
+        chosen = [self.choose_weight(name) for name in ("label_text_weight", "neighbour_weight")]
+        if any(chosen) and self.dist.is_main:
+            write_atomically(self.run_dir / layout.CONFIG, self.cfg.with_absolute_paths().to_yaml())
+
+    def choose_weight(self, name: str) -> bool:
+        """eval.<name>s given: the weight with the best validation P@1 (the first of equals) becomes eval.<name>."""
+        weights = getattr(self.cfg.eval, name + "s")
         if not weights:
-            return
+            return False
         p1 = {}
         for weight in weights:
-            self.cfg.eval.label_text_weight = weight
+            setattr(self.cfg.eval, name, weight)
             p1[weight] = self.evaluate(self.data.validation)[MODEL]["P@1"]
         chosen = max(weights, key=lambda weight: (p1[weight], -weights.index(weight)))
-        self.cfg.eval.label_text_weight = chosen
-        self.log({"label_text_weight": chosen, "validation_P@1_by_label_text_weight": list(p1.items())})
-        log.info("eval.label_text_weight=%g chosen on the validation split (P@1 %s)", chosen,
+        setattr(self.cfg.eval, name, chosen)
+        self.log({name: chosen, f"validation_P@1_by_{name}": list(p1.items())})
+        log.info("eval.%s=%g chosen on the validation split (P@1 %s)", name, chosen,
                  ", ".join(f"{w:g}: {v:.4f}" for w, v in p1.items()))
-        if self.dist.is_main:
-            write_atomically(self.run_dir / layout.CONFIG, self.cfg.with_absolute_paths().to_yaml())
+        return True
 
     def evaluate(self, split: EvalSplit | None = None) -> dict:
         """Metrics of the model as it is now on `split`: the test split by default, whose metrics.json and
         predictions.npz go into the run directory, or the validation split (nothing written)."""
         split = split or self.data.test
         label_embeddings = self.current_label_embeddings() if self.cfg.eval.label_text_weight > 0 else None
+        votes = self.current_neighbour_votes() if self.cfg.eval.neighbour_weight > 0 else None
         queries, calibration = self.current(split.name, lambda _: encode_queries(
             self.engine, split.tokens, self.cfg.eval.batch_size, self.device, self.progress))
         topk = exact_topk_all_ranks(queries, self.table, self.cfg.eval, self.cfg.table.normalize_rows,
-                                    search_k(self.cfg.eval, split.filter), label_embeddings, self.progress)
+                                    search_k(self.cfg.eval, split.filter), label_embeddings, votes, self.progress)
         about = {"step": self.step, "dataset": str(Path(self.cfg.data.path).resolve()), "split": split.name,
                  "topk": "exact"}
         results = evaluate({MODEL: topk}, calibration, split.labels, self.data.dataset.train.labels, self.cfg.eval,
