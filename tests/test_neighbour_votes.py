@@ -128,3 +128,9 @@ def test_the_weight_is_chosen_on_validation_and_every_path_ranks_with_the_votes(
         astra_ds.load(out)
     with pytest.raises(ConfigError, match="eval.neighbour_weights are chosen among on the validation split"):
         load_config(None, ["eval.neighbour_weights=[0, 0.5]"])
+
+
+def test_votes_asked_of_a_run_trained_without_them_end_in_one_line(finished_run):
+    model = astra_ds.load(finished_run, ["eval.neighbour_weight=0.5"])
+    with pytest.raises(UserError, match="has none: it was trained without kNN votes"):
+        model.predict(["a text"], k=3)
