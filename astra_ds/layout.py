@@ -12,6 +12,7 @@ Run directory (`out_dir`):
     label_names.txt                  one name a label (the dataset's label texts), for predictions
     retired_labels.json              labels retired from predictions (`astra-ds labels retire`)
     ann/                             the serving index: index.faiss over the scoring vectors, index.json
+                                     (and neighbours.faiss over neighbours/ with kNN votes)
     evals/<n>/                       the results of each `astra-ds eval` (never overwritten)
     metrics.json, predictions.npz    the evaluation on the test split
     memory.json                      the memory plan and the measured peak RSS
@@ -43,6 +44,7 @@ LABELS_CHANGE = "labels_change.json"  # a `labels` change under way: what finish
 ANN_DIR = "ann"
 ANN_INDEX = "ann/index.faiss"
 ANN_INFO = "ann/index.json"
+ANN_NEIGHBOURS = "ann/neighbours.faiss"  # over the training queries' embeddings, for the kNN votes
 EVALS = "evals"
 METRICS = "metrics.json"
 PREDICTIONS = "predictions.npz"

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import yaml
 
 import astra_ds
-from astra_ds.config import EvalConfig, load_config
+from astra_ds.config import EvalConfig, IndexConfig, load_config
 from astra_ds.errors import ConfigError, UserError
 from astra_ds.eval.neighbour_votes import NeighbourVotes
+from astra_ds.index.label_index import LabelIndex
+from astra_ds.scoring import exact_topk
 from conftest import TINY_RUN, run_main
 
 
@@ -59,6 +61,11 @@ def test_the_votes_rerank_the_candidates_as_a_dense_reference(neighbours, temper
     np.testing.assert_allclose(scores.numpy(), expected.values.numpy(), rtol=1e-5, atol=1e-5)
     reranked = (ids.numpy() != top.indices[:, :k].numpy()).any()
     assert reranked  # the case is one the votes change
+    index = LabelIndex(IndexConfig(kind="flat"), normalize_rows=False)  # the serving path's neighbours, exact here
+    index.build(votes, np.random.default_rng(0))
+    through_index = votes.rerank(top.values, top.indices, queries, weight, k, index)
+    np.testing.assert_array_equal(through_index[1].numpy(), ids.numpy())
+    np.testing.assert_allclose(through_index[0].numpy(), scores.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_padding_and_labels_added_after_training_get_no_votes():
@@ -117,8 +124,17 @@ def test_the_weight_is_chosen_on_validation_and_every_path_ranks_with_the_votes(
     np.testing.assert_array_equal(predicted.ids, ids.numpy())
     np.testing.assert_allclose(predicted.scores, model.card.bias + np.exp(model.card.log_scale) * scores.numpy(),
                                rtol=1e-5)
-    assert model.index is not None
-    np.testing.assert_array_equal(model.predict(texts, k=5).ids, predicted.ids)  # the serving index: same top
+    assert model.index is not None and model.neighbour_index.index.ntotal == votes.end
+    np.testing.assert_array_equal(model.predict(texts, k=5).ids, predicted.ids)  # the serving indexes: same top
+    _, exact_neighbours = exact_topk(queries, votes, 10, normalize_rows=False, progress=False)
+    np.testing.assert_array_equal(model.neighbour_index.search(queries, 10)[1], exact_neighbours.numpy())
+
+    index_file = out / "ann" / "neighbours.faiss"
+    saved = index_file.read_bytes()
+    index_file.write_bytes(saved[:-8])
+    with pytest.raises(UserError, match="neighbours.faiss is missing or damaged"):
+        astra_ds.load(out)
+    index_file.write_bytes(saved)
 
     damaged = out / "neighbours" / "labels.npz"
     content = bytearray(damaged.read_bytes())

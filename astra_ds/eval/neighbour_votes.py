@@ -46,12 +46,18 @@ class NeighbourVotes:
         """How many labels of the model's top to re-rank for a top-k."""
         return min(max(k, self.num_candidates), num_labels)
 
-    def votes(self, queries: torch.Tensor, ids: np.ndarray) -> np.ndarray:
+    def votes(self, queries: torch.Tensor, ids: np.ndarray, index=None) -> np.ndarray:
         """(n, C): the votes of each query's neighbours for its labels `ids` (n, C); 0 for ids < 0 (padding) and for
-        labels no training query has (added after training)."""
+        labels no training query has (added after training). The neighbours are exact, or those `index` (a
+        LabelIndex over the training queries: the serving path) finds."""
         k = min(self.neighbours, self.end)
-        similarities, nearest = exact_topk(queries, self, k, normalize_rows=False, label_block=self.label_block,
-                                           progress=False)
+        if index is None:
+            similarities, nearest = exact_topk(queries, self, k, normalize_rows=False, label_block=self.label_block,
+                                               progress=False)
+        else:
+            similarities, nearest = map(torch.from_numpy, index.search(queries, k))
+            similarities = torch.where(nearest >= 0, similarities, float("-inf"))  # fewer found: no weight
+            nearest = nearest.clamp(min=0)
         weights = torch.softmax(similarities / self.temperature, dim=1).numpy()
         n = len(queries)
         mixing = sp.csr_matrix((weights.ravel(), nearest.numpy().ravel(), np.arange(0, n * k + 1, k)),
@@ -63,10 +69,11 @@ class NeighbourVotes:
         values[known] = np.asarray(votes[rows[known], ids[known]]).ravel()
         return values
 
-    def rerank(self, scores: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor, weight: float,
-               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top-k of candidates (scores, ids), (n, C) each, by score + weight x votes: (fused scores, ids)."""
-        fused = scores + weight * torch.from_numpy(self.votes(queries, ids.numpy()))
+    def rerank(self, scores: torch.Tensor, ids: torch.Tensor, queries: torch.Tensor, weight: float, k: int,
+               index=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of candidates (scores, ids), (n, C) each, by score + weight x votes (the neighbours found by
+        `index` when given): (fused scores, ids)."""
+        fused = scores + weight * torch.from_numpy(self.votes(queries, ids.numpy(), index))
         top = fused.topk(min(k, fused.shape[1]), dim=1)
         return top.values, ids.gather(1, top.indices)
 

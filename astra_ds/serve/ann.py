@@ -1,7 +1,9 @@
 """The serving index of a finished run: faiss over the vectors that exact top-k scores queries against
 (ScoringRows: classifier rows, plus the weighted label-text embeddings with dual scoring), so that the approximate
 top-k ranks by the same score. Built from the saved arrays a block at a time (any number of ranks wrote them),
-kind chosen by L as for training (HNSW, IVF-Flat, IVF-PQ; faiss-gpu when present), saved in <run>/ann/.
+kind chosen by L as for training (HNSW, IVF-Flat, IVF-PQ; faiss-gpu when present), saved in <run>/ann/. A run
+with kNN votes gets a second index there, over its training queries' embeddings (neighbours/), which finds the
+voters of a query served through the index: an exact search over them costs more than the labels' search.
 """
 
 from __future__ import annotations
@@ -50,8 +52,16 @@ def build_serving_index(run_dir: str | Path, cfg: IndexConfig, seed: int = 0, pr
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     index.save(tmp / Path(layout.ANN_INDEX).name)
-    digest = file_digest(tmp / Path(layout.ANN_INDEX).name)  # checked on load: faiss reads damage without a word
-    (tmp / Path(layout.ANN_INFO).name).write_text(json.dumps(info | {"digest": digest}, indent=2))
+    info["digest"] = file_digest(tmp / Path(layout.ANN_INDEX).name)  # checked on load: faiss reads damage silently
+    if card.neighbour_weight:
+        neighbours = LabelIndex(cfg, normalize_rows=False)
+        built = neighbours.build(StoredRows(run_dir / layout.NEIGHBOURS), numpy_rng(seed, Stream.SERVING_INDEX),
+                                 progress)
+        neighbours.save(tmp / Path(layout.ANN_NEIGHBOURS).name)
+        info["neighbours"] = {"kind": built.kind, "rows": built.rows, "build_seconds": round(built.seconds, 3),
+                              "digest": file_digest(tmp / Path(layout.ANN_NEIGHBOURS).name)}
+        log.info("neighbour index (%s) over %d training queries built in %.1f s", built.kind, built.rows, built.seconds)
+    (tmp / Path(layout.ANN_INFO).name).write_text(json.dumps(info, indent=2))
     fsync_tree(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -84,4 +94,22 @@ def load_serving_index(run_dir: Path, cfg: IndexConfig, card: ModelCard,
     started = time.perf_counter()
     index.load(run_dir / layout.ANN_INDEX, stored_scoring_rows(run_dir, card))
     log.debug("serving index loaded in %.2f s", time.perf_counter() - started)
+    return index
+
+
+def load_neighbour_index(run_dir: Path, cfg: IndexConfig) -> LabelIndex | None:
+    """The index over the run's training queries (kNN votes), or None when its serving index has none; refused when
+    damaged. Called after load_serving_index, which checked that the serving index is of this model."""
+    try:
+        info = json.loads((run_dir / layout.ANN_INFO).read_text()).get("neighbours")
+    except OSError:
+        return None
+    if info is None:
+        return None
+    path = run_dir / layout.ANN_NEIGHBOURS
+    if not path.is_file() or file_digest(path) != info["digest"]:
+        raise UserError(f"{path} is missing or damaged (changed since it was built): rebuild it with "
+                        f"`astra-ds index --run-dir {run_dir}`")
+    index = LabelIndex(cfg, normalize_rows=False)
+    index.load(run_dir / layout.ANN_NEIGHBOURS, StoredRows(run_dir / layout.NEIGHBOURS))
     return index

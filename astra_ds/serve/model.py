@@ -32,7 +32,7 @@ from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
 from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
 from astra_ds.serve import labels
-from astra_ds.serve.ann import load_serving_index
+from astra_ds.serve.ann import load_neighbour_index, load_serving_index
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids
 from astra_ds.table.store import StoredRows
 
@@ -55,6 +55,7 @@ class XCModel:
         self.label_text_weight = cfg.eval.label_text_weight  # the card's, unless overridden
         self.retired = retired_ids(run_dir)  # sorted ids never predicted
         self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
+        self.neighbour_index = load_neighbour_index(run_dir, cfg.index) if with_index else None
         self._scoring_rows: ScoringRows | None = None
         self._neighbour_votes: NeighbourVotes | None = None
 
@@ -146,7 +147,8 @@ class XCModel:
 
     def topk(self, queries: torch.Tensor, k: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores <q, v>, label ids), (N, k) each: from the serving index unless `exact` or there is none; with kNN
-        votes, the top neighbour_candidates so found re-ranked by <q, v> + neighbour_weight x votes."""
+        votes, the top neighbour_candidates so found re-ranked by <q, v> + neighbour_weight x votes (their voters
+        found by the neighbour index unless `exact` or there is none)."""
         self.check_k(k)
         excluded = self.retired if len(self.retired) else None
         votes = self.neighbour_votes()
@@ -156,7 +158,10 @@ class XCModel:
                                      label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
         else:
             scores, ids = map(torch.from_numpy, self.index.search(queries, candidates, excluded))
-        return votes.rerank(scores, ids, queries, self.cfg.eval.neighbour_weight, k) if votes else (scores, ids)
+        if votes is None:
+            return scores, ids
+        return votes.rerank(scores, ids, queries, self.cfg.eval.neighbour_weight, k,
+                            None if exact else self.neighbour_index)
 
     @property
     def predictable_labels(self) -> int:
