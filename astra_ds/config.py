@@ -283,9 +283,10 @@ class EvalConfig:
     # an evaluation counts as better only when its validation P@1 beats the best by more than this (a fraction:
     # 0.002 = 0.2 points), so that gains within the noise of the split do not keep a stage going
     min_delta: float = 0.0
-    # a stage that trains the rows on the frozen encoder (classifier, refit) ends with the rows (and their optimizer
-    # state) of its best validation evaluation, not its last: a copy of the table is kept for it, in host memory
-    # and in checkpoints (astra_ds/training/best_rows.py)
+    # a stage ends with what it trained as of its best validation evaluation, not its last: a stage that trains the
+    # rows on the frozen encoder (classifier, refit) with the rows (and their optimizer state), from a copy of the
+    # table kept in host memory and in checkpoints (astra_ds/training/best_rows.py); the joint stage goes back to a
+    # checkpoint written at its best evaluation (every component; the checkpoints after it are deleted)
     keep_best: bool = False
     # dual scoring (NGAME): rank labels by <q, w_l / |w_l| + label_text_weight * e_l>, e_l the final encoder's
     # embedding of the label's text, kept in the run directory (label_embeddings/); 0: the classifier rows alone

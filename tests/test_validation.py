@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 import zarr
 
@@ -150,6 +151,46 @@ def test_keep_best_ends_a_stage_with_the_rows_of_its_best_evaluation_also_when_r
         np.testing.assert_array_equal(kept[name], resumed[name], err_msg=name)
     with pytest.raises(ConfigError, match="eval.keep_best keeps the rows of the best evaluation"):
         load_config(None, ["eval.keep_best=true", "eval.every_epochs=1"])
+
+
+@pytest.mark.slow
+def test_keep_best_takes_a_joint_stage_back_to_its_best_evaluation_also_when_resumed(synth_dir, token_cache,
+                                                                                    tmp_path):
+    def train(out, *more, resume=()):
+        run_main("train", "--no-eval", *resume, *[a for s in [
+            *TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path / out}",
+            "data.validation_fraction=0.25", "eval.every_epochs=1", "classifier.epochs=0", "train.epochs=4",
+            "classifier.refit_epochs=1", "classifier.batch_size=64", "train.encoder_lr=3e-2", "eval.keep_best=true",
+            "checkpoint.keep_last=1", "train.log_every=1", *more] for a in ("--set", s)])
+        return _log(tmp_path / out)
+
+    records = train("kept")
+    curve = [(r["step"], r["validation_P@1"]) for r in records if r.get("stage") == "joint" and "validation_P@1" in r]
+    best = max(p1 for _, p1 in curve)
+    best_step = next(step for step, p1 in curve if p1 == best)  # the first of equals
+    assert best_step < curve[-1][0]  # the stage ended after its best: there is something to undo
+    (back,) = [r for r in records if "back_to_best_step" in r]
+    assert back["back_to_best_step"] == best_step and back["best_P@1"] == best
+    refit = [r["step"] for r in records if r.get("stage") == "refit" and "loss" in r]
+    assert refit[0] == best_step + 1  # the refit follows the best step
+    checkpoints = sorted(p.name for p in (tmp_path / "kept" / "checkpoints").glob("global_step*"))
+    assert checkpoints == [f"global_step{refit[-1]}"]  # the undone steps' checkpoints are gone
+
+    # the run whose joint stage ends at that evaluation, from scratch: the same encoder and rows at the end
+    train("until_best", f"train.epochs={best_step // 12}")  # 12 steps an epoch
+    kept, at_best = _table_arrays(tmp_path / "kept"), _table_arrays(tmp_path / "until_best")
+    for name in kept:
+        np.testing.assert_array_equal(kept[name], at_best[name], err_msg=name)
+    encoders = [torch.load(tmp_path / run / "encoder.pt") for run in ("kept", "until_best")]
+    for name, weight in encoders[1].items():
+        torch.testing.assert_close(encoders[0][name], weight, rtol=0, atol=0)
+
+    # killed after the best checkpoint, before the stage's end; resumed: the same end
+    train("resumed", f"train.max_steps={curve[-1][0] - 1}")
+    train("resumed", resume=("--resume", "auto"))
+    resumed = _table_arrays(tmp_path / "resumed")
+    for name, array in _table_arrays(tmp_path / "kept").items():
+        np.testing.assert_array_equal(array, resumed[name], err_msg=name)
 
 
 @pytest.mark.slow

@@ -115,6 +115,7 @@ class CheckpointManager:
         self.previous: Path | None = None  # the last checkpoint saved or loaded: its unchanged table chunks are linked
         self.chain = 0  # its position in its chain of linked checkpoints
         self.digest_cache = DigestCache()  # linked chunks are not read again to digest them
+        self.pinned: set[Path] = set()  # checkpoints kept beyond keep_last (eval.keep_best's, until its stage ends)
         if rank == 0:
             for leftover in self.dir.glob("*" + layout.TMP_SUFFIX):  # a save cut short by a crash or a kill
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -244,5 +245,15 @@ class CheckpointManager:
 
     def prune(self, keep: Path) -> None:
         for old in checkpoints_in(self.dir)[self.cfg.keep_last:]:
-            if old != keep:
+            if old != keep and old.resolve() not in self.pinned:
                 shutil.rmtree(old)
+
+    def discard_after(self, path: Path) -> None:
+        """The run went back to checkpoint `path`: the checkpoints of later steps (of the steps undone) go, and
+        `path` is the latest again. Collective."""
+        if self.rank == 0:
+            for later in checkpoints_in(self.dir):
+                if layout.step_of(later.name) > layout.step_of(path.name):
+                    shutil.rmtree(later)
+            write_atomically(self.dir / layout.LATEST, path.name)
+        barrier()

@@ -152,9 +152,12 @@ class Trainer:
         self.fit_started, self.eval_seconds = time.time(), 0.0
         # embeddings kept while the encoder does not change (see `current`): name -> (encoder steps, embeddings)
         self.encodings: dict[str, tuple[int, object]] = {}
-        self.evaluated_steps: set[int] = set()
+        self.evaluated_step: int | None = None  # the step of the last evaluation along training
         # eval.keep_best: the rows of the best evaluation of a stage that trains them alone
         self.best_rows = BestRows(self.table, self.dist.world_size) if cfg.eval.keep_best else None
+        # eval.keep_best in a stage that trains the encoder: {"stage", "step", "path"} of the checkpoint written at
+        # its best evaluation, which the run goes back to when the stage ends (see rewind_to_best)
+        self.best_checkpoint: dict | None = None
 
         for name, component in (("encoder", EngineCheckpoint(self.engine, self.dist.rank)), (layout.TABLE, self.table),
                                 ("negatives", self.sampler), ("trainer", self),
@@ -250,7 +253,7 @@ class Trainer:
         every = cfg.eval.every_epochs * per_epoch if stage.trains_table else 0  # steps, maybe fractional
         eval_steps = {first + round(k * every) for k in range(1, int((end - first) / every) + 1)} if every else set()
         window, window_start = [], time.time()
-        if every and self.step == first and self.step not in self.evaluated_steps:
+        if every and self.step == first and self.step != self.evaluated_step:
             self.evaluate_along(stage, epoch=0)  # where the curve starts: the initial rows (random or label-text)
         bar = tqdm(total=end, initial=self.step, desc=stage.name, unit="step", disable=not self.bars)
         for epoch in range((self.step - first) // per_epoch, stage.epochs):
@@ -296,10 +299,15 @@ class Trainer:
                 if self.step in eval_steps and (self.step < self.total_steps or self.best_rows is not None):
                     window_start += self.evaluate_along(stage, epoch)  # throughput figures leave evaluations out
                     stops = self.stops_early(stage, first, epoch)
-                if self.best_rows is not None and self.step == first + self.stage_steps(stage):  # its last step
+                last = self.step == first + self.stage_steps(stage)
+                if self.best_rows is not None and last:
                     self.best_rows.end_stage(stage.name, self.step)
+                if last and self.rewind_to_best(stage):
+                    bar.close()
+                    return
                 # after the step's evaluation: a run resumed here goes on as this one does
-                if self.checkpoints.due(self.step):
+                best_now = self.best_checkpoint is not None and self.best_checkpoint["step"] == self.step
+                if self.checkpoints.due(self.step) or best_now:
                     self.save_checkpoint()
                 signum = self.preemption.requested()
                 if signum:
@@ -363,7 +371,7 @@ class Trainer:
     def evaluate_along(self, stage: Stage, epoch: int) -> float:
         """An evaluation during training, logged with the epochs and training seconds so far; its duration."""
         started = time.time()
-        self.evaluated_steps.add(self.step)
+        self.evaluated_step = self.step
         trained = {"stage": stage.name, "epoch": epoch,
                    "epochs_done": (self.step - self.first_step[stage.name]) / stage.steps_per_epoch,
                    "train_seconds": self.train_seconds()}
@@ -375,9 +383,33 @@ class Trainer:
         self.best[stage.name] = (results["P@1"], 0) if better else (best, since + 1)
         if better and self.best_rows is not None and not stage.trains_encoder:  # the table is all the stage trains
             self.best_rows.take(stage.name, self.step, results["P@1"])
+        if better and self.cfg.eval.keep_best and stage.trains_encoder:  # a checkpoint is written after this
+            path = self.checkpoints.dir / layout.checkpoint_tag(self.step)
+            self.best_checkpoint = {"stage": stage.name, "step": self.step, "path": str(path.resolve())}
+            self.checkpoints.pinned = {path.resolve()}
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
+
+    def rewind_to_best(self, stage: Stage) -> bool:
+        """eval.keep_best, at the end of a stage that trains the encoder (whose copy would not fit beside it, as the
+        rows' copy does): the run goes back to the checkpoint written at the stage's best validation evaluation,
+        every component as it was then, and the stage counts as stopped early there; the checkpoints written after
+        it are deleted. The run then goes on as one whose stage stopped at that step. Whether it went back."""
+        best = self.best_checkpoint
+        if best is None or best["stage"] != stage.name or best["step"] == self.step:
+            return False
+        path, seconds, ended = Path(best["path"]), self.train_seconds(), self.step
+        self.checkpoints.load(path, json.loads((path / layout.META).read_text()))  # this trainer's position too
+        self.trained_seconds_before, self.fit_started, self.eval_seconds = seconds, time.time(), 0.0
+        self.stopped_early[stage.name] = self.step - self.first_step[stage.name]
+        self.best_checkpoint, self.checkpoints.pinned = None, set()
+        self.plan_steps()
+        self.checkpoints.discard_after(path)
+        log.info("%s stage ends with the encoder and rows of step %d (validation P@1 %.4f), not those of step %d",
+                 stage.name, self.step, self.best[stage.name][0], ended)
+        self.log({"stage": stage.name, "back_to_best_step": self.step, "best_P@1": self.best[stage.name][0]})
+        return True
 
     def train_seconds(self) -> float:
         """Seconds spent training so far, over this run and the runs it resumes, evaluations left out."""
@@ -387,11 +419,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "train_seconds": self.train_seconds(), "stopped_early": self.stopped_early,
-                "best": self.best}
+                "best": self.best, "best_checkpoint": self.best_checkpoint, "evaluated_step": self.evaluated_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.trained_seconds_before = state["step"], state["train_seconds"]
         self.stopped_early, self.best = state.get("stopped_early", {}), state.get("best", {})
+        self.best_checkpoint, self.evaluated_step = state.get("best_checkpoint"), state.get("evaluated_step")
+        self.checkpoints.pinned = {Path(self.best_checkpoint["path"])} if self.best_checkpoint else set()
         self.plan_steps()
 
     def save_checkpoint(self) -> Path:
