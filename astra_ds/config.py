@@ -332,11 +332,6 @@ class EvalConfig:
         _check(self.neighbour_candidates >= 1,
                f"eval.neighbour_candidates must be >= 1, not {self.neighbour_candidates}")
 
-    @property
-    def uses_neighbour_votes(self) -> bool:
-        """Whether the run keeps its training queries for kNN votes (a weight, or weights to choose from, > 0)."""
-        return any(weight > 0 for weight in [self.neighbour_weight, *self.neighbour_weights])
-
 
 @dataclass
 class RunConfig:

@@ -155,6 +155,11 @@ def uses_label_embeddings(cfg: RunConfig) -> bool:
     return any(weight > 0 for weight in [cfg.eval.label_text_weight, *cfg.eval.label_text_weights])
 
 
+def uses_neighbour_votes(cfg: RunConfig) -> bool:
+    """The run keeps its training queries' embeddings for kNN votes."""
+    return any(weight > 0 for weight in [cfg.eval.neighbour_weight, *cfg.eval.neighbour_weights])
+
+
 @dataclass(frozen=True)
 class DataShape:
     """What the plan needs of the data: read from a prepared dataset, or given (`astra-ds plan --num-labels ...`,
@@ -229,7 +234,7 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
     optimizer_step = optimizer_step_bytes(num_params, stage, world_size)
     evaluation = exact_topk_bytes(min(num_test, 4096), rows, dim, cfg.eval.label_block)
     votes = (num_train * dim * 4 + exact_topk_bytes(min(num_test, 4096), num_train, dim, cfg.eval.label_block)
-             if cfg.eval.uses_neighbour_votes else 0)
+             if uses_neighbour_votes(cfg) else 0)
     phases = [
         *training_step_phases(cfg, encoder, micro_batch, shape, world_size, optimizer_step, staging, place),
         *([PlanLine("classifier step", **place(staging), detail=f"~{step_rows:,} fetched rows (and refit)")]

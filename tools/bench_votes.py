@@ -47,7 +47,8 @@ def main() -> None:
             continue
         for batch, count in ((1, args.queries), (args.batch, len(queries))):
             times = [seconds_per_query(model, queries[:count], batch, exact, args.k) * 1e3 for model in (plain, voted)]
-            print(f"{'exact' if exact else 'index'} | {batch} | {times[0]:.2f} | {times[1]:.2f} | {times[1] / times[0]:.1f}")
+            print(f"{'exact' if exact else 'index'} | {batch} | {times[0]:.2f} | {times[1]:.2f} | "
+                  f"{times[1] / times[0]:.1f}")
 
 
 if __name__ == "__main__":

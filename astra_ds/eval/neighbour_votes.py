@@ -80,7 +80,8 @@ class NeighbourVotes:
     def save(self, path: Path) -> None:
         """neighbours/: the embeddings as a zarr table (rows), the labels as a CSR .npz."""
         chunk_rows = max(1, min(self.end, CHUNK_BYTES // (self.dim * 4)))
-        group = store.create(path, self.end, chunk_rows, {"rows": ((self.dim,), np.dtype(np.float32))}, {"dim": self.dim})
+        group = store.create(path, self.end, chunk_rows, {"rows": ((self.dim,), np.dtype(np.float32))},
+                             {"dim": self.dim})
         group["rows"][:] = self.embeddings.numpy()
         sp.save_npz(path / LABELS_FILE, self.labels.tocsr())
         fsync_tree(path)

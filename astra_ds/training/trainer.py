@@ -399,8 +399,9 @@ class Trainer:
         best = self.best_checkpoint
         if best is None or best["stage"] != stage.name or best["step"] == self.step:
             return False
-        path, seconds, ended = Path(best["path"]), self.train_seconds(), self.step
-        self.checkpoints.load(path, json.loads((path / layout.META).read_text()))  # this trainer's position too
+        seconds, ended = self.train_seconds(), self.step
+        path, meta = self.checkpoints.start_point(best["path"], None)  # verified, as a resume would
+        self.checkpoints.load(path, meta)  # this trainer's position too
         self.trained_seconds_before, self.fit_started, self.eval_seconds = seconds, time.time(), 0.0
         self.stopped_early[stage.name] = self.step - self.first_step[stage.name]
         self.best_checkpoint, self.checkpoints.pinned = None, set()
