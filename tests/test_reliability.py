@@ -379,6 +379,23 @@ def test_resume_checks_meta_the_data_and_the_settings(saved_run, synth_dir, toke
         change in caplog.text for change in ("train.batch_size 32 -> 16", "train.log_every 1 -> 2", "out_dir "))
 
 
+def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default(tmp_path):
+    """A checkpoint written before a setting existed trained with its default: resuming with another value is a
+    change like any other."""
+    from astra_ds.config import RunConfig
+    from astra_ds.errors import CheckpointError
+    from astra_ds.training.trainer import check_resumable
+
+    cfg = RunConfig().with_absolute_paths()
+    older = cfg.to_dict()
+    del older["negatives"]["num_negatives"]  # as if written before negatives.num_negatives existed
+    meta = {"config": older}
+    check_resumable(meta, tmp_path, cfg, "data", allow_changes=False)
+    cfg.negatives.num_negatives += 1
+    with pytest.raises(CheckpointError, match=r"negatives.num_negatives \d+ -> \d+"):
+        check_resumable(meta, tmp_path, cfg, "data", allow_changes=False)
+
+
 def test_one_damaged_file_never_disables_every_checkpoint_kept(synth_dir, token_cache, tmp_path):
     """keep_last = 2: every checkpoint a full copy (keep_last 3 and more: see the test of the chains below)."""
     out = tmp_path / "run"

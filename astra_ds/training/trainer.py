@@ -66,11 +66,14 @@ RESUMABLE_CHANGES = ("out_dir", "data.path", "data.cache_dir", "train.epochs", "
 
 def check_resumable(meta: dict, path: Path, cfg: RunConfig, data_fingerprint: str, allow_changes: bool) -> None:
     """A checkpoint resumes on the data it was trained on, and with its settings but RESUMABLE_CHANGES (others
-    refused in one line unless `allow_changes`; every change is logged)."""
+    refused in one line unless `allow_changes`; every change is logged, a setting newer than the checkpoint
+    compared with its default)."""
     if meta.get("data", data_fingerprint) != data_fingerprint:
         raise CheckpointError(f"checkpoint {path} was trained on other data than {cfg.data.path} (other training "
                               "queries or labels, or another data.validation_fraction): it cannot resume on it")
-    before, now = flat_config(meta.get("config", {})), flat_config(cfg.with_absolute_paths().to_dict())
+    # a setting added to astra_ds since the checkpoint was written had its default value then
+    before = {**flat_config(RunConfig().to_dict()), **flat_config(meta.get("config", {}))}
+    now = flat_config(cfg.with_absolute_paths().to_dict())
     changed = {key: (before[key], now.get(key)) for key in before if before[key] != now.get(key)}
     if not changed:
         return
