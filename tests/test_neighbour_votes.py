@@ -17,6 +17,7 @@ from astra_ds.errors import ConfigError, UserError
 from astra_ds.eval.neighbour_votes import NeighbourVotes
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.scoring import exact_topk
+from astra_ds.table.store import StoredRows
 from conftest import TINY_RUN, run_main
 
 
@@ -125,7 +126,9 @@ def test_the_weight_is_chosen_on_validation_and_every_path_ranks_with_the_votes(
     np.testing.assert_allclose(predicted.scores, model.card.bias + np.exp(model.card.log_scale) * scores.numpy(),
                                rtol=1e-5)
     assert model.index is not None and model.neighbour_index.index.ntotal == votes.end
-    np.testing.assert_array_equal(model.predict(texts, k=5).ids, predicted.ids)  # the serving indexes: same top
+    served = astra_ds.load(out)
+    np.testing.assert_array_equal(served.predict(texts, k=5).ids, predicted.ids)  # the serving indexes: same top
+    assert isinstance(served.neighbour_votes()._embeddings, StoredRows)  # not read: the neighbour index served
     _, exact_neighbours = exact_topk(queries, votes, 10, normalize_rows=False, progress=False)
     np.testing.assert_array_equal(model.neighbour_index.search(queries, 10)[1], exact_neighbours.numpy())
 

@@ -7,7 +7,8 @@ definitions are neighbours: docs/results.md).
 The votes re-rank the model's top `neighbour_candidates` labels (exact, or from the serving index), so that every
 path that ranks labels (evaluation, predict, the server) costs one more exact search, over the training queries,
 and scores no label outside the model's candidates. The training queries' embeddings and labels are kept in the run
-directory (neighbours/: rows as a zarr table, labels.npz).
+directory (neighbours/: rows as a zarr table, labels.npz); a loaded model reads the embeddings at its first exact
+search only, since the serving path finds the neighbours in its own index over them (serve/ann.py).
 """
 
 from __future__ import annotations
@@ -31,13 +32,24 @@ class NeighbourVotes:
     """The training queries' embeddings (N, d) and labels (N x L CSR), and the votes they give. Scored like
     classifier rows by exact_topk (start, end, dim, device, block_rows)."""
 
-    def __init__(self, embeddings: torch.Tensor, labels: sp.csr_matrix, cfg: EvalConfig):
-        if embeddings.shape[0] != labels.shape[0]:
-            raise ValueError(f"{embeddings.shape[0]} training query embeddings for {labels.shape[0]} label rows")
-        self.embeddings, self.labels = embeddings.float(), sp.csr_matrix(labels, dtype=np.float32)
+    def __init__(self, embeddings: torch.Tensor | store.StoredRows, labels: sp.csr_matrix, cfg: EvalConfig):
+        """`embeddings`: in memory, or as a run keeps them (read into memory at the first exact search)."""
+        stored = isinstance(embeddings, store.StoredRows)
+        count, self.dim = (embeddings.end, embeddings.dim) if stored else embeddings.shape
+        if count != labels.shape[0]:
+            raise ValueError(f"{count} training query embeddings for {labels.shape[0]} label rows")
+        self._embeddings = embeddings if stored else embeddings.float()
+        self.labels = sp.csr_matrix(labels, dtype=np.float32)
         self.neighbours, self.temperature, self.label_block = cfg.neighbours, cfg.neighbour_temperature, cfg.label_block
         self.num_candidates = cfg.neighbour_candidates
-        self.start, self.end, self.dim, self.device = 0, len(embeddings), embeddings.shape[1], torch.device("cpu")
+        self.start, self.end, self.device = 0, count, torch.device("cpu")
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """(N, d) float32 in memory (read from the run directory at the first use)."""
+        if isinstance(self._embeddings, store.StoredRows):
+            self._embeddings = self._embeddings.load().rows.float()
+        return self._embeddings
 
     def block_rows(self, start: int, end: int) -> torch.Tensor:
         return self.embeddings[start:end]
@@ -91,4 +103,4 @@ class NeighbourVotes:
         """The votes a run kept, for a model of `num_labels` labels (more than training had after `labels add`)."""
         labels = sp.load_npz(path / LABELS_FILE).tocsr()
         labels.resize((labels.shape[0], max(num_labels, labels.shape[1])))
-        return cls(store.StoredRows(path).load().rows, labels, cfg)
+        return cls(store.StoredRows(path), labels, cfg)

@@ -389,7 +389,6 @@ class Trainer:
         if better and self.cfg.eval.keep_best and stage.trains_encoder:  # a checkpoint is written after this
             path = self.checkpoints.dir / layout.checkpoint_tag(self.step)
             self.best_checkpoint = {"stage": stage.name, "step": self.step, "path": str(path.resolve())}
-            self.checkpoints.pinned = {path.resolve()}
         seconds = time.time() - started
         self.eval_seconds += seconds
         return seconds
@@ -407,13 +406,23 @@ class Trainer:
         self.checkpoints.load(path, meta)  # this trainer's position too
         self.trained_seconds_before, self.fit_started, self.eval_seconds = seconds, time.time(), 0.0
         self.stopped_early[stage.name] = self.step - self.first_step[stage.name]
-        self.best_checkpoint, self.checkpoints.pinned = None, set()
+        self.best_checkpoint = None
         self.plan_steps()
         self.checkpoints.discard_after(path)
         log.info("%s stage ends with the encoder and rows of step %d (validation P@1 %.4f), not those of step %d",
                  stage.name, self.step, self.best[stage.name][0], ended)
         self.log({"stage": stage.name, "back_to_best_step": self.step, "best_P@1": self.best[stage.name][0]})
         return True
+
+    @property
+    def best_checkpoint(self) -> dict | None:
+        return self._best_checkpoint
+
+    @best_checkpoint.setter
+    def best_checkpoint(self, best: dict | None) -> None:
+        """The checkpoint manager keeps the best checkpoint beyond keep_last until the stage ends."""
+        self._best_checkpoint = best
+        self.checkpoints.pinned = {Path(best["path"])} if best else set()
 
     def train_seconds(self) -> float:
         """Seconds spent training so far, over this run and the runs it resumes, evaluations left out."""
@@ -429,7 +438,6 @@ class Trainer:
         self.step, self.trained_seconds_before = state["step"], state["train_seconds"]
         self.stopped_early, self.best = state.get("stopped_early", {}), state.get("best", {})
         self.best_checkpoint, self.evaluated_step = state.get("best_checkpoint"), state.get("evaluated_step")
-        self.checkpoints.pinned = {Path(self.best_checkpoint["path"])} if self.best_checkpoint else set()
         self.plan_steps()
 
     def save_checkpoint(self) -> Path:
