@@ -84,6 +84,14 @@ class ScoringRows:
             rows = rows + self.label_text_weight * self.label_embeddings.block_rows(start, end).to(self.device).float()
         return rows
 
+    def in_memory(self, label_block: int = 65536) -> "VectorsInMemory":
+        """All the vectors, computed once and kept on the host (a served model scores against them on every call)."""
+        vectors = torch.empty((self.end - self.start, self.dim))
+        for start in range(self.start, self.end, label_block):
+            end = min(start + label_block, self.end)
+            vectors[start - self.start:end - self.start] = self.block_rows(start, end).cpu()
+        return VectorsInMemory(vectors, self.start, self.device)
+
     def _scales(self, start: int, end: int) -> torch.Tensor | None:
         """The row scales of [start, end), or None where they are all 1."""
         scales = None
@@ -93,6 +101,18 @@ class ScoringRows:
                 scales = torch.ones(end - start) if scales is None else scales
                 scales[first - start:last - start] = scale
         return scales
+
+
+class VectorsInMemory:
+    """Scoring vectors (rows [start, start + n)) held as one float32 host tensor, scored on `device`: a table for
+    exact_topk."""
+
+    def __init__(self, vectors: torch.Tensor, start: int, device: torch.device):
+        self.vectors, self.start, self.end = vectors, start, start + len(vectors)
+        self.dim, self.device = vectors.shape[1], device
+
+    def block_rows(self, start: int, end: int) -> torch.Tensor:
+        return self.vectors[start - self.start:end - self.start].to(self.device, non_blocking=True)
 
 
 @torch.no_grad()

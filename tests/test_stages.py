@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from astra_ds.config import TableConfig, load_config
 from astra_ds.ds_config import add_scheduler, resolve_ds_config
-from astra_ds.scoring import exact_topk
+from astra_ds.scoring import ScoringRows, exact_topk
 from astra_ds.model.label_text import LabelEmbeddings
 from astra_ds.table.table import ClassifierTable
 from astra_ds.training.loss import siamese_softmax
@@ -196,6 +196,15 @@ def test_dual_scoring_adds_the_weighted_label_embeddings_to_the_unit_rows():
     expected = dense.topk(5, dim=1)
     torch.testing.assert_close(scores, expected.values)
     assert torch.equal(ids, expected.indices)
+
+    # computed once, as a served model keeps them (blocks of 7, a scaled range across two of them)
+    vectors = ScoringRows(table, True, label_embeddings, 0.7, [[5, 16, 0.5]]).in_memory(label_block=7)
+    scales = torch.ones(30)
+    scales[5:16] = 0.5
+    reference = F.normalize(table.rows, dim=-1) * scales[:, None] + 0.7 * label_embeddings.rows
+    torch.testing.assert_close(vectors.block_rows(0, 30), reference)
+    torch.testing.assert_close(exact_topk(queries, vectors, 5, False, progress=False)[0],
+                               (queries @ reference.T).topk(5, dim=1).values)
 
 
 def test_the_encoder_learning_rate_warms_up_then_decays_to_zero(synth_dir, token_cache, tmp_path):

@@ -30,7 +30,7 @@ from astra_ds.errors import ConfigError, UserError
 from astra_ds.eval.neighbour_votes import NeighbourVotes
 from astra_ds.libraries import quiet_libraries
 from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.scoring import ScoringRows, encode_queries, exact_topk
+from astra_ds.scoring import ScoringRows, VectorsInMemory, encode_queries, exact_topk
 from astra_ds.serve import labels
 from astra_ds.serve.ann import load_neighbour_index, load_serving_index
 from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids
@@ -56,7 +56,7 @@ class XCModel:
         self.retired = retired_ids(run_dir)  # sorted ids never predicted
         self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
         self.neighbour_index = load_neighbour_index(run_dir, cfg.index) if with_index else None
-        self._scoring_rows: ScoringRows | None = None
+        self._scoring_rows: VectorsInMemory | None = None
         self._neighbour_votes: NeighbourVotes | None = None
 
     @classmethod
@@ -89,8 +89,9 @@ class XCModel:
             "index": index, "served_label_text_weight": self.label_text_weight,
             "served_neighbour_weight": self.cfg.eval.neighbour_weight, "astra_ds": version("astra_ds")}
 
-    def scoring_rows(self) -> ScoringRows:
-        """The vectors exact search scores against, read into memory at the first use."""
+    def scoring_rows(self) -> VectorsInMemory:
+        """The vectors exact search scores against, read and computed at the first use (the rows and label-text
+        embeddings they are made of are not kept)."""
         if self._scoring_rows is None:
             embeddings = None
             if self.label_text_weight:
@@ -101,7 +102,7 @@ class XCModel:
             rows = StoredRows(self.run_dir / layout.TABLE, self.num_labels).load()
             rows.device = self.device
             self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight,
-                                             self.card.row_scales)
+                                             self.card.row_scales).in_memory(self.cfg.eval.label_block)
         return self._scoring_rows
 
     def neighbour_votes(self) -> NeighbourVotes | None:
