@@ -109,7 +109,9 @@ def test_two_ranks_run_the_stages_like_one(synth_dir, token_cache, ds_config, tm
     np.testing.assert_allclose([loss for _, loss in stages[1]], [loss for _, loss in stages[0]], rtol=1e-4)
     for name in ("table", "label_embeddings", "neighbours"):  # neighbours: the training queries' embeddings
         rows = [np.asarray(store.open_table(run / name)["rows"][:]) for run in (runs[2], runs[1])]
-        np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-6)
+        # atol 1e-5, as for the encoders' weights: after six steps through every stage, the ranks' other order of
+        # summation leaves up to 6e-6 on a few entries of rows of size 0.01-0.25 (DeepSpeed 0.19.8, torch 2.13)
+        np.testing.assert_allclose(rows[0], rows[1], rtol=1e-4, atol=1e-5)
     metrics = [json.loads((run / "metrics.json").read_text())["astra_ds"] for run in (runs[2], runs[1])]
     assert metrics[0] == pytest.approx(metrics[1], abs=1e-9)
 
