@@ -215,8 +215,13 @@ class ClassifierConfig:
     # The loss of the rows' scores in every stage that trains rows (classifier, joint, refit): bce (one-vs-all,
     # each label on its own) or softmax (each positive against the query's negatives: DEXML's decoupled softmax).
     loss: ClassifierLoss = "bce"
+    # dropout on the frozen query embeddings the classifier stage and the refit train the rows on (each step its
+    # own mask, drawn from the step's random stream: the same on every rank and after a resume); 0: none
+    embedding_dropout: float = 0.0
 
     def __post_init__(self):
+        _check(0 <= self.embedding_dropout < 1,
+               f"classifier.embedding_dropout must be in [0, 1), not {self.embedding_dropout}")
         _check(self.epochs >= 0 and self.refit_epochs >= 0,
                f"classifier.epochs and classifier.refit_epochs must be >= 0, not {self.epochs}, {self.refit_epochs}")
         _check(self.batch_size >= 1, f"classifier.batch_size must be >= 1, not {self.batch_size}")

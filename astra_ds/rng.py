@@ -21,6 +21,7 @@ class Stream(IntEnum):
     SERVING_INDEX = 7  # the rows the serving index of a finished run trains on (no counter)
     VALIDATION_SPLIT = 8  # the training queries held out as the validation split (no counter)
     ROW_SCALE = 9  # the training queries a `labels add` scales the new rows on (counter: the first new id)
+    EMBEDDING_DROPOUT = 10  # the dropout mask on a rows-only step's query embeddings (counter: step)
 
 
 def numpy_rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:

@@ -100,6 +100,43 @@ def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache
     torch.testing.assert_close(trained_on["queries"][:5], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_dir, token_cache, tmp_path,
+                                                                          monkeypatch):
+    """The rows' loss sees the frozen embeddings with a dropout mask drawn from (seed, step), scaled by 1 / (1 - p);
+    the negatives are sampled with the whole embeddings. Another trainer draws the same masks (as a resumed run)."""
+    import astra_ds.training.stages as stages
+
+    p, seen = 0.25, []
+
+    def runs(out):
+        seen.clear()
+        trainer = make_trainer(synth_dir, token_cache, out, "classifier.epochs=1", "train.epochs=0",
+                               "classifier.batch_size=64", f"classifier.embedding_dropout={p}", "train.max_steps=2")
+        (classifier,) = trainer.stages
+        sampled, sample = [], trainer.parts.sampler.sample
+        trainer.parts.sampler.sample = lambda rows, queries, *a: (sampled.append(queries.clone()),
+                                                                  sample(rows, queries, *a))[1]
+        whole = _embeddings_at_the_end(classifier)
+        trainer.fit()
+        return whole["queries"], classifier.batches.epoch_batches(0)[:2], sampled, list(seen)
+
+    real = stages.classifier_loss
+    monkeypatch.setattr(stages, "classifier_loss", lambda table, queries, *a: (seen.append(queries.clone()),
+                                                                               real(table, queries, *a))[1])
+    whole, batches, sampled, trained_on = runs(tmp_path / "a")
+    masks = []
+    for rows, for_negatives, for_rows in zip(batches, sampled, trained_on):
+        torch.testing.assert_close(for_negatives, whole[rows])
+        kept = for_rows != 0
+        assert abs((~kept).float().mean().item() - p) < 0.03
+        torch.testing.assert_close(for_rows[kept] * (1 - p), whole[rows][kept])
+        masks.append(kept)
+    assert not torch.equal(masks[0], masks[1])  # each step its own mask
+    _, _, _, again = runs(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(again, trained_on))
+
+
 def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, *STAGED_RUN, "classifier.refit_epochs=1")
     assert [s.name for s in trainer.stages] == ["siamese", "classifier", "joint", "refit"]

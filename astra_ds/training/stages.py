@@ -24,7 +24,7 @@ import torch
 from astra_ds.choices import BATCHING
 from astra_ds.collectives import gather_rows, padded_part, scale_grad, sum_across_ranks
 from astra_ds.config import RunConfig
-from astra_ds.rng import Stream, numpy_rng
+from astra_ds.rng import Stream, numpy_rng, torch_generator
 from astra_ds.scoring import encode_queries
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.build import Training, stage_classes
@@ -143,7 +143,7 @@ class ClassifierStage(Stage):
         calibration = self.calibration.to(self.dist.device)
         positives = parts.data.train_labels[batch_rows]
         negatives = parts.sampler.sample(batch_rows, queries, positives, rng)
-        part = classifier_loss(parts.table, queries, calibration, positives, negatives,
+        part = classifier_loss(parts.table, self._dropout(queries, step), calibration, positives, negatives,
                                cfg.negatives.importance_weights, cfg.negatives.in_batch, cfg.table.normalize_rows,
                                cfg.classifier.loss)
         part.loss.backward()
@@ -152,6 +152,16 @@ class ClassifierStage(Stage):
         self.batches.observe(batch_rows, queries.cpu())
         loss, rows = sum_across_ranks([part.loss.item(), len(part.block.global_ids)])
         return {"loss": loss, "rows": int(rows)}
+
+    def _dropout(self, queries: torch.Tensor, step: int) -> torch.Tensor:
+        """classifier.embedding_dropout on the embeddings the rows train on (the negatives are sampled with the
+        whole ones); the mask is a function of (seed, step), as the negatives are."""
+        p = self.cfg.classifier.embedding_dropout
+        if p == 0:
+            return queries
+        generator = torch_generator(self.cfg.train.seed, Stream.EMBEDDING_DROPOUT, step)
+        keep = torch.rand(queries.shape, generator=generator) >= p
+        return queries * keep.to(queries.device) / (1 - p)
 
 
 class JointStage(Stage):
