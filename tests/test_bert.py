@@ -1,6 +1,8 @@
 """model/bert.py's plain-torch BERT against transformers' BertModel (the dense reference): the same state dict, the
 same hidden states on every real token of a padded batch (tests/test_serve.py checks that inference imports no
-transformers modeling code)."""
+transformers modeling code); and encoder.autocast=bf16 against float32, the encoder's reference."""
+
+import logging
 
 import pytest
 import torch
@@ -53,3 +55,46 @@ def test_other_configs_are_left_to_transformers():
     assert not supports({"model_type": "bert", "position_embedding_type": "relative_key"})
     assert not supports({"model_type": "bert", "hidden_act": "silu"})
 
+
+
+def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precision():
+    """encoder.autocast=bf16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its weights,
+    gradients and the embeddings it returns in float32, close to the float32 encoder's; the served encoder (the
+    plain BERT) under the same setting embeds as the trained one does."""
+    torch.manual_seed(0)
+    reference = QueryEncoder(EncoderConfig(model=MINILM), num_labels=10)
+    mixed = QueryEncoder(EncoderConfig(model=MINILM, autocast="bf16"), num_labels=10)
+    mixed.load_state_dict(reference.state_dict())
+    assert mixed.backbone.config._attn_implementation == ("sdpa" if torch.cuda.is_available() else "eager")
+    input_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
+    attention_mask = (input_ids != 0).long()
+    target = torch.randn(2, reference.dim)
+    expected, got = reference(input_ids, attention_mask)[0], mixed(input_ids, attention_mask)[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(got, expected, atol=3e-3, rtol=0)
+    assert (got - expected).abs().max() > 0  # bfloat16 did compute it
+    (expected * target).sum().backward()
+    (got * target).sum().backward()
+    for (name, p_ref), p_mixed in zip(reference.named_parameters(), mixed.parameters()):
+        if p_ref.grad is None or p_ref.grad.norm() < 1e-6:
+            continue
+        assert p_mixed.dtype == p_mixed.grad.dtype == torch.float32
+        cosine = torch.nn.functional.cosine_similarity(p_mixed.grad.flatten(), p_ref.grad.flatten(), dim=0)
+        assert cosine > 0.98, name
+    served = QueryEncoder(EncoderConfig(model=MINILM, autocast="bf16"), num_labels=10, for_weights=True).eval()
+    served.load_state_dict(mixed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(served(input_ids, attention_mask)[0], got.detach(), atol=3e-3, rtol=0)
+
+
+def test_bf16_autocast_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog):
+    from astra_ds.model import encoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="astra_ds"):
+        QueryEncoder(EncoderConfig(model="tiny-random"), num_labels=10)
+        assert "autocast" not in caplog.text
+        QueryEncoder(EncoderConfig(model="tiny-random", autocast="bf16"), num_labels=10)
+    assert "slower than encoder.autocast=off here" in caplog.text

@@ -24,6 +24,17 @@ def test_bench_pager_prints_throughput_beside_memcpy():
     assert all(float(r[2]) > 0 and float(r[4]) >= 0 and r[5].endswith("%") for r in rows)  # ms, GB/s, share
 
 
+def test_bench_autocast_prints_both_precisions_and_their_ratio():
+    out = _tool("tools/bench_autocast.py", "--model", "tiny-random", "--batch", "4", "--encode-batch", "8",
+                "--tokens", "8", "--repeats", "1")
+    rows = [line.rsplit(None, 3) for line in out.splitlines() if line.startswith(("forward + backward", "forward ("))]
+    assert len(rows) == 2
+    for _, fp32, bf16, ratio in rows:
+        assert float(fp32) > 0 and float(bf16) > 0
+        assert float(ratio) == pytest.approx(float(fp32) / float(bf16), rel=0.05, abs=0.01)
+    assert 0 < float(out.split("entry (unit-norm embeddings): ")[1].split()[0]) < 0.05
+
+
 @pytest.mark.slow
 def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
     out = _tool("tools/bench_scaling.py", "--labels", "1e3", "1e4", "--encoder", "tiny-random", "--steps", "2",

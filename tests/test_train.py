@@ -174,6 +174,20 @@ def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp
     torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_autocast_trains_through_deepspeed_as_float32_does(synth_dir, token_cache, tmp_path):
+    """encoder.autocast=bf16 under the DeepSpeed engine: the losses of the first steps and the rows they train are
+    float32's within bfloat16 precision, and the engine's weights stay float32."""
+    full = make_trainer(synth_dir, token_cache, tmp_path / "fp32")
+    mixed = make_trainer(synth_dir, token_cache, tmp_path / "bf16", "encoder.autocast=bf16")
+    for step in range(3):
+        rows = full.stages[-1].batches.epoch_batches(0)[step]
+        loss_full, loss_mixed = full.stages[-1].step(rows, step)["loss"], mixed.stages[-1].step(rows, step)["loss"]
+        assert loss_mixed == pytest.approx(loss_full, rel=1e-3)
+    assert all(p.dtype == torch.float32 for p in mixed.engine.module.parameters())
+    assert not torch.equal(mixed.table.rows, full.table.rows)
+    torch.testing.assert_close(mixed.table.rows, full.table.rows, rtol=0, atol=1e-3)  # rows move by 0.2
+
+
 def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp_path):
     """Under ZeRO-3 each rank holds a parameter shard; the saved encoder.pt must hold the full weights."""
     ds_config = tmp_path / "zero3_cpu.json"

