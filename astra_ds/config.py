@@ -22,7 +22,7 @@ BadText = typing.Literal["replace", "error"]
 TableOptimizer = OPTIMIZERS.literal()
 TableInit = TABLE_INITS.literal()
 TableDtype = typing.Literal["float32", "bfloat16"]
-Autocast = typing.Literal["off", "bf16"]
+ComputeDtype = typing.Literal["float32", "bfloat16"]
 SamplerName = SAMPLERS.literal()
 ShortlistMode = SHORTLISTS.literal()
 BatchingMode = BATCHING.literal()
@@ -77,10 +77,10 @@ class EncoderConfig:
     # (astra_ds/model/lexical.py): the table's rows are dim + lexical_dim wide and learn weights over exact words
     lexical_dim: int = 0
     lexical_weight: float = 1.0  # the sketch's norm beside the unit transformer embedding, before both are rescaled
-    # bf16: the transformer runs under torch.autocast(bfloat16) (matmuls in bfloat16: AMX on recent x86 CPUs, tensor
-    # cores on GPUs), its weights, gradients and optimizer states stay as the DeepSpeed config has them; on a CPU
-    # its attention is computed by plain matmuls (the fused CPU kernel's bfloat16 backward is slower than float32)
-    autocast: Autocast = "off"
+    # bfloat16: the transformer runs under torch.autocast(bfloat16) (matmuls in bfloat16: AMX on recent x86 CPUs,
+    # tensor cores on GPUs), its weights, gradients and optimizer states stay as the DeepSpeed config has them; on a
+    # CPU its attention is plain matmuls (the fused CPU kernel's bfloat16 backward is slower than float32's)
+    compute_dtype: ComputeDtype = "float32"
 
     def __post_init__(self):
         _check(self.dim is None or self.dim > 0, f"encoder.dim must be positive, not {self.dim}")

@@ -1,6 +1,6 @@
 """model/bert.py's plain-torch BERT against transformers' BertModel (the dense reference): the same state dict, the
 same hidden states on every real token of a padded batch (tests/test_serve.py checks that inference imports no
-transformers modeling code); and encoder.autocast=bf16 against float32, the encoder's reference."""
+transformers modeling code); and encoder.compute_dtype=bfloat16 against float32, the encoder's reference."""
 
 import logging
 
@@ -58,12 +58,12 @@ def test_other_configs_are_left_to_transformers():
 
 
 def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precision():
-    """encoder.autocast=bf16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its weights,
+    """encoder.compute_dtype=bfloat16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its weights,
     gradients and the embeddings it returns in float32, close to the float32 encoder's; the served encoder (the
     plain BERT) under the same setting embeds as the trained one does."""
     torch.manual_seed(0)
     reference = QueryEncoder(EncoderConfig(model=MINILM), num_labels=10)
-    mixed = QueryEncoder(EncoderConfig(model=MINILM, autocast="bf16"), num_labels=10)
+    mixed = QueryEncoder(EncoderConfig(model=MINILM, compute_dtype="bfloat16"), num_labels=10)
     mixed.load_state_dict(reference.state_dict())
     assert mixed.backbone.config._attn_implementation == ("sdpa" if torch.cuda.is_available() else "eager")
     input_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
@@ -82,7 +82,7 @@ def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precisi
         assert p_mixed.dtype == p_mixed.grad.dtype == torch.float32
         cosine = torch.nn.functional.cosine_similarity(p_mixed.grad.flatten(), p_ref.grad.flatten(), dim=0)
         assert cosine > 0.98, name
-    served = QueryEncoder(EncoderConfig(model=MINILM, autocast="bf16"), num_labels=10, for_weights=True).eval()
+    served = QueryEncoder(EncoderConfig(model=MINILM, compute_dtype="bfloat16"), num_labels=10, for_weights=True).eval()
     served.load_state_dict(mixed.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids, attention_mask)[0], got.detach(), atol=3e-3, rtol=0)
@@ -95,6 +95,6 @@ def test_bf16_autocast_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch,
     monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: False)
     with caplog.at_level(logging.WARNING, logger="astra_ds"):
         QueryEncoder(EncoderConfig(model="tiny-random"), num_labels=10)
-        assert "autocast" not in caplog.text
-        QueryEncoder(EncoderConfig(model="tiny-random", autocast="bf16"), num_labels=10)
-    assert "slower than encoder.autocast=off here" in caplog.text
+        assert "bfloat16" not in caplog.text
+        QueryEncoder(EncoderConfig(model="tiny-random", compute_dtype="bfloat16"), num_labels=10)
+    assert "slower than float32 here" in caplog.text

@@ -175,10 +175,10 @@ def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp
 
 
 def test_bf16_autocast_trains_through_deepspeed_as_float32_does(synth_dir, token_cache, tmp_path):
-    """encoder.autocast=bf16 under the DeepSpeed engine: the losses of the first steps and the rows they train are
+    """encoder.compute_dtype=bfloat16 under the DeepSpeed engine: the losses of the first steps and the rows they train are
     float32's within bfloat16 precision, and the engine's weights stay float32."""
     full = make_trainer(synth_dir, token_cache, tmp_path / "fp32")
-    mixed = make_trainer(synth_dir, token_cache, tmp_path / "bf16", "encoder.autocast=bf16")
+    mixed = make_trainer(synth_dir, token_cache, tmp_path / "bf16", "encoder.compute_dtype=bfloat16")
     for step in range(3):
         rows = full.stages[-1].batches.epoch_batches(0)[step]
         loss_full, loss_mixed = full.stages[-1].step(rows, step)["loss"], mixed.stages[-1].step(rows, step)["loss"]

@@ -1,4 +1,4 @@
-"""What encoder.autocast=bf16 buys: the encoder's forward + backward (a training step's encoder part) and its
+"""What encoder.compute_dtype=bfloat16 buys: the encoder's forward + backward (a training step's encoder part) and its
 forward alone (an encoding pass), float32 against bfloat16 autocast, on the same weights and batches, in one run;
 the ratios and how far the embeddings move. Batches are padded like real ones (a share of the rows end early).
 
@@ -47,9 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    encoders = {precision: QueryEncoder(EncoderConfig(model=args.model, autocast=precision), 10).to(device)
-                for precision in ("off", "bf16")}
-    encoders["bf16"].load_state_dict(encoders["off"].state_dict())
+    encoders = {precision: QueryEncoder(EncoderConfig(model=args.model, compute_dtype=precision), 10).to(device)
+                for precision in ("float32", "bfloat16")}
+    encoders["bfloat16"].load_state_dict(encoders["float32"].state_dict())
 
     def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.randint(1000, 20000, (size, args.tokens), device=device)
@@ -72,11 +72,11 @@ def main() -> None:
 
         seconds[precision] = timed(step, args.repeats), timed(encode, args.repeats)
     with torch.no_grad():
-        moved = (encoders["bf16"](*encode_batch)[0] - encoders["off"](*encode_batch)[0]).abs().max().item()
-    print(f"{'':24}{'float32 s':>12}{'bf16 s':>12}{'ratio':>8}")
+        moved = (encoders["bfloat16"](*encode_batch)[0] - encoders["float32"](*encode_batch)[0]).abs().max().item()
+    print(f"{'':24}{'float32 ms':>12}{'bfloat16 ms':>12}{'ratio':>8}")
     for i, name in enumerate(["forward + backward", "forward (encoding)"]):
-        fp32, bf16 = seconds["off"][i], seconds["bf16"][i]
-        print(f"{name:24}{fp32:12.3f}{bf16:12.3f}{fp32 / bf16:8.2f}")
+        fp32, bf16 = seconds["float32"][i], seconds["bfloat16"][i]
+        print(f"{name:24}{1000 * fp32:12.2f}{1000 * bf16:12.2f}{fp32 / bf16:8.2f}")
     print(f"largest change of an embedding entry (unit-norm embeddings): {moved:.2e}")
 
 

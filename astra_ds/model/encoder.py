@@ -90,12 +90,12 @@ class QueryEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, num_labels: int, for_weights: bool = False):
         """`for_weights`: for inference, its weights loaded next from a trained encoder's state dict."""
         super().__init__()
-        self.autocast = cfg.autocast == "bf16"
+        self.autocast = cfg.compute_dtype == "bfloat16"
         # on a CPU, the fused attention's bfloat16 backward is slower than float32's: plain matmuls instead
         eager = self.autocast and not torch.cuda.is_available()
         if eager and cpu_has_bf16() is False:
-            log.warning("encoder.autocast=bf16 on a CPU without bfloat16 instructions (AMX, AVX512-BF16): slower "
-                        "than encoder.autocast=off here (tools/bench_autocast.py measures both)")
+            log.warning("encoder.compute_dtype=bfloat16 on a CPU without bfloat16 instructions (AMX, AVX512-BF16): "
+                        "slower than float32 here (tools/bench_autocast.py measures both)")
         self.backbone = _backbone(cfg.model, for_weights, "eager" if eager else None)
         self.pooling = cfg.pooling
         hidden = self.backbone.config.hidden_size
