@@ -58,9 +58,9 @@ def test_other_configs_are_left_to_transformers():
 
 
 def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precision():
-    """encoder.compute_dtype=bfloat16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its weights,
-    gradients and the embeddings it returns in float32, close to the float32 encoder's; the served encoder (the
-    plain BERT) under the same setting embeds as the trained one does."""
+    """encoder.compute_dtype=bfloat16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its
+    weights, gradients and the embeddings it returns in float32, close to the float32 encoder's; the served encoder
+    (the plain BERT) under the same setting embeds as the trained one does."""
     torch.manual_seed(0)
     reference = QueryEncoder(EncoderConfig(model=MINILM), num_labels=10)
     mixed = QueryEncoder(EncoderConfig(model=MINILM, compute_dtype="bfloat16"), num_labels=10)

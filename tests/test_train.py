@@ -164,25 +164,27 @@ def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     assert changed and changed <= sampled and stats["rows"] == len(sampled)
 
 
+def step_side_by_side(reference, other, steps: int, rel: float) -> None:
+    """Both trainers take the reference's first `steps` batches; their losses agree within `rel`."""
+    for step in range(steps):
+        rows = reference.stages[-1].batches.epoch_batches(0)[step]
+        expected, got = (trainer.stages[-1].step(rows, step)["loss"] for trainer in (reference, other))
+        assert got == pytest.approx(expected, rel=rel)
+
+
 def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp_path):
     full = make_trainer(synth_dir, token_cache, tmp_path / "full")
     accumulated = make_trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
-    for step in range(3):
-        rows = full.stages[-1].batches.epoch_batches(0)[step]
-        loss_full, loss_acc = full.stages[-1].step(rows, step)["loss"], accumulated.stages[-1].step(rows, step)["loss"]
-        assert loss_acc == pytest.approx(loss_full, rel=1e-4)
+    step_side_by_side(full, accumulated, 3, rel=1e-4)
     torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_trains_through_deepspeed_as_float32_does(synth_dir, token_cache, tmp_path):
-    """encoder.compute_dtype=bfloat16 under the DeepSpeed engine: the losses of the first steps and the rows they train are
-    float32's within bfloat16 precision, and the engine's weights stay float32."""
+    """encoder.compute_dtype=bfloat16 under the DeepSpeed engine: the losses of the first steps and the rows they
+    train are float32's within bfloat16 precision, and the engine's weights stay float32."""
     full = make_trainer(synth_dir, token_cache, tmp_path / "fp32")
     mixed = make_trainer(synth_dir, token_cache, tmp_path / "bf16", "encoder.compute_dtype=bfloat16")
-    for step in range(3):
-        rows = full.stages[-1].batches.epoch_batches(0)[step]
-        loss_full, loss_mixed = full.stages[-1].step(rows, step)["loss"], mixed.stages[-1].step(rows, step)["loss"]
-        assert loss_mixed == pytest.approx(loss_full, rel=1e-3)
+    step_side_by_side(full, mixed, 3, rel=1e-3)
     assert all(p.dtype == torch.float32 for p in mixed.engine.module.parameters())
     assert not torch.equal(mixed.table.rows, full.table.rows)
     torch.testing.assert_close(mixed.table.rows, full.table.rows, rtol=0, atol=1e-3)  # rows move by 0.2
