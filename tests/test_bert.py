@@ -56,7 +56,6 @@ def test_other_configs_are_left_to_transformers():
     assert not supports({"model_type": "bert", "hidden_act": "silu"})
 
 
-
 def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precision():
     """encoder.compute_dtype=bfloat16: the transformer's matmuls in bfloat16 (plain-matmul attention on a CPU), its
     weights, gradients and the embeddings it returns in float32, close to the float32 encoder's; the served encoder

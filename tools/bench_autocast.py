@@ -10,13 +10,12 @@ On a CPU the bfloat16 matmuls need AMX or AVX512-BF16 to be fast (printed); with
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from astra_ds.config import EncoderConfig
 from astra_ds.model.encoder import MINILM, QueryEncoder, cpu_has_bf16
+from bench_scaling import median_time  # tools/, the directory of this script, is on its path
 
 
 def bf16_hardware() -> str:
@@ -24,17 +23,6 @@ def bf16_hardware() -> str:
         return torch.cuda.get_device_name()
     return {True: "a CPU with AMX or AVX512-BF16", False: "a CPU without bfloat16 instructions",
             None: "a CPU (its instructions unknown)"}[cpu_has_bf16()]
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -70,7 +58,8 @@ def main() -> None:
             with torch.no_grad():
                 encoder(*encode_batch)
 
-        seconds[precision] = timed(step, args.repeats), timed(encode, args.repeats)
+        seconds[precision] = (median_time(lambda _: step(), args.repeats, warmup=1),
+                              median_time(lambda _: encode(), args.repeats, warmup=1))
     with torch.no_grad():
         moved = (encoders["bfloat16"](*encode_batch)[0] - encoders["float32"](*encode_batch)[0]).abs().max().item()
     print(f"{'':24}{'float32 ms':>12}{'bfloat16 ms':>12}{'ratio':>8}")
