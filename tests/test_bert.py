@@ -2,6 +2,7 @@
 same hidden states on every real token of a padded batch (tests/test_serve.py checks that inference imports no
 transformers modeling code); and encoder.compute_dtype=bfloat16 against float32, the encoder's reference."""
 
+import copy
 import logging
 
 import pytest
@@ -85,6 +86,27 @@ def test_bf16_autocast_embeds_and_learns_as_float32_does_within_bfloat16_precisi
     served.load_state_dict(mixed.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(served(input_ids, attention_mask)[0], got.detach(), atol=3e-3, rtol=0)
+
+
+def test_an_encoder_cast_for_inference_holds_bfloat16_linears_and_embeds_to_the_bit_as_autocast_does():
+    """cast_for_inference under compute_dtype=bfloat16: the Linear weights and biases rounded to bfloat16 once,
+    as autocast rounds them at every call, so the same embeddings to the bit; LayerNorms and the word embeddings
+    stay float32; a float32 encoder is left as it is."""
+    torch.manual_seed(0)
+    config = EncoderConfig(model=MINILM, compute_dtype="bfloat16", lexical_dim=64)
+    trained = QueryEncoder(config, num_labels=10, for_weights=True).eval()
+    cast = copy.deepcopy(trained).cast_for_inference()
+    linears = [m for m in cast.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(p.dtype == torch.bfloat16 for m in linears for p in m.parameters())
+    assert {p.dtype for n, p in cast.named_parameters() if "LayerNorm" in n or "embeddings" in n} == {torch.float32}
+    input_ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 2023, 2003, 1037, 3231, 102]])
+    attention_mask = (input_ids != 0).long()
+    with torch.no_grad():
+        expected, got = trained(input_ids, attention_mask)[0], cast(input_ids, attention_mask)[0]
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    plain = QueryEncoder(EncoderConfig(model="tiny-random"), num_labels=10, for_weights=True).cast_for_inference()
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
 
 
 def test_bf16_autocast_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog):

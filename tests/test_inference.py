@@ -165,6 +165,28 @@ def test_a_run_directory_travels_without_its_dataset(run_dir, synth_dir, tmp_pat
     assert line["text"] == text and line["ids"] == expected.ids[0].tolist() and line["names"] == expected.names[0]
 
 
+def test_a_bf16_model_is_served_with_its_linears_cast_once_and_predicts_as_autocast_does(run_dir, synth_dir,
+                                                                                            monkeypatch):
+    """A model served under encoder.compute_dtype=bfloat16 holds its transformer's Linear weights in bfloat16 (cast
+    once at load) and predicts what autocast over its float32 weights predicts, to the bit; the export's
+    transformer stays float32."""
+    from astra_ds.model.encoder import QueryEncoder
+    from astra_ds.serve.model import XCModel
+
+    bf16 = ["encoder.compute_dtype=bfloat16"]
+    texts = _test_texts(synth_dir)[:8]
+    served = astra_ds.load(run_dir, bf16)
+    linears = [m for m in served.encoder.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    got = served.predict(texts, k=5, exact=True, logits=True)
+    exported = XCModel.load(run_dir, bf16, transformers_backbone=True)
+    assert {p.dtype for p in exported.encoder.parameters()} == {torch.float32}
+    monkeypatch.setattr(QueryEncoder, "cast_for_inference", lambda self: self)
+    expected = astra_ds.load(run_dir, bf16).predict(texts, k=5, exact=True, logits=True)
+    np.testing.assert_array_equal(got.ids, expected.ids)
+    np.testing.assert_array_equal(got.scores, expected.scores)
+
+
 def test_the_export_loads_in_sentence_transformers(run_dir, synth_dir, tmp_path):
     import faiss
     import sentence_transformers

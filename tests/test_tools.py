@@ -1,6 +1,7 @@
 """The benchmark tools run end to end at small sizes and print their tables (figures come from full runs)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,11 @@ def test_bench_autocast_prints_both_precisions_and_their_ratio():
         assert float(fp32) > 0 and float(bf16) > 0
         assert float(ratio) == pytest.approx(float(fp32) / float(bf16), rel=0.05, abs=0.01)
     assert 0 < float(out.split("entry (unit-norm embeddings): ")[1].split()[0]) < 0.05
+    served = re.findall(r"(float32|bfloat16|cast once) ([\d.]+) ms \(([\d.]+)x\)", out.split("one query, served: ")[1])
+    assert [name for name, _, _ in served] == ["float32", "bfloat16", "cast once"]
+    fp32 = float(served[0][1])
+    for _, ms, ratio in served:
+        assert float(ratio) == pytest.approx(fp32 / float(ms), rel=0.05, abs=0.01)
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """What encoder.compute_dtype=bfloat16 buys: the encoder's forward + backward (a training step's encoder part) and its
 forward alone (an encoding pass), float32 against bfloat16 autocast, on the same weights and batches, in one run;
 the ratios and how far the embeddings move. Batches are padded like real ones (a share of the rows end early).
+Then one query through the served encoder (the plain BERT a loaded model runs): float32, bfloat16 autocast over
+float32 weights, and bfloat16 with the Linear weights cast once (what a loaded model does).
 
 On a CPU the bfloat16 matmuls need AMX or AVX512-BF16 to be fast (printed); without them autocast is slower.
 
@@ -10,6 +12,7 @@ On a CPU the bfloat16 matmuls need AMX or AVX512-BF16 to be fast (printed); with
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -60,6 +63,16 @@ def main() -> None:
 
         seconds[precision] = (median_time(lambda _: step(), args.repeats, warmup=1),
                               median_time(lambda _: encode(), args.repeats, warmup=1))
+    served = {precision: QueryEncoder(EncoderConfig(model=args.model, compute_dtype=precision), 10,
+                                      for_weights=True).to(device).eval() for precision in ("float32", "bfloat16")}
+    for encoder in served.values():
+        encoder.load_state_dict(encoders["float32"].state_dict())
+    served["cast once"] = copy.deepcopy(served["bfloat16"]).cast_for_inference()
+    one_query = batch(1)
+    query_seconds = {}
+    for name, encoder in served.items():
+        with torch.no_grad():
+            query_seconds[name] = median_time(lambda _: encoder(*one_query), 10 * args.repeats, warmup=3)
     with torch.no_grad():
         moved = (encoders["bfloat16"](*encode_batch)[0] - encoders["float32"](*encode_batch)[0]).abs().max().item()
     print(f"{'':24}{'float32 ms':>12}{'bfloat16 ms':>12}{'ratio':>8}")
@@ -67,6 +80,9 @@ def main() -> None:
         fp32, bf16 = seconds["float32"][i], seconds["bfloat16"][i]
         print(f"{name:24}{1000 * fp32:12.2f}{1000 * bf16:12.2f}{fp32 / bf16:8.2f}")
     print(f"largest change of an embedding entry (unit-norm embeddings): {moved:.2e}")
+    fp32 = query_seconds["float32"]
+    print("one query, served: " + ", ".join(f"{name} {1000 * seconds:.2f} ms ({fp32 / seconds:.2f}x)"
+                                          for name, seconds in query_seconds.items()))
 
 
 if __name__ == "__main__":

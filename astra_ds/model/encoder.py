@@ -120,6 +120,17 @@ class QueryEncoder(nn.Module):
                             f"encoder.lexical_dim={cfg.lexical_dim}: "
                             f"{str(err).strip().splitlines()[-1].strip()[:160]}") from None
 
+    def cast_for_inference(self) -> "QueryEncoder":
+        """With compute_dtype=bfloat16, the transformer's Linear weights and biases stored in bfloat16 once: autocast
+        rounds them so at every call (a pass over the 11M of them, most of a single query's time), and finds them
+        already cast now, so the outputs are the same to the bit. For inference only: training keeps float32
+        weights."""
+        if self.autocast:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(torch.bfloat16)
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm query embeddings (B, dim) and the calibration (2,): log scale, bias. With lexical features:
         [e, w s] / sqrt(1 + w^2), e the unit transformer embedding, s the unit lexical sketch, w its weight."""

@@ -73,6 +73,8 @@ class XCModel:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels, for_weights=not transformers_backbone)
         encoder.load_trained(run_dir / layout.ENCODER_WEIGHTS, cfg.encoder)
+        if not transformers_backbone:  # the export saves the transformer's weights in float32
+            encoder.cast_for_inference()
         return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device,
                    label_names(run_dir, card.num_labels), progress, with_index=not changing, overrides=overrides)
 
