@@ -80,9 +80,9 @@ def main() -> None:
         fp32, bf16 = seconds["float32"][i], seconds["bfloat16"][i]
         print(f"{name:24}{1000 * fp32:12.2f}{1000 * bf16:12.2f}{fp32 / bf16:8.2f}")
     print(f"largest change of an embedding entry (unit-norm embeddings): {moved:.2e}")
-    fp32 = query_seconds["float32"]
-    print("one query, served: " + ", ".join(f"{name} {1000 * seconds:.2f} ms ({fp32 / seconds:.2f}x)"
-                                          for name, seconds in query_seconds.items()))
+    fp32_query = query_seconds["float32"]
+    print("one query, served: " + ", ".join(f"{name} {1000 * took:.2f} ms ({fp32_query / took:.2f}x)"
+                                          for name, took in query_seconds.items()))
 
 
 if __name__ == "__main__":
