@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 log = logging.getLogger("astra_ds")
 
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's (PyTorch)
+KERNEL_CACHE_CAPACITY = 64  # kernels each keeps (tools/bench_step_memory.py: the speed and memory by capacity)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
@@ -30,6 +32,18 @@ def release_free_memory() -> None:
     the measurements."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
+
+
+def bound_kernel_caches() -> None:
+    """Caps the two caches of compiled matmul kernels at KERNEL_CACHE_CAPACITY each, unless their variables are set
+    already: oneDNN's (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and PyTorch's in front of it (ideep's, LRU_CACHE_CAPACITY;
+    0 crashes it). Under bfloat16 autocast on a CPU the matmuls run through oneDNN, which compiles a kernel for each
+    shape; both caches keep 1024 by default, and batches padded to their longest text bring new shapes at nearly
+    every length: the kernels of past lengths held 0.6 GiB by the end of the Bibtex recipe's Siamese stage. At 64,
+    training steps run as fast (tools/bench_step_memory.py). Both are read at the first kernel: call this before
+    the first bfloat16 matmul."""
+    for variable in KERNEL_CACHES:
+        os.environ.setdefault(variable, str(KERNEL_CACHE_CAPACITY))
 
 
 def quiet_libraries() -> None:

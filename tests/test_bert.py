@@ -3,6 +3,7 @@ same hidden states on every real token of a padded batch (tests/test_serve.py ch
 transformers modeling code); and encoder.compute_dtype=bfloat16 against float32, the encoder's reference."""
 
 import copy
+import os
 import logging
 
 import pytest
@@ -119,3 +120,21 @@ def test_bf16_autocast_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch,
         assert "bfloat16" not in caplog.text
         QueryEncoder(EncoderConfig(model="tiny-random", compute_dtype="bfloat16"), num_labels=10)
     assert "slower than float32 here" in caplog.text
+
+
+def test_bf16_autocast_on_a_cpu_bounds_the_kernel_caches_for_training_unless_the_user_set_them(monkeypatch):
+    from astra_ds.libraries import KERNEL_CACHE_CAPACITY, KERNEL_CACHES
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for variable in KERNEL_CACHES:
+        monkeypatch.delenv(variable, raising=False)
+    QueryEncoder(EncoderConfig(model="tiny-random"), num_labels=10)
+    QueryEncoder(EncoderConfig(model="tiny-random", compute_dtype="bfloat16"), num_labels=10, for_weights=True)
+    assert not set(KERNEL_CACHES) & set(os.environ)  # float32, and a served model, leave the libraries as they are
+    QueryEncoder(EncoderConfig(model="tiny-random", compute_dtype="bfloat16"), num_labels=10)
+    assert [os.environ[variable] for variable in KERNEL_CACHES] == [str(KERNEL_CACHE_CAPACITY)] * 2
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    QueryEncoder(EncoderConfig(model="tiny-random", compute_dtype="bfloat16"), num_labels=10)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "512"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(KERNEL_CACHE_CAPACITY)

@@ -101,6 +101,17 @@ def test_bench_inference_prints_latency_and_recall():
     assert all(float(r[-1]) == 1.0 for r in rows)  # every list probed: the exact top-k
 
 
+def test_bench_step_memory_prints_the_memory_and_speed_of_each_kernel_cache_capacity(synth_dir):
+    out = _tool("tools/bench_step_memory.py", "--data", str(synth_dir), "--model", "tiny-random", "--steps", "3",
+                "--batch-size", "8", "--max-len", "16", "--capacities", "1024", "16")
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1024"], ["16"])]
+    assert [r[0] for r in rows] == ["1024", "16"]
+    for _, first, last, growth, peak, steps_per_s in rows:
+        first, last, growth, peak = (float(v.rstrip("G")) for v in (first, last, growth, peak))
+        assert 0 < first <= peak and growth == pytest.approx(last - first, abs=0.011) and float(steps_per_s) > 0
+    assert "distinct batch lengths" in out
+
+
 def test_bench_checkpoint_prints_save_digest_and_verify_times():
     out = _tool("tools/bench_checkpoint.py", "--labels", "3e5", "--dim", "8", "--changed", "0.5")
     lines = {line.split()[0] + " " + line.split()[1]: line for line in out.splitlines()[1:] if line.strip()}

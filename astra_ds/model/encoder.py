@@ -19,6 +19,7 @@ from torch import nn
 from astra_ds.config import ConfigError, EncoderConfig
 from astra_ds.errors import UserError
 from astra_ds.files import load_torch_file
+from astra_ds.libraries import bound_kernel_caches
 from astra_ds.model.bert import BertBackbone, read_config, supports
 from astra_ds.model.lexical import LexicalSketch
 
@@ -93,6 +94,8 @@ class QueryEncoder(nn.Module):
         self.autocast = cfg.compute_dtype == "bfloat16"
         # on a CPU, the fused attention's bfloat16 backward is slower than float32's: plain matmuls instead
         eager = self.autocast and not torch.cuda.is_available()
+        if eager and not for_weights:  # training meets every batch length: fewer kernels of past shapes kept. A
+            bound_kernel_caches()      # served model keeps them all: one query's kernels compiled again cost 40%
         if eager and cpu_has_bf16() is False:
             log.warning("encoder.compute_dtype=bfloat16 on a CPU without bfloat16 instructions (AMX, AVX512-BF16): "
                         "slower than float32 here (tools/bench_autocast.py measures both)")
