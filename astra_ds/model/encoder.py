@@ -95,7 +95,7 @@ class QueryEncoder(nn.Module):
         # on a CPU, the fused attention's bfloat16 backward is slower than float32's: plain matmuls instead
         eager = self.autocast and not torch.cuda.is_available()
         if eager and not for_weights:  # training meets every batch length: fewer kernels of past shapes kept. A
-            bound_kernel_caches()      # served model keeps them all: one query's kernels compiled again cost 40%
+            bound_kernel_caches()      # served model keeps 1024: one query's kernels compiled again cost 40%
         if eager and cpu_has_bf16() is False:
             log.warning("encoder.compute_dtype=bfloat16 on a CPU without bfloat16 instructions (AMX, AVX512-BF16): "
                         "slower than float32 here (tools/bench_autocast.py measures both)")
