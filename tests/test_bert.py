@@ -3,8 +3,8 @@ same hidden states on every real token of a padded batch (tests/test_serve.py ch
 transformers modeling code); and encoder.compute_dtype=bfloat16 against float32, the encoder's reference."""
 
 import copy
-import os
 import logging
+import os
 
 import pytest
 import torch

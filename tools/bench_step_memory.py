@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from astra_ds.libraries import KERNEL_CACHES
+from astra_ds.model.encoder import MINILM
 
 CAPACITIES = ("1024", "256", "64", "16")  # 1024: the libraries' default (ideep's crashes at 0)
 
@@ -68,7 +69,7 @@ def measure(data: str, model: str, max_len: int, batch_size: int, steps: int, co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a dataset directory (its first training texts are used)")
-    parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--model", default=MINILM)
     parser.add_argument("--max-len", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=60)
