@@ -16,7 +16,7 @@ def train(config=None, overrides=(), **options):
 
 
 def load(run_dir, overrides=(), device=None):
-    """A finished run, ready to predict and encode (astra_ds.serve.model.XCModel)."""
-    from astra_ds.serve.model import load as load_model
+    """A finished run, ready to predict and encode (astra_ds.inference.xc_model.XCModel)."""
+    from astra_ds.inference.xc_model import load as load_model
 
     return load_model(run_dir, overrides, device)

@@ -1,5 +1,5 @@
 import sys
 
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 
 sys.exit(main())

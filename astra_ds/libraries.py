@@ -25,11 +25,8 @@ def release_free_memory() -> None:
     Called after each step that trains the encoder on the CPU and after each batch of an encoding pass. Their
     activations are blocks of a few MiB whose sizes change with each batch's length; glibc raises its mmap
     threshold after each large free, so such blocks soon come from the heap, where the free ones stay resident,
-    fragmented, and the resident size grows step after step (Bibtex recipe: 3.25 GiB at step 20, 3.67 at step 68,
-    3.78 at step 160, against 2.87 planned; WordNetHyper: 1 GiB more over one pass of 63K queries). Trimmed after
-    each step, it stays at one step's (3.05 GiB at steps 20 and 40), for 7-12% of those steps' speed on 2 cores
-    (3% of an encoding pass's); a fixed 4 MiB mmap threshold instead held 2.8 GiB for 17%. docs/results.md has
-    the measurements."""
+    fragmented, and the resident size grows step after step. Trimmed after each step, it stays at one step's, for a
+    few percent of those steps' speed (docs/ablations.md has the measurements, and the alternatives tried)."""
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
 
@@ -39,8 +36,8 @@ def bound_kernel_caches() -> None:
     already: oneDNN's (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and PyTorch's in front of it (ideep's, LRU_CACHE_CAPACITY;
     0 crashes it). Under bfloat16 autocast on a CPU the matmuls run through oneDNN, which compiles a kernel for each
     shape; both caches keep 1024 by default, and batches padded to their longest text bring new shapes at nearly
-    every length: the kernels of past lengths held 0.6 GiB by the end of the Bibtex recipe's Siamese stage. At 64,
-    training steps run as fast (tools/bench_step_memory.py). Both are read at the first kernel: call this before
+    every length, so the kernels of past lengths pile up. At 64, training steps run as fast
+    (tools/bench_step_memory.py measures both). Both are read at the first kernel: call this before
     the first bfloat16 matmul."""
     for variable in KERNEL_CACHES:
         os.environ.setdefault(variable, str(KERNEL_CACHE_CAPACITY))

@@ -25,14 +25,13 @@ from pathlib import Path
 import psutil
 import torch
 
-from astra_ds import layout
 from astra_ds.choices import BATCHING, OPTIMIZERS, SAMPLERS
 from astra_ds.collectives import all_gather_objects
 from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData
 from astra_ds.ds_config import resolve_ds_config
 from astra_ds.errors import ConfigError
-from astra_ds.scoring import exact_topk_bytes
+from astra_ds.scoring.rows import exact_topk_bytes
 from astra_ds.table import store
 from astra_ds.table.table import DTYPES
 
@@ -119,8 +118,7 @@ def activation_bytes(encoder: torch.nn.Module, micro_batch: int, max_len: int) -
 
 def optimizer_step_bytes(num_params: int, zero_stage: int, world_size: int) -> int:
     """What the encoder's optimizer step allocates for its duration: DeepSpeed flattens the rank's fp32 gradient
-    partition into one new tensor, and torch's AdamW makes two more of its size (measured on CPU: 0.25-0.34 GiB
-    above the RSS before the step for MiniLM on one rank)."""
+    partition into one new tensor, and torch's AdamW makes two more of its size."""
     partition = math.ceil(num_params * 4 / world_size) if zero_stage >= 1 else num_params * 4
     return 3 * partition
 
@@ -258,13 +256,13 @@ def plan_and_check(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module,
     return plan
 
 
-def report_memory(plan: MemoryPlan, run_dir: Path, is_main: bool) -> dict:
-    """Peak resident memory of this process next to the plan's total (memory.json, from rank 0)."""
+def report_memory(plan: MemoryPlan, path: Path, is_main: bool) -> dict:
+    """Peak resident memory of this process next to the plan's total (written to `path` by rank 0)."""
     report = {"plan_host_bytes": plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
               "plan": [vars(line) for line in plan.resident + plan.phases]}
     log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
     if is_main:
-        (run_dir / layout.MEMORY).write_text(json.dumps(report, indent=2))
+        path.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -309,3 +307,32 @@ def advice(plan: MemoryPlan) -> str:
     options.append("a smaller encoder.dim (the table's width)")
     options.append("more ranks on more hosts (each holds 1/W of the table)")
     return "To fit: " + ", ".join(options) + "."
+
+
+@dataclass
+class HostFit:
+    """A host's share of a run: the plans of its ranks side by side (this process's own part once), against the
+    memory the host has available (None: planned for another machine)."""
+
+    ranks: int
+    need: int  # host bytes
+    available: int | None
+    device: int | None  # bytes each GPU holds, when planned for GPUs
+
+    @classmethod
+    def of(cls, plan: MemoryPlan, world_size: int, ranks_per_host: int, held: int, on_gpu: bool,
+           this_host: bool) -> "HostFit":
+        ranks = min(ranks_per_host, world_size)
+        return cls(ranks, ranks * plan.to_allocate() + held, available_host_bytes() + held if this_host else None,
+                   plan.total("device") if on_gpu else None)
+
+    @property
+    def fits(self) -> bool:
+        return self.available is None or self.need <= self.available
+
+    def format(self) -> str:
+        gpu = f"; each GPU: {self.device / GiB:.2f} GiB" if self.device is not None else ""
+        if self.available is None:
+            return f"a host: {self.ranks} rank(s) x plan = {self.need / GiB:.2f} GiB{gpu}"
+        return (f"this host: {self.ranks} rank(s) x plan = {self.need / GiB:.2f} GiB of {self.available / GiB:.2f} "
+                f"GiB available: " + ("fits" if self.fits else "does NOT fit") + gpu)

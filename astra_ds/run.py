@@ -23,16 +23,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from astra_ds import layout
 from astra_ds.config import RunConfig, load_config
 from astra_ds.dist import check_shared, configure_accelerator, init_distributed
 from astra_ds.errors import ConfigError
+from astra_ds.inference.xc_model import XCModel
 from astra_ds.libraries import quiet_libraries
 from astra_ds.plan import report_memory
-from astra_ds.run_lock import RunLock
-from astra_ds.serve.ann import build_serving_index
-from astra_ds.serve.card import ModelCard
-from astra_ds.serve.model import XCModel
+from astra_ds.rundir.lock import RunLock
+from astra_ds.rundir.run_dir import RunDir
+from astra_ds.rundir.serving_index import build_serving_index
 from astra_ds.training.trainer import Trainer
 
 log = logging.getLogger("astra_ds")
@@ -71,38 +70,34 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
     and what it evaluates, unless `allow_changes`); `init_from`: a checkpoint whose weights start a new run;
     `overwrite`: out_dir may hold an earlier run, which is deleted (else such an out_dir is refused). Under a
     launcher, every rank calls it. User mistakes raise astra_ds.errors.UserError."""
-    if resume and init_from:
-        raise ConfigError("--resume continues a run, --init-from starts a new one from its weights: pick one")
     cfg = _config(config, overrides)
     configure_accelerator()
     quiet_libraries()
     dist = init_distributed(cfg.train.collective_timeout_s)
-    run_dir = Path(cfg.out_dir)
+    run = RunDir(cfg.out_dir)
     locks = []  # taken before anything is written there
     try:
         if dist.is_main:
-            locks.append(RunLock(run_dir))
+            locks.append(run.lock())
             if cfg.checkpoint.dir:  # two runs writing one checkpoint directory would mix their checkpoints
                 locks.append(RunLock(Path(cfg.checkpoint.dir), "checkpoint.dir"))
-        check_shared({"out_dir": run_dir, "checkpoint.dir": Path(cfg.checkpoint.dir or run_dir / layout.CHECKPOINTS)},
-                     dist.rank)
+        check_shared({"out_dir": run.path, "checkpoint.dir": Path(cfg.checkpoint.dir or run.checkpoints)}, dist.rank)
         trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from, overwrite=overwrite,
                           allow_changes=allow_changes, evaluate=evaluate)
         trainer.fit()
         trainer.save_model()
         metrics = trainer.evaluate() if evaluate else None
         if metrics is not None:
-            log.info("metrics written to %s", run_dir / layout.METRICS)
+            log.info("metrics written to %s", run.metrics)
         step, memory_plan = trainer.step, trainer.memory_plan
         trainer.close()
         del trainer  # the training state goes before the serving index is built
         gc.collect()
         if dist.is_main and cfg.eval.ann_index:
             # the card as save_model just wrote and digested it: verifying would read every model file again
-            card = ModelCard.load(run_dir / layout.MODEL_CARD)
-            build_serving_index(run_dir, cfg.index, cfg.train.seed, progress, card)
-        report_memory(memory_plan, run_dir, dist.is_main)  # the peak of the whole run
+            build_serving_index(run, cfg.index, cfg.train.seed, progress, run.read_card(verify=False))
+        report_memory(memory_plan, run.memory, dist.is_main)  # the peak of the whole run
     finally:
         for lock in locks:
             lock.release()
-    return FinishedRun(run_dir, cfg, step, metrics)
+    return FinishedRun(run.path, cfg, step, metrics)

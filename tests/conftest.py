@@ -58,7 +58,7 @@ def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str)
 
 def run_main(*args: str) -> None:
     """`astra-ds ARGS` in this process (no interpreter start-up or imports to pay): it must succeed."""
-    from astra_ds.cli import main
+    from astra_ds.cli.main import main
 
     assert main(list(args)) == 0
 

@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from astra_ds import cli
+from astra_ds.cli import main as cli_main, train as train_command
 
 
 def fail_or_hang_on_rank_1(args) -> None:
@@ -27,5 +27,5 @@ def fail_or_hang_on_rank_1(args) -> None:
 
 
 if __name__ == "__main__":
-    cli.cmd_train = fail_or_hang_on_rank_1  # build_parser binds `train` to this
-    sys.exit(cli.main(sys.argv[1:]))
+    train_command.cmd_train = fail_or_hang_on_rank_1  # build_parser binds `train` to this
+    sys.exit(cli_main.main(sys.argv[1:]))

@@ -11,8 +11,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from astra_ds.config import EncoderConfig
-from astra_ds.model.bert import BertBackbone, supports
-from astra_ds.model.encoder import MINILM, QueryEncoder
+from astra_ds.encoder.bert import BertBackbone, supports
+from astra_ds.encoder.encoder import MINILM, QueryEncoder
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_new"])
@@ -111,7 +111,7 @@ def test_an_encoder_cast_for_inference_holds_bfloat16_linears_and_embeds_to_the_
 
 
 def test_bf16_autocast_on_a_cpu_without_bfloat16_instructions_warns(monkeypatch, caplog):
-    from astra_ds.model import encoder
+    from astra_ds.encoder import encoder
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(encoder, "cpu_has_bf16", lambda: False)

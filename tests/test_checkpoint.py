@@ -18,7 +18,7 @@ from astra_ds.digests import manifest
 from astra_ds.table import store
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.stages import JointStage
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from conftest import REPO, TINY_RUN, rewrite_meta, run_cli, run_main
 from test_distributed import LAUNCHERS, _env
 
@@ -247,7 +247,7 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
 
     from astra_ds.config import load_config
     from astra_ds.dist import init_distributed
-    from astra_ds.layout import ENCODER_WEIGHTS
+    from astra_ds.rundir.run_dir import RunDir
     from astra_ds.training.trainer import Trainer
 
     checkpoint = straight / "checkpoints" / "global_step20"  # the end of the straight run: its encoder.pt
@@ -258,6 +258,6 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     np.testing.assert_array_equal(trainer.table.rows.numpy(), _rows(checkpoint))
     assert not trainer.table.optimizer.state["sum"].any()  # Adagrad sums start at zero
     assert not trainer.engine.optimizer.state  # no Adam moments yet
-    weights = torch.load(straight / ENCODER_WEIGHTS)
+    weights = torch.load(RunDir(straight).encoder_weights)
     for name, value in trainer.engine.module.state_dict().items():
         torch.testing.assert_close(value, weights[name], rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""Readers of every layout, their one-line errors, the synthetic generator and the token cache."""
+"""Readers of every format, their one-line errors, the synthetic generator and the token cache."""
 
 import gzip
 from pathlib import Path
@@ -11,7 +11,7 @@ from astra_ds.data.readers import DataError, read_dataset, read_sparse_file, wri
 from astra_ds.data.synth import SynthConfig, TopicModel, generate
 from astra_ds.data.tokens import tokenize_cached
 from astra_ds.errors import UserError
-from astra_ds.model.encoder import build_tokenizer
+from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.config import EncoderConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -33,7 +33,7 @@ RAW = {
 }
 
 
-def test_raw_text_layout(tmp_path):
+def test_raw_text_format(tmp_path):
     d = read_dataset(_write(tmp_path / "raw", RAW))
     assert d.train.texts == ["red apple", "green pear", "blue sky"]
     assert d.train.labels.toarray().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
@@ -74,10 +74,10 @@ def test_corrupt_gzip_names_the_file(tmp_path):
         read_dataset(directory)
 
 
-def test_missing_and_unknown_layouts(tmp_path):
+def test_missing_and_unknown_formats(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_dataset(tmp_path / "nowhere")
-    with pytest.raises(DataError, match="no known dataset layout"):
+    with pytest.raises(DataError, match="no known dataset format"):
         read_dataset(_write(tmp_path / "empty", {"readme": "x"}))
     files = dict(RAW)
     del files["tst_X_Y.txt"]
@@ -85,7 +85,7 @@ def test_missing_and_unknown_layouts(tmp_path):
         read_dataset(_write(tmp_path / "partial", files))
 
 
-def test_bow_layouts_split_and_single_file(tmp_path):
+def test_bow_formats_split_and_single_file(tmp_path):
     vocab = "Xf.txt", "alpha\nbeta\ngamma\n"
     split = _write(tmp_path / "split", dict([vocab], **{
         "trn_X_Xf.txt": "2 3\n0:0.5 2:0.9\n1:1\n", "trn_X_Y.txt": "2 2\n0:1\n1:1\n",
@@ -104,7 +104,7 @@ def test_bow_layouts_split_and_single_file(tmp_path):
 
 @pytest.mark.parametrize("name, train, test, num_labels, label", [
     ("Bibtex", 4880, 2515, 159, "2005"), ("Delicious", 12920, 3185, 983, ".imported")])
-def test_pair_layout_of_the_shared_benchmarks(name, train, test, num_labels, label):
+def test_pair_format_of_the_shared_benchmarks(name, train, test, num_labels, label):
     if not (SHARED / name).is_dir():
         pytest.skip(f"{SHARED / name} not present")
     d = read_dataset(SHARED / name)
@@ -114,7 +114,7 @@ def test_pair_layout_of_the_shared_benchmarks(name, train, test, num_labels, lab
     assert all(t for t in d.train.texts[:100])
 
 
-def test_pair_layout_small(tmp_path):
+def test_pair_format_small(tmp_path):
     d = read_dataset(_write(tmp_path / "pairs", {
         "toy_train_word.txt": "0 1\n0 2\n1 0\n", "toy_train_label.txt": "0 1\n1 0\n1 1\n",
         "toy_test_leml.txt": "#num_feature=3 num_label=2\n1 0:1.000000\n 2:1.000000\r\n",

@@ -1,4 +1,4 @@
-"""The XC repository's JSON layout, reciprocal-pair filters, conversions between layouts, propensity presets,
+"""The XC repository's JSON format, reciprocal-pair filters, conversions between formats, propensity presets,
 `data validate`, and label matrices without nonzeros."""
 
 import gzip
@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.config import EvalConfig, load_config
 from astra_ds.data.membership import CSRMembership
 from astra_ds.data.readers import read_dataset
@@ -42,7 +42,7 @@ def json_dir(tmp_path):
     return directory
 
 
-def test_the_json_layout_is_detected_and_read(json_dir):
+def test_the_json_format_is_detected_and_read(json_dir):
     dataset = read_dataset(json_dir)
     assert dataset.train.texts == [t for t, _, _ in TRAIN] and dataset.label_texts == LABELS
     assert dataset.test.labels.toarray().tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]

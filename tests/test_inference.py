@@ -11,8 +11,9 @@ import scipy.sparse as sp
 import torch
 
 import astra_ds
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.data.readers import read_dataset
+from astra_ds.errors import ConfigError
 from astra_ds.table.store import StoredRows
 from conftest import TINY_RUN, run_main
 
@@ -139,6 +140,20 @@ def test_the_serving_index_finds_the_exact_top_k(run_dir, synth_dir, capsys):
     assert metrics["dataset"] == str(synth_dir.resolve())
 
 
+def test_a_finished_run_is_evaluated_from_python_as_by_the_cli(run_dir, tmp_path):
+    """model.evaluate is what `astra-ds eval` runs: the training's own test metrics, exactly, into the directory
+    it is given; a search that does not exist is one line."""
+    model = astra_ds.load(run_dir)
+    evaluation = model.evaluate(split="test", search="exact", out_dir=tmp_path / "exact")
+    trained = json.loads((run_dir / "metrics.json").read_text())["astra_ds"]
+    assert evaluation.results["astra_ds"] == trained
+    assert json.loads((tmp_path / "exact" / "metrics.json").read_text())["astra_ds"] == trained
+    assert evaluation.about["topk"] == "exact" and evaluation.out_dir == tmp_path / "exact"
+    assert "P " in evaluation.format() and str(tmp_path / "exact") in evaluation.format()
+    with pytest.raises(ConfigError, match="search must be one of served, exact, both"):
+        model.evaluate(search="ann")
+
+
 def test_eval_never_overwrites_results(run_dir, capsys):
     first_eval = sorted(p.name for p in (run_dir / "evals").glob("*"))
     run_main("eval", "--run-dir", str(run_dir), "--exact")
@@ -170,8 +185,8 @@ def test_a_bf16_model_is_served_with_its_linears_cast_once_and_predicts_as_autoc
     """A model served under encoder.compute_dtype=bfloat16 holds its transformer's Linear weights in bfloat16 (cast
     once at load) and predicts what autocast over its float32 weights predicts, to the bit; the export's
     transformer stays float32."""
-    from astra_ds.model.encoder import QueryEncoder
-    from astra_ds.serve.model import XCModel
+    from astra_ds.encoder.encoder import QueryEncoder
+    from astra_ds.inference.xc_model import XCModel
 
     bf16 = ["encoder.compute_dtype=bfloat16"]
     texts = _test_texts(synth_dir)[:8]

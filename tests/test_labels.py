@@ -1,4 +1,4 @@
-"""Labels that change on a finished run (serve/labels.py): added labels are found by exact and ANN prediction and
+"""Labels that change on a finished run (labels/change.py): added labels are found by exact and ANN prediction and
 score as the map of their text's embedding says, scaled as a dense reference chooses on the training queries; retired labels never come out; the changed run's digests verify and its
 version moves; an interrupted change is refused until `labels finish`; bad input ends in one line. A training run
 that starts from a finished run on a grown label set (training/from_run.py) takes the run's rows and optimizer state
@@ -16,15 +16,17 @@ import torch
 import torch.nn.functional as F
 
 import astra_ds
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.data.convert import with_labels, write_raw_text
 from astra_ds.data.readers import read_dataset
 from astra_ds.errors import DataError, UserError
 from astra_ds.training.from_run import match_labels
-from astra_ds.serve import labels as labels_module
-from astra_ds.serve import row_scale as row_scale_module
-from astra_ds.serve.card import ModelCard, read_card
-from astra_ds.serve.row_scale import calibrated_row_scale, training_queries
+from astra_ds.labels import change as labels_module
+from astra_ds.labels import row_scale as row_scale_module
+from astra_ds.labels.label_file import read_label_file
+from astra_ds.rundir.card import ModelCard
+from astra_ds.rundir.run_dir import RunDir
+from astra_ds.labels.row_scale import calibrated_row_scale, training_queries
 from astra_ds.table.store import open_table
 from conftest import TINY_RUN, run_main
 
@@ -62,7 +64,7 @@ def test_added_labels_are_found_and_score_as_the_map_of_their_texts_embedding_sa
     file = _label_file(tmp_path / "new.txt", [NEW[0], f"fresh\t{NEW[1]}", json.dumps({"text": NEW[2], "name": "n3"})])
     assert main(["labels", "add", "--run-dir", str(run_dir), "--labels", str(file), "--row-scale", "0.6"]) == 0
     assert capsys.readouterr().out.strip() == f"3 labels added to {run_dir}: ids 50-52"
-    read_card(run_dir)  # the digests of the changed run verify
+    RunDir(run_dir).read_card()  # the digests of the changed run verify
     model = astra_ds.load(run_dir)
     assert model.num_labels == 53 and model.description()["version"] != version
     assert model.label_names[50:] == [NEW[0], "fresh", "n3"]
@@ -104,12 +106,12 @@ def test_a_run_without_stored_label_text_embeddings_fits_the_map_on_its_names_em
     gives the same new rows."""
     model = astra_ds.load(run_dir)
     embeddings = model.embed_label_texts(NEW)
-    stored = labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts)
+    stored = labels_module._rows_from_texts(RunDir(run_dir), 50, embeddings, model.embed_label_texts)
     shutil.rmtree(run_dir / "label_embeddings")
-    embedded = labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts)
+    embedded = labels_module._rows_from_texts(RunDir(run_dir), 50, embeddings, model.embed_label_texts)
     torch.testing.assert_close(embedded, stored, rtol=1e-3, atol=1e-4)
     (run_dir / "label_names.txt").unlink()  # nothing to fit on: the rows are the text embeddings
-    assert torch.equal(labels_module._rows_from_texts(run_dir, 50, embeddings, model.embed_label_texts), embeddings)
+    assert torch.equal(labels_module._rows_from_texts(RunDir(run_dir), 50, embeddings, model.embed_label_texts), embeddings)
 
 
 def _dense_row_scale(queries, old_vectors, rows, text_part, allowed) -> float:
@@ -201,7 +203,7 @@ def test_an_interrupted_change_is_refused_until_finished(run_dir, finished_run, 
     monkeypatch.setattr(labels_module, "_publish", crash)
     with pytest.raises(KeyboardInterrupt):
         model = astra_ds.load(run_dir)
-        labels_module.add_labels(run_dir, labels_module.read_label_file(file), model.embed_label_texts,
+        labels_module.add_labels(RunDir(run_dir), read_label_file(file), model.embed_label_texts,
                                  model.encode_queries)
     monkeypatch.setattr(labels_module, "_publish", publish)
     assert main(["predict", "--run-dir", str(run_dir), "--text", "w1"]) == 2

@@ -1,4 +1,4 @@
-"""Lexical features (astra_ds/model/lexical.py): the sketch against a dense TF-IDF reference computed feature by
+"""Lexical features (astra_ds/encoder/lexical.py): the sketch against a dense TF-IDF reference computed feature by
 feature, inner products kept, and a run that appends them: predict answers as the training evaluated, with the
 idf the training fitted."""
 
@@ -14,9 +14,9 @@ from astra_ds.config import EncoderConfig
 from astra_ds.data.readers import read_dataset
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.errors import UserError
-from astra_ds.model import lexical
-from astra_ds.model.encoder import QueryEncoder
-from astra_ds.serve.export import export
+from astra_ds.encoder import lexical
+from astra_ds.encoder.encoder import QueryEncoder
+from astra_ds.inference.export import export
 from conftest import TINY_RUN, run_main
 
 VOCAB = 1000

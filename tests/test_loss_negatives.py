@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from astra_ds.config import TableConfig
 from astra_ds.eval.evaluate import save_predictions
-from astra_ds.scoring import exact_topk
+from astra_ds.scoring.rows import exact_topk
 from astra_ds.negatives.base import Negatives
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.uniform import sample_uniform

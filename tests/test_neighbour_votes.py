@@ -1,4 +1,4 @@
-"""kNN votes of the training queries (eval/neighbour_votes.py): the re-ranked top-k against a dense reference, the
+"""kNN votes of the training queries (scoring/neighbour_votes.py): the re-ranked top-k against a dense reference, the
 votes kept in the run directory, the weight chosen on the validation split, and the same ranking through `eval`,
 predict and the serving index as in training's own evaluation."""
 
@@ -14,9 +14,9 @@ import yaml
 import astra_ds
 from astra_ds.config import EvalConfig, IndexConfig, load_config
 from astra_ds.errors import ConfigError, UserError
-from astra_ds.eval.neighbour_votes import NeighbourVotes
+from astra_ds.scoring.neighbour_votes import NeighbourVotes
 from astra_ds.index.label_index import LabelIndex
-from astra_ds.scoring import exact_topk
+from astra_ds.scoring.rows import exact_topk
 from astra_ds.table.store import StoredRows
 from conftest import TINY_RUN, run_main
 

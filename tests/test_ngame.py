@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.config import BatchingConfig, ConfigError
-from astra_ds.model.encoder import build_tokenizer
+from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.negatives.in_batch import batch_labels
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform

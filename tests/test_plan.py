@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.config import load_config
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.index.kinds import index_bytes
@@ -89,7 +89,7 @@ def test_plan_splits_the_table_over_ranks(million_labels, token_cache, tmp_path,
 
 
 def test_the_plan_counts_each_stage_s_step_as_a_phase_and_the_frozen_embeddings():
-    from astra_ds.model.encoder import QueryEncoder
+    from astra_ds.encoder.encoder import QueryEncoder
     from astra_ds.plan import DataShape, activation_bytes, plan_run
 
     shape = DataShape(num_labels=1000, num_train=20_000, num_test=100, positives_per_query=4.0)

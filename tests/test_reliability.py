@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import astra_ds
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.data.readers import read_dataset
 from conftest import REPO, TINY_RUN, fresh_process_env, make_trainer, rewrite_meta, run_main
 
@@ -137,7 +137,7 @@ def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, token_cach
 def _hold_lock(directory) -> subprocess.Popen:
     """Another process holding the run lock of `directory` (for 60 s, or until killed)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.run_lock import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from astra_ds.rundir.lock import "
                                "RunLock; RunLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
          str(directory)], stdout=subprocess.PIPE, text=True, env=fresh_process_env())
     assert holder.stdout.readline().strip() == "held"
@@ -234,7 +234,7 @@ def _fill_the_disk(monkeypatch, module, error: str) -> None:
 
 def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
     import astra_ds.training.checkpoint as checkpoint
-    from astra_ds.cli import _message
+    from astra_ds.cli.main import _message
     from astra_ds.errors import CheckpointError
 
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
@@ -247,7 +247,7 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
     assert _message(FileExistsError(errno.EEXIST, "File exists", "/data/run")) == "File exists: /data/run"
 
 
-# ---- a run is used only when it is complete, its own and safe to load (issue 24) --------------------------------
+# ---- a run is used only when it is complete, its own and safe to load -------------------------------------------
 
 def test_a_run_killed_while_saving_its_model_is_refused_not_used(synth_dir, token_cache, tmp_path, monkeypatch,
                                                                  capsys):
@@ -303,11 +303,11 @@ def test_a_damaged_or_truncated_serving_index_is_refused_until_rebuilt(saved_run
 def test_evaluations_at_once_each_get_their_own_directory(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from astra_ds.cli import _claim_eval_dir
+    from astra_ds.rundir.run_dir import RunDir
 
     (tmp_path / "evals" / "1").mkdir(parents=True)
     with ThreadPoolExecutor(8) as pool:
-        claimed = list(pool.map(lambda _: _claim_eval_dir(tmp_path), range(16)))
+        claimed = list(pool.map(lambda _: RunDir(tmp_path).claim_eval_dir(), range(16)))
     assert sorted(int(path.name) for path in claimed) == list(range(2, 18))
 
 
@@ -384,7 +384,7 @@ def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default(tmp_pa
     change like any other."""
     from astra_ds.config import RunConfig
     from astra_ds.errors import CheckpointError
-    from astra_ds.training.trainer import check_resumable
+    from astra_ds.training.start import check_resumable
 
     cfg = RunConfig().with_absolute_paths()
     older = cfg.to_dict()
@@ -409,6 +409,7 @@ def test_one_damaged_file_never_disables_every_checkpoint_kept(synth_dir, token_
 
 def test_linked_checkpoints_come_in_chains_that_the_kept_ones_always_span(tmp_path):
     from astra_ds.config import CheckpointConfig
+    from astra_ds.rundir.run_dir import RunDir
     from astra_ds.training.checkpoint import CheckpointManager
 
     class Files:  # a component with files, recording what its chunks were linked to
@@ -424,7 +425,7 @@ def test_linked_checkpoints_come_in_chains_that_the_kept_ones_always_span(tmp_pa
                                 (3, [None, "global_step1", None, "global_step3", None]),
                                 (4, [None, "global_step1", "global_step2", None, "global_step4"])):
         files = Files()
-        manager = CheckpointManager(CheckpointConfig(keep_last=keep_last), tmp_path / str(keep_last), 0, 1)
+        manager = CheckpointManager(CheckpointConfig(keep_last=keep_last), RunDir(tmp_path / str(keep_last)), 0, 1)
         manager.register("table", files)
         for step in range(1, 6):
             manager.save(step, {"step": step})
@@ -465,7 +466,7 @@ def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run,
     assert not marker.exists()
 
 
-# ---- user mistakes and edge cases end in one line or a right answer (issue 24, item 10) -------------------------
+# ---- user mistakes and edge cases end in one line or a right answer --------------------------------------------
 
 def test_predict_takes_no_texts_crlf_and_refuses_what_is_not_utf8(saved_run, tmp_path, capsys, monkeypatch):
     import io
@@ -500,7 +501,7 @@ def test_wrong_paths_are_refused_before_the_model_or_the_libraries_load(saved_ru
         capsys, "predict", "--run-dir", str(saved_run), "--text", "a", "--out", str(afile / "out.jsonl"))
     assert f"cannot write {afile / 'e' / 'metrics.json'}" in _error(
         capsys, "eval", "--run-dir", str(saved_run), "--out-dir", str(afile / "e"))
-    probe = ("import sys; from astra_ds.cli import main; status = main(sys.argv[1:]); "
+    probe = ("import sys; from astra_ds.cli.main import main; status = main(sys.argv[1:]); "
              "print(status, sorted({'torch', 'transformers', 'deepspeed'} & set(sys.modules)))")
     for args, expected in ((["predict", "--run-dir", str(tmp_path / "nope"), "--text", "a"], "no run at"),
                            (["export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "x")],
@@ -529,13 +530,13 @@ def test_synth_into_an_existing_folder_and_an_empty_test_split_are_one_line(synt
 
 
 def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
-    import astra_ds.training.trainer as trainer_module
+    import astra_ds.training.publish as publish_module
     from astra_ds.errors import UserError
 
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "train.max_steps=1")
     trainer.fit()
-    _fill_the_disk(monkeypatch, trainer_module, "basic_ios::clear: iostream error")
+    _fill_the_disk(monkeypatch, publish_module, "basic_ios::clear: iostream error")
     with pytest.raises(UserError, match=r"the disk is full: saving the model into .* failed \(0 bytes free\); its "
                                         r"last checkpoint is intact"):
         trainer.save_model()

@@ -22,7 +22,7 @@ import uvicorn
 import astra_ds
 from astra_ds.serve.batcher import Batcher, Overloaded
 from astra_ds.serve.requests import ClientError, Limits, k_of, parse_body, texts_of
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.serve.server import ServeSettings, bind, build_app, load_warm
 from conftest import REPO, fresh_process_env
 
@@ -325,28 +325,28 @@ def test_a_damaged_run_ends_the_command_in_one_line(run_dir, tmp_path, capsys):
 
 def test_digests_are_read_once_per_model_version(run_dir, tmp_path, monkeypatch):
     from astra_ds import digests
-    from astra_ds.serve.card import read_card
+    from astra_ds.rundir.run_dir import RunDir
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     reads = []
     real_digest = digests.file_digest
     monkeypatch.setattr(digests, "file_digest", lambda path: (reads.append(path), real_digest(path))[1])
-    read_card(copy)
+    RunDir(copy).read_card()
     assert len(reads) > 3  # every model file, once
     reads.clear()
-    read_card(copy)
+    RunDir(copy).read_card()
     assert reads == []  # the same files: not read again
     moved = tmp_path / "moved"
     shutil.copytree(copy, moved)  # other inodes: read again
-    read_card(moved)
+    RunDir(moved).read_card()
     assert len(reads) > 3
     with open(copy / "label_names.txt", "r+b") as f:  # the same size, other bytes
         first = f.read(1)
         f.seek(0)
         f.write(b"X" if first != b"X" else b"Y")
     with pytest.raises(astra_ds.errors.UserError, match="label_names.txt missing or changed"):
-        read_card(copy)
+        RunDir(copy).read_card()
     assert os.environ["ASTRA_DS_CACHE"]  # the tests' own cache (conftest), not the user's
 
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from astra_ds.config import TableConfig, load_config
 from astra_ds.ds_config import add_scheduler, resolve_ds_config
-from astra_ds.scoring import ScoringRows, exact_topk
-from astra_ds.model.label_text import LabelEmbeddings
+from astra_ds.scoring.rows import ScoringRows, exact_topk
+from astra_ds.encoder.label_text import LabelEmbeddings
 from astra_ds.table.table import ClassifierTable
 from astra_ds.training.loss import siamese_softmax
 from conftest import TINY_RUN, make_trainer, run_main
@@ -51,7 +51,7 @@ def test_stages_run_in_order_and_rows_start_from_the_siamese_encoder(synth_dir, 
     siamese, classifier, joint = trainer.stages
     assert [s.name for s in trainer.stages] == ["siamese", "classifier", "joint"]
     siamese_steps = siamese.epochs * siamese.steps_per_epoch  # 16 batches of 32 queries
-    trainer.total_steps = siamese_steps + 1  # stop after the classifier stage's first step
+    trainer.schedule.max_steps = siamese_steps + 1  # stop after the classifier stage's first step
     encoder_before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
     trainer.fit()
 

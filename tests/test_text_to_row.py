@@ -1,10 +1,10 @@
-"""The map from label-text embeddings to rows (table/text_to_row.py) against a dense least-squares reference, and
+"""The map from label-text embeddings to rows (labels/text_to_row.py) against a dense least-squares reference, and
 the ids it is fitted on."""
 
 import pytest
 import torch
 
-from astra_ds.table.text_to_row import FIT_LABELS, fit_ranges, fit_text_to_row
+from astra_ds.labels.text_to_row import FIT_LABELS, fit_ranges, fit_text_to_row
 
 
 def test_the_map_is_the_ridge_least_squares_solution():

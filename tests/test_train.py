@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import astra_ds
-from astra_ds.cli import main
+from astra_ds.cli.main import main
 from astra_ds.rng import Stream, numpy_rng
 from conftest import REPO, SHARED_DATA, TINY_RUN, make_trainer, run_cli
 
@@ -130,7 +130,7 @@ def test_data_stats_help_version_and_config_show(synth_dir, capsys):
 
 def test_help_answers_before_torch_is_imported():
     """--help and a config mistake never load torch: they answer at once."""
-    code = ("import sys; from astra_ds.cli import main\n"
+    code = ("import sys; from astra_ds.cli.main import main\n"
             "assert main(['config', 'show', '--set', 'train.epochs=-1']) == 2\n"
             "assert 'torch' not in sys.modules and 'deepspeed' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -201,7 +201,7 @@ def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp
         trainer.stages[-1].step(trainer.stages[-1].batches.epoch_batches(0)[step], step)
     trainer.save_model()
 
-    from astra_ds.model.encoder import QueryEncoder
+    from astra_ds.encoder.encoder import QueryEncoder
 
     encoder = QueryEncoder(trainer.cfg.encoder, trainer.table.num_labels)
     encoder.load_state_dict(torch.load(tmp_path / "z3" / "encoder.pt"))

@@ -14,7 +14,7 @@ from astra_ds.config import load_config
 from astra_ds.data.prepare import prepare_data, validation_rows
 from astra_ds.data.readers import read_dataset
 from astra_ds.errors import ConfigError
-from astra_ds.model.encoder import build_tokenizer
+from astra_ds.encoder.encoder import build_tokenizer
 from conftest import TINY_RUN, run_main
 
 

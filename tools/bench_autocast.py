@@ -17,7 +17,7 @@ import copy
 import torch
 
 from astra_ds.config import EncoderConfig
-from astra_ds.model.encoder import MINILM, QueryEncoder, cpu_has_bf16
+from astra_ds.encoder.encoder import MINILM, QueryEncoder, cpu_has_bf16
 from bench_scaling import median_time  # tools/, the directory of this script, is on its path
 
 

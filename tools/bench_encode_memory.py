@@ -31,7 +31,7 @@ def measure(data: str, queries: int, max_len: int, batch_size: int, trim: bool) 
     from astra_ds.data.readers import read_dataset
     from astra_ds.data.tokens import tokenize
     from astra_ds.libraries import quiet_libraries
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 
     quiet_libraries()
     if not trim:

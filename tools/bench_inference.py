@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from astra_ds.config import EncoderConfig, IndexConfig
 from astra_ds.index.label_index import LabelIndex
-from astra_ds.scoring import ScoringRows, exact_topk, recall_at_k
+from astra_ds.scoring.rows import ScoringRows, exact_topk, recall_at_k
 
 
 class SyntheticRows:
@@ -65,7 +65,7 @@ def time_each(search, queries: torch.Tensor) -> list[float]:
 def encoder_times(model: str, count: int, max_len: int) -> list[float]:
     """Per-query seconds of tokenising and encoding one short text (batch of 1)."""
     from astra_ds.libraries import quiet_libraries
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 
     quiet_libraries()
     cfg = EncoderConfig(model=model)

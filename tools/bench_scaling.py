@@ -91,7 +91,7 @@ def dense_step_time(data: Path, encoder_name: str, dim: int, batch: int, steps: 
     """Median seconds of a dense full-label step, or None when its tensors would not fit in memory."""
     from astra_ds.config import EncoderConfig
     from astra_ds.data.prepare import prepare_data
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 
     # weights, their gradient, logits and their gradient, BCE's temporaries (float32)
     need = num_labels * dim * 4 * 2 + batch * num_labels * 4 * 4

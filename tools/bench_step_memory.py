@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from astra_ds.libraries import KERNEL_CACHES
-from astra_ds.model.encoder import MINILM
+from astra_ds.encoder.encoder import MINILM
 
 CAPACITIES = ("1024", "256", "64", "16")  # 1024: the libraries' default (ideep's crashes at 0)
 
@@ -38,7 +38,7 @@ def measure(data: str, model: str, max_len: int, batch_size: int, steps: int, co
     from astra_ds.data.readers import read_dataset
     from astra_ds.data.tokens import tokenize
     from astra_ds.libraries import quiet_libraries, release_free_memory
-    from astra_ds.model.encoder import QueryEncoder, build_tokenizer
+    from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
     from astra_ds.training.batching import RandomBatches
 
     quiet_libraries()

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from astra_ds import layout
 from astra_ds.errors import CheckpointError
 from astra_ds.table import store
-from astra_ds.training.checkpoint import check_checkpoint
+from astra_ds.training.checkpoint import CHECKPOINT_PREFIX, LATEST, check_checkpoint, step_of
 
 
 def shard_checksums(table_dir: Path, world_size: int) -> list[str]:
@@ -38,10 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoint_dir.is_dir():
         raise SystemExit(f"inspect_checkpoint: no directory {args.checkpoint_dir}")
-    latest_file = args.checkpoint_dir / layout.LATEST
+    latest_file = args.checkpoint_dir / LATEST
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
-    tags = sorted((p for p in args.checkpoint_dir.glob(layout.CHECKPOINT_PREFIX + "*") if p.is_dir()),
-                  key=lambda p: layout.step_of(p.name))
+    tags = sorted((p for p in args.checkpoint_dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir()),
+                  key=lambda p: step_of(p.name))
     for path in tags:
         marker = " (latest)" if path.name == latest else ""
         try:
@@ -51,7 +50,8 @@ def main() -> None:
             continue
         print(f"{path.name}{marker}: step {meta['step']} ({meta['stage']} stage), {meta['world_size']} ranks, "
               f"components {', '.join(meta['components'])}")
-        for line in shard_checksums(path / layout.TABLE, meta["world_size"]):
+        for line in shard_checksums(path / "table",  # the table component's files
+                                    meta["world_size"]):
             print(f"    {line}")
 
 

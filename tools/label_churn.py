@@ -55,7 +55,7 @@ def held_out_labels(names: list[str] | None, num_labels: int, fraction: float, s
 
 def astra_ds(*args: str) -> None:
     """`astra-ds ARGS` in this process (the imports paid once); its log goes to stderr."""
-    from astra_ds.cli import main
+    from astra_ds.cli.main import main
 
     if main(list(args)) != 0:
         raise SystemExit(f"astra-ds {' '.join(args)} failed (its error is above)")

@@ -1,2 +1,2 @@
-"""Datasets: readers of the XC file layouts (registry READERS in astra_ds/choices.py), the synthetic generator,
+"""Datasets: readers of the XC file formats (registry READERS in astra_ds/choices.py), the synthetic generator,
 the token cache."""

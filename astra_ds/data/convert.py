@@ -1,6 +1,6 @@
-"""Write a dataset in another layout (`astra-ds data convert`): raw text, the XC repository's JSON layout, or
+"""Write a dataset in another format (`astra-ds data convert`): raw text, the XC repository's JSON format, or
 bag-of-words (each query's words counted; word order is lost). Filter files travel with the data. The pair-file
-layout (Mulan/LSML) is read-only.
+format (Mulan/LSML) is read-only.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ WRITERS = {"raw_text": write_raw_text, "xc_json": write_xc_json, "bow": write_bo
 
 
 def convert(dataset: XCDataset, source: Path, out: Path, target: str) -> None:
-    """`dataset` (read from `source`) written to the new directory `out` in layout `target`."""
+    """`dataset` (read from `source`) written to the new directory `out` in format `target`."""
     if target not in WRITERS:
-        raise DataError(f"cannot write the {target} layout: the targets are {', '.join(WRITERS)}")
+        raise DataError(f"cannot write the {target} format: the targets are {', '.join(WRITERS)}")
     if out.exists():
         raise DataError(f"{out} already exists: convert writes a new directory")
     tmp = out.with_name(out.name + ".tmp")

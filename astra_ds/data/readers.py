@@ -1,4 +1,4 @@
-"""Readers for the extreme-classification file layouts, with one-line errors for malformed input.
+"""Readers for the extreme-classification file formats, with one-line errors for malformed input.
 
 Layouts (chosen by `data.format`, or detected from the files present):
 - raw_text: trn_X.txt, tst_X.txt (one query text a line), trn_X_Y.txt, tst_X_Y.txt (sparse label files:
@@ -7,13 +7,13 @@ Layouts (chosen by `data.format`, or detected from the files present):
   and lines "f:v ...", plus trn_X_Y.txt / tst_X_Y.txt) or single-file (train.txt / test.txt with header
   "N F L" and lines "l,l f:v ..."). Queries become the text of their words from Xf.txt (feature names);
   labels take their text from Y.txt.
-- xc_json: the XC repository's LF-* layout: trn.json, tst.json (a JSON object a line: uid, title, content,
+- xc_json: the XC repository's LF-* format: trn.json, tst.json (a JSON object a line: uid, title, content,
   target_ind), lbl.json (label titles); the query text is the title (data.text_fields: title_content adds the
   content).
 - pairs: the Mulan/LSML files of ../shared/data (NAME_train_word.txt, NAME_train_label.txt: "doc id" pairs;
   NAME_test_leml.txt: "#num_feature=F num_label=L" then "l,l f:v ..."), with feature_names.txt and
   label_names.txt ("TAG_" prefixes are dropped from label texts).
-All files may be gzipped (NAME.gz). Any layout may add filter_labels_test.txt / filter_labels_train.txt ("point
+All files may be gzipped (NAME.gz). Any format may add filter_labels_test.txt / filter_labels_train.txt ("point
 label" lines): reciprocal pairs the evaluation leaves out, as the XC repository's does.
 """
 
@@ -59,7 +59,7 @@ class XCDataset:
     train: XCSplit
     test: XCSplit
     num_labels: int
-    label_texts: list[str] | None  # None when the layout has no label text
+    label_texts: list[str] | None  # None when the format has no label text
     # reciprocal pairs (query, label) the XC repository leaves out of evaluation: filter_labels_test.txt
     test_filter: sp.csr_matrix | None = None
     train_filter: sp.csr_matrix | None = None
@@ -325,7 +325,7 @@ def _json_text(record: dict, fields: tuple[str, ...], path: Path, line_no: int) 
 
 
 def read_xc_json(directory: Path, text_fields: str = "title") -> XCDataset:
-    """The XC repository's JSON layout (LF-* datasets): trn.json, tst.json (a query a line: uid, title, content,
+    """The XC repository's JSON format (LF-* datasets): trn.json, tst.json (a query a line: uid, title, content,
     target_ind), lbl.json (a label a line: its title is the label text); each read a line at a time, keeping
     only the text and the label ids."""
     fields = ("title", "content") if text_fields == "title_content" else ("title",)
@@ -372,13 +372,13 @@ def detect_format(directory: Path) -> str:
         return "bow"
     if list(directory.glob("*_train_word.txt*")):
         return "pairs"
-    raise DataError(f"{directory}: no known dataset layout (expected trn.json + lbl.json, trn_X.txt, "
+    raise DataError(f"{directory}: no known dataset format (expected trn.json + lbl.json, trn_X.txt, "
                     f"trn_X_Xf.txt, train.txt or NAME_train_word.txt)")
 
 
 def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title",
                  on_bad_text: str = "replace") -> XCDataset:
-    """`text_fields` (the JSON layout): the query text is the title, or title and content (title_content);
+    """`text_fields` (the JSON format): the query text is the title, or title and content (title_content);
     `on_bad_text`: texts with bytes that are not UTF-8 are read with U+FFFD in their place and counted in a
     warning ("replace"), or end the reading in one line ("error")."""
     directory = Path(path)
@@ -386,7 +386,7 @@ def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title"
         raise DataError(f"dataset directory not found: {directory}")
     fmt = detect_format(directory) if fmt == "auto" else fmt
     reader = READERS.get(fmt)
-    dataset = _read_filters(reader(directory, text_fields), directory)  # text_fields: for the JSON layout
+    dataset = _read_filters(reader(directory, text_fields), directory)  # text_fields: for the JSON format
     for texts, lines in bad_text(dataset).items():
         if on_bad_text == "error":
             raise DataError(f"{directory}: the {texts} hold bytes that are not UTF-8, first at line {lines[0]} "

@@ -1,4 +1,4 @@
-"""Synthetic text XC datasets with learnable structure, streamed to disk in the raw-text layout.
+"""Synthetic text XC datasets with learnable structure, streamed to disk in the raw-text format.
 
 Labels are topics over a vocabulary of pronounceable pseudo-words. Label l owns `words_per_label` signature words
 and shares `cluster_words` words with the other labels of its cluster (labels l // cluster_size), so labels of one

@@ -9,13 +9,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from astra_ds import layout
 from astra_ds.collectives import global_topk
 from astra_ds.config import EvalConfig
 from astra_ds.data.membership import CSRMembership
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
-from astra_ds.eval.neighbour_votes import NeighbourVotes
-from astra_ds.scoring import exact_topk, recall_at_k
+from astra_ds.eval.outputs import METRICS_FILE, PREDICTIONS_FILE
+from astra_ds.scoring.neighbour_votes import NeighbourVotes
+from astra_ds.scoring.rows import exact_topk, recall_at_k
 
 MODEL, MODEL_ANN, BASELINE = "astra_ds", "astra_ds (ann)", "popularity"
 
@@ -76,11 +76,11 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
         return results
     out_dir = Path(out_dir)
     filtered = {"applied": test_filter is not None, "pairs": int(test_filter.nnz) if test_filter is not None else 0}
-    (out_dir / layout.METRICS).write_text(json.dumps(
+    (out_dir / METRICS_FILE).write_text(json.dumps(
         {**about, "num_test": test_labels.shape[0], "num_labels": num_labels, "ks": list(cfg.ks),
          "psp": cfg.psp, "psp_a": psp_a, "psp_b": psp_b, "filter": filtered, **results}, indent=2))
     scores, ids = next(iter(topk.values()))
-    save_predictions(out_dir / layout.PREDICTIONS, (calibration[0].exp() * scores + calibration[1]).numpy(),
+    save_predictions(out_dir / PREDICTIONS_FILE, (calibration[0].exp() * scores + calibration[1]).numpy(),
                      ids.numpy(), num_labels)
     return results
 

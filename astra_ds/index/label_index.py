@@ -20,7 +20,7 @@ from astra_ds.config import IndexConfig
 from astra_ds.index.kinds import import_faiss, index_kind
 from astra_ds.libraries import native_output_logged
 from astra_ds.progress import progress as progress_of
-from astra_ds.scoring import exact_topk, recall_at_k
+from astra_ds.scoring.rows import exact_topk, recall_at_k
 
 
 @dataclass

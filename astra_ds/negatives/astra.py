@@ -27,7 +27,7 @@ from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
 from astra_ds.plan import PlanLine
 from astra_ds.rng import Stream, numpy_rng
-from astra_ds.scoring import exact_topk_bytes
+from astra_ds.scoring.rows import exact_topk_bytes
 
 log = logging.getLogger("astra_ds")
 

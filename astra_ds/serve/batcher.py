@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from astra_ds.serve.model import Predictions
+from astra_ds.inference.xc_model import Predictions
 
 
 class Overloaded(Exception):

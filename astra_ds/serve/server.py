@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 from astra_ds.errors import UserError
 from astra_ds.serve.batcher import Batcher, Overloaded
 from astra_ds.serve.metrics import ServerMetrics
-from astra_ds.serve.model import XCModel
+from astra_ds.inference.xc_model import XCModel
 from astra_ds.serve.requests import ClientError, k_of, parse_body, texts_of, unknown_fields
 from astra_ds.serve.settings import ServeSettings
 

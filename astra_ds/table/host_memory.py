@@ -2,8 +2,8 @@
 
 With CUDA: pinned (page-locked) memory, so host-to-device copies are asynchronous DMA. Without: anonymous
 memory advised to use transparent huge pages where the kernel allows it (`madvise` mode): a step gathers
-rows at random from gigabytes, and 2 MiB pages spare most of the TLB misses of 4 KiB ones
-(tools/bench_pager.py, docs/results.md).
+rows at random from gigabytes, and 2 MiB pages spare most of the TLB misses of 4 KiB ones (tools/bench_pager.py
+measures the paging).
 """
 
 from __future__ import annotations

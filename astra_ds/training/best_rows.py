@@ -2,8 +2,7 @@
 frozen encoder (classifier, refit) ends with them rather than with its last.
 
 A stage stopped by eval.patience has gone on for `patience` evaluations past its best, and one that ran its epochs
-may end below its best: on Delicious the refit's validation P@1 went 70.74 -> 69.81 -> 69.97 before it stopped,
-and the run kept the last rows (docs/results.md). The encoder does not move in these stages, so the table (its
+may end below its best. The encoder does not move in these stages, so the table (its
 rows and their optimizer state) is the whole of what they train: a copy of it, taken at each better evaluation, is
 put back when the stage ends. The copy is a ClassifierTable of the same shards, held in host memory beside the
 table (the memory plan counts it) and saved with every checkpoint, so that a resumed run ends each stage with the

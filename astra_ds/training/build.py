@@ -1,5 +1,5 @@
 """One builder of a training run: the data, the encoder, the table, the negative sampler and the DeepSpeed engine
-are built here, for the trainer and for `astra-ds plan` (a finished run is loaded with astra_ds.serve.model).
+are built here, for the trainer and for `astra-ds plan` (a finished run is loaded with astra_ds.inference.xc_model).
 
 Everything a config and the data decide together is checked here, before anything large is allocated: a
 mistake ends the command with one line at start-up, not a traceback after the warm-up.
@@ -22,10 +22,11 @@ from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.dist import DistInfo
 from astra_ds.ds_config import add_scheduler, resolve_ds_config
 from astra_ds.errors import CheckpointError, ConfigError
-from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.model.label_text import encode_label_texts
+from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
+from astra_ds.encoder.label_text import encode_label_texts
 from astra_ds.negatives.base import NegativeSampler, SamplerContext
 from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
+from astra_ds.rundir.run_dir import RunDir
 from astra_ds.table.table import ClassifierTable
 from astra_ds.training.engine import build_engine
 from astra_ds.training.from_run import RunStart
@@ -77,7 +78,7 @@ def check_data(cfg: RunConfig, data: PreparedData) -> None:
     if uses_label_texts(cfg) and data.dataset.label_texts is None:
         raise ConfigError(f"a Siamese stage, table.init=label_text and eval.label_text_weight > 0 need label "
                           f"texts, and the data at {cfg.data.path} has none (Y.txt, or label_names.txt in the "
-                          "pair-file layout)")
+                          "pair-file format)")
     if cfg.negatives.num_negatives >= data.dataset.num_labels:
         log.warning("negatives.num_negatives=%d is not below the %d labels: every label is drawn, several times",
                     cfg.negatives.num_negatives, data.dataset.num_labels)
@@ -144,7 +145,7 @@ class Training:
 
 
 def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict] | None = None,
-                   progress: bool = False, from_run: Path | None = None) -> Training:
+                   progress: bool = False, from_run: RunDir | None = None) -> Training:
     """`checkpoint`: (path, meta) of the checkpoint the run resumes or starts from (checked against the data and
     encoder); `from_run`: a finished run whose encoder and rows start this one (astra_ds/training/from_run.py). The
     rows are left empty: the trainer initialises them (Training.initialize_rows) when the first stage that trains

@@ -1,5 +1,12 @@
 """Full-state checkpoints: the components of a run register under a name, and a checkpoint holds each one's
-state (file names: astra_ds/layout.py).
+state.
+
+    <checkpoint dir>/global_step<N>/   (checkpoint.dir, else the run directory's checkpoints/)
+        meta.json                    step, epoch, world size, labels, components, files: read first
+        state.pt                     the state every rank shares, a dict component name -> state_dict
+        rank<r>.pt                   rank r's own state (RNG streams), same form
+        <component>/                 the files of components too large for a state dict
+    <checkpoint dir>/latest          the newest checkpoint's name (a hint for people and tools)
 
 A component has `state_dict()` / `load_state_dict()` (small state, tensors and plain values: shared by all ranks,
 or per rank), and may have `save_files(directory, previous)` / `load_files(directory, resharded)` for state too
@@ -33,14 +40,37 @@ from pathlib import Path
 
 import torch
 
-from astra_ds import layout
 from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
 from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import CheckpointError
-from astra_ds.files import disk_full, files_under, fsync_dir, fsync_tree, load_torch_file, write_atomically
+from astra_ds.files import (TMP_SUFFIX, disk_full, files_under, fsync_dir, fsync_tree, load_torch_file,
+                             write_atomically)
+from astra_ds.rundir.run_dir import RunDir
 
 log = logging.getLogger("astra_ds")
+
+LATEST = "latest"
+META = "meta.json"
+SHARED_STATE = "state.pt"
+CHECKPOINT_PREFIX = "global_step"
+
+
+def rank_state(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.removeprefix(CHECKPOINT_PREFIX).removesuffix(TMP_SUFFIX))
+
+
+def is_checkpoint_tag(name: str) -> bool:
+    """global_step<N> exactly: not a save cut short (.tmp), a copy someone made beside it, or anything else."""
+    return name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit()
 
 
 def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
@@ -48,15 +78,15 @@ def check_checkpoint(path: Path, cache: DigestCache | None = None) -> dict:
     digest differs from the one written with it (naming the other checkpoints that share the damaged file)."""
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint at {path}")
-    if not (path / layout.META).is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {layout.META})")
+    if not (path / META).is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {META})")
     try:
-        meta = json.loads((path / layout.META).read_text())
+        meta = json.loads((path / META).read_text())
         files = meta["files"]
     except (json.JSONDecodeError, KeyError, OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unreadable {layout.META}: {err}") from None
+        raise CheckpointError(f"checkpoint {path} has an unreadable {META}: {err}") from None
     if meta.get("meta_digest") != meta_digest(meta):
-        raise CheckpointError(f"checkpoint {path} is damaged ({layout.META} changed since it was written)")
+        raise CheckpointError(f"checkpoint {path} is damaged ({META} changed since it was written)")
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete (missing {listed(missing)})")
@@ -76,15 +106,15 @@ def meta_digest(meta: dict) -> str:
 
 def checkpoints_in(directory: Path) -> list[Path]:
     """The checkpoints in `directory`, newest first."""
-    return sorted((p for p in directory.glob(layout.CHECKPOINT_PREFIX + "*")
-                   if p.is_dir() and layout.is_checkpoint_tag(p.name)), key=lambda p: layout.step_of(p.name),
+    return sorted((p for p in directory.glob(CHECKPOINT_PREFIX + "*")
+                   if p.is_dir() and is_checkpoint_tag(p.name)), key=lambda p: step_of(p.name),
                   reverse=True)
 
 
 def _sharing(path: Path, names: list[str]) -> list[str]:
     """The other checkpoints beside `path` that hold one of its files `names` (a hard link to the same file)."""
     inodes = {os.stat(path / name).st_ino for name in names if (path / name).exists()}
-    return sorted(other.name for other in path.parent.glob(layout.CHECKPOINT_PREFIX + "*") if other != path and any(
+    return sorted(other.name for other in path.parent.glob(CHECKPOINT_PREFIX + "*") if other != path and any(
         (other / name).exists() and os.stat(other / name).st_ino in inodes for name in names))
 
 
@@ -97,7 +127,7 @@ def convert_encoder_to_universal(directory: Path, tag: str, rank: int) -> str:
 
     universal = tag + "_universal"
     if rank == 0 and not (directory / universal).is_dir():
-        tmp = directory / (universal + layout.TMP_SUFFIX)
+        tmp = directory / (universal + TMP_SUFFIX)
         shutil.rmtree(tmp, ignore_errors=True)
         ds_to_universal(SimpleNamespace(input_folder=str(directory / tag), output_folder=str(tmp),
                                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
@@ -108,16 +138,16 @@ def convert_encoder_to_universal(directory: Path, tag: str, rank: int) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, cfg: CheckpointConfig, out_dir: str | Path, rank: int, world_size: int):
+    def __init__(self, cfg: CheckpointConfig, run: RunDir, rank: int, world_size: int):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.dir = Path(cfg.dir) if cfg.dir else Path(out_dir) / layout.CHECKPOINTS
+        self.dir = Path(cfg.dir) if cfg.dir else run.checkpoints
         self.components: dict[str, tuple[object, bool]] = {}  # name -> (component, per rank)
         self.previous: Path | None = None  # the last checkpoint saved or loaded: its unchanged table chunks are linked
         self.chain = 0  # its position in its chain of linked checkpoints
         self.digest_cache = DigestCache()  # linked chunks are not read again to digest them
         self.pinned: set[Path] = set()  # checkpoints kept beyond keep_last (eval.keep_best's, until its stage ends)
         if rank == 0:
-            for leftover in self.dir.glob("*" + layout.TMP_SUFFIX):  # a save cut short by a crash or a kill
+            for leftover in self.dir.glob("*" + TMP_SUFFIX):  # a save cut short by a crash or a kill
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
                 log.info("removed %s, left by an interrupted save", leftover)
 
@@ -140,6 +170,10 @@ class CheckpointManager:
             raise outcome
         return outcome
 
+    @staticmethod
+    def is_checkpoint(path: Path) -> bool:
+        return (path / META).is_file()
+
     def due(self, step: int) -> bool:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
 
@@ -152,7 +186,7 @@ class CheckpointManager:
         hint = self._latest_hint()
         if candidates and hint != candidates[0].name:
             log.warning("%s names %s, but %s is the newest checkpoint there: it is tried first", self.dir /
-                        layout.LATEST, hint or "nothing", candidates[0].name)
+                        LATEST, hint or "nothing", candidates[0].name)
         for i, path in enumerate(candidates):
             try:
                 check_checkpoint(path, self.digest_cache)
@@ -166,7 +200,7 @@ class CheckpointManager:
 
     def _latest_hint(self) -> str | None:
         try:
-            return (self.dir / layout.LATEST).read_text().strip()
+            return (self.dir / LATEST).read_text().strip()
         except (OSError, UnicodeDecodeError):
             return None
 
@@ -187,8 +221,8 @@ class CheckpointManager:
             raise
 
     def _save(self, step: int, meta: dict) -> Path:
-        tag = layout.checkpoint_tag(step)
-        final, tmp = self.dir / tag, self.dir / (tag + layout.TMP_SUFFIX)
+        tag = checkpoint_tag(step)
+        final, tmp = self.dir / tag, self.dir / (tag + TMP_SUFFIX)
         started = time.time()
         with_files = [name for name, (component, _) in self.components.items() if hasattr(component, "save_files")]
         if self.rank == 0:
@@ -202,21 +236,21 @@ class CheckpointManager:
         linked_to = self.previous if chain else None
         for name in with_files:
             self.components[name][0].save_files(tmp / name, linked_to / name if linked_to else None)
-        torch.save(self._states(per_rank=True), tmp / layout.rank_state(self.rank))
+        torch.save(self._states(per_rank=True), tmp / rank_state(self.rank))
         if self.rank == 0:
-            torch.save(self._states(per_rank=False), tmp / layout.SHARED_STATE)
+            torch.save(self._states(per_rank=False), tmp / SHARED_STATE)
         barrier()
         if self.rank == 0:
             files = files_under(tmp)
             meta = meta | {"world_size": self.world_size, "components": list(self.components), "chain": chain,
                            "files": files, "digests": manifest(tmp, files, self.digest_cache)}
-            (tmp / layout.META).write_text(json.dumps(meta | {"meta_digest": meta_digest(meta)}, indent=2))
+            (tmp / META).write_text(json.dumps(meta | {"meta_digest": meta_digest(meta)}, indent=2))
             fsync_tree(tmp)
             if final.exists():  # saved again at the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(self.dir)
-            write_atomically(self.dir / layout.LATEST, tag)
+            write_atomically(self.dir / LATEST, tag)
             self.prune(keep=final)
             log.info("checkpoint %s written in %.1f s", final, time.time() - started)
         barrier()
@@ -227,8 +261,8 @@ class CheckpointManager:
         """Every component's state from `path` (checked by `check_checkpoint`). Written by another number of
         ranks, per-rank states are left out and components with files are told to re-slice."""
         resharded = meta["world_size"] != self.world_size
-        shared = load_torch_file(path / layout.SHARED_STATE)
-        own = {} if resharded else load_torch_file(path / layout.rank_state(self.rank))
+        shared = load_torch_file(path / SHARED_STATE)
+        own = {} if resharded else load_torch_file(path / rank_state(self.rank))
         for name, (component, per_rank) in self.components.items():
             state = (own if per_rank else shared).get(name)
             if state is not None:
@@ -253,7 +287,7 @@ class CheckpointManager:
         `path` is the latest again. Collective."""
         if self.rank == 0:
             for later in checkpoints_in(self.dir):
-                if layout.step_of(later.name) > layout.step_of(path.name):
+                if step_of(later.name) > step_of(path.name):
                     shutil.rmtree(later)
-            write_atomically(self.dir / layout.LATEST, path.name)
+            write_atomically(self.dir / LATEST, path.name)
         barrier()

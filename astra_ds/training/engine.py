@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from astra_ds.files import check_only_tensors
-from astra_ds.model.encoder import QueryEncoder
+from astra_ds.encoder.encoder import QueryEncoder
 from astra_ds.training.checkpoint import convert_encoder_to_universal
 
 ZERO_TAG = "zero"  # the DeepSpeed checkpoint tag inside the checkpoint's encoder/ directory

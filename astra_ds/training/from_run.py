@@ -1,6 +1,5 @@
 """A training run that starts from a finished run (`astra-ds train --init-from RUN_DIR`), on a label set that
-holds the run's labels and maybe new ones: the label set grew while the model served (README, "Labels that
-change").
+holds the run's labels and maybe new ones: the label set grew while the model served (docs/guides/labels.md).
 
 The finished run gives the encoder's weights and, for each of its labels, the row and the row's optimizer state.
 A label of the run is found in the new label set by its name (its text: label_names.txt, the dataset's label
@@ -23,18 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astra_ds import layout
 from astra_ds.collectives import sum_tensor_across_ranks
 from astra_ds.errors import UserError
-from astra_ds.serve.card import label_names, read_card, retired_ids
-from astra_ds.table.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
+from astra_ds.labels.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
+from astra_ds.rundir.run_dir import RunDir
 
 log = logging.getLogger("astra_ds")
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run directory (finished or not), as opposed to a checkpoint."""
-    return (path / layout.CONFIG).is_file() and not (path / layout.META).is_file()
 
 
 def match_labels(run_names: list[str] | None, run_labels: int, names: list[str] | None, num_labels: int,
@@ -71,18 +64,18 @@ def match_labels(run_names: list[str] | None, run_labels: int, names: list[str] 
 class RunStart:
     """Where a run that starts from a finished run takes its weights and rows from."""
 
-    run_dir: Path
+    run: RunDir
     run_labels: int  # the finished run's L
     run_ids: np.ndarray  # (L,) the finished run's id of each label of this run; -1 for a new label
 
     @classmethod
-    def read(cls, run_dir: Path, names: list[str] | None, num_labels: int) -> "RunStart":
-        """The finished run at `run_dir`, verified, its labels matched to this run's (`names`, or None)."""
-        card = read_card(run_dir)  # verified
-        run_names = label_names(run_dir, card.num_labels)
-        start = cls(run_dir, card.num_labels,
-                    match_labels(run_names, card.num_labels, names, num_labels, retired_ids(run_dir)))
-        log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run_dir,
+    def read(cls, run: RunDir, names: list[str] | None, num_labels: int) -> "RunStart":
+        """The finished run `run`, verified, its labels matched to this run's (`names`, or None)."""
+        card = run.read_card()  # verified
+        run_names = run.read_label_names(card.num_labels)
+        start = cls(run, card.num_labels,
+                    match_labels(run_names, card.num_labels, names, num_labels, run.read_retired()))
+        log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run,
                  num_labels - start.num_new, "name" if names and run_names else "id", start.num_new)
         return start
 
@@ -92,15 +85,15 @@ class RunStart:
 
     @property
     def encoder_weights(self) -> Path:
-        return self.run_dir / layout.ENCODER_WEIGHTS
+        return self.run.encoder_weights
 
     def load_rows(self, table) -> None:
         """The rows (and their optimizer state) of the run's labels into this rank's shard of `table`."""
-        table.load_matched(self.run_dir / layout.TABLE, self.run_ids[table.start:table.end])
+        table.load_matched(self.run.table, self.run_ids[table.start:table.end])
 
     def map_new_rows(self, table) -> None:
         """This shard's new rows, label-text embeddings (table.init), through the map from text embeddings to trained
-        rows that `labels add` uses (astra_ds/table/text_to_row.py), so that they start like trained rows instead
+        rows that `labels add` uses (astra_ds/labels/text_to_row.py), so that they start like trained rows instead
         of outranking them. The map is fitted on a sample of the run's labels: their rows in the run, their text
         embeddings as table.init left them in this run's table (summed over the ranks that hold them, so that every
         rank fits the same map). Every rank calls it."""
@@ -116,7 +109,7 @@ class RunStart:
         texts[owned] = table.rows[labels[owned] - table.start].float()
         texts = sum_tensor_across_ranks(texts, table.device)
         found = torch.from_numpy(labels >= 0)
-        text_to_row = fit_text_to_row(texts[found], read_stored_rows(self.run_dir / layout.TABLE, ranges)[found])
+        text_to_row = fit_text_to_row(texts[found], read_stored_rows(self.run.table, ranges)[found])
         new_rows = torch.from_numpy(np.flatnonzero(self.run_ids[table.start:table.end] < 0))
         mapped = table.rows.index_select(0, new_rows).double() @ text_to_row
         table.rows.index_copy_(0, new_rows, mapped.to(table.rows.dtype))

@@ -9,8 +9,10 @@ import logging
 import time
 from pathlib import Path
 
-from astra_ds import layout
+import numpy as np
+
 from astra_ds.files import write_atomically
+from astra_ds.rundir.run_dir import RunDir
 
 log = logging.getLogger("astra_ds")
 
@@ -30,7 +32,7 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, enabled: bool, resumed_step: int | None = None, monitor=None):
+    def __init__(self, run: RunDir, enabled: bool, resumed_step: int | None = None, monitor=None):
         """A run resumed from the checkpoint of `resumed_step` keeps the log lines up to that step (the lines
         after it belong to steps the resumed run does again) and appends. `monitor`: DeepSpeed's (engine.monitor),
         used when its config enables it."""
@@ -39,7 +41,7 @@ class MetricsLog:
         self.monitor = monitor if monitor is not None and monitor.enabled else None
         if not enabled:
             return
-        path = run_dir / layout.TRAIN_LOG
+        path = run.train_log
         if resumed_step is not None and path.is_file():  # rewritten atomically: a failure leaves it as it was
             write_atomically(path, "".join(line + "\n" for line in _lines_up_to(path, resumed_step)))
             self.file = open(path, "a")
@@ -48,7 +50,7 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(run.tensorboard))
         except ImportError:  # tensorboard is optional
             self.writer = None
 
@@ -70,3 +72,25 @@ class MetricsLog:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+class StepWindow:
+    """The steps since the last log line: their mean loss and throughput, evaluations left out."""
+
+    def __init__(self):
+        self.losses, self.started = [], time.time()
+
+    def add(self, loss: float) -> None:
+        self.losses.append(loss)
+
+    def pause(self, seconds: float) -> None:
+        """`seconds` spent on something else (an evaluation) do not count."""
+        self.started += seconds
+
+    def close(self, batch_size: int) -> dict:
+        """The window's figures; the next window starts."""
+        elapsed = time.time() - self.started
+        values = {"loss": float(np.mean(self.losses)), "steps_per_s": len(self.losses) / elapsed,
+                  "queries_per_s": len(self.losses) * batch_size / elapsed}
+        self.losses, self.started = [], time.time()
+        return values

@@ -25,7 +25,7 @@ from astra_ds.choices import BATCHING
 from astra_ds.collectives import gather_rows, padded_part, scale_grad, sum_across_ranks
 from astra_ds.config import RunConfig
 from astra_ds.rng import Stream, numpy_rng, torch_generator
-from astra_ds.scoring import encode_queries
+from astra_ds.scoring.rows import encode_queries
 from astra_ds.training.batching import RandomBatches
 from astra_ds.training.build import Training, stage_classes
 from astra_ds.training.loss import siamese_softmax

@@ -1,14 +1,14 @@
 """kNN votes of the training queries: the K training queries nearest a query (inner products of the final
 encoder's embeddings) vote for their labels, each with weight softmax(similarity / temperature) over the K, and a
 label's score becomes its dual score + neighbour_weight x its votes. The rows hold one vector a label and smooth
-over what single training queries say; the votes keep it (on WordNetHyper, siblings share hypernyms and their
-definitions are neighbours: docs/results.md).
+over what single training queries say; the votes keep it (where labels come in families whose members' texts are
+neighbours, as hypernyms of sibling definitions).
 
 The votes re-rank the model's top `neighbour_candidates` labels (exact, or from the serving index), so that every
 path that ranks labels (evaluation, predict, the server) costs one more exact search, over the training queries,
 and scores no label outside the model's candidates. The training queries' embeddings and labels are kept in the run
 directory (neighbours/: rows as a zarr table, labels.npz); a loaded model reads the embeddings at its first exact
-search only, since the serving path finds the neighbours in its own index over them (serve/ann.py).
+search only, since the serving path finds the neighbours in its own index over them (rundir/serving_index.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from astra_ds.config import EvalConfig
 from astra_ds.files import fsync_tree
-from astra_ds.scoring import exact_topk
+from astra_ds.scoring.rows import exact_topk
 from astra_ds.table import store
 
 LABELS_FILE = "labels.npz"

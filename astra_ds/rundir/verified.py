@@ -16,7 +16,6 @@ import logging
 import os
 from pathlib import Path
 
-from astra_ds import layout
 from astra_ds.digests import DigestCache
 from astra_ds.files import write_atomically
 
@@ -59,13 +58,12 @@ def remember_verified(run_dir: Path, names: list[str]) -> None:
         log.debug("the verification of %s is not remembered: %s", run_dir, err)
 
 
-def verified_digests(run_dir: Path) -> DigestCache:
-    """The manifest's digests of the files still as they were when the run was last verified: a change to the run
-    (`astra-ds labels`) then digests only the files it wrote for its new manifest."""
+def known_digests(run_dir: Path, digests: dict[str, str]) -> DigestCache:
+    """The digests (a manifest's) of the files still as they were when the run was last verified: a change to the
+    run (`astra-ds labels`) then digests only the files it wrote for its new manifest."""
     cache = DigestCache()
     try:
         record = json.loads(_record_path(run_dir).read_text())
-        digests = json.loads((run_dir / layout.MANIFEST).read_text())
         for name, digest in digests.items():
             if name in record and _identities(run_dir, [name])[name] == record[name]:
                 cache.known[tuple(record[name][:4])] = digest  # DigestCache's key: device, inode, size, mtime

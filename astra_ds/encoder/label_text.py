@@ -17,7 +17,7 @@ import torch
 from astra_ds.collectives import barrier
 from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.progress import progress as progress_of
-from astra_ds.scoring import evaluating
+from astra_ds.scoring.rows import evaluating
 from astra_ds.table import store
 from astra_ds.table.table import ClassifierTable
 
@@ -38,9 +38,9 @@ def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts, model: t
     """Row l <- model's embedding of label text l (a unit vector) for the rows of this rank's shard of `target`,
     `model` (the encoder or its DeepSpeed engine) in eval mode.
 
-    Unit rows are 2.5x longer than random ones (init_std * sqrt(d) = 0.39 for MiniLM): with normalised scoring a
-    row-wise step turns a row by about lr / ||w||, so they keep more of the label text. Measured: rows scaled to
-    the random norm lose that edge by the second epoch (docs/results.md).
+    Unit rows are longer than random ones (init_std * sqrt(d)): with normalised scoring a row-wise step turns a
+    row by about lr / ||w||, so they keep more of the label text (rows scaled to the random norm did worse:
+    docs/ablations.md).
     """
     # Every rank runs as many forward passes as the largest shard needs (ZeRO-3 gathers parameters in each
     # forward, collectively); a rank whose shard is done encodes a dummy batch.

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astra_ds import layout
 from astra_ds.errors import UserError
+from astra_ds.files import TMP_SUFFIX
 from astra_ds.progress import progress as progress_of
-from astra_ds.serve.ann import build_serving_index, stored_scoring_rows
-from astra_ds.serve.model import XCModel
+from astra_ds.rundir.serving_index import build_serving_index, stored_scoring_rows
+from astra_ds.inference.xc_model import XCModel
 
 ST_TRANSFORMER, ST_POOLING = "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling"
 ST_DENSE, ST_NORMALIZE = "sentence_transformers.models.Dense", "sentence_transformers.models.Normalize"
@@ -65,16 +65,16 @@ def _sentence_transformer_modules(model: XCModel, out: Path) -> None:
 
 
 def _label_files(model: XCModel, out: Path, block: int = 65536) -> None:
-    rows = stored_scoring_rows(model.run_dir, model.card)
+    rows = stored_scoring_rows(model.run, model.card)
     vectors = np.lib.format.open_memmap(out / "label_vectors.npy", mode="w+", dtype=np.float32,
                                         shape=(model.num_labels, model.card.dim))
     for start in progress_of(range(0, model.num_labels, block), "label vectors", model.progress, "block"):
         vectors[start:start + block] = rows.block_rows(start, min(start + block, model.num_labels)).numpy()
     vectors.flush()
-    shutil.copyfile(model.run_dir / layout.ANN_INDEX, out / "index.faiss")
-    info = json.loads((model.run_dir / layout.ANN_INFO).read_text())
-    if (model.run_dir / layout.LABEL_NAMES).is_file():
-        shutil.copyfile(model.run_dir / layout.LABEL_NAMES, out / "label_names.txt")
+    shutil.copyfile(model.run.serving_index, out / "index.faiss")
+    info = json.loads(model.run.serving_index_info.read_text())
+    if model.run.label_names.is_file():
+        shutil.copyfile(model.run.label_names, out / "label_names.txt")
     card = model.card
     (out / "card.json").write_text(json.dumps({
         "score": "logit = scale * <q, v> + bias; probability = sigmoid(logit)",
@@ -98,8 +98,8 @@ def export(run_dir: str | Path, out: str | Path, progress: bool = False) -> Path
                         f"{model.cfg.encoder.lexical_dim}), which sentence-transformers cannot compute: serve it "
                         "with astra_ds.load or astra-ds predict")
     if model.index is None:
-        build_serving_index(model.run_dir, model.cfg.index, model.cfg.train.seed, progress)
-    tmp = out.with_name(out.name + layout.TMP_SUFFIX)
+        build_serving_index(model.run, model.cfg.index, model.cfg.train.seed, progress)
+    tmp = out.with_name(out.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _sentence_transformer_modules(model, tmp)

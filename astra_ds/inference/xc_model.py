@@ -7,7 +7,7 @@
 Everything comes from the run directory (model.json, config.yaml, encoder.pt, table/, label_embeddings/,
 neighbours/, label_names.txt, ann/); the dataset is not read. The top-k comes from the serving index when the run
 has one, else (or with exact=True) from the blockwise exact search over the rows, which are then read into memory;
-with kNN votes (eval/neighbour_votes.py), the training queries' votes re-rank its top candidates.
+with kNN votes (scoring/neighbour_votes.py), the training queries' votes re-rank its top candidates.
 """
 
 from __future__ import annotations
@@ -21,19 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from astra_ds import layout
-from astra_ds.config import RunConfig, load_config
+from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.data.tokens import TokenizedTexts, tokenize
-from astra_ds.digests import file_digest
+from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 from astra_ds.errors import ConfigError, UserError
-from astra_ds.eval.neighbour_votes import NeighbourVotes
+from astra_ds.inference.evaluation import Evaluation, Search, evaluate_model
+from astra_ds.labels import change as labels
+from astra_ds.labels.label_file import NewLabels
 from astra_ds.libraries import quiet_libraries
-from astra_ds.model.encoder import QueryEncoder, build_tokenizer
-from astra_ds.scoring import ScoringRows, VectorsInMemory, encode_queries, exact_topk
-from astra_ds.serve import labels
-from astra_ds.serve.ann import load_neighbour_index, load_serving_index
-from astra_ds.serve.card import ModelCard, label_names, read_card, retired_ids
+from astra_ds.rundir.card import ModelCard
+from astra_ds.rundir.run_dir import RunDir
+from astra_ds.rundir.serving_index import load_neighbour_index, load_serving_index
+from astra_ds.scoring.neighbour_votes import NeighbourVotes
+from astra_ds.scoring.rows import ScoringRows, VectorsInMemory, encode_queries, exact_topk
 from astra_ds.table.store import StoredRows
 
 
@@ -45,17 +46,17 @@ class Predictions:
 
 
 class XCModel:
-    def __init__(self, run_dir: Path, cfg: RunConfig, card: ModelCard, tokenizer, encoder: QueryEncoder,
+    def __init__(self, run: RunDir, cfg: RunConfig, card: ModelCard, tokenizer, encoder: QueryEncoder,
                  device: torch.device, label_names: list[str] | None, progress: bool = False,
                  with_index: bool = True, overrides: list[str] = ()):
         """`overrides`: the config keys `cfg` changed from the run's (a reload applies them again)."""
-        self.run_dir, self.cfg, self.card, self.tokenizer, self.encoder = run_dir, cfg, card, tokenizer, encoder
+        self.run, self.cfg, self.card, self.tokenizer, self.encoder = run, cfg, card, tokenizer, encoder
         self.device, self.label_names, self.progress = device, label_names, progress
         self.overrides = list(overrides)
         self.label_text_weight = cfg.eval.label_text_weight  # the card's, unless overridden
-        self.retired = retired_ids(run_dir)  # sorted ids never predicted
-        self.index = load_serving_index(run_dir, cfg.index, card, self.label_text_weight) if with_index else None
-        self.neighbour_index = load_neighbour_index(run_dir, cfg.index) if with_index else None
+        self.retired = run.read_retired()  # sorted ids never predicted
+        self.index = load_serving_index(run, cfg.index, card, self.label_text_weight) if with_index else None
+        self.neighbour_index = load_neighbour_index(run, cfg.index) if with_index else None
         self._scoring_rows: VectorsInMemory | None = None
         self._neighbour_votes: NeighbourVotes | None = None
 
@@ -66,17 +67,16 @@ class XCModel:
         `transformers_backbone`: the encoder's transformer as a transformers model (the export saves it), not
         model/bert.py's plain-torch BERT, which loads faster. `changing`: a run that a `labels` change has
         withdrawn (verified before it began), loaded without its serving index."""
-        run_dir = Path(run_dir)
-        # verified: a finished run, its files as training wrote them
-        card = ModelCard.load(run_dir / layout.MODEL_CARD) if changing else read_card(run_dir)
-        cfg = load_config(run_dir / layout.CONFIG, overrides)
+        run = RunDir(run_dir)
+        card = run.read_card(verify=not changing)  # verified: a finished run, its files as training wrote them
+        cfg = run.read_config(overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         encoder = QueryEncoder(cfg.encoder, card.num_labels, for_weights=not transformers_backbone)
-        encoder.load_trained(run_dir / layout.ENCODER_WEIGHTS, cfg.encoder)
+        encoder.load_trained(run.encoder_weights, cfg.encoder)
         if not transformers_backbone:  # the export saves the transformer's weights in float32
             encoder.cast_for_inference()
-        return cls(run_dir, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device,
-                   label_names(run_dir, card.num_labels), progress, with_index=not changing, overrides=overrides)
+        return cls(run, cfg, card, build_tokenizer(cfg.encoder), encoder.to(device).eval(), device,
+                   run.read_label_names(card.num_labels), progress, with_index=not changing, overrides=overrides)
 
     @property
     def num_labels(self) -> int:
@@ -85,9 +85,9 @@ class XCModel:
     def description(self) -> dict:
         """What is served: the model card, where it came from, its version (its manifest's digest, which moves
         with any change of the model) and how the top-k is searched."""
-        index = json.loads((self.run_dir / layout.ANN_INFO).read_text())["kind"] if self.index else "exact"
+        index = json.loads(self.run.serving_index_info.read_text())["kind"] if self.index else "exact"
         return dataclasses.asdict(self.card) | {
-            "run_dir": str(self.run_dir.resolve()), "version": file_digest(self.run_dir / layout.MANIFEST),
+            "run_dir": str(self.run.path.resolve()), "version": self.run.version(),
             "index": index, "served_label_text_weight": self.label_text_weight,
             "served_neighbour_weight": self.cfg.eval.neighbour_weight, "astra_ds": version("astra_ds")}
 
@@ -97,11 +97,11 @@ class XCModel:
         if self._scoring_rows is None:
             embeddings = None
             if self.label_text_weight:
-                if not (self.run_dir / layout.LABEL_EMBEDDINGS).is_dir():
-                    raise UserError(f"eval.label_text_weight > 0 needs label-text embeddings, and {self.run_dir} "
+                if not self.run.label_embeddings.is_dir():
+                    raise UserError(f"eval.label_text_weight > 0 needs label-text embeddings, and {self.run} "
                                     "has none: it was trained without dual scoring")
-                embeddings = StoredRows(self.run_dir / layout.LABEL_EMBEDDINGS, self.num_labels).load()
-            rows = StoredRows(self.run_dir / layout.TABLE, self.num_labels).load()
+                embeddings = StoredRows(self.run.label_embeddings, self.num_labels).load()
+            rows = StoredRows(self.run.table, self.num_labels).load()
             rows.device = self.device
             self._scoring_rows = ScoringRows(rows, self.card.normalize_rows, embeddings, self.label_text_weight,
                                              self.card.row_scales).in_memory(self.cfg.eval.label_block)
@@ -112,11 +112,10 @@ class XCModel:
         if not self.cfg.eval.neighbour_weight:
             return None
         if self._neighbour_votes is None:
-            path = self.run_dir / layout.NEIGHBOURS
-            if not path.is_dir():
-                raise UserError(f"eval.neighbour_weight > 0 needs the training queries' embeddings, and {self.run_dir} "
+            if not self.run.neighbours.is_dir():
+                raise UserError(f"eval.neighbour_weight > 0 needs the training queries' embeddings, and {self.run} "
                                 "has none: it was trained without kNN votes")
-            self._neighbour_votes = NeighbourVotes.load(path, self.cfg.eval, self.num_labels)
+            self._neighbour_votes = NeighbourVotes.load(self.run.neighbours, self.cfg.eval, self.num_labels)
         return self._neighbour_votes
 
     def load_data(self) -> PreparedData:
@@ -195,34 +194,45 @@ class XCModel:
         names = [[self.name(i) for i in row] for row in ids]
         return Predictions(ids, values.numpy().astype(np.float32), names)
 
+    def evaluate(self, split: str = "test", search: str = "served", out_dir: str | Path | None = None) -> Evaluation:
+        """Metrics on the split ("test" or "validation") of the run's dataset, or of another one of the same
+        labels (the override data.path=...). `search`: "served" (the serving index when the run has one, else
+        exact), "exact", or "both" (with the ANN top-k's recall against exact). metrics.json and predictions.npz
+        go into `out_dir`, by default the next evals/<n> of the run."""
+        try:
+            search = Search(search)
+        except ValueError:
+            raise ConfigError(f"search must be one of {', '.join(s.value for s in Search)}, not {search!r}") from None
+        return evaluate_model(self, split, search, Path(out_dir) if out_dir else self.run.claim_eval_dir())
+
     def embed_label_texts(self, texts: list[str]) -> torch.Tensor:
         """(n, d) unit embeddings of label texts, tokenized as training tokenized them."""
         return self.encode_tokens(tokenize(list(texts), self.tokenizer, self.cfg.siamese.label_max_len))[0]
 
     def add_labels(self, texts: list[str], names: list[str] | None = None, row_scale: float | None = None) -> range:
-        """Appends labels to the run (serve/labels.py: rows from their texts) and reloads it; their ids.
+        """Appends labels to the run (labels/change.py: rows from their texts) and reloads it; their ids.
         `row_scale`: their rows' scale, instead of the one chosen on the run's training queries."""
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise UserError(f"label text {i} is empty or not a string")
         if names is not None and len(names) != len(texts):
             raise UserError(f"{len(names)} names for {len(texts)} label texts")
-        new = labels.NewLabels([text.strip() for text in texts], list(names or texts))
-        ids = labels.add_labels(self.run_dir, new, self.embed_label_texts, self.encode_queries, row_scale)
+        new = NewLabels([text.strip() for text in texts], list(names or texts))
+        ids = labels.add_labels(self.run, new, self.embed_label_texts, self.encode_queries, row_scale)
         self._reload()
         return ids
 
     def retire_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
         """Removes labels from every prediction (ids kept), in the run and here."""
-        labels.retire_labels(self.run_dir, ids, names, self.embed_label_texts)
+        labels.retire_labels(self.run, ids, names, self.embed_label_texts)
         self._reload()
 
     def restore_labels(self, ids: list[int] = (), names: list[str] = ()) -> None:
-        labels.restore_labels(self.run_dir, ids, names, self.embed_label_texts)
+        labels.restore_labels(self.run, ids, names, self.embed_label_texts)
         self._reload()
 
     def _reload(self) -> None:
-        self.__dict__.update(XCModel.load(self.run_dir, self.overrides, str(self.device), self.progress).__dict__)
+        self.__dict__.update(XCModel.load(self.run.path, self.overrides, str(self.device), self.progress).__dict__)
 
     def name(self, label_id: int) -> str:
         return self.label_names[label_id] if self.label_names is not None and label_id >= 0 else str(label_id)

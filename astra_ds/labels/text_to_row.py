@@ -2,16 +2,15 @@
 
 A trained row is not its label text's embedding: training pulls it towards its queries and pushes it from its hard
 negatives. Started from its raw text embedding e, a new label outscores the trained ones on any query that speaks
-of it (q·e against q·row): on WordNetHyper an added label came first for 38.6% of the test queries and pushed good
-old ones out (old-label P@1 62.69 -> 44.83, docs/results.md). A map A fitted by ridge regression from the trained
-labels' text embeddings to their rows (rows ≈ E A) turns e into a row like the trained ones there (old-label P@1
-60.35, the new labels' recall@5 0.52 of a model trained on them). It is no cure where label texts say little: on
-Delicious (single tags) mapped rows, which average trained rows, still come first for half the queries: `labels
-add` scales them on the run's training queries (serve/row_scale.py).
+of it (q·e against q·row), and pushes good old labels out of the top-1. A map A fitted by ridge regression from
+the trained labels' text embeddings to their rows (rows ≈ E A) turns e into a row like the trained ones
+(docs/ablations.md). It is no cure where label texts say little (single tags): mapped rows, which average trained
+rows, still come first too often, and `labels add` scales them on the run's training queries
+(labels/row_scale.py).
 
 The map is fitted on at most FIT_LABELS labels, read as FIT_BLOCKS contiguous blocks spread over the ids, so that
 a table of any size is read in a few slices, and with a fixed ridge (the label-text embeddings are unit vectors, so
-one value serves every run: 0.1-1 measured alike on WordNetHyper, 10 worse).
+one value serves every run).
 """
 
 from __future__ import annotations

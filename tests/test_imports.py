@@ -25,7 +25,7 @@ def _imports() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                # `from astra_ds import layout` imports the module astra_ds.layout
+                # `from astra_ds import labels` imports the package astra_ds.labels
                 targets |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
                             for alias in node.names}
         graph[name] = {t for t in targets if t in modules and t != name}
@@ -77,6 +77,13 @@ def test_no_two_folders_import_each_other():
     for module, targets in _imports().items():
         rooms.setdefault(_room(module), set()).update(_room(t) for t in targets if _room(t) != _room(module))
     assert _cycles(rooms) == []
+
+
+def test_training_and_the_model_below_it_import_no_serving():
+    """The HTTP wing (serve/) sits on top: training, the run directory and the loaded model do not need it."""
+    for module, targets in _imports().items():
+        if _room(module) in ("astra_ds.training", "astra_ds.rundir", "astra_ds.inference", "astra_ds.labels"):
+            assert not {t for t in targets if _room(t) == "astra_ds.serve"}, module
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -1,12 +1,11 @@
 """The scale of added labels' rows: how far a `labels add` lets new labels into the top-1 of queries.
 
-A new label's row comes from its text (table/text_to_row.py), and where label texts say little it averages trained
-rows: on Delicious (single tags) such a row sits near the popular tags' rows and an added label came first for
-55.6% of the test queries, old-label P@1 67.76 -> 30.93 (docs/results.md). Each addition's row part is therefore
-scaled by s (the card's row_scales, applied by ScoringRows): the largest s on a grid over [0, 1] at which the added
-labels are the top-1 of at most their share of the labels on SAMPLE_QUERIES of the run's training queries, none of
-which has them as a positive. Measured offline: Delicious s = 0.80 (top-1 share 10.3% on the test queries, old-label
-P@1 60.75), WordNetHyper s = 1 (its mapped rows took 4.3% already).
+A new label's row comes from its text (labels/text_to_row.py), and where label texts say little it averages trained
+rows: such a row sits near the popular labels' rows, and added labels would push good old ones out of the top-1 of
+many queries. Each addition's row part is therefore scaled by s (the card's row_scales, applied by ScoringRows): the
+largest s on a grid over [0, 1] at which the added labels are the top-1 of at most their share of the labels on
+SAMPLE_QUERIES of the run's training queries, none of which has them as a positive; where texts say enough, s = 1
+(measurements: docs/ablations.md).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from astra_ds.config import RunConfig
 from astra_ds.data.readers import read_dataset
 from astra_ds.errors import UserError
 from astra_ds.rng import Stream, numpy_rng
-from astra_ds.serve.card import ModelCard
+from astra_ds.rundir.card import ModelCard
 
 log = logging.getLogger("astra_ds")
 

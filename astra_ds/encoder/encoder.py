@@ -1,5 +1,5 @@
 """The query encoder: a Hugging Face transformer, pooling, optional projection, L2 normalisation, and optionally
-the sketch of the text's TF-IDF vector appended (astra_ds/model/lexical.py), the whole again unit-norm.
+the sketch of the text's TF-IDF vector appended (astra_ds/encoder/lexical.py), the whole again unit-norm.
 
 It is the only module handed to DeepSpeed. It also owns the score calibration s = scale * <q, w> + bias (fixed or
 learnt), returned with the embeddings so that it is gathered correctly under ZeRO-3.
@@ -20,8 +20,8 @@ from astra_ds.config import ConfigError, EncoderConfig
 from astra_ds.errors import UserError
 from astra_ds.files import load_torch_file
 from astra_ds.libraries import bound_kernel_caches
-from astra_ds.model.bert import BertBackbone, read_config, supports
-from astra_ds.model.lexical import LexicalSketch
+from astra_ds.encoder.bert import BertBackbone, read_config, supports
+from astra_ds.encoder.lexical import LexicalSketch
 
 log = logging.getLogger("astra_ds")
 

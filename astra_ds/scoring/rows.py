@@ -61,7 +61,7 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
 class ScoringRows:
     """The vectors queries are scored against, a block at a time: a label's row w (w / |w| with `normalize`),
     times its range's scale in `row_scales` ([first, end, scale] triples: labels added after training,
-    serve/row_scale.py), plus `label_text_weight` x its label-text embedding e with dual scoring. `rows` and
+    labels/row_scale.py), plus `label_text_weight` x its label-text embedding e with dual scoring. `rows` and
     `label_embeddings` hold the same rows [start, end): a ClassifierTable and LabelEmbeddings in memory, or
     StoredRows on disk."""
 

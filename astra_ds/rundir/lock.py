@@ -10,10 +10,10 @@ import socket
 import time
 from pathlib import Path
 
-from astra_ds import layout
 from astra_ds.errors import UserError
 
 
+LOCK_FILE = ".lock"
 _HELD: dict[Path, "RunLock"] = {}  # the locks this process holds, by directory
 
 
@@ -28,7 +28,7 @@ class RunLock:
         self.key = run_dir.resolve()
         if self.key in _HELD:
             _HELD.pop(self.key).release()
-        self.file = open(run_dir / layout.LOCK, "a+")
+        self.file = open(run_dir / LOCK_FILE, "a+")
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

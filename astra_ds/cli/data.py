@@ -1,0 +1,103 @@
+"""`astra-ds data synth|stats|validate|convert`: datasets written, summarised, checked and converted."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from astra_ds.choices import READERS
+from astra_ds.cli.arguments import command_group, config_arguments
+from astra_ds.config import load_config
+from astra_ds.data.synth import SynthConfig
+from astra_ds.errors import ConfigError
+from astra_ds.libraries import quiet_libraries
+
+
+def cmd_synth(args) -> None:
+    from astra_ds.data.synth import generate
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)}
+    try:
+        cfg = SynthConfig(**values)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    out = generate(cfg, args.out, exist_ok=args.exist_ok)
+    print(f"dataset at {out}: {cfg.num_train} train / {cfg.num_test} test queries over {cfg.num_labels} labels")
+
+
+def cmd_stats(args) -> None:
+    from astra_ds.data.readers import read_dataset
+    from astra_ds.data.stats import summary_lines
+
+    print("\n".join(summary_lines(read_dataset(args.path, args.format))))
+
+
+def cmd_validate(args) -> None:
+    cfg = load_config(args.config, args.set)
+    quiet_libraries()
+    from astra_ds.data.readers import read_dataset
+    from astra_ds.data.validate import validate
+    from astra_ds.encoder.encoder import build_tokenizer
+
+    dataset = read_dataset(args.path, args.format, cfg.data.text_fields, cfg.data.on_bad_text)
+    lines, warnings = validate(dataset, build_tokenizer(cfg.encoder), cfg.data.max_len, cfg.siamese.label_max_len)
+    print(f"dataset {args.path} ({cfg.encoder.model} tokens):\n  " + "\n  ".join(lines))
+    print("warnings:\n  " + "\n  ".join(warnings) if warnings else "no warnings")
+
+
+def cmd_convert(args) -> None:
+    from astra_ds.data.convert import convert
+    from astra_ds.data.readers import read_dataset
+
+    dataset = read_dataset(args.path, args.format, args.text_fields)
+    convert(dataset, Path(args.path), Path(args.out), args.to)
+    print(f"{args.path} -> {args.out} ({args.to}): {len(dataset.train.texts)} train / {len(dataset.test.texts)} test "
+          f"queries, {dataset.num_labels} labels")
+
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(SynthConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=f"(default {f.default})")
+
+
+def add_commands(commands) -> None:
+    data_commands = command_group(commands, "data", "create or inspect datasets")
+    synth = data_commands.add_parser("synth", help="write a synthetic text XC dataset (raw-text format)",
+                                     description="Labels are topics over pseudo-words; queries are noisy word "
+                                                 "draws from 1-5 labels. Streams to disk at any number of labels.")
+    synth.add_argument("--out", required=True, help="output directory (must not exist)")
+    synth.add_argument("--exist-ok", action="store_true",
+                       help="keep --out if it already holds a dataset generated with the same settings")
+    _synth_arguments(synth)
+    synth.set_defaults(func=cmd_synth)
+    stats = data_commands.add_parser("stats", help="summarise a dataset")
+    stats.add_argument("path", help="dataset directory")
+    stats.add_argument("--format", default="auto", choices=["auto", *READERS.names])
+    stats.set_defaults(func=cmd_stats)
+    validate = data_commands.add_parser(
+        "validate", help="check a dataset and report what training would meet",
+        description="Reads the dataset (header and row counts, id ranges, malformed lines end with one line) and "
+                    "reports queries without labels, labels without training points, test labels unseen in "
+                    "training, filter pairs, and the token lengths of queries and label texts against data.max_len "
+                    "and siamese.label_max_len of the config (tokenizer of encoder.model).")
+    validate.add_argument("path", help="dataset directory")
+    validate.add_argument("--format", default="auto", choices=["auto", *READERS.names])
+    config_arguments(validate)
+    validate.set_defaults(func=cmd_validate)
+    convert = data_commands.add_parser(
+        "convert", help="write a dataset in another format",
+        description="Writes the dataset at PATH into a new directory in the format --to: raw_text, xc_json (gzipped "
+                    "JSON lines) or bow (words counted; word order is lost). Filter files are copied.")
+    convert.add_argument("path", help="dataset directory")
+    convert.add_argument("--to", required=True, choices=["raw_text", "xc_json", "bow"], help="the target format")
+    convert.add_argument("--out", required=True, help="a new directory")
+    convert.add_argument("--format", default="auto", choices=["auto", *READERS.names], help="the source format")
+    convert.add_argument("--text-fields", default="title", choices=["title", "title_content"],
+                         help="JSON sources: the query text is the title, or title and content")
+    convert.set_defaults(func=cmd_convert)
