@@ -34,7 +34,7 @@ class Preempted(Exception):
 
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: checkpoint {checkpoint} written; "
                          "continue with --resume auto")
-        self.signum = signum
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
     @property
     def exit_status(self) -> int:

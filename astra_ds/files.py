@@ -12,8 +12,9 @@ import errno
 import os
 import pickle
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from astra_ds.digests import listed
 from astra_ds.errors import CheckpointError, UserError
@@ -55,14 +56,31 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text`, or (after a crash at any point) its old content: never a part."""
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`path` holds `text`, or (after a crash or a full disk at any point) its old content: never a part."""
+    with output_file(path, TMP_SUFFIX) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
     fsync_dir(path.parent)
+
+
+@contextmanager
+def output_file(path: Path, suffix: str | None = None) -> Iterator[Path]:
+    """A file written whole or not at all: the caller writes the temporary path this yields (beside `path`, named
+    `suffix` after it, or NAME.tmp.EXT so that libraries that add an extension find theirs), renamed to `path`
+    once complete. On an error the temporary file goes, and a full disk is said in one line naming `path`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix if suffix else f"{path.stem}{TMP_SUFFIX}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)) and disk_full(err, path.parent):
+            raise UserError(f"the disk is full: writing {path} failed ({shutil.disk_usage(path.parent).free} bytes "
+                            "free); it was left as it was") from None
+        raise
 
 
 def disk_full(err: BaseException, directory: Path) -> bool:

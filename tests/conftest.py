@@ -84,3 +84,36 @@ def rewrite_meta(checkpoint: Path, **changes) -> None:
     meta = json.loads((checkpoint / "meta.json").read_text()) | changes
     meta["meta_digest"] = meta_digest(meta)
     (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`make(megabytes)`: a file system of that size (a tmpfs mounted under tmp_path; root only), and `fill(path)`:
+    it filled to the last byte, as a disk is that a command then writes to."""
+    mounts = []
+
+    def make(megabytes: float) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(megabytes * 1024)}k", "tmpfs", str(path)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"a small disk needs mount (root): {result.stderr.strip()}")
+        mounts.append(path)
+        return path
+
+    def fill(path: Path) -> None:
+        fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            for size in (1 << 20, 1 << 12, 1):  # big writes, then the last blocks and bytes
+                try:
+                    while os.write(fd, b"\0" * size):
+                        pass
+                except OSError:
+                    pass
+        finally:
+            os.close(fd)
+
+    yield make, fill
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

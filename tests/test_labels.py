@@ -335,8 +335,9 @@ def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_ru
              str(finished_run), "--no-eval")
     run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=3"), "--init-from",
              str(finished_run), "--no-eval")
-    if stopped == "before its first checkpoint":  # it then starts again from the run it began from
+    if stopped == "before its first checkpoint":  # no checkpoint, no model: it starts again from the run it began from
         shutil.rmtree(resumed / "checkpoints")
+        (resumed / "manifest.json").unlink()
     run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=6"), "--resume", "auto", "--no-eval")
     losses = [[r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
               for run in (straight, resumed)]

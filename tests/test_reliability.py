@@ -240,9 +240,11 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=1", "train.max_steps=2")
     _fill_the_disk(monkeypatch, checkpoint, "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
-    with pytest.raises(CheckpointError, match=r"the disk is full: writing a checkpoint into .*checkpoints failed "
-                                              r"\(0 bytes free\); the previous checkpoint is intact"):
+    with pytest.raises(CheckpointError, match=r"the disk is full: writing checkpoint global_step1 into .*checkpoints "
+                                              r"failed \(0 bytes free\); no checkpoint of this run had been "
+                                              r"written yet"):
         trainer.fit()
+    assert not list((tmp_path / "checkpoints").glob("*"))  # what the save had written went with it
     assert _message(OSError(errno.ENOSPC, "No space left on device", "/data/run/x")) == "the disk is full: /data/run/x"
     assert _message(FileExistsError(errno.EEXIST, "File exists", "/data/run")) == "File exists: /data/run"
 

@@ -18,10 +18,12 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import astra_ds
 from astra_ds.serve.batcher import Batcher, Overloaded
-from astra_ds.serve.requests import ClientError, Limits, k_of, parse_body, texts_of
+from astra_ds.serve.requests import ClientError, Limits, k_of, parse_body, texts_of, unknown_fields
 from astra_ds.cli.main import main
 from astra_ds.serve.server import ServeSettings, bind, build_app, load_warm
 from conftest import REPO, fresh_process_env
@@ -46,8 +48,9 @@ class LiveServer:
         sock = bind("127.0.0.1", 0)
         self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
         self.fatal = []
-        app = build_app(settings, on_fatal=self.fatal.append, loader=loader)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="on"))
+        self.app = build_app(settings, on_fatal=self.fatal.append, loader=loader)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=settings.drain_s))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         self.client = httpx.Client(base_url=self.url, timeout=60)
@@ -155,6 +158,11 @@ def test_unknown_paths_and_methods_answer_json(live):
 def test_request_checks_without_a_server():
     limits = Limits(max_texts=2, max_chars=5)
     assert texts_of(parse_body(b'{"texts": ["ab", "cd"]}', limits), limits) == ["ab", "cd"]
+    for body, field, words in ((b'{"texts": ["ab", "\\ud800"]}', "texts[1]", "lone surrogate"),
+                               (b"[" * 2000 + b"]" * 2000, None, "nested too deeply")):
+        with pytest.raises(ClientError) as err:
+            texts_of(parse_body(body, Limits()), limits)
+        assert (err.value.status, err.value.field) == (400, field) and words in err.value.message
     assert k_of({}, 10) == 5 and k_of({"k": 10}, 10) == 10
     with pytest.raises(ClientError) as err:
         k_of({"k": 2.5}, 10)
@@ -182,14 +190,14 @@ def test_batcher_gathers_waiting_requests_up_to_max_batch_and_refuses_beyond_max
     model = FakeModel(seconds=0.2)
 
     async def scenario():
-        batcher = Batcher(lambda: model, max_batch=3, max_wait_s=0.0, max_queue=4)
+        batcher = Batcher(max_batch=3, max_wait_s=0.0, max_queue=4)
         batcher.start()
-        first = asyncio.ensure_future(batcher.submit(["a"], None))
+        first = asyncio.ensure_future(batcher.submit(model, ["a"], None))
         await asyncio.sleep(0.05)  # the model is busy with the first
-        waiting = [asyncio.ensure_future(batcher.submit([text], None)) for text in ("bb", "ccc", "dddd", "eeeee")]
+        waiting = [asyncio.ensure_future(batcher.submit(model, [text], None)) for text in ("bb", "ccc", "dddd", "eeeee")]
         await asyncio.sleep(0)
         with pytest.raises(Overloaded):
-            await batcher.submit(["f"], None)  # 4 texts queued already
+            await batcher.submit(model, ["f"], None)  # 4 texts queued already
         results = await asyncio.gather(first, *waiting)
         await batcher.stop()
         return results
@@ -377,3 +385,120 @@ def test_a_bug_answers_500_with_its_message_and_the_server_goes_on(run_dir):
         assert _metric(metrics, "astra_ds_request_errors_total", endpoint="/v1/predict", kind="internal") == 1
     finally:
         server.stop()
+
+
+def test_a_malformed_request_fails_alone_while_concurrent_ones_are_answered(live, reference):
+    expected = reference.predict(TEXTS[:2], k=3)
+    bad = [b'{"texts": ["w1", "\\ud800 w2"]}', b"[" * 2000 + b"]" * 2000, b'{"texts": ["w1"], "k": 0}']
+    answers = {}
+
+    def ask(i):
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            if i < len(bad):
+                answers[i] = client.post("/v1/predict", content=bad[i])
+            else:
+                answers[i] = client.post("/v1/predict", json={"texts": TEXTS[:2], "k": 3})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [answers[i].status_code for i in range(len(bad))] == [400, 400, 400]
+    for i in range(len(bad), 24):
+        assert answers[i].status_code == 200
+        assert [p["ids"] for p in answers[i].json()["predictions"]] == expected.ids.tolist()
+
+
+def test_a_reload_to_a_model_with_fewer_labels_fails_no_valid_request(live, run_dir, tmp_path):
+    fewer = shutil.copytree(run_dir, tmp_path / "fewer")
+    astra_ds.load(fewer).retire_labels(ids=list(range(45)))  # 5 labels left to predict
+    statuses, stop = [], threading.Event()
+
+    def hammer():
+        with httpx.Client(base_url=live.url, timeout=60) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/v1/predict", json={"texts": TEXTS[:1], "k": 10}).status_code)
+
+    threads = [threading.Thread(target=hammer) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.3)
+        assert live.client.post("/v1/reload", json={"run_dir": str(fewer)}).status_code == 200
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        live.client.post("/v1/reload", json={"run_dir": str(run_dir)})
+    # checked against the model it is answered by: k = 10 is valid for the old one, refused by the new one
+    assert 200 in statuses and 400 in statuses and set(statuses) <= {200, 400}, sorted(set(statuses))
+
+
+def test_a_client_that_hangs_up_is_counted_as_such_not_as_an_error(live, caplog):
+    import socket
+
+    before = _metric(live.client.get("/metrics").text, "astra_ds_requests_total", endpoint="/v1/predict",
+                     status="500")
+    host, port = live.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:  # promises 100 bytes, sends 10, hangs up
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"texts\": ")
+    deadline = time.time() + 10
+    while not _metric(live.client.get("/metrics").text, "astra_ds_requests_total", endpoint="/v1/predict",
+                      status="499"):
+        assert time.time() < deadline, "the hang-up was not counted"
+        time.sleep(0.05)
+    metrics = live.client.get("/metrics").text
+    assert _metric(metrics, "astra_ds_requests_total", endpoint="/v1/predict", status="500") == before
+    assert _metric(metrics, "astra_ds_request_errors_total", endpoint="/v1/predict", kind="client_gone") >= 1
+    assert "Traceback" not in caplog.text
+
+
+def test_requests_past_the_drain_are_answered_503_in_json_and_counted(run_dir):
+    def slow_loader(*args):
+        model = load_warm(*args)
+        encode = model.encode_tokens
+        model.encode_tokens = lambda tokens: (time.sleep(3), encode(tokens))[1]
+        return model
+
+    server = LiveServer(ServeSettings(str(run_dir), max_wait_ms=0, drain_s=0.5), slow_loader).wait_ready()
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(
+        response=httpx.post(f"{server.url}/v1/predict", json={"texts": ["w1 w2"]}, timeout=30)))
+    asking.start()
+    time.sleep(0.5)  # the model works on it for 3 s
+    server.stop()
+    asking.join()
+    response = answer["response"]
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert "stopped before answering" in response.json()["error"]["message"]
+    assert server.app.state.metrics.requests_cut_off() == 1
+
+
+TEXT = st.text(st.characters(exclude_categories=()), max_size=8)  # lone surrogates ("\ud800") included
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                    max_leaves=12)
+REQUESTS = st.fixed_dictionaries({}, optional={"texts": JSON | st.lists(TEXT, max_size=4), "k": JSON,
+                                               "extra": JSON})
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=64) | JSON.map(lambda v: json.dumps(v).encode())
+       | REQUESTS.map(lambda v: json.dumps(v).encode()))
+def test_any_body_a_client_sends_is_accepted_or_answered_4xx(body):
+    """Whatever the bytes, the request checks accept the body or raise a ClientError with a 4xx status: never
+    another exception, which would be a 500 (or fail a batch)."""
+    limits = Limits(max_texts=4, max_chars=50)
+    try:
+        request = parse_body(body, limits)
+        unknown_fields(request, {"texts", "k"})
+        texts, k = texts_of(request, limits), k_of(request, 50)
+    except ClientError as err:
+        assert 400 <= err.status < 500 and err.body()["error"]["message"]
+        return
+    assert all(isinstance(text, str) and text.strip() for text in texts) and 1 <= k <= 50
+    for text in texts:
+        text.encode("utf-8")  # what the tokenizer gets is text

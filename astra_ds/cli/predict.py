@@ -10,7 +10,7 @@ from pathlib import Path
 
 from astra_ds.cli.arguments import finished_run, fresh_output, run_command
 from astra_ds.errors import ConfigError, UserError
-from astra_ds.files import utf8_lines
+from astra_ds.files import output_file, utf8_lines
 from astra_ds.libraries import quiet_libraries
 
 log = logging.getLogger("astra_ds")
@@ -29,15 +29,23 @@ def _read_texts(args) -> list[str]:
     return texts
 
 
-def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels: int) -> None:
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "npz":
-        from astra_ds.eval.evaluate import save_predictions
-
-        save_predictions(out, predictions.scores, predictions.ids, num_labels)  # logits, as every .npz
+def _write_predictions(predictions, texts: list[str], out: str | None, fmt: str, num_labels: int) -> None:
+    """To stdout, or into `out` whole or not at all (a full disk leaves no part of it)."""
+    if not out:
+        _write_lines(predictions, texts, sys.stdout, fmt)
         return
-    stream = open(out, "w", encoding="utf-8") if out else sys.stdout
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with output_file(Path(out)) as tmp:
+        if fmt == "npz":
+            from astra_ds.eval.evaluate import save_predictions
+
+            save_predictions(tmp, predictions.scores, predictions.ids, num_labels)  # logits, as every .npz
+        else:
+            with open(tmp, "w", encoding="utf-8") as stream:
+                _write_lines(predictions, texts, stream, fmt)
+
+
+def _write_lines(predictions, texts: list[str], stream, fmt: str) -> None:
     for text, ids, scores, names in zip(texts, predictions.ids, predictions.scores, predictions.names):
         if fmt == "jsonl":
             stream.write(json.dumps({"text": text, "ids": ids.tolist(), "names": names,
@@ -45,8 +53,6 @@ def _write_predictions(predictions, texts: list[str], out, fmt: str, num_labels:
         else:
             stream.write("".join(f"{text}\t{rank}\t{i}\t{s:.6g}\t{name}\n"
                                  for rank, (i, s, name) in enumerate(zip(ids, scores, names), 1)))
-    if out:
-        stream.close()
 
 
 def cmd_predict(args) -> None:

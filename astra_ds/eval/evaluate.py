@@ -14,6 +14,7 @@ from astra_ds.config import EvalConfig
 from astra_ds.data.membership import CSRMembership
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
 from astra_ds.eval.outputs import METRICS_FILE, PREDICTIONS_FILE
+from astra_ds.files import output_file, write_atomically
 from astra_ds.scoring.neighbour_votes import NeighbourVotes
 from astra_ds.scoring.rows import exact_topk, recall_at_k
 
@@ -75,13 +76,13 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
     if not write:
         return results
     out_dir = Path(out_dir)
+    scores, ids = next(iter(topk.values()))
+    with output_file(out_dir / PREDICTIONS_FILE) as tmp:
+        save_predictions(tmp, (calibration[0].exp() * scores + calibration[1]).numpy(), ids.numpy(), num_labels)
     filtered = {"applied": test_filter is not None, "pairs": int(test_filter.nnz) if test_filter is not None else 0}
-    (out_dir / METRICS_FILE).write_text(json.dumps(
+    write_atomically(out_dir / METRICS_FILE, json.dumps(  # last: metrics.json present means the results are
         {**about, "num_test": test_labels.shape[0], "num_labels": num_labels, "ks": list(cfg.ks),
          "psp": cfg.psp, "psp_a": psp_a, "psp_b": psp_b, "filter": filtered, **results}, indent=2))
-    scores, ids = next(iter(topk.values()))
-    save_predictions(out_dir / PREDICTIONS_FILE, (calibration[0].exp() * scores + calibration[1]).numpy(),
-                     ids.numpy(), num_labels)
     return results
 
 

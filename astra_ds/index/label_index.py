@@ -62,23 +62,34 @@ class LabelIndex:
         self.gpu_resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(self.gpu_resources, torch.cuda.current_device(), index)
 
-    def build(self, rows, rng: np.random.Generator, progress: bool = False) -> BuildReport:
+    def build(self, rows, rng: np.random.Generator, progress: bool = False,
+              global_ids: np.ndarray | None = None) -> BuildReport:
         """(Re)build over rows [rows.start, rows.end) of `rows` (a ClassifierTable, ScoringRows: anything with
-        `block_rows`); `rng` samples the rows an IVF index trains on."""
+        `block_rows`); `rng` samples the rows an IVF index trains on. `global_ids`: only these rows (sorted), each
+        found under its id (an ID map, on the CPU: an export that leaves retired labels out)."""
         started = time.perf_counter()
         self.index, self.gpu_resources = None, None  # the old index goes first: memory never holds two
-        count = rows.end - rows.start
+        count = rows.end - rows.start if global_ids is None else len(global_ids)
         name, kind = index_kind(self.cfg, count)
-        index = self._to_gpu(kind.create(self.cfg, rows.dim, count), kind.on_gpu)
+        index = kind.create(self.cfg, rows.dim, count)
+        index = self._to_gpu(index, kind.on_gpu) if global_ids is None else import_faiss().IndexIDMap2(index)
         blocks = range(rows.start, rows.end, self.cfg.add_block)
         if not index.is_trained:
-            sample = np.sort(rng.choice(count, size=min(count, self.cfg.train_rows), replace=False)) + rows.start
+            sample = np.sort(rng.choice(count, size=min(count, self.cfg.train_rows), replace=False))
+            sample = sample + rows.start if global_ids is None else global_ids[sample]
             vectors = self._vectors(_gather(rows, sample, blocks, self.cfg.add_block))
             with native_output_logged(f"faiss training ({name})"):
                 index.train(vectors)
         for start in progress_of(blocks, f"index ({name})", progress, "block"):
-            index.add(self._vectors(rows.block_rows(start, min(start + self.cfg.add_block, rows.end))))
-        self.index, self.offset = index, rows.start
+            end = min(start + self.cfg.add_block, rows.end)
+            if global_ids is None:
+                index.add(self._vectors(rows.block_rows(start, end)))
+                continue
+            lo, hi = np.searchsorted(global_ids, [start, end])
+            if hi > lo:
+                ids = global_ids[lo:hi]
+                index.add_with_ids(self._vectors(rows.block_rows(start, end)[torch.from_numpy(ids - start)]), ids)
+        self.index, self.offset = index, rows.start if global_ids is None else 0
         return BuildReport(name, count, time.perf_counter() - started)
 
     def save(self, path: str | Path) -> None:

@@ -7,6 +7,7 @@ top-k, searched the way it is served, exactly, or both ways with the recall of t
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from enum import Enum, unique
@@ -43,11 +44,13 @@ class Evaluation:
                    else "") + f"\nwritten to {self.out_dir}")
 
 
-def evaluate_model(model, split_name: str, search: Search, out_dir: Path) -> Evaluation:
+def evaluate_model(model, split_name: str, search: Search, out_dir: Path | None) -> Evaluation:
     """`model` (an XCModel) on the split `split_name` of its data; metrics.json and predictions.npz go into
-    `out_dir` (created if needed)."""
+    `out_dir` (created if needed; None: the run's next evals/<n>, claimed once the evaluation can be made)."""
     data = model.load_data()
     split = data.split(split_name)
+    if not len(split.tokens):
+        raise UserError(f"the {split.name} split of {model.cfg.data.path} holds no queries: nothing to evaluate")
     if search is Search.BOTH and model.index is None:
         raise UserError(f"{model.run} has no serving index: build it with `astra-ds index --run-dir {model.run}`")
     k = search_k(model.cfg.eval, split.filter)
@@ -67,8 +70,15 @@ def evaluate_model(model, split_name: str, search: Search, out_dir: Path) -> Eva
              "topk": " and ".join(seconds), "topk_seconds": {kind: round(s, 3) for kind, s in seconds.items()}}
     if search is Search.BOTH:
         about[f"ann_recall@{k}"] = ann_recall(topk[MODEL_ANN][1], topk[MODEL][1])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = evaluate(topk, calibration, split.labels, data.dataset.train.labels, model.cfg.eval, model.num_labels,
-                       out_dir, about, split.filter)
+    claimed = out_dir is None
+    out_dir = out_dir or model.run.claim_eval_dir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = evaluate(topk, calibration, split.labels, data.dataset.train.labels, model.cfg.eval,
+                           model.num_labels, out_dir, about, split.filter)
+    except BaseException:
+        if claimed:  # no empty or partial evals/<n> left behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     about |= {"num_queries": len(queries), "filtered_pairs": split.filter.nnz if split.filter is not None else None}
     return Evaluation(results, about, out_dir, tuple(model.cfg.eval.ks))

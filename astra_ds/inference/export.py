@@ -5,9 +5,10 @@
         modules.json, sentence_bert_config.json, 1_Pooling/, [2_Dense/], N_Normalize/
     <out>/labels/
         label_vectors.npy           (L, d) float32 scoring vectors v (memory-mappable): score = <q, v>
-        index.faiss                 the serving index over them (inner product)
+        index.faiss                 the serving index over them (inner product), without the retired labels
         label_names.txt             one name a label
-        card.json                   the score formula (scale, bias), the normalisation, the metric
+        card.json                   the score formula (scale, bias), the normalisation, the metric, the retired
+                                    labels (their rows stay in label_vectors.npy, for their ids)
 
 SentenceTransformer(<out>).encode(texts) gives the unit-norm query embeddings q of `model.encode`.
 """
@@ -22,8 +23,10 @@ import numpy as np
 import torch
 
 from astra_ds.errors import UserError
-from astra_ds.files import TMP_SUFFIX
+from astra_ds.files import TMP_SUFFIX, disk_full
+from astra_ds.index.label_index import LabelIndex
 from astra_ds.progress import progress as progress_of
+from astra_ds.rng import Stream, numpy_rng
 from astra_ds.rundir.serving_index import build_serving_index, stored_scoring_rows
 from astra_ds.inference.xc_model import XCModel
 
@@ -66,13 +69,22 @@ def _sentence_transformer_modules(model: XCModel, out: Path) -> None:
 
 def _label_files(model: XCModel, out: Path, block: int = 65536) -> None:
     rows = stored_scoring_rows(model.run, model.card)
-    vectors = np.lib.format.open_memmap(out / "label_vectors.npy", mode="w+", dtype=np.float32,
-                                        shape=(model.num_labels, model.card.dim))
-    for start in progress_of(range(0, model.num_labels, block), "label vectors", model.progress, "block"):
-        vectors[start:start + block] = rows.block_rows(start, min(start + block, model.num_labels)).numpy()
-    vectors.flush()
-    shutil.copyfile(model.run.serving_index, out / "index.faiss")
+    with open(out / "label_vectors.npy", "wb") as vectors:  # written, not memory-mapped: a full disk is an error,
+        np.lib.format.write_array_header_1_0(vectors, {  # not a SIGBUS
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+            "shape": (model.num_labels, model.card.dim)})
+        for start in progress_of(range(0, model.num_labels, block), "label vectors", model.progress, "block"):
+            end = min(start + block, model.num_labels)
+            vectors.write(np.ascontiguousarray(rows.block_rows(start, end).numpy(), dtype=np.float32).tobytes())
     info = json.loads(model.run.serving_index_info.read_text())
+    if len(model.retired):  # an index of the labels left, each under its id: no selector needed to skip the others
+        active = np.setdiff1d(np.arange(model.num_labels), model.retired)
+        index = LabelIndex(model.cfg.index, normalize_rows=False)
+        info["kind"] = index.build(rows, numpy_rng(model.cfg.train.seed, Stream.SERVING_INDEX), model.progress,
+                                   global_ids=active).kind
+        index.save(out / "index.faiss")
+    else:
+        shutil.copyfile(model.run.serving_index, out / "index.faiss")
     if model.run.label_names.is_file():
         shutil.copyfile(model.run.label_names, out / "label_names.txt")
     card = model.card
@@ -83,6 +95,7 @@ def _label_files(model: XCModel, out: Path, block: int = 65536) -> None:
         "labels": f"label_vectors.npy row l = {'w_l / |w_l|' if card.normalize_rows else 'w_l'}"
                   + (f" + {card.label_text_weight} * e_l (label-text embedding)" if card.label_text_weight else ""),
         "metric": "inner_product", "num_labels": card.num_labels, "dim": card.dim, "step": card.step,
+        "retired": model.retired.tolist(),
         "index": {"file": "index.faiss", "kind": info["kind"]}, "encoder": card.encoder}, indent=2))
 
 
@@ -101,9 +114,16 @@ def export(run_dir: str | Path, out: str | Path, progress: bool = False) -> Path
         build_serving_index(model.run, model.cfg.index, model.cfg.train.seed, progress)
     tmp = out.with_name(out.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _sentence_transformer_modules(model, tmp)
-    (tmp / LABELS).mkdir()
-    _label_files(model, tmp / LABELS)
-    tmp.rename(out)
+    try:
+        tmp.mkdir(parents=True)
+        _sentence_transformer_modules(model, tmp)
+        (tmp / LABELS).mkdir()
+        _label_files(model, tmp / LABELS)
+        tmp.rename(out)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written left behind
+        if isinstance(err, Exception) and disk_full(err, tmp.parent):  # libraries word it their own way
+            raise UserError(f"the disk is full: exporting into {out} failed ({shutil.disk_usage(tmp.parent).free} "
+                            "bytes free); nothing was written there") from None
+        raise
     return out

@@ -130,6 +130,14 @@ class XCModel:
     def tokenize(self, texts: list[str]) -> TokenizedTexts:
         if isinstance(texts, str):
             raise UserError("texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise UserError(f"the text at position {i} is a {type(text).__name__}, not a string")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:  # bytes that were not UTF-8, decoded with surrogateescape
+                raise UserError(f"the text at position {i} holds a lone surrogate ({text[err.start]!r}), which is "
+                                "not a character: is its source UTF-8?") from None
         empty = [i for i, text in enumerate(texts) if not text.strip()]
         if empty:
             raise UserError(f"empty text at position {empty[0]} ({len(empty)} empty in all)")
@@ -155,11 +163,18 @@ class XCModel:
         excluded = self.retired if len(self.retired) else None
         votes = self.neighbour_votes()
         candidates = votes.candidates(k, self.predictable_labels) if votes else k
+
+        def search_exactly(queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return exact_topk(queries, self.scoring_rows(), candidates, normalize_rows=False,
+                              label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
+
         if exact or self.index is None:
-            scores, ids = exact_topk(queries, self.scoring_rows(), candidates, normalize_rows=False,
-                                     label_block=self.cfg.eval.label_block, progress=self.progress, excluded=excluded)
+            scores, ids = search_exactly(queries)
         else:
             scores, ids = map(torch.from_numpy, self.index.search(queries, candidates, excluded))
+            short = (ids < 0).any(1)  # the index found fewer labels than asked (most of them retired, say)
+            if short.any():
+                scores[short], ids[short] = search_exactly(queries[short])
         if votes is None:
             return scores, ids
         return votes.rerank(scores, ids, queries, self.cfg.eval.neighbour_weight, k,
@@ -203,7 +218,7 @@ class XCModel:
             search = Search(search)
         except ValueError:
             raise ConfigError(f"search must be one of {', '.join(s.value for s in Search)}, not {search!r}") from None
-        return evaluate_model(self, split, search, Path(out_dir) if out_dir else self.run.claim_eval_dir())
+        return evaluate_model(self, split, search, Path(out_dir) if out_dir else None)
 
     def embed_label_texts(self, texts: list[str]) -> torch.Tensor:
         """(n, d) unit embeddings of label texts, tokenized as training tokenized them."""

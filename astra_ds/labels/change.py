@@ -30,7 +30,7 @@ from astra_ds.labels.label_file import NewLabels
 from astra_ds.labels.row_scale import calibrated_row_scale, training_queries
 from astra_ds.labels.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
 from astra_ds.rundir.card import ModelCard
-from astra_ds.rundir.run_dir import RunDir
+from astra_ds.rundir.run_dir import RunDir, one_line
 from astra_ds.rundir.serving_index import (RowsInMemory, add_to_serving_index, load_serving_index,
                                            stamp_serving_index, stored_scoring_rows)
 from astra_ds.scoring.rows import exact_topk
@@ -51,6 +51,8 @@ def _label_names(run: RunDir, num_labels: int) -> list[str]:
 def _check_new_names(existing: list[str], new: list[str]) -> None:
     seen, known = set(), set(existing)
     for name in new:
+        if one_line(name) != name:
+            raise UserError(f"label name {name!r} holds a line break: a name is one line of {RunDir.label_names}")
         if name in known:
             raise UserError(f"label {name!r} exists already (id {existing.index(name)})")
         if name in seen:

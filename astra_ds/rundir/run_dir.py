@@ -2,6 +2,7 @@
 package builds a path inside a run directory; it asks a RunDir.
 
     config.yaml, ds_config.json      the effective run and DeepSpeed configs
+    run.json                         the run's id, which its checkpoints carry (one checkpoint.dir, several runs)
     init_from.json                   what the run started from (--init-from): its start again if stopped early
     train_log.jsonl, tensorboard/    metrics along training
     encoder.pt, table/               the final encoder weights and classifier table (zarr)
@@ -35,10 +36,20 @@ import numpy as np
 from astra_ds.digests import DigestCache, damaged_files, file_digest, listed, manifest
 from astra_ds.errors import UserError
 from astra_ds.eval.outputs import METRICS_FILE, PREDICTIONS_FILE
-from astra_ds.files import files_under, fsync_dir, write_atomically
+from astra_ds.files import TMP_SUFFIX, files_under, fsync_dir, write_atomically
 from astra_ds.rundir.card import ModelCard
 from astra_ds.rundir.lock import LOCK_FILE, RunLock
 from astra_ds.rundir.verified import already_verified, known_digests, remember_verified
+
+
+def one_line(name: str) -> str:
+    """A label name as label_names.txt holds it: its line breaks made spaces."""
+    return " ".join(name.splitlines()) if "\n" in name or "\r" in name else name
+
+
+def _leftover(name: str) -> bool:
+    """A temporary file of an interrupted write: ours (NAME.tmp) or zarr's (NAME.<uuid>.partial)."""
+    return name.endswith((TMP_SUFFIX, ".partial"))
 
 
 class _File:
@@ -53,6 +64,7 @@ class _File:
 
 class RunDir:
     config = _File("config.yaml")
+    identity = _File("run.json")
     ds_config = _File("ds_config.json")
     init_from = _File("init_from.json")
     train_log = _File("train_log.jsonl")
@@ -118,6 +130,13 @@ class RunDir:
         path = self.label_names
         return path.read_text(encoding="utf-8").split("\n")[:num_labels] if path.is_file() else None
 
+    def read_run_id(self) -> str | None:
+        """The id of the run begun here (None: none yet, or a run of a version that had none)."""
+        try:
+            return json.loads(self.identity.read_text())["run_id"]
+        except (OSError, ValueError, KeyError):
+            return None
+
     def read_retired(self) -> np.ndarray:
         """The sorted ids of the retired labels (none: an empty array)."""
         path = self.retired_labels
@@ -136,8 +155,12 @@ class RunDir:
 
     # ---- writing ------------------------------------------------------------------------------------------------
 
+    def write_run_id(self, run_id: str) -> None:
+        write_atomically(self.identity, json.dumps({"run_id": run_id}))
+
     def write_label_names(self, names: list[str]) -> None:
-        write_atomically(self.label_names, "\n".join(name.replace("\n", " ") for name in names))
+        """One name a line (a dataset's label text that holds a line break is kept on one line)."""
+        write_atomically(self.label_names, "\n".join(one_line(name) for name in names))
 
     def write_retired(self, ids: list[int]) -> None:
         write_atomically(self.retired_labels, json.dumps({"retired": list(ids)}))
@@ -169,12 +192,20 @@ class RunDir:
     # ---- publishing -----------------------------------------------------------------------------------------------
 
     def model_files(self) -> list[str]:
-        """The files a finished run's model is made of (not the rebuildable serving index), relative to the run."""
+        """The files a finished run's model is made of (not the rebuildable serving index), relative to the run;
+        not the leftovers of a write a kill interrupted."""
         names = [RunDir.config, RunDir.encoder_weights, RunDir.model_card, RunDir.label_names, RunDir.retired_labels]
         files = [name for name in names if (self.path / name).is_file()]
         for directory in (RunDir.table, RunDir.label_embeddings, RunDir.neighbours):
-            files += [f"{directory}/{name}" for name in files_under(self.path / directory)]
+            files += [f"{directory}/{name}" for name in files_under(self.path / directory) if not _leftover(name)]
         return files
+
+    def remove_leftovers(self) -> None:
+        """The temporary files of writes a kill interrupted, in the model's directories (before publishing)."""
+        for directory in (self.table, self.label_embeddings, self.neighbours):
+            for name in files_under(directory) if directory.is_dir() else []:
+                if _leftover(name):
+                    (directory / name).unlink()
 
     def withdraw(self) -> None:
         """Before a run (re)writes its directory: no longer a finished run until publish, so that a kill halfway
@@ -187,6 +218,7 @@ class RunDir:
     def publish(self, known: DigestCache | None = None) -> None:
         """manifest.json, written last: the digests of the model's files, those of `known` files not read again.
         The files it lists have just been digested, so the run counts as verified (rundir/verified.py)."""
+        self.remove_leftovers()
         digests = manifest(self.path, self.model_files(), known)
         write_atomically(self.manifest, json.dumps(digests, indent=1))
         remember_verified(self.path, [RunDir.manifest, *digests])
@@ -211,6 +243,10 @@ class RunDir:
             digests = json.loads(self.manifest.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"{self.manifest} is damaged ({err})") from None
+        unlisted = sorted(set(self.model_files()) - set(digests))
+        if unlisted:  # a file that would change what the model predicts, not published with it
+            raise UserError(f"{self.path} holds {listed(unlisted)}, which its manifest does not list (it was not "
+                            "published with this model): remove it, or make the change with `astra-ds labels`")
         names = [RunDir.manifest, *digests]
         if already_verified(self.path, names):
             return

@@ -20,7 +20,7 @@ import torch
 from astra_ds.config import IndexConfig
 from astra_ds.digests import file_digest
 from astra_ds.errors import UserError
-from astra_ds.files import TMP_SUFFIX, fsync_tree, write_atomically
+from astra_ds.files import TMP_SUFFIX, disk_full, fsync_tree, output_file, write_atomically
 from astra_ds.index.label_index import LabelIndex
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.rundir.card import ModelCard
@@ -52,6 +52,24 @@ def build_serving_index(run: RunDir, cfg: IndexConfig, seed: int = 0, progress: 
     final = run.serving_index_dir
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_serving_index(run, cfg, seed, progress, card, index, info, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old index stays, unless the swap had begun (then exact search)
+        if isinstance(err, (OSError, RuntimeError)) and disk_full(err, run.path):
+            raise UserError(f"the disk is full: writing the serving index into {final} failed "
+                            f"({shutil.disk_usage(run.path).free} bytes free); `astra-ds index --run-dir {run}` "
+                            "builds it once there is room") from None
+        raise
+    log.info("serving index (%s) over %d labels built in %.1f s: %s", report.kind, report.rows, report.seconds, final)
+    return info
+
+
+def _write_serving_index(run: RunDir, cfg: IndexConfig, seed: int, progress: bool, card: ModelCard,
+                         index: LabelIndex, info: dict, tmp: Path) -> None:
+    """The serving index `index` (and the neighbour index over the training queries) written into `tmp`."""
     tmp.mkdir()
     index.save(tmp / Path(RunDir.serving_index).name)
     info["digest"] = file_digest(tmp / Path(RunDir.serving_index).name)  # checked on load: faiss reads damage silently
@@ -65,10 +83,6 @@ def build_serving_index(run: RunDir, cfg: IndexConfig, seed: int = 0, progress: 
         log.info("neighbour index (%s) over %d training queries built in %.1f s", built.kind, built.rows, built.seconds)
     (tmp / Path(RunDir.serving_index_info).name).write_text(json.dumps(info, indent=2))
     fsync_tree(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    log.info("serving index (%s) over %d labels built in %.1f s: %s", report.kind, report.rows, report.seconds, final)
-    return info
 
 
 def load_serving_index(run: RunDir, cfg: IndexConfig, card: ModelCard,
@@ -145,8 +159,7 @@ def add_to_serving_index(run: RunDir, cfg: IndexConfig, rows: RowsInMemory, labe
     if index.index.ntotal == rows.start:
         vectors = ScoringRows(rows, card.normalize_rows, label_embeddings, info["label_text_weight"], card.row_scales)
         index.index.add(np.ascontiguousarray(vectors.block_rows(rows.start, rows.end).numpy()))
-        tmp = run.serving_index.with_name(run.serving_index.name + TMP_SUFFIX)
-        index.save(tmp)
-        tmp.replace(run.serving_index)
+        with output_file(run.serving_index, TMP_SUFFIX) as tmp:
+            index.save(tmp)
     info |= {"num_labels": rows.end, "digest": file_digest(run.serving_index)}
     write_atomically(run.serving_index_info, json.dumps(info, indent=2))

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from astra_ds.digests import DigestCache
+from astra_ds.errors import UserError
 from astra_ds.files import write_atomically
 
 log = logging.getLogger("astra_ds")
@@ -54,7 +55,7 @@ def remember_verified(run_dir: Path, names: list[str]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, json.dumps(_identities(run_dir, names)))
-    except OSError as err:
+    except (OSError, UserError) as err:  # a full disk included: remembering is an optimisation, never a failure
         log.debug("the verification of %s is not remembered: %s", run_dir, err)
 
 

@@ -5,8 +5,9 @@ A request waits in the queue while the model works on the batch before it; when 
 batch takes the queued requests in arrival order up to `max_batch` texts, after waiting at most `max_wait_s`
 for more while fewer are queued. Under load, batches therefore fill without any waiting; alone, a request pays at
 most `max_wait_s`. The model runs on one worker thread, off the event loop, so that health checks, metrics and
-new requests are answered while it works. A request holds the model it was batched with: a reload swaps the
-model for the batches after it, never under one.
+new requests are answered while it works. A request holds the model it was checked against (its k within that
+model's labels): a batch holds requests of one model, and a reload swaps the model for the requests after it,
+never under one.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Overloaded(Exception):
 
 @dataclass
 class Job:
+    model: object  # the model the request was checked against, and is answered by
     texts: list[str]
     k: int | None  # None: the embeddings only
     future: asyncio.Future
@@ -52,12 +54,10 @@ def answer(model, jobs: list[Job]) -> list:
 
 
 class Batcher:
-    def __init__(self, current_model: Callable[[], object], max_batch: int, max_wait_s: float, max_queue: int,
+    def __init__(self, max_batch: int, max_wait_s: float, max_queue: int,
                  on_batch: Callable[[int], None] = lambda texts: None):
-        """`current_model()`: the model the next batch runs on. `on_batch(texts)` after each batch."""
-        self.current_model, self.max_batch, self.max_wait_s, self.max_queue = (current_model, max_batch,
-                                                                               max_wait_s, max_queue)
-        self.on_batch = on_batch
+        """`on_batch(texts)` after each batch."""
+        self.max_batch, self.max_wait_s, self.max_queue, self.on_batch = max_batch, max_wait_s, max_queue, on_batch
         self.jobs: deque[Job] = deque()
         self.queued_texts = 0
         self.arrived = asyncio.Event()
@@ -74,10 +74,11 @@ class Batcher:
             await asyncio.gather(self.task, return_exceptions=True)
         self.worker.shutdown(wait=True)
 
-    async def submit(self, texts: list[str], k: int | None):
+    async def submit(self, model, texts: list[str], k: int | None):
+        """`texts` answered by `model`: their Predictions (k given) or embeddings."""
         if self.queued_texts + len(texts) > self.max_queue:
             raise Overloaded(f"{self.queued_texts} texts are queued (at most {self.max_queue})")
-        job = Job(texts, k, asyncio.get_running_loop().create_future())
+        job = Job(model, texts, k, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
         self.queued_texts += len(texts)
         self.arrived.set()
@@ -96,7 +97,7 @@ class Batcher:
                     break
             batch = self._take()
             try:
-                results = await loop.run_in_executor(self.worker, answer, self.current_model(), batch)
+                results = await loop.run_in_executor(self.worker, answer, batch[0].model, batch)
             except Exception as err:  # noqa: BLE001 - the requests of the batch fail, the server goes on
                 for job in batch:
                     if not job.future.done():
@@ -108,10 +109,10 @@ class Batcher:
             self.on_batch(sum(len(job.texts) for job in batch))
 
     def _take(self) -> list[Job]:
-        """The queued jobs in arrival order up to max_batch texts (at least one job, never split)."""
+        """The queued jobs of one model in arrival order up to max_batch texts (at least one job, never split)."""
         batch = [self.jobs.popleft()]
         texts = len(batch[0].texts)
-        while self.jobs and texts + len(self.jobs[0].texts) <= self.max_batch:
+        while self.jobs and texts + len(self.jobs[0].texts) <= self.max_batch and self.jobs[0].model is batch[0].model:
             texts += len(self.jobs[0].texts)
             batch.append(self.jobs.popleft())
         self.queued_texts -= texts

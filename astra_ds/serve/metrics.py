@@ -26,6 +26,8 @@ class ServerMetrics:
                                      buckets=sizes, **options)
         self.queue_texts = Gauge("astra_ds_queue_texts", "Texts waiting for the model", **options)
         self.reloads = Counter("astra_ds_reloads", "Model reloads, by outcome", ["outcome"], **options)
+        self.cut_off = Counter("astra_ds_requests_cut_off", "Requests in flight when the drain (--drain-s) ended",
+                               **options)
         self.model = Gauge("astra_ds_model_info", "The model served (1)", ["run_dir", "version", "step"], **options)
 
     def answered(self, path: str, status: int, seconds: float, error_kind: str | None) -> None:
@@ -34,6 +36,9 @@ class ServerMetrics:
         self.latency.labels(endpoint).observe(seconds)
         if error_kind:
             self.errors.labels(endpoint, error_kind).inc()
+
+    def requests_cut_off(self) -> int:
+        return int(self.registry.get_sample_value("astra_ds_requests_cut_off_total") or 0)
 
     def batched(self, texts: int) -> None:
         self.batch_texts.observe(texts)

@@ -38,6 +38,8 @@ def parse_body(body: bytes, limits: Limits) -> dict:
         value = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ClientError(400, None, f"the body is not JSON: {err}") from None
+    except RecursionError:
+        raise ClientError(400, None, "the body's JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise ClientError(400, None, f"the body must be a JSON object, not {_type_name(value)}")
     return value
@@ -58,6 +60,11 @@ def texts_of(request: dict, limits: Limits) -> list[str]:
             raise ClientError(400, f"texts[{i}]", f"must be a string, not {_type_name(text)}")
         if not text.strip():
             raise ClientError(400, f"texts[{i}]", "is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # valid JSON ("\\ud800"), but no text: it would fail its whole batch
+            raise ClientError(400, f"texts[{i}]", f"holds a lone surrogate ({text[err.start]!r}), which is "
+                                                  "not a character") from None
         if len(text) > limits.max_chars:
             raise ClientError(413, f"texts[{i}]", f"has {len(text)} characters, at most {limits.max_chars}")
     return texts

@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from astra_ds.errors import UserError
 from astra_ds.serve.batcher import Batcher, Overloaded
@@ -97,15 +98,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+CLIENT_GONE = 499  # the client closed its connection before the answer (nginx's status for it)
+
+
 def error_kind(status: int) -> str:
     return {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large", 422: "reload_failed",
-            503: "unavailable"}.get(status, "internal" if status >= 500 else "client")
+            CLIENT_GONE: "client_gone", 503: "unavailable"}.get(status, "internal" if status >= 500 else "client")
 
 
 class Observed:
-    """ASGI middleware: each HTTP request's status and latency into the metrics, and a bug's exception answered
-    500 in JSON (Starlette's own answer to it closes the connection). Plain ASGI: Starlette's BaseHTTPMiddleware
-    costs a task and a stream per request."""
+    """ASGI middleware: each HTTP request's status and latency into the metrics; a bug's exception answered 500 in
+    JSON (Starlette's own answer to it closes the connection); a client that hung up counted as such (499), not as
+    an error of the server; a request cut off by the end of the drain (--drain-s) answered 503 in JSON and counted.
+    Plain ASGI: Starlette's BaseHTTPMiddleware costs a task and a stream per request."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -122,6 +127,15 @@ class Observed:
 
         try:
             await self.app(scope, receive, observed_send)
+        except ClientDisconnect:
+            status[0] = status[0] or CLIENT_GONE
+            log.info("%s %s: the client hung up before its answer", scope["method"], scope["path"])
+        except asyncio.CancelledError:  # the drain's time (--drain-s) is over: the server stops now
+            self.metrics.cut_off.inc()
+            if status[0] is None:
+                body = {"error": {"status": 503, "field": None, "message": "the server stopped before answering: "
+                                                                           "retry"}}
+                await JSONResponse(body, 503, headers=RETRY_AFTER)(scope, receive, observed_send)
         except Exception as err:  # a bug: 500 with its message, on a connection that stays open
             log.exception("%s %s failed", scope["method"], scope["path"])
             if status[0] is not None:  # the response had begun: nothing more can be said on it
@@ -139,8 +153,7 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
     overrides, device)` loads a model (tests wrap load_warm)."""
     metrics = ServerMetrics(settings.max_batch)
     served = Served(settings, metrics, loader)
-    batcher = Batcher(lambda: served.model, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
-                      metrics.batched)
+    batcher = Batcher(settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue, metrics.batched)
     metrics.queue_texts.set_function(lambda: batcher.queued_texts)
     limits = settings.limits
 
@@ -171,6 +184,7 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
         await batcher.stop()
 
     app = FastAPI(title="astra_ds", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
 
     app.add_middleware(Observed, metrics=metrics)
 
@@ -182,9 +196,9 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
     async def http_error(request: Request, err: HTTPException):
         return JSONResponse(ClientError(err.status_code, None, str(err.detail)).body(), err.status_code)
 
-    async def submit(texts: list[str], k: int | None):
+    async def submit(model: XCModel, texts: list[str], k: int | None):
         try:
-            return await batcher.submit(texts, k)
+            return await batcher.submit(model, texts, k)
         except Overloaded as err:
             raise ClientError(503, None, f"overloaded: {err}", RETRY_AFTER) from None
 
@@ -194,7 +208,7 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
         unknown_fields(body, {"texts", "k"})
         model = served.ready()
         texts, k = texts_of(body, limits), k_of(body, model.predictable_labels)
-        predictions = await submit(texts, k)
+        predictions = await submit(model, texts, k)
         return {"predictions": [{"ids": ids.tolist(), "names": names, "scores": scores.tolist()}
                                 for ids, names, scores in zip(predictions.ids, predictions.names,
                                                               predictions.scores)]}
@@ -203,8 +217,7 @@ def build_app(settings: ServeSettings, on_fatal=lambda err: None, loader=load_wa
     async def encode(request: Request):
         body = parse_body(await read_body(request, limits.max_body_bytes), limits)
         unknown_fields(body, {"texts"})
-        served.ready()
-        embeddings = await submit(texts_of(body, limits), None)
+        embeddings = await submit(served.ready(), texts_of(body, limits), None)
         return {"dim": embeddings.shape[1], "embeddings": embeddings.tolist()}
 
     @app.get("/v1/model")
@@ -275,4 +288,9 @@ def serve(settings: ServeSettings) -> None:
     if fatal:
         err = fatal[0]
         raise err if isinstance(err, UserError) else UserError(f"cannot serve {settings.run_dir}: {err}")
-    log.info("stopped: the requests in flight were answered")
+    cut_off = app.state.metrics.requests_cut_off()
+    if cut_off:
+        log.warning("stopped: %d requests in flight were cut off after --drain-s %g s (answered 503)", cut_off,
+                    settings.drain_s)
+    else:
+        log.info("stopped: the requests in flight were answered")

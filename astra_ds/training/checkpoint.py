@@ -2,7 +2,7 @@
 state.
 
     <checkpoint dir>/global_step<N>/   (checkpoint.dir, else the run directory's checkpoints/)
-        meta.json                    step, epoch, world size, labels, components, files: read first
+        meta.json                    step, epoch, the run's id, world size, labels, components, files: read first
         state.pt                     the state every rank shares, a dict component name -> state_dict
         rank<r>.pt                   rank r's own state (RNG streams), same form
         <component>/                 the files of components too large for a state dict
@@ -19,7 +19,8 @@ replaced atomically, and checkpoints beyond keep_last are deleted. A crash at an
 checkpoints as they were. meta.json lists the checkpoint's files with their digests, and carries a digest of
 itself; a checkpoint missing one of its files, or holding one whose bytes changed, is refused before anything is
 built. `--resume auto` scans the directory for global_step<N> checkpoints and takes the newest one that verifies
-(`latest` is a hint for people and tools; missing or wrong, it changes nothing).
+(`latest` is a hint for people and tools; missing or wrong, it changes nothing). Runs may share a checkpoint
+directory one after another: each checkpoint carries its run's id, and a run resumes and prunes only its own.
 
 Unchanged table chunks are reflinks (copy-on-write, where the file system has them) or hard links to the
 previous checkpoint's, in chains of at most keep_last - 1 checkpoints, each chain starting with a full copy: the
@@ -36,6 +37,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -146,6 +148,9 @@ class CheckpointManager:
         self.chain = 0  # its position in its chain of linked checkpoints
         self.digest_cache = DigestCache()  # linked chunks are not read again to digest them
         self.pinned: set[Path] = set()  # checkpoints kept beyond keep_last (eval.keep_best's, until its stage ends)
+        # the run's id, which its checkpoints carry: the checkpoints of other runs are neither resumed nor pruned
+        # (None: a run of a version without ids, and its checkpoints)
+        self.run_id: str | None = run.read_run_id()
         if rank == 0:
             for leftover in self.dir.glob("*" + TMP_SUFFIX):  # a save cut short by a crash or a kill
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
@@ -174,6 +179,32 @@ class CheckpointManager:
     def is_checkpoint(path: Path) -> bool:
         return (path / META).is_file()
 
+    def new_run_id(self) -> str:
+        """A new run's id, the same on every rank (rank 0's). Collective."""
+        return all_gather_objects(uuid.uuid4().hex if self.rank == 0 else None)[0]
+
+    def belongs(self, path: Path) -> bool:
+        """Whether checkpoint `path` is of this run (an unreadable one counts as this run's: verifying it says
+        what is wrong with it)."""
+        try:
+            return json.loads((path / META).read_text()).get("run_id") == self.run_id
+        except (OSError, ValueError, AttributeError):
+            return True
+
+    def discard(self, paths: list[Path]) -> None:
+        """The checkpoints `paths` (an earlier run's, which --overwrite replaces) and the `latest` hint go."""
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        (self.dir / LATEST).unlink(missing_ok=True)
+
+    def all_checkpoints(self) -> list[Path]:
+        """The checkpoints in the directory, of any run, newest first."""
+        return checkpoints_in(self.dir)
+
+    def own_checkpoints(self) -> list[Path]:
+        """This run's checkpoints in the directory, newest first."""
+        return [path for path in checkpoints_in(self.dir) if self.belongs(path)]
+
     def due(self, step: int) -> bool:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
 
@@ -182,7 +213,10 @@ class CheckpointManager:
         were passed over; else a checkpoint path."""
         if resume != "auto":
             return Path(resume)
-        candidates = checkpoints_in(self.dir)
+        candidates = self.own_checkpoints()
+        others = sorted(set(checkpoints_in(self.dir)) - set(candidates))
+        if others:
+            log.info("%s: %s of another run, left alone", self.dir, listed([path.name for path in others]))
         hint = self._latest_hint()
         if candidates and hint != candidates[0].name:
             log.warning("%s names %s, but %s is the newest checkpoint there: it is tried first", self.dir /
@@ -210,19 +244,25 @@ class CheckpointManager:
 
     def save(self, step: int, meta: dict) -> Path:
         """Write checkpoint `global_step<step>` (collective: every rank writes its part); `meta` joins meta.json.
-        A full disk is reported as such (libraries say it as an iostream error); the previous checkpoint stays."""
+        A full disk is reported as such (libraries say it as an iostream error), and what the save wrote goes; the
+        previous checkpoint stays."""
+        tmp = self.dir / (checkpoint_tag(step) + TMP_SUFFIX)
         try:
-            return self._save(step, meta)
+            return self._save(step, meta, tmp)
         except (OSError, RuntimeError) as err:
-            if disk_full(err, self.dir):
-                raise CheckpointError(f"the disk is full: writing a checkpoint into {self.dir} failed "
-                                      f"({shutil.disk_usage(self.dir).free} bytes free); the previous checkpoint is "
-                                      "intact") from None
-            raise
+            if not disk_full(err, self.dir):
+                raise
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            before = (f"the previous checkpoint, {self.previous.name}, is intact" if self.previous else
+                      "no checkpoint of this run had been written yet")
+            raise CheckpointError(f"the disk is full: writing checkpoint {tmp.name.removesuffix(TMP_SUFFIX)} into "
+                                  f"{self.dir} failed ({shutil.disk_usage(self.dir).free} bytes free); {before}"
+                                  ) from None
 
-    def _save(self, step: int, meta: dict) -> Path:
+    def _save(self, step: int, meta: dict, tmp: Path) -> Path:
         tag = checkpoint_tag(step)
-        final, tmp = self.dir / tag, self.dir / (tag + TMP_SUFFIX)
+        final = self.dir / tag
         started = time.time()
         with_files = [name for name, (component, _) in self.components.items() if hasattr(component, "save_files")]
         if self.rank == 0:
@@ -242,7 +282,8 @@ class CheckpointManager:
         barrier()
         if self.rank == 0:
             files = files_under(tmp)
-            meta = meta | {"world_size": self.world_size, "components": list(self.components), "chain": chain,
+            meta = meta | {"run_id": self.run_id, "world_size": self.world_size, "components": list(self.components),
+                           "chain": chain,
                            "files": files, "digests": manifest(tmp, files, self.digest_cache)}
             (tmp / META).write_text(json.dumps(meta | {"meta_digest": meta_digest(meta)}, indent=2))
             fsync_tree(tmp)
@@ -278,7 +319,7 @@ class CheckpointManager:
                 component.load_weights(path / name)
 
     def prune(self, keep: Path) -> None:
-        for old in checkpoints_in(self.dir)[self.cfg.keep_last:]:
+        for old in self.own_checkpoints()[self.cfg.keep_last:]:
             if old != keep and old.resolve() not in self.pinned:
                 shutil.rmtree(old)
 
@@ -286,7 +327,7 @@ class CheckpointManager:
         """The run went back to checkpoint `path`: the checkpoints of later steps (of the steps undone) go, and
         `path` is the latest again. Collective."""
         if self.rank == 0:
-            for later in checkpoints_in(self.dir):
+            for later in self.own_checkpoints():
                 if step_of(later.name) > step_of(path.name):
                     shutil.rmtree(later)
             write_atomically(self.dir / LATEST, path.name)

@@ -25,7 +25,7 @@ import torch
 from astra_ds.collectives import sum_tensor_across_ranks
 from astra_ds.errors import UserError
 from astra_ds.labels.text_to_row import fit_ranges, fit_text_to_row, read_stored_rows
-from astra_ds.rundir.run_dir import RunDir
+from astra_ds.rundir.run_dir import RunDir, one_line
 
 log = logging.getLogger("astra_ds")
 
@@ -73,6 +73,7 @@ class RunStart:
         """The finished run `run`, verified, its labels matched to this run's (`names`, or None)."""
         card = run.read_card()  # verified
         run_names = run.read_label_names(card.num_labels)
+        names = [one_line(name) for name in names] if names is not None else None  # as label_names.txt holds them
         start = cls(run, card.num_labels,
                     match_labels(run_names, card.num_labels, names, num_labels, run.read_retired()))
         log.info("starting from the run at %s: %d of its labels matched by %s, %d new", run,

@@ -103,7 +103,7 @@ class Trainer:
         first_rows_stage = next((s for s in self.stages if s.trains_table), self.stages[0])
         self.rows_stage = None if start.init_from and self.table.initialized else first_rows_stage
         if self.dist.is_main:
-            start.prepare(self.run, self.checkpoints.dir, cfg, parts.ds_config)
+            start.prepare(self.run, self.checkpoints, cfg, parts.ds_config)
         self.metrics_log = MetricsLog(self.run, self.dist.is_main, start.resumed_step,
                                       getattr(self.engine, "monitor", None))
         d = self.data.dataset
@@ -199,11 +199,12 @@ class Trainer:
                     bar.close()
                     return
                 # after the step's evaluation: a run resumed here goes on as this one does
+                saved = None
                 if self.checkpoints.due(self.step) or self.selection.saves_at(self.step):
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
                 signum = self.preemption.requested()
-                if signum:
-                    raise Preempted(signum, self.step, self.save_checkpoint())
+                if signum:  # a signal during the step or its checkpoint: one checkpoint of this step
+                    raise Preempted(signum, self.step, saved or self.save_checkpoint())
                 if stops:
                     bar.close()
                     return
