@@ -1,0 +1,172 @@
+"""The fault matrix: every command that writes, run with a fault at each of its write points (tests/faults.py), then
+the user's next command. Checked each time:
+
+- the previous good state is intact, or the new one is complete and verifies (the run loads, with its old model
+  or its new one, never a mix);
+- the faulted command says what happened in one line (a full disk names it), and the next command either works or
+  says in one line what to run, which then works;
+- no temporary file is left that a re-run trips on.
+
+Faults: a full disk at every write point, and a kill at every place in the code that writes (the crash image of
+tests/faults.py: the directories as a kill leaves them at that point; the next command runs on the image). A
+signal (SIGTERM) outside a training ends the process as a kill does; inside one, the trainer's preemption
+handles it (tests/test_reliability.py).
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import astra_ds
+from astra_ds.cli.main import main
+from conftest import TINY_RUN, run_main
+from faults import Crashed, Injector
+
+UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "eval.label_text_weight=0.5"]
+
+
+@pytest.fixture(scope="module")
+def run(synth_dir, token_cache, tmp_path_factory):
+    """A finished run with dual scoring and a serving index; its checkpoints gone (the commands here do not read
+    them), so that each case copies little."""
+    out = tmp_path_factory.mktemp("fault_matrix") / "run"
+    run_main("train", "--no-eval", *[arg for override in (*UNIFORM, "train.max_steps=2", f"data.path={synth_dir}",
+                                                          f"data.cache_dir={token_cache}", f"out_dir={out}")
+                                     for arg in ("--set", override)])
+    shutil.rmtree(out / "checkpoints")
+    return out
+
+
+def _labels_file(directory: Path) -> Path:
+    path = directory / "new_labels.txt"
+    path.write_text("fresh\ttova rebu kide\n")
+    return path
+
+
+# command name -> (its arguments, given the run and a scratch directory; the next command; what must then hold)
+def _predict(run, scratch):
+    return ["predict", "--run-dir", str(run), "--text", "tova rebu", "--out", str(scratch / "top.jsonl")]
+
+
+def _eval(run, scratch):
+    return ["eval", "--run-dir", str(run), "--exact", "--out-dir", str(scratch / "eval")]
+
+
+def _index(run, scratch):
+    return ["index", "--run-dir", str(run)]
+
+
+def _export(run, scratch):
+    return ["export", "--run-dir", str(run), "--out", str(scratch / "exported")]
+
+
+def _retire(run, scratch):
+    return ["labels", "retire", "--run-dir", str(run), "--ids", "3"]
+
+
+def _add(run, scratch):
+    return ["labels", "add", "--run-dir", str(run), "--labels", str(_labels_file(scratch))]
+
+
+COMMANDS = {"predict": _predict, "eval": _eval, "index": _index, "export": _export, "labels retire": _retire,
+            "labels add": _add}
+
+
+def _state(run: Path) -> dict:
+    """What a user sees of the run: loadable (verified), its labels, retired ones, and what it predicts."""
+    model = astra_ds.load(run)
+    return {"labels": model.num_labels, "retired": model.retired.tolist(),
+            "top": model.predict(["tova rebu kide"], k=3).ids.tolist()}
+
+
+def _temporary_files(*directories: Path) -> list[str]:
+    return [str(p) for d in directories if d.exists() for p in d.rglob("*") if ".tmp" in p.name]
+
+
+def _one_line(capsys, status: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err and err[-1].startswith("astra-ds: error: "), err[-5:]
+    return err[-1]
+
+
+def _recover(run: Path, capsys) -> dict:
+    """The user's next command on the run: it works, or says in one line what to run, which then works; the
+    run's state then."""
+    try:
+        return _state(run)
+    except astra_ds.errors.UserError as err:
+        message = str(err)
+    assert "astra-ds labels finish" in message or "astra-ds index" in message, message
+    capsys.readouterr()
+    run_main("labels", "finish" if "labels finish" in message else "index", "--run-dir", str(run))
+    return _state(run)
+
+
+def _next_run(command, copy, scratch, state, before, expected, capsys) -> None:
+    """The state is the old or the new one; the command run again does the work still to do, or says in one line
+    that it is done."""
+    assert state in (before, expected)
+    capsys.readouterr()
+    status = main(command(copy, scratch))
+    err = capsys.readouterr().err
+    if state != expected:
+        assert status == 0, err
+    else:
+        assert status == 0 or (status == 2 and err.strip().splitlines()[-1].startswith("astra-ds: error: ")), err
+    if before != expected:  # a command that changes the run: it has changed it once
+        assert _state(copy) == expected
+
+
+def _points(command, run, tmp_path, capsys) -> list[str]:
+    copy, scratch = shutil.copytree(run, tmp_path / "count" / "run"), tmp_path / "count"
+    argv = command(copy, scratch)
+    with Injector() as counting:
+        assert main(argv) == 0
+    capsys.readouterr()
+    return counting.points
+
+
+def _sites(points: list[str]) -> list[int]:
+    """The first write point (1-based) of each place in the code that writes, and the last point."""
+    return sorted({points.index(site) + 1 for site in dict.fromkeys(points)} | {len(points)})
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_full_disk_at_each_write_point(name, run, tmp_path, capsys):
+    command = COMMANDS[name]
+    before = _state(run)
+    points = _points(command, run, tmp_path, capsys)
+    expected = _state(tmp_path / "count" / "run")  # what the command makes of the run when the disk has room
+    assert points, "the command writes nothing?"
+    for at in _sites(points):
+        case = tmp_path / str(at)
+        copy, scratch = shutil.copytree(run, case / "run"), case
+        capsys.readouterr()
+        argv = command(copy, scratch)
+        with Injector("full", at):
+            status = main(argv)
+        line = _one_line(capsys, status)
+        assert "the disk is full" in line, (points[at - 1], line)
+        assert not _temporary_files(copy, scratch), (points[at - 1], _temporary_files(copy, scratch))
+        _next_run(command, copy, scratch, _recover(copy, capsys), before, expected, capsys)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_a_kill_at_each_write_point(name, run, tmp_path, capsys):
+    command = COMMANDS[name]
+    before = _state(run)
+    points = _points(command, run, tmp_path, capsys)
+    expected = _state(tmp_path / "count" / "run")
+    for at in _sites(points):
+        case = tmp_path / str(at)
+        copy, scratch = shutil.copytree(run, case / "run"), case / "scratch"
+        scratch.mkdir()
+        image = case / "image"
+        argv = command(copy, scratch)
+        with pytest.raises(Crashed):
+            with Injector("crash", at, {copy: image / "run", scratch: image / "scratch"}):
+                main(argv)
+        copy, scratch = image / "run", image / "scratch"
+        scratch.mkdir(exist_ok=True)
+        _next_run(command, copy, scratch, _recover(copy, capsys), before, expected, capsys)  # not tripped by leftovers
