@@ -203,7 +203,7 @@ class CheckpointManager:
 
     def own_checkpoints(self) -> list[Path]:
         """This run's checkpoints in the directory, newest first."""
-        return [path for path in checkpoints_in(self.dir) if self.belongs(path)]
+        return [path for path in self.all_checkpoints() if self.belongs(path)]
 
     def due(self, step: int) -> bool:
         return self.cfg.save_every is not None and step % self.cfg.save_every == 0
@@ -213,8 +213,9 @@ class CheckpointManager:
         were passed over; else a checkpoint path."""
         if resume != "auto":
             return Path(resume)
-        candidates = self.own_checkpoints()
-        others = sorted(set(checkpoints_in(self.dir)) - set(candidates))
+        found = self.all_checkpoints()
+        candidates = [path for path in found if self.belongs(path)]
+        others = [path for path in found if path not in candidates]
         if others:
             log.info("%s: %s of another run, left alone", self.dir, listed([path.name for path in others]))
         hint = self._latest_hint()
