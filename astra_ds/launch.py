@@ -11,15 +11,31 @@ Nothing here imports torch: the CLI knows the rank of its log lines before the h
 from __future__ import annotations
 
 import os
+import random
 import socket
+from pathlib import Path
 
 from astra_ds.errors import ConfigError
 
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def free_port() -> int:
+    """A port to listen on, below the kernel's range of ephemeral ports: a port the kernel hands out (bind to port
+    0) may meanwhile become the local end of some outgoing connection, and the rendezvous then fails to listen
+    (EADDRINUSE); ports below that range are only ever taken by those who bind them."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 32768
+    for port in random.sample(range(10_000, max(first_ephemeral, 10_100)), 50):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # each one taken: any free port
         s.bind(("", 0))
         return s.getsockname()[1]
 
@@ -35,7 +51,7 @@ def _from_mpi() -> dict[str, str]:
     rendezvous = None
     if world.Get_rank() == 0:
         host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else socket.gethostname())
-        rendezvous = (host, os.environ.get("MASTER_PORT") or str(_free_port()))
+        rendezvous = (host, os.environ.get("MASTER_PORT") or str(free_port()))
     host, port = world.bcast(rendezvous, root=0)
     return {"RANK": str(world.Get_rank()), "WORLD_SIZE": str(world.Get_size()), "LOCAL_RANK": str(node.Get_rank()),
             "MASTER_ADDR": host, "MASTER_PORT": port}
@@ -70,5 +86,5 @@ def discover_launch() -> str:
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         os.environ.update(_from_slurm())
         return "slurm"
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return "single"

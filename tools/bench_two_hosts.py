@@ -12,21 +12,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
+from astra_ds.launch import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 TWO_HOSTS = REPO / "tools" / "two_hosts.sh"
 HOSTS = ("10.77.0.1", "10.77.0.2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def measure(command: list[str], env: dict[str, str], out: Path, skip: int) -> dict[str, float]:
