@@ -82,6 +82,7 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
             if cfg.checkpoint.dir:  # two runs writing one checkpoint directory would mix their checkpoints
                 locks.append(RunLock(Path(cfg.checkpoint.dir), "checkpoint.dir"))
         check_shared({"out_dir": run.path, "checkpoint.dir": Path(cfg.checkpoint.dir or run.checkpoints)}, dist.rank)
+        gc.freeze()  # what exists now (libraries, the caller's objects) is left out of the collection below
         trainer = Trainer(cfg, dist, progress=progress, resume=resume, init_from=init_from, overwrite=overwrite,
                           allow_changes=allow_changes, evaluate=evaluate)
         trainer.fit()
@@ -91,13 +92,14 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
             log.info("metrics written to %s", run.metrics)
         step, memory_plan = trainer.step, trainer.memory_plan
         trainer.close()
-        del trainer  # the training state goes before the serving index is built
+        del trainer  # the training state goes before the serving index is built (its objects hold cycles)
         gc.collect()
         if dist.is_main and cfg.eval.ann_index:
             # the card as save_model just wrote and digested it: verifying would read every model file again
             build_serving_index(run, cfg.index, cfg.train.seed, progress, run.read_card(verify=False))
         report_memory(memory_plan, run.memory, dist.is_main)  # the peak of the whole run
     finally:
+        gc.unfreeze()
         for lock in locks:
             lock.release()
     return FinishedRun(run.path, cfg, step, metrics)

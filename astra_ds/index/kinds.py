@@ -37,6 +37,7 @@ def pq_m_for(cfg: IndexConfig, dim: int) -> int:
 
 class IndexKind:
     on_gpu = True  # faiss-gpu can hold it
+    exact = False  # finds the exact top-k (its recall is 1 by construction)
     advice = SMALLEST_KIND_ADVICE  # what to change when the plan finds it too large
 
     @staticmethod
@@ -58,6 +59,8 @@ class IndexKind:
 
 
 class Flat(IndexKind):
+    exact = True
+
     @staticmethod
     def create(cfg: IndexConfig, dim: int, rows: int):
         return import_faiss().IndexFlatIP(dim)

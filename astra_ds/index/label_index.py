@@ -46,6 +46,7 @@ class LabelIndex:
         self.index = None
         self.offset = 0  # global id of the index's row 0
         self.gpu_resources = None  # faiss-gpu resources, when the index lives on the GPU
+        self.exact = False  # the index's kind finds the exact top-k
 
     def _vectors(self, rows: torch.Tensor) -> np.ndarray:
         """Rows as faiss indexes them: normalised when scores use unit rows, contiguous float32."""
@@ -89,7 +90,7 @@ class LabelIndex:
             if hi > lo:
                 ids = global_ids[lo:hi]
                 index.add_with_ids(self._vectors(rows.block_rows(start, end)[torch.from_numpy(ids - start)]), ids)
-        self.index, self.offset = index, rows.start if global_ids is None else 0
+        self.index, self.offset, self.exact = index, rows.start if global_ids is None else 0, kind.exact
         return BuildReport(name, count, time.perf_counter() - started)
 
     def save(self, path: str | Path) -> None:
@@ -105,7 +106,8 @@ class LabelIndex:
         index = import_faiss().read_index(str(path))
         if hasattr(index, "nprobe"):  # the config's, which may differ from the one it was built with
             index.nprobe = min(self.cfg.nprobe, index.nlist)
-        self.index, self.offset = self._to_gpu(index, index_kind(self.cfg, rows.end - rows.start)[1].on_gpu), rows.start
+        kind = index_kind(self.cfg, rows.end - rows.start)[1]
+        self.index, self.offset, self.exact = self._to_gpu(index, kind.on_gpu), rows.start, kind.exact
 
     def search(self, queries: torch.Tensor, k: int,
                excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
