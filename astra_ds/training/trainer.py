@@ -121,17 +121,19 @@ class Trainer:
         self.engine.train()
         self.fit_started, self.eval_seconds = time.time(), 0.0
         self.preemption = Preemption()
-        try:
-            self.run_stages()
+        try:  # the log is closed (its TensorBoard events flushed) however training ends: preempted, failed
+            try:
+                self.run_stages()
+            finally:
+                self.preemption.restore()
+            if self.selection.choose_scoring(lambda: self.validator.p_at_1(self.data.validation, self.step)) \
+                    and self.dist.is_main:  # the chosen weights go to the test evaluation, the model and config.yaml
+                write_atomically(self.run.config, self.cfg.with_absolute_paths().to_yaml())
+            previous = self.checkpoints.previous
+            if previous is None or step_of(previous.name) != self.step:
+                self.save_checkpoint()  # the end of the run
         finally:
-            self.preemption.restore()
-        if self.selection.choose_scoring(lambda: self.validator.p_at_1(self.data.validation, self.step)) \
-                and self.dist.is_main:  # the chosen weights go to the test evaluation, the model and config.yaml
-            write_atomically(self.run.config, self.cfg.with_absolute_paths().to_yaml())
-        previous = self.checkpoints.previous
-        if previous is None or step_of(previous.name) != self.step:
-            self.save_checkpoint()  # the end of the run
-        self.metrics_log.close()
+            self.metrics_log.close()
 
     def run_stages(self) -> None:
         for stage in self.stages:
