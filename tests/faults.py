@@ -14,7 +14,10 @@ the N-th write point
             is, as the crash it then is (the default action ends the process).
 
 `Injector.points` names the write point reached each time (its call site in astra_ds), so that a harness first
-counts a command's points, then runs it once for each.
+counts a command's points, then runs it once for each; `Injector.handled` says for each whether a SIGTERM handler
+was on there. With `roots`, only writes under those directories are write points (a shared cache's are not), less
+those under `ignore` (a background thread's, such as TensorBoard's writer, come in no fixed order; a full disk
+fails them all the same).
 """
 
 from __future__ import annotations
@@ -38,12 +41,16 @@ class Crashed(BaseException):
 
 
 class Injector:
-    def __init__(self, kind: str | None = None, at: int = 0, images: dict[Path, Path] | None = None):
+    def __init__(self, kind: str | None = None, at: int = 0, images: dict[Path, Path] | None = None,
+                 roots: tuple[Path, ...] = (), ignore: tuple[Path, ...] = ()):
         """`kind` at the `at`-th write point (1-based); none: count the points only. `images`: for a crash, the
         directories to image (source -> where its image goes)."""
         assert kind is None or kind in KINDS, kind
         self.kind, self.at, self.images = kind, at, images or {}
+        self.roots = tuple(Path(root).absolute() for root in roots)
+        self.ignored = tuple(Path(path).absolute() for path in ignore)
         self.points: list[str] = []  # the call site of each write point reached
+        self.handled: list[bool] = []  # whether a SIGTERM handler was on at each
         self.full = False  # the disk is full (from the `full` fault on)
         self.quiet = False  # imaging: its own writes are no write points
         self.lock = threading.RLock()
@@ -53,7 +60,12 @@ class Injector:
         with self.lock:
             if self.quiet:
                 return
+            if not self._watched(path):
+                if self.full:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+                return
             self.points.append(f"{what} at {_call_site()}")
+            self.handled.append(callable(signal.getsignal(signal.SIGTERM)))
             reached = len(self.points)
             if self.kind == "full" and reached >= self.at:
                 self.full = True
@@ -65,6 +77,18 @@ class Injector:
             elif self.kind in ("crash", "signal"):
                 self.image()
                 raise Crashed(self.points[-1])
+
+    def _watched(self, path) -> bool:
+        if not (self.roots or self.ignored):
+            return True
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return not self.roots
+        path = Path(os.fsdecode(path)).absolute()
+
+        def under(directories) -> bool:
+            return any(path == directory or directory in path.parents for directory in directories)
+
+        return (not self.roots or under(self.roots)) and not under(self.ignored)
 
     def image(self) -> None:
         self.quiet = True

@@ -1,5 +1,6 @@
-"""The fault matrix: every command that writes, run with a fault at each of its write points (tests/faults.py), then
-the user's next command. Checked each time:
+"""The fault matrix of the commands on a finished run (predict, eval, index, export, labels add, retire, restore,
+finish; training and finalize: tests/test_fault_matrix_train.py): each run with a fault at each of its write points
+(tests/faults.py), then the user's next command. Checked each time:
 
 - the previous good state is intact, or the new one is complete and verifies (the run loads, with its old model
   or its new one, never a mix);
@@ -7,10 +8,9 @@ the user's next command. Checked each time:
   says in one line what to run, which then works;
 - no temporary file is left that a re-run trips on.
 
-Faults: a full disk at every write point, and a kill at every place in the code that writes (the crash image of
-tests/faults.py: the directories as a kill leaves them at that point; the next command runs on the image). A
-signal (SIGTERM) outside a training ends the process as a kill does; inside one, the trainer's preemption
-handles it (tests/test_reliability.py).
+Faults: a full disk at every place in the code that writes, and a kill there (the crash image of tests/faults.py:
+the directories as a kill leaves them at that point; the next command runs on the image). A signal (SIGTERM)
+outside a training ends the process as a kill does.
 """
 
 import shutil
@@ -69,8 +69,40 @@ def _add(run, scratch):
     return ["labels", "add", "--run-dir", str(run), "--labels", str(_labels_file(scratch))]
 
 
+def _restore(run, scratch):
+    return ["labels", "restore", "--run-dir", str(run), "--ids", "3"]
+
+
+def _finish(run, scratch):
+    return ["labels", "finish", "--run-dir", str(run)]
+
+
 COMMANDS = {"predict": _predict, "eval": _eval, "index": _index, "export": _export, "labels retire": _retire,
-            "labels add": _add}
+            "labels add": _add, "labels restore": _restore, "labels finish": _finish}
+# the run each command starts from (a fixture): restore, a run with a label retired; finish, one whose `labels add`
+# was killed
+STARTS = {"labels restore": "retired", "labels finish": "pending"}
+
+
+@pytest.fixture(scope="module")
+def retired(run, tmp_path_factory):
+    copy = shutil.copytree(run, tmp_path_factory.mktemp("retired") / "run")
+    assert main(_retire(copy, None)) == 0
+    return copy
+
+
+@pytest.fixture(scope="module")
+def pending(run, tmp_path_factory):
+    """The run as a kill at the last write point of `labels add` leaves it: the change begun, not finished."""
+    base = tmp_path_factory.mktemp("pending")
+    counted, killed = shutil.copytree(run, base / "count"), shutil.copytree(run, base / "killed")
+    with Injector() as counting:
+        assert main(_add(counted, base)) == 0
+    with pytest.raises(Crashed):
+        with Injector("crash", len(counting.points), {killed: base / "run"}):
+            main(_add(killed, base))
+    assert (base / "run" / "labels_change.json").is_file()
+    return base / "run"
 
 
 def _state(run: Path) -> dict:
@@ -133,32 +165,35 @@ def _sites(points: list[str]) -> list[int]:
 
 
 @pytest.mark.parametrize("name", COMMANDS)
-def test_a_full_disk_at_each_write_point(name, run, tmp_path, capsys):
-    command = COMMANDS[name]
-    before = _state(run)
+def test_a_full_disk_at_each_write_point(name, request, tmp_path, capsys):
+    command, run = COMMANDS[name], request.getfixturevalue(STARTS.get(name, "run"))
+    before = None if name == "labels finish" else _state(run)  # a change pending: no model to load
     points = _points(command, run, tmp_path, capsys)
     expected = _state(tmp_path / "count" / "run")  # what the command makes of the run when the disk has room
     assert points, "the command writes nothing?"
     for at in _sites(points):
         case = tmp_path / str(at)
         copy, scratch = shutil.copytree(run, case / "run"), case
+        killed_change = set(_temporary_files(copy))  # a killed change's, which this command need not remove
         capsys.readouterr()
         argv = command(copy, scratch)
         with Injector("full", at):
             status = main(argv)
         line = _one_line(capsys, status)
         assert "the disk is full" in line, (points[at - 1], line)
-        assert not _temporary_files(copy, scratch), (points[at - 1], _temporary_files(copy, scratch))
+        left = set(_temporary_files(copy, scratch)) - killed_change
+        assert not left, (points[at - 1], left)
         _next_run(command, copy, scratch, _recover(copy, capsys), before, expected, capsys)
 
 
 # eval and export, which write a temporary file or directory renamed once complete as predict does, are left to the
 # full-disk matrix (the suite's time)
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["predict", "index", "labels retire", "labels add"])
-def test_a_kill_at_each_write_point(name, run, tmp_path, capsys):
-    command = COMMANDS[name]
-    before = _state(run)
+@pytest.mark.parametrize("name", ["predict", "index", "labels retire", "labels add", "labels restore",
+                                  "labels finish"])
+def test_a_kill_at_each_write_point(name, request, tmp_path, capsys):
+    command, run = COMMANDS[name], request.getfixturevalue(STARTS.get(name, "run"))
+    before = None if name == "labels finish" else _state(run)  # a change pending: no model to load
     points = _points(command, run, tmp_path, capsys)
     expected = _state(tmp_path / "count" / "run")
     for at in _sites(points):

@@ -52,9 +52,9 @@ def test_bench_scaling_prints_ratios_to_the_smallest_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_dir, token_cache, tmp_path):
+def test_ablation_prints_validation_curves_from_before_training_and_epochs_to_reach(synth_dir, token_cache, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")
+    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n  validation_fraction: 0.25\n")
     out = _tool("tools/ablate.py", "--dataset", f"synth={config}", "--variants", "uniform",
                 "--variant", "label_init:negatives.strategy=astra,table.init=label_text", "--seeds", "3",
                 *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25",
@@ -64,32 +64,22 @@ def test_ablation_prints_curves_from_before_training_and_epochs_to_reach(synth_d
     assert ablation["variants"]["label_init"] == ["negatives.strategy=astra", "table.init=label_text"]
     header = next(line for line in out.splitlines() if line.startswith("dataset / variant"))
     assert header.split()[3:10] == ["P@1", "P@3", "P@5", "PSP@1", "PSP@3", "PSP@5", "P@1"]
+    assert "val P@1" in header and "validation P@1 along the way" in header
     for key in ("synth/uniform", "synth/label_init"):
         result = ablation["results"][key]
-        assert result["seeds"] == 1 and (tmp_path / "ablation" / f"{key}_seed3" / "metrics.json").is_file()
-        curve = result["P@1_curve"]  # (epochs, training seconds, P@1): 16 steps an epoch, every 4 steps
-        assert [epochs for epochs, _, _ in curve] == [0.0, 0.25, 0.5]
+        run = tmp_path / "ablation" / f"{key}_seed3"
+        assert result["seeds"] == 1 and (run / "metrics.json").is_file()
+        validation = json.loads((run / "validation" / "metrics.json").read_text())
+        assert validation["split"] == "validation" and result["validation"]["P@1"] == validation["astra_ds"]["P@1"]
+        along = [json.loads(line)["validation_P@1"] for line in (run / "train_log.jsonl").read_text().splitlines()
+                 if "validation_P@1" in line]
+        # (epochs, training seconds, P@1): 384 training queries, 12 steps an epoch, an evaluation every 3 steps,
+        # then the validation of the model at step 8
+        curve = result["P@1_curve"]
+        assert [p1 for _, _, p1 in curve] == [*along, validation["astra_ds"]["P@1"]] and len(along) == 3
+        assert [epochs for epochs, _, _ in curve][:3] == [0.0, 0.25, 0.5]
         line = next(line for line in out.split("epochs to reach")[1].splitlines() if line.strip().startswith(key))
         assert line.split()[1:] == ["0.00", "-"]  # P@1 >= 0 before training; 1.01 never
-
-
-@pytest.mark.slow
-def test_ablation_with_a_validation_split_adds_its_columns_and_curves(synth_dir, token_cache, tmp_path):
-    config = tmp_path / "run.yaml"
-    config.write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n  validation_fraction: 0.25\n")
-    out = _tool("tools/ablate.py", "--dataset", f"synth={config}", "--variants", "uniform",
-                *[a for s in [*TINY_RUN, "train.max_steps=8", "eval.every_epochs=0.25"] for a in ("--set", s)],
-                "--out-dir", str(tmp_path / "ablation"))
-    result = json.loads((tmp_path / "ablation" / "ablation.json").read_text())["results"]["synth/uniform"]
-    run = tmp_path / "ablation" / "synth" / "uniform"
-    validation = json.loads((run / "validation" / "metrics.json").read_text())
-    assert validation["split"] == "validation" and result["validation"]["P@1"] == validation["astra_ds"]["P@1"]
-    along = [json.loads(line)["validation_P@1"] for line in (run / "train_log.jsonl").read_text().splitlines()
-             if "validation_P@1" in line]
-    curve = result["P@1_curve"]  # 384 training queries: 12 steps an epoch, an evaluation every 3 steps
-    assert [p1 for _, _, p1 in curve] == [*along, validation["astra_ds"]["P@1"]] and len(along) == 3
-    header = next(line for line in out.splitlines() if line.startswith("dataset / variant"))
-    assert "val P@1" in header and "validation P@1 along the way" in header
 
 
 def test_bench_inference_prints_latency_and_recall():

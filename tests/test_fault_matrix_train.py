@@ -1,0 +1,148 @@
+"""The fault matrix of training (tests/test_fault_matrix.py has the commands on a finished run): `train` and
+`finalize` with a full disk, a kill and a SIGTERM at each place in the code that writes (its start, the log, each
+part of a checkpoint, the final save), then the user's next command. For `train` that is `train --resume auto`,
+what a requeue script runs: it must finish the run as an uninterrupted one does, the same steps and the same model.
+For `finalize`, the same `finalize` again: it publishes what an uninterrupted one publishes.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import astra_ds
+from astra_ds.cli.main import main
+from conftest import TINY_RUN
+from faults import Crashed, Injector
+
+# two steps, a checkpoint after each (the second links the first's unchanged chunks); no serving index (the matrix
+# of `astra-ds index` has its write points)
+RUN = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "train.max_steps=2", "train.log_every=1",
+       "checkpoint.save_every=1", "table.chunk_mb=0.0005", "eval.ann_index=false"]
+TEXTS = ["tova rebu kide", "rebu"]
+
+
+def _train(synth_dir, token_cache, out: Path, *options: str) -> int:
+    sets = [arg for override in (*RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}")
+            for arg in ("--set", override)]
+    return main(["train", "--no-eval", *sets, *options])
+
+
+def _finalize(run: Path) -> int:
+    return main(["finalize", "--run-dir", str(run), "--no-eval"])
+
+
+def _state(run: Path) -> dict:
+    """What a user gets of a finished run: its step, its losses, what it predicts (verified on load)."""
+    model = astra_ds.load(run)
+    top = model.predict(TEXTS, k=5)
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return {"step": model.card.step, "losses": {r["step"]: round(r["loss"], 5) for r in log if "loss" in r},
+            "ids": top.ids.tolist(), "scores": np.round(top.scores, 5).tolist()}
+
+
+def _sites(points: list[str], where: list[bool] | None = None) -> list[int]:
+    """The first write point (1-based) of each place in the code that writes (among those `where` holds), and the
+    last point."""
+    chosen = [i for i in range(len(points)) if where is None or where[i]]
+    return sorted({next(i for i in chosen if points[i] == site) + 1 for site in {points[i] for i in chosen}}
+                  | {chosen[-1] + 1})
+
+
+def _one_line(capsys, status: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err and err[-1].startswith("astra-ds: error: "), err[-5:]
+    return err[-1]
+
+
+def _temporary_files(directory: Path) -> list[str]:
+    return [str(p) for p in directory.rglob("*") if ".tmp" in p.name or ".partial" in p.name] \
+        if directory.exists() else []
+
+
+def _watching(run: Path) -> dict:
+    """The write points of a run directory, less TensorBoard's (its thread writes when it will)."""
+    return {"roots": (run,), "ignore": (run / "tensorboard",)}
+
+
+def _crash(command, directory: Path, at: int) -> None:
+    """`command()` killed at its `at`-th write point: `directory` is then as the kill left it."""
+    image = directory.with_name(directory.name + ".image")
+    with pytest.raises(Crashed):
+        with Injector("crash", at, {directory: image}, **_watching(directory)):
+            command()
+    shutil.rmtree(directory, ignore_errors=True)
+    if image.exists():
+        image.rename(directory)
+
+
+@pytest.fixture(scope="module")
+def straight(synth_dir, token_cache, tmp_path_factory):
+    """The uninterrupted run, its write points and, for each, whether the trainer's SIGTERM handler was on."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    with Injector(**_watching(out)) as counting:
+        assert _train(synth_dir, token_cache, out) == 0
+    return _state(out), counting.points, counting.handled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["full", "crash", "signal"])
+def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight, synth_dir, token_cache, tmp_path,
+                                                                   capsys):
+    expected, points, handled = straight
+    assert points and any(handled), "the training writes nothing, or never with its SIGTERM handler on?"
+    # a SIGTERM where the handler is off ends the process as a kill does (the crash cases)
+    for at in _sites(points, handled if kind == "signal" else None):
+        out = tmp_path / str(at) / "run"
+        out.parent.mkdir()  # as the uninterrupted run's was: a write point less
+        train = lambda *options: _train(synth_dir, token_cache, out, *options)  # noqa: E731
+        capsys.readouterr()
+        if kind == "crash":
+            _crash(train, out, at)
+        else:
+            with Injector(kind, at, **_watching(out)):
+                status = train()
+            if kind == "full":
+                assert "the disk is full" in _one_line(capsys, status), points[at - 1]
+            else:  # the step in progress finished, then a checkpoint of it
+                assert status == 143 and "stopped by SIGTERM at step" in capsys.readouterr().err, points[at - 1]
+        assert not _temporary_files(out) or kind == "crash", (points[at - 1], _temporary_files(out))
+        capsys.readouterr()
+        assert train("--resume", "auto") == 0, (points[at - 1], capsys.readouterr().err[-2000:])
+        assert not _temporary_files(out), (points[at - 1], _temporary_files(out))
+        assert _state(out) == expected, points[at - 1]
+
+
+@pytest.fixture(scope="module")
+def preempted(straight, synth_dir, token_cache, tmp_path_factory):
+    """A run stopped by SIGTERM after its first step: a checkpoint, no model."""
+    _, points, handled = straight
+    out = tmp_path_factory.mktemp("preempted") / "run"
+    with Injector("signal", handled.index(True) + 1, **_watching(out)):
+        assert _train(synth_dir, token_cache, out) == 143
+    assert not (out / "manifest.json").exists()
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["full", "crash"])
+def test_finalize_with_a_fault_at_each_write_point_then_again(kind, preempted, tmp_path, capsys):
+    counted = shutil.copytree(preempted, tmp_path / "count" / "run")
+    with Injector(**_watching(counted)) as counting:
+        assert _finalize(counted) == 0
+    expected = _state(counted)
+    for at in _sites(counting.points):
+        run = shutil.copytree(preempted, tmp_path / str(at) / "run")
+        capsys.readouterr()
+        if kind == "crash":
+            _crash(lambda: _finalize(run), run, at)
+        else:
+            with Injector(kind, at, **_watching(run)):
+                status = _finalize(run)
+            assert "the disk is full" in _one_line(capsys, status), counting.points[at - 1]
+            assert not _temporary_files(run), (counting.points[at - 1], _temporary_files(run))
+        capsys.readouterr()
+        assert _finalize(run) == 0, (counting.points[at - 1], capsys.readouterr().err[-2000:])
+        assert not _temporary_files(run) and _state(run) == expected, counting.points[at - 1]
