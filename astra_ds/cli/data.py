@@ -1,9 +1,11 @@
-"""`astra-ds data synth|stats|validate|convert`: datasets written, summarised, checked and converted."""
+"""`astra-ds data synth|prepare|stats|validate|convert`: datasets written, prepared for training, summarised,
+checked and converted."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 
 from astra_ds.choices import READERS
@@ -24,6 +26,24 @@ def cmd_synth(args) -> None:
         raise ConfigError(str(err)) from None
     out = generate(cfg, args.out, exist_ok=args.exist_ok)
     print(f"dataset at {out}: {cfg.num_train} train / {cfg.num_test} test queries over {cfg.num_labels} labels")
+
+
+def cmd_prepare(args) -> None:
+    from astra_ds.data.preparation import parse_part
+
+    cfg = load_config(args.config, args.set)
+    part = parse_part(args.part) if args.part else (0, 1)
+    if args.workers < 1 or args.unit_rows < 1:
+        raise ConfigError("--workers and --unit-rows must be at least 1")
+    if part != (0, 1) and args.workers > 1:
+        raise ConfigError("--part runs one task of a cluster job: give each task its part, and no --workers")
+    quiet_libraries()
+    from astra_ds.data.preparation import prepare
+    from astra_ds.encoder.encoder import build_tokenizer
+
+    ready = prepare(cfg, args.out, functools.partial(build_tokenizer, cfg.encoder), args.workers, part, args.unit_rows)
+    print(f"{args.out}: " + ("prepared" if ready else f"part {args.part} prepared; the other parts are still to come "
+                                                      "(the last one to finish writes manifest.json)"))
 
 
 def cmd_stats(args) -> None:
@@ -76,6 +96,22 @@ def add_commands(commands) -> None:
                        help="keep --out if it already holds a dataset generated with the same settings")
     _synth_arguments(synth)
     synth.set_defaults(func=cmd_synth)
+    prepare = data_commands.add_parser(
+        "prepare", help="tokenise a dataset once into memory-mappable arrays for training",
+        description="Reads data.path of the config (any layout; the raw-text layout is read in parallel from the "
+                    "middle of its files), tokenises it with encoder.model at data.max_len (label texts at "
+                    "siamese.label_max_len), holds data.validation_fraction of the training rows out by a hash of "
+                    "each row, and writes --out: units of --unit-rows source rows, each written whole, then "
+                    "manifest.json. Interrupted, it resumes where it stopped. Under a cluster launcher, give each "
+                    "task --part i/n (no process group is needed); on one host, --workers.")
+    config_arguments(prepare)
+    prepare.add_argument("--out", required=True, help="the prepared directory (created; resumed when it exists)")
+    prepare.add_argument("--workers", type=int, default=1, help="processes on this host (default 1)")
+    prepare.add_argument("--part", metavar="i/n", help="this task's part of a job of n tasks (unit k goes to "
+                                                       "part k mod n)")
+    prepare.add_argument("--unit-rows", type=int, default=1_000_000,
+                         help="source rows a unit (default 1,000,000): what a kill can lose at most, per worker")
+    prepare.set_defaults(func=cmd_prepare)
     stats = data_commands.add_parser("stats", help="summarise a dataset")
     stats.add_argument("path", help="dataset directory")
     stats.add_argument("--format", default="auto", choices=["auto", *READERS.names])

@@ -111,7 +111,7 @@ def read_lines(path: Path) -> list[str]:
     return [line.rstrip("\r\n") for _, line in _numbered_lines(path)]
 
 
-def _parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:
+def parse_pairs(tokens: list[str], limit: int, path: Path, line_no: int, what: str) -> tuple[list[int], list[float]]:
     """Parse "id:value" tokens, checking 0 <= id < limit."""
     ids, values = [], []
     for token in tokens:
@@ -148,7 +148,7 @@ def read_sparse_file(path: Path, what: str = "label") -> sp.csr_matrix:
     num_rows, num_cols = counts
     rows, values = [], []
     for line_no, line in lines:
-        ids, vals = _parse_pairs(line.split(), num_cols, path, line_no, what)
+        ids, vals = parse_pairs(line.split(), num_cols, path, line_no, what)
         rows.append(ids)
         values.append(vals)
     if len(rows) != num_rows:
@@ -191,7 +191,7 @@ def read_single_file(path: Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
         bad = [lab for lab in labels if not 0 <= lab < num_labels]
         if bad:
             raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {num_labels})")
-        ids, vals = _parse_pairs(feature_tokens, num_features, path, line_no, "feature")
+        ids, vals = parse_pairs(feature_tokens, num_features, path, line_no, "feature")
         label_rows.append(labels)
         feature_rows.append(ids)
         feature_values.append(vals)

@@ -1,0 +1,290 @@
+"""`astra-ds data prepare`: a dataset read once, tokenised and written as memory-mappable arrays, so that training
+reads nothing but a manifest at start-up and every rank of a host shares one page cache of the data.
+
+The source is cut into units of fixed row ranges (astra_ds/data/sources.py). A unit is written whole into a
+temporary directory, renamed into place with its `done.json` (the digest of each array), so that:
+
+- preparation is parallel: units go to worker processes (`--workers W`), or to the tasks of a cluster job
+  (`--part i/n`: unit k to part k mod n, no process group needed);
+- it resumes: a rerun skips the units that verify, and a kill loses at most the units in flight; a directory
+  prepared from other sources or settings is refused;
+- the manifest (`manifest.json`), written last by whoever finishes the last unit, means the directory is ready.
+
+Each unit of the train split writes its rows to the training or the validation part, chosen by a keyed hash of
+the row's number in the source (data.validation_fraction, train.seed): the same rows whatever the workers or
+units. A part is five arrays: token ids (uint16 where the vocabulary fits) and their row offsets, label ids and
+their row offsets (positives are 1: no values), and each row's length in tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from astra_ds.config import RunConfig
+from astra_ds.data.sources import Unit, UnitRows, open_source
+from astra_ds.errors import DataError, UserError
+from astra_ds.files import fsync_dir, write_atomically
+from astra_ds.progress import progress as progress_of
+
+log = logging.getLogger("astra_ds")
+
+FORMAT = "astra_ds.prepared/1"
+MANIFEST, PLAN, UNITS, DONE, LABEL_COUNTS = "manifest.json", "plan.json", "units", "done.json", "label_counts.npy"
+ARRAYS = ("tokens", "token_offsets", "lengths", "labels", "label_offsets")
+PARTS = {"train": ("train", "validation"), "test": ("test",), "labels": ("labels",)}
+HISTOGRAM_CAP = 1024  # labels a query: rows with more are counted in the last bin
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the prepared arrays depend on besides the source: a rerun with other settings is refused."""
+
+    tokenizer: str  # the tokenizer's fingerprint
+    encoder: str  # encoder.model, for messages
+    max_len: int
+    label_max_len: int
+    validation_fraction: float
+    seed: int
+    token_dtype: str
+    num_labels: int
+    on_bad_text: str
+
+    @staticmethod
+    def of(cfg: RunConfig, tokenizer, num_labels: int) -> "Settings":
+        from astra_ds.data.tokens import tokenizer_fingerprint
+
+        dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
+        return Settings(tokenizer_fingerprint(tokenizer), cfg.encoder.model, cfg.data.max_len,
+                        cfg.siamese.label_max_len, cfg.data.validation_fraction, cfg.train.seed, dtype, num_labels,
+                        cfg.data.on_bad_text)
+
+
+def validation_mask(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each source row (its number in the train split) is held out: splitmix64 of the row keyed by the
+    seed, as a number in [0, 1), below `fraction`."""
+    with np.errstate(over="ignore"):
+        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+
+
+def _ragged(rows: list, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets): the rows' values one after another, and where each row begins (and the last ends)."""
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum([len(r) for r in rows], out=offsets[1:])
+    values = np.fromiter((v for r in rows for v in r), dtype=dtype, count=int(offsets[-1]))
+    return values, offsets
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
+
+
+def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays of each part of the unit."""
+    bad = [i for i, text in enumerate(rows.texts) if "\ufffd" in text]
+    if bad and settings.on_bad_text == "error":
+        raise DataError(f"{unit.split} row {unit.first_row + bad[0]} holds bytes that are not UTF-8 "
+                        "(data.on_bad_text=replace reads them with U+FFFD)")
+    max_len = settings.label_max_len if unit.split == "labels" else settings.max_len
+    encoded = tokenizer(rows.texts, max_length=max_len, truncation=True)["input_ids"] if rows.texts else []
+    held = (validation_mask(np.arange(unit.first_row, unit.first_row + unit.rows), settings.validation_fraction,
+                            settings.seed) if unit.split == "train" else np.zeros(unit.rows, bool))
+    parts = {}
+    for part, chosen in zip(PARTS[unit.split], (~held, held)):
+        keep = np.flatnonzero(chosen)
+        tokens, token_offsets = _ragged([encoded[i] for i in keep], settings.token_dtype)
+        arrays = {"tokens": tokens, "token_offsets": token_offsets.astype(np.uint32),
+                  "lengths": np.diff(token_offsets).astype(np.uint16)}
+        if rows.labels is not None:
+            labels, label_offsets = _ragged([sorted(set(rows.labels[i])) for i in keep], np.uint32)
+            arrays |= {"labels": labels, "label_offsets": label_offsets.astype(np.uint32)}
+        parts[part] = arrays
+    return parts
+
+
+def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -> None:
+    """Unit `unit` of `source` written into out/units/<name>: whole (renamed into place when complete) or not at
+    all."""
+    final = out / UNITS / unit.name
+    tmp = final.with_name(f"{unit.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_unit(unit, source, settings, tokenizer, tmp)
+        os.replace(tmp, final)
+    except Exception:  # a full disk, a bad row: nothing of the unit stays (a kill leaves tmp, removed at the end)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) -> None:
+    tmp.mkdir(parents=True)
+    parts = _unit_arrays(source.read(unit), unit, settings, tokenizer)
+    done = {"unit": asdict(unit), "parts": {}}
+    for part, arrays in parts.items():
+        for name, array in arrays.items():
+            np.save(tmp / f"{part}.{name}.npy", array)
+        lengths = arrays["lengths"]
+        entry = {"rows": len(lengths), "tokens": len(arrays["tokens"]),
+                 "digests": {name: _digest(array) for name, array in arrays.items()},
+                 "length_histogram": np.bincount(lengths, minlength=1).tolist()}
+        if "labels" in arrays:
+            per_query = np.minimum(np.diff(arrays["label_offsets"].astype(np.int64)), HISTOGRAM_CAP)
+            entry |= {"positives": len(arrays["labels"]), "labels_histogram": np.bincount(per_query).tolist()}
+        done["parts"][part] = entry
+    with open(tmp / DONE, "w") as f:
+        json.dump(done, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def unit_done(out: Path, unit: Unit, verify: bool = True) -> dict | None:
+    """The done record of `unit` when it is prepared (and its arrays verify); None otherwise."""
+    directory = out / UNITS / unit.name
+    try:
+        done = json.loads((directory / DONE).read_text())
+        if done["unit"] != json.loads(json.dumps(asdict(unit))):
+            return None
+        for part, entry in (done["parts"] if verify else {}).items():
+            for name, digest in entry["digests"].items():
+                if _digest(np.load(directory / f"{part}.{name}.npy", mmap_mode="r")) != digest:
+                    return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return done
+
+
+# ---- the job ----------------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _worker_init(make_tokenizer: Callable, source_args: tuple, settings: Settings, out: str) -> None:
+    from astra_ds.libraries import quiet_libraries
+
+    quiet_libraries()
+    _WORKER.update(source=open_source(*source_args), tokenizer=make_tokenizer(), settings=settings, out=Path(out))
+
+
+def _worker_unit(unit: Unit) -> str:
+    prepare_unit(unit, _WORKER["source"], _WORKER["settings"], _WORKER["tokenizer"], _WORKER["out"])
+    return unit.name
+
+
+def _plan(out: Path, source, settings: Settings, unit_rows: int) -> list[Unit]:
+    """The units, as recorded in out/plan.json (written by the first run; a rerun must find the same plan)."""
+    units = source.units(unit_rows)
+    plan = {"format": FORMAT, "settings": asdict(settings), "sources": source.fingerprint(), "unit_rows": unit_rows,
+            "units": [asdict(u) for u in units]}
+    path = out / PLAN
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [key for key in ("settings", "sources", "unit_rows") if before.get(key) != plan[key]]
+        if changed or json.loads(json.dumps(plan["units"])) != before.get("units"):
+            what = {"settings": "other settings", "sources": "other source files", "unit_rows": "another --unit-rows"}
+            raise UserError(f"{out} was prepared (in part) from {', '.join(what[k] for k in changed) or 'other data'}"
+                            f": prepare into another directory, or remove it first")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(plan, indent=1, sort_keys=True))
+    return units
+
+
+def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: int = 1,
+            part: tuple[int, int] = (0, 1), unit_rows: int = 1_000_000, progress: bool = True) -> bool:
+    """Prepares the units of part `part` (i, n) of cfg.data.path into `out` (`workers` processes, each with the
+    tokenizer of `make_tokenizer()`, a picklable callable); writes the manifest when every unit is done. Whether
+    the directory is ready."""
+    out = Path(out)
+    if (out / MANIFEST).is_file():
+        log.info("%s is prepared already (%s)", out, MANIFEST)
+        return True
+    source_args = (cfg.data.path, cfg.data.format, cfg.data.text_fields, cfg.data.on_bad_text)
+    source = open_source(*source_args)
+    tokenizer = make_tokenizer()
+    settings = Settings.of(cfg, tokenizer, source.num_labels)
+    units = _plan(out, source, settings, unit_rows)
+    index, count = part
+    mine = [u for u in units if u.index % count == index]
+    todo = [u for u in mine if unit_done(out, u) is None]
+    log.info("%s: %d units of %d rows, %d for this part, %d to prepare", out, len(units), unit_rows, len(mine),
+             len(todo))
+    (out / UNITS).mkdir(exist_ok=True)
+    if workers > 1 and len(todo) > 1:
+        context = get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_init,
+                                 initargs=(make_tokenizer, source_args, settings, str(out))) as pool:
+            for _ in progress_of(pool.map(_worker_unit, todo), "prepare", progress, "unit", total=len(todo)):
+                pass
+    else:
+        for unit in progress_of(todo, "prepare", progress and len(todo) > 1, "unit"):
+            prepare_unit(unit, source, settings, tokenizer, out)
+    done = {u.name: unit_done(out, u, verify=False) for u in units}  # renamed into place whole
+    if any(record is None for record in done.values()):
+        return False  # other parts still at work: the last to finish writes the manifest
+    write_manifest(out, units, done, settings)
+    return True
+
+
+def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings: Settings) -> None:
+    """The label counts of the training part (propensities need only these and N) and the manifest, last."""
+    counts = np.zeros(settings.num_labels, np.int64)
+    splits: dict[str, dict] = {}
+    for unit in units:
+        for part, entry in done[unit.name]["parts"].items():
+            split = splits.setdefault(part, {"rows": 0, "tokens": 0, "positives": 0, "units": [],
+                                             "length_histogram": [], "labels_histogram": []})
+            split["units"].append({"name": unit.name, "rows": entry["rows"], "digests": entry["digests"]})
+            split["rows"] += entry["rows"]
+            split["tokens"] += entry["tokens"]
+            split["positives"] += entry.get("positives", 0)
+            for key in ("length_histogram", "labels_histogram"):
+                split[key] = _add(split[key], entry.get(key, []))
+            if part == "train":
+                labels = np.load(out / UNITS / unit.name / "train.labels.npy", mmap_mode="r")
+                counts += np.bincount(labels, minlength=settings.num_labels)
+    np.save(out / LABEL_COUNTS, counts)
+    digest = hashlib.blake2b(json.dumps([asdict(settings), splits], sort_keys=True).encode(), digest_size=16)
+    digest.update(_digest(counts).encode())
+    manifest = {"format": FORMAT, "settings": asdict(settings), "splits": splits,
+                "label_counts_digest": _digest(counts), "fingerprint": digest.hexdigest()}
+    for leftover in (out / UNITS).glob("*.tmp-*"):  # of killed runs: every unit is done, none is in flight
+        shutil.rmtree(leftover, ignore_errors=True)
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    log.info("%s is ready: %s", out, ", ".join(f"{name} {split['rows']:,} rows" for name, split in splits.items()))
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    total = np.zeros(max(len(a), len(b)), np.int64)
+    total[:len(a)] += np.asarray(a, np.int64)
+    total[:len(b)] += np.asarray(b, np.int64)
+    return total.tolist()
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n), 0 <= i < n."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--part must be i/n (this task's part of n), not {text!r}") from None
+    if not 0 <= index < count:
+        raise UserError(f"--part {text}: i must be in [0, n)")
+    return index, count

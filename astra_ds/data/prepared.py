@@ -1,0 +1,111 @@
+"""A prepared directory read (astra_ds/data/preparation.py writes it): only its manifest at start-up; each part's
+arrays memory-mapped unit by unit when first used, so that a process holds no O(N) private memory for the data
+and every rank of a host shares one page cache of it. A batch gathers its rows from the units they are in."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS
+from astra_ds.errors import DataError
+
+
+def is_prepared(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class PreparedPart:
+    """The rows of one part (train, validation, test, labels), global row r in unit searchsorted(starts, r)."""
+
+    def __init__(self, directory: Path, name: str, entry: dict, num_labels: int, pad_id: int = 0):
+        self.directory, self.name, self.num_labels, self.pad_id = directory, name, num_labels, pad_id
+        self.unit_names = [unit["name"] for unit in entry["units"]]
+        self.starts = np.concatenate([[0], np.cumsum([unit["rows"] for unit in entry["units"]])]).astype(np.int64)
+        self.positives = entry.get("positives", 0)
+        self._arrays: dict[tuple[int, str], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _array(self, unit: int, name: str) -> np.ndarray:
+        key = (unit, name)
+        if key not in self._arrays:
+            path = self.directory / UNITS / self.unit_names[unit] / f"{self.name}.{name}.npy"
+            try:
+                self._arrays[key] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise DataError(f"cannot read {path} of the prepared data: {err}") from None
+        return self._arrays[key]
+
+    def _by_unit(self, rows: np.ndarray):
+        """(unit, positions in `rows`, local rows) for each unit that `rows` touch."""
+        rows = np.asarray(rows, dtype=np.int64)
+        units = np.searchsorted(self.starts, rows, side="right") - 1
+        for unit in np.unique(units):
+            where = np.flatnonzero(units == unit)
+            yield int(unit), where, rows[where] - self.starts[unit]
+
+    def _ragged(self, rows: np.ndarray, values: str, offsets: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """The rows' slices of the ragged array `values`, in the order of `rows`, and their lengths."""
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for unit, where, local in self._by_unit(rows):
+            starts = self._array(unit, offsets)
+            array = self._array(unit, values)
+            for position, row in zip(where, local):
+                out[position] = array[starts[row]:starts[row + 1]]
+        return out, np.array([len(r) for r in out], dtype=np.int64)
+
+    def lengths_of(self, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows), np.int64)
+        for unit, where, local in self._by_unit(rows):
+            out[where] = self._array(unit, "lengths")[local]
+        return out
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask of `rows`, padded to the longest of them (as TokenizedTexts.batch)."""
+        tokens, lengths = self._ragged(rows, "tokens", "token_offsets")
+        width = int(lengths.max()) if len(rows) else 1
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for i, row in enumerate(tokens):
+            input_ids[i, :len(row)] = row
+        attention_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        return torch.from_numpy(input_ids), attention_mask
+
+    def labels(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The positives of `rows`, (len(rows), num_labels), 1.0 each."""
+        labels, counts = self._ragged(rows, "labels", "label_offsets")
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        indices = np.concatenate(labels).astype(np.int32) if len(labels) else np.zeros(0, np.int32)
+        return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(rows), self.num_labels))
+
+
+class PreparedDirectory:
+    """A prepared directory: its manifest, parts and label counts."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            raise DataError(f"{self.path} is not a prepared directory ({MANIFEST}: {err})") from None
+        if self.manifest.get("format") != FORMAT:
+            raise DataError(f"{self.path} was prepared by another version ({self.manifest.get('format')}, this one "
+                            f"reads {FORMAT}): prepare it again")
+        self.settings = self.manifest["settings"]
+        self.num_labels = self.settings["num_labels"]
+        self.fingerprint = self.manifest["fingerprint"]
+
+    def part(self, name: str, pad_id: int = 0) -> PreparedPart | None:
+        entry = self.manifest["splits"].get(name)
+        return None if entry is None else PreparedPart(self.path, name, entry, self.num_labels, pad_id)
+
+    @cached_property
+    def label_counts(self) -> np.ndarray:
+        """Training rows a label is a positive of (propensities need only these and the number of rows)."""
+        return np.load(self.path / LABEL_COUNTS, mmap_mode="r")

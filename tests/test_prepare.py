@@ -1,0 +1,159 @@
+"""`astra-ds data prepare`: the arrays against the dataset read whole (a dense reference), the same bytes whatever
+the workers, parts or units, and a fault at each write point (the fault matrix's row of `data prepare`) then a
+rerun that ends as an uninterrupted preparation."""
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from astra_ds.cli.main import main
+from astra_ds.config import load_config
+from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
+from astra_ds.data.readers import read_dataset
+from astra_ds.data.tokens import tokenize
+from astra_ds.encoder.encoder import build_tokenizer
+from faults import Crashed, Injector
+
+SETTINGS = ["encoder.model=tiny-random", "data.max_len=16", "siamese.label_max_len=8", "data.validation_fraction=0.2"]
+
+
+def _cfg(data: Path):
+    return load_config(None, [*SETTINGS, f"data.path={data}"])
+
+
+def _make_tokenizer(cfg):
+    return functools.partial(build_tokenizer, cfg.encoder)
+
+
+def _tokenizer(data: Path):
+    return _make_tokenizer(_cfg(data))
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _part(directory: Path, part: str) -> dict[str, np.ndarray]:
+    """The arrays of a part, its units' one after another (offsets made global)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    arrays: dict[str, list] = {}
+    for unit in manifest["splits"][part]["units"]:
+        for name in ("tokens", "token_offsets", "labels", "label_offsets"):
+            path = directory / UNITS / unit["name"] / f"{part}.{name}.npy"
+            if path.is_file():
+                array = np.load(path).astype(np.int64)
+                if name.endswith("offsets"):
+                    base = arrays[name][-1][-1] if arrays.get(name) else 0
+                    array = (array + base)[0 if not arrays.get(name) else 1:]
+                arrays.setdefault(name, []).append(array)
+    return {name: np.concatenate(parts) for name, parts in arrays.items()}
+
+
+@pytest.fixture(scope="module")
+def prepared(synth_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared") / "one_worker"
+    assert prepare(_cfg(synth_dir), out, _tokenizer(synth_dir), unit_rows=100, progress=False)
+    return out
+
+
+def test_the_arrays_hold_the_token_ids_labels_and_counts_of_the_dataset_read_whole(prepared, synth_dir):
+    cfg = _cfg(synth_dir)
+    dataset, tokenizer = read_dataset(synth_dir), build_tokenizer(cfg.encoder)
+    held = validation_mask(np.arange(len(dataset.train.texts)), 0.2, cfg.train.seed)
+    assert 0.1 < held.mean() < 0.3
+    expected = {"train": (dataset.train.texts, dataset.train.labels, ~held, 16),
+                "validation": (dataset.train.texts, dataset.train.labels, held, 16),
+                "test": (dataset.test.texts, dataset.test.labels, np.ones(len(dataset.test.texts), bool), 16),
+                "labels": (dataset.label_texts, None, np.ones(dataset.num_labels, bool), 8)}
+    for part, (texts, labels, rows, max_len) in expected.items():
+        arrays = _part(prepared, part)
+        reference = tokenize([t for t, keep in zip(texts, rows) if keep], tokenizer, max_len)
+        offsets = arrays["token_offsets"]
+        assert np.array_equal(np.diff(offsets), reference.lengths)
+        for i in range(len(reference.lengths)):
+            assert np.array_equal(arrays["tokens"][offsets[i]:offsets[i + 1]], reference.ids[i, :reference.lengths[i]])
+        if labels is not None:
+            csr = labels[np.flatnonzero(rows)]
+            assert np.array_equal(arrays["label_offsets"], csr.indptr) and np.array_equal(arrays["labels"], csr.indices)
+    counts = np.load(prepared / "label_counts.npy")
+    assert np.array_equal(counts, np.asarray(dataset.train.labels[np.flatnonzero(~held)].sum(axis=0)).ravel())
+    manifest = json.loads((prepared / MANIFEST).read_text())
+    assert manifest["splits"]["validation"]["rows"] == held.sum()
+    assert manifest["settings"]["token_dtype"] == "uint16"  # a 30,522-token vocabulary
+
+
+@pytest.mark.slow
+def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth_dir, tmp_path):
+    cfg = _cfg(synth_dir)
+    assert prepare(cfg, tmp_path / "two_workers", _make_tokenizer(cfg), workers=2, unit_rows=100, progress=False)
+    assert _files(tmp_path / "two_workers") == _files(prepared)
+    assert not prepare(cfg, tmp_path / "parts", _make_tokenizer(cfg), part=(1, 2), unit_rows=100, progress=False)
+    assert not (tmp_path / "parts" / MANIFEST).exists()  # part 0 is still to come
+    assert prepare(cfg, tmp_path / "parts", _make_tokenizer(cfg), part=(0, 2), unit_rows=100, progress=False)
+    assert _files(tmp_path / "parts") == _files(prepared)
+    assert prepare(cfg, tmp_path / "other_units", _make_tokenizer(cfg), unit_rows=37, progress=False)
+    for part in ("train", "validation", "test", "labels"):  # the validation rows are chosen by row, not by unit
+        other, first = _part(tmp_path / "other_units", part), _part(prepared, part)
+        assert all(np.array_equal(other[name], first[name]) for name in first)
+
+
+def test_a_directory_prepared_from_other_settings_or_sources_is_refused(prepared, synth_dir, tmp_path, capsys):
+    copy = shutil.copytree(prepared, tmp_path / "copy")
+    (copy / MANIFEST).unlink()  # not finished: a rerun would resume it
+    assert main(["data", "prepare", "--out", str(copy), "--unit-rows", "100",
+                 *[a for s in [*SETTINGS[:-1], "data.validation_fraction=0.3", f"data.path={synth_dir}"]
+                   for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("astra-ds: error: ") and "other settings" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["full", "crash"])
+def test_a_fault_at_each_write_point_then_a_rerun_ends_as_an_uninterrupted_preparation(kind, prepared, synth_dir,
+                                                                                        tmp_path, capsys):
+    args = ["data", "prepare", "--unit-rows", "100", *[a for s in [*SETTINGS, f"data.path={synth_dir}"]
+                                                       for a in ("--set", s)]]
+    with Injector(roots=(tmp_path / "count",)) as counting:
+        assert main([*args, "--out", str(tmp_path / "count")]) == 0
+    sites = sorted({counting.points.index(site) + 1 for site in dict.fromkeys(counting.points)}
+                   | {len(counting.points)})
+    for at in sites:
+        out = tmp_path / str(at)
+        capsys.readouterr()
+        if kind == "crash":
+            with pytest.raises(Crashed):
+                with Injector("crash", at, {out: tmp_path / f"{at}.image"}, roots=(out,)):
+                    main([*args, "--out", str(out)])
+            shutil.rmtree(out, ignore_errors=True)
+            if (tmp_path / f"{at}.image").exists():
+                (tmp_path / f"{at}.image").rename(out)
+        else:
+            with Injector("full", at, roots=(out,)):
+                assert main([*args, "--out", str(out)]) == 2, counting.points[at - 1]
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("astra-ds: error: ") and "the disk is full" in err[-1], err[-3:]
+        assert main([*args, "--out", str(out)]) == 0, counting.points[at - 1]
+        assert _files(out) == _files(prepared), counting.points[at - 1]
+
+
+def test_a_batch_gathered_across_units_equals_the_dataset_s_rows(prepared, synth_dir):
+    from astra_ds.data.prepared import PreparedDirectory
+
+    cfg = _cfg(synth_dir)
+    dataset, tokenizer = read_dataset(synth_dir), build_tokenizer(cfg.encoder)
+    kept = np.flatnonzero(~validation_mask(np.arange(len(dataset.train.texts)), 0.2, cfg.train.seed))
+    reference = tokenize([dataset.train.texts[i] for i in kept], tokenizer, 16)
+    data = PreparedDirectory(prepared)
+    train = data.part("train", pad_id=tokenizer.pad_token_id)
+    assert len(train) == len(kept) and len(train.unit_names) == 6
+    rows = np.random.default_rng(0).permutation(len(kept))[:64]  # from every unit, in no order
+    for got, expected in zip(train.batch(rows), reference.batch(rows)):
+        assert torch.equal(got, expected)
+    assert np.array_equal(train.lengths_of(rows), reference.lengths[rows])
+    assert (train.labels(rows) != dataset.train.labels[kept[rows]]).nnz == 0
+    assert np.array_equal(data.label_counts, np.asarray(dataset.train.labels[kept].sum(axis=0)).ravel())
