@@ -275,7 +275,15 @@ def process_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The largest resident size this process has had (Linux reports kilobytes)."""
+    """The largest resident size this process has had: VmHWM of its memory, which starts afresh at exec (ru_maxrss
+    does not: a process started by fork from a large parent, a test runner or a notebook, reports the parent's
+    size); ru_maxrss where /proc is missing. Linux reports kilobytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
