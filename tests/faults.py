@@ -14,7 +14,8 @@ the N-th write point
             is, as the crash it then is (the default action ends the process).
 
 `Injector.points` names the write point reached each time (its call site in astra_ds), so that a harness first
-counts a command's points, then runs it once for each; `Injector.handled` says for each whether a SIGTERM handler
+counts a command's points, then runs it once for each (`sites`: the first point of each place in the code that
+writes, named by its site and occurrence, which stay the same when threads write in another order); `Injector.handled` says for each whether a SIGTERM handler
 was on there. With `roots`, only writes under those directories are write points (a shared cache's are not), less
 those under `ignore` (a background thread's, such as TensorBoard's writer, come in no fixed order; a full disk
 fails them all the same).
@@ -30,6 +31,7 @@ import shutil
 import signal
 import threading
 import traceback
+from collections import Counter
 from pathlib import Path
 
 WRITE_MODES = set("wax+")
@@ -41,16 +43,17 @@ class Crashed(BaseException):
 
 
 class Injector:
-    def __init__(self, kind: str | None = None, at: int = 0, images: dict[Path, Path] | None = None,
-                 roots: tuple[Path, ...] = (), ignore: tuple[Path, ...] = ()):
-        """`kind` at the `at`-th write point (1-based); none: count the points only. `images`: for a crash, the
-        directories to image (source -> where its image goes)."""
+    def __init__(self, kind: str | None = None, at: int | tuple[str, int] = 0,
+                 images: dict[Path, Path] | None = None, roots: tuple[Path, ...] = (), ignore: tuple[Path, ...] = ()):
+        """`kind` at the `at`-th write point (1-based), or at the n-th point of a site (site, n); none: count the
+        points only. `images`: for a crash, the directories to image (source -> where its image goes)."""
         assert kind is None or kind in KINDS, kind
         self.kind, self.at, self.images = kind, at, images or {}
         self.roots = tuple(Path(root).absolute() for root in roots)
         self.ignored = tuple(Path(path).absolute() for path in ignore)
         self.points: list[str] = []  # the call site of each write point reached
         self.handled: list[bool] = []  # whether a SIGTERM handler was on at each
+        self.occurrences: Counter = Counter()  # points reached at each site
         self.full = False  # the disk is full (from the `full` fault on)
         self.quiet = False  # imaging: its own writes are no write points
         self.lock = threading.RLock()
@@ -64,13 +67,15 @@ class Injector:
                 if self.full:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
                 return
-            self.points.append(f"{what} at {_call_site()}")
+            site = f"{what} at {_call_site()}"
+            self.points.append(site)
             self.handled.append(callable(signal.getsignal(signal.SIGTERM)))
-            reached = len(self.points)
-            if self.kind == "full" and reached >= self.at:
+            self.occurrences[site] += 1
+            hit = len(self.points) == self.at if isinstance(self.at, int) else (site, self.occurrences[site]) == self.at
+            if self.kind == "full" and (hit or self.full):
                 self.full = True
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-            if reached != self.at:
+            if not hit:
                 return
             if self.kind == "signal" and callable(signal.getsignal(signal.SIGTERM)):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -139,6 +144,22 @@ class Injector:
         for (owner, name), original in self.saved.items():
             setattr(owner, name, original)
         self.saved.clear()
+
+
+def sites(points: list[str], where: list[bool] | None = None) -> list[tuple[str, int]]:
+    """The first point of each site (among the points `where` holds) as (site, occurrence), in the order reached."""
+    seen, chosen = set(), []
+    for index, site in enumerate(points):
+        if site not in seen and (where is None or where[index]):
+            seen.add(site)
+            chosen.append(point_at(points, index))
+    return chosen
+
+
+def point_at(points: list[str], index: int) -> tuple[str, int]:
+    """The point `points[index]` as (site, occurrence)."""
+    index %= len(points)
+    return points[index], points[:index + 1].count(points[index])
 
 
 def _call_site() -> str:

@@ -21,7 +21,7 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from conftest import TINY_RUN, run_main
-from faults import Crashed, Injector
+from faults import Crashed, Injector, point_at, sites
 
 UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "eval.label_text_weight=0.5"]
 
@@ -99,7 +99,7 @@ def pending(run, tmp_path_factory):
     with Injector() as counting:
         assert main(_add(counted, base)) == 0
     with pytest.raises(Crashed):
-        with Injector("crash", len(counting.points), {killed: base / "run"}):
+        with Injector("crash", point_at(counting.points, -1), {killed: base / "run"}):
             main(_add(killed, base))
     assert (base / "run" / "labels_change.json").is_file()
     return base / "run"
@@ -159,11 +159,6 @@ def _points(command, run, tmp_path, capsys) -> list[str]:
     return counting.points
 
 
-def _sites(points: list[str]) -> list[int]:
-    """The first write point (1-based) of each place in the code that writes, and the last point."""
-    return sorted({points.index(site) + 1 for site in dict.fromkeys(points)} | {len(points)})
-
-
 @pytest.mark.parametrize("name", COMMANDS)
 def test_a_full_disk_at_each_write_point(name, request, tmp_path, capsys):
     command, run = COMMANDS[name], request.getfixturevalue(STARTS.get(name, "run"))
@@ -171,8 +166,8 @@ def test_a_full_disk_at_each_write_point(name, request, tmp_path, capsys):
     points = _points(command, run, tmp_path, capsys)
     expected = _state(tmp_path / "count" / "run")  # what the command makes of the run when the disk has room
     assert points, "the command writes nothing?"
-    for at in _sites(points):
-        case = tmp_path / str(at)
+    for case_number, at in enumerate(sites(points)):
+        case = tmp_path / str(case_number)
         copy, scratch = shutil.copytree(run, case / "run"), case
         killed_change = set(_temporary_files(copy))  # a killed change's, which this command need not remove
         capsys.readouterr()
@@ -180,9 +175,9 @@ def test_a_full_disk_at_each_write_point(name, request, tmp_path, capsys):
         with Injector("full", at):
             status = main(argv)
         line = _one_line(capsys, status)
-        assert "the disk is full" in line, (points[at - 1], line)
+        assert "the disk is full" in line, (at, line)
         left = set(_temporary_files(copy, scratch)) - killed_change
-        assert not left, (points[at - 1], left)
+        assert not left, (at, left)
         _next_run(command, copy, scratch, _recover(copy, capsys), before, expected, capsys)
 
 
@@ -196,8 +191,8 @@ def test_a_kill_at_each_write_point(name, request, tmp_path, capsys):
     before = None if name == "labels finish" else _state(run)  # a change pending: no model to load
     points = _points(command, run, tmp_path, capsys)
     expected = _state(tmp_path / "count" / "run")
-    for at in _sites(points):
-        case = tmp_path / str(at)
+    for case_number, at in enumerate(sites(points)):
+        case = tmp_path / str(case_number)
         copy, scratch = shutil.copytree(run, case / "run"), case / "scratch"
         scratch.mkdir()
         image = case / "image"

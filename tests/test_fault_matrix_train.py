@@ -15,7 +15,7 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from conftest import TINY_RUN
-from faults import Crashed, Injector
+from faults import Crashed, Injector, point_at, sites
 
 # two steps, a checkpoint after each (the second links the first's unchanged chunks); no serving index (the matrix
 # of `astra-ds index` has its write points)
@@ -41,14 +41,6 @@ def _state(run: Path) -> dict:
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     return {"step": model.card.step, "losses": {r["step"]: round(r["loss"], 5) for r in log if "loss" in r},
             "ids": top.ids.tolist(), "scores": np.round(top.scores, 5).tolist()}
-
-
-def _sites(points: list[str], where: list[bool] | None = None) -> list[int]:
-    """The first write point (1-based) of each place in the code that writes (among those `where` holds), and the
-    last point."""
-    chosen = [i for i in range(len(points)) if where is None or where[i]]
-    return sorted({next(i for i in chosen if points[i] == site) + 1 for site in {points[i] for i in chosen}}
-                  | {chosen[-1] + 1})
 
 
 def _one_line(capsys, status: int) -> str:
@@ -94,8 +86,8 @@ def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight,
     expected, points, handled = straight
     assert points and any(handled), "the training writes nothing, or never with its SIGTERM handler on?"
     # a SIGTERM where the handler is off ends the process as a kill does (the crash cases)
-    for at in _sites(points, handled if kind == "signal" else None):
-        out = tmp_path / str(at) / "run"
+    for case, at in enumerate(sites(points, handled if kind == "signal" else None)):
+        out = tmp_path / str(case) / "run"
         out.parent.mkdir()  # as the uninterrupted run's was: a write point less
         train = lambda *options: _train(synth_dir, token_cache, out, *options)  # noqa: E731
         capsys.readouterr()
@@ -105,14 +97,14 @@ def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight,
             with Injector(kind, at, **_watching(out)):
                 status = train()
             if kind == "full":
-                assert "the disk is full" in _one_line(capsys, status), points[at - 1]
+                assert "the disk is full" in _one_line(capsys, status), at
             else:  # the step in progress finished, then a checkpoint of it
-                assert status == 143 and "stopped by SIGTERM at step" in capsys.readouterr().err, points[at - 1]
-        assert not _temporary_files(out) or kind == "crash", (points[at - 1], _temporary_files(out))
+                assert status == 143 and "stopped by SIGTERM at step" in capsys.readouterr().err, at
+        assert not _temporary_files(out) or kind == "crash", (at, _temporary_files(out))
         capsys.readouterr()
-        assert train("--resume", "auto") == 0, (points[at - 1], capsys.readouterr().err[-2000:])
-        assert not _temporary_files(out), (points[at - 1], _temporary_files(out))
-        assert _state(out) == expected, points[at - 1]
+        assert train("--resume", "auto") == 0, (at, capsys.readouterr().err[-2000:])
+        assert not _temporary_files(out), (at, _temporary_files(out))
+        assert _state(out) == expected, at
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +112,7 @@ def preempted(straight, synth_dir, token_cache, tmp_path_factory):
     """A run stopped by SIGTERM after its first step: a checkpoint, no model."""
     _, points, handled = straight
     out = tmp_path_factory.mktemp("preempted") / "run"
-    with Injector("signal", handled.index(True) + 1, **_watching(out)):
+    with Injector("signal", point_at(points, handled.index(True)), **_watching(out)):
         assert _train(synth_dir, token_cache, out) == 143
     assert not (out / "manifest.json").exists()
     return out
@@ -133,16 +125,16 @@ def test_finalize_with_a_fault_at_each_write_point_then_again(kind, preempted, t
     with Injector(**_watching(counted)) as counting:
         assert _finalize(counted) == 0
     expected = _state(counted)
-    for at in _sites(counting.points):
-        run = shutil.copytree(preempted, tmp_path / str(at) / "run")
+    for case, at in enumerate(sites(counting.points)):
+        run = shutil.copytree(preempted, tmp_path / str(case) / "run")
         capsys.readouterr()
         if kind == "crash":
             _crash(lambda: _finalize(run), run, at)
         else:
             with Injector(kind, at, **_watching(run)):
                 status = _finalize(run)
-            assert "the disk is full" in _one_line(capsys, status), counting.points[at - 1]
-            assert not _temporary_files(run), (counting.points[at - 1], _temporary_files(run))
+            assert "the disk is full" in _one_line(capsys, status), at
+            assert not _temporary_files(run), (at, _temporary_files(run))
         capsys.readouterr()
-        assert _finalize(run) == 0, (counting.points[at - 1], capsys.readouterr().err[-2000:])
-        assert not _temporary_files(run) and _state(run) == expected, counting.points[at - 1]
+        assert _finalize(run) == 0, (at, capsys.readouterr().err[-2000:])
+        assert not _temporary_files(run) and _state(run) == expected, at

@@ -17,7 +17,7 @@ from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
 from astra_ds.data.readers import read_dataset
 from astra_ds.data.tokens import tokenize
 from astra_ds.encoder.encoder import build_tokenizer
-from faults import Crashed, Injector
+from faults import Crashed, Injector, sites
 
 SETTINGS = ["encoder.model=tiny-random", "data.max_len=16", "siamese.label_max_len=8", "data.validation_fraction=0.2"]
 
@@ -120,25 +120,23 @@ def test_a_fault_at_each_write_point_then_a_rerun_ends_as_an_uninterrupted_prepa
                                                        for a in ("--set", s)]]
     with Injector(roots=(tmp_path / "count",)) as counting:
         assert main([*args, "--out", str(tmp_path / "count")]) == 0
-    sites = sorted({counting.points.index(site) + 1 for site in dict.fromkeys(counting.points)}
-                   | {len(counting.points)})
-    for at in sites:
-        out = tmp_path / str(at)
+    for case, at in enumerate(sites(counting.points)):
+        out = tmp_path / str(case)
         capsys.readouterr()
         if kind == "crash":
             with pytest.raises(Crashed):
-                with Injector("crash", at, {out: tmp_path / f"{at}.image"}, roots=(out,)):
+                with Injector("crash", at, {out: tmp_path / f"{case}.image"}, roots=(out,)):
                     main([*args, "--out", str(out)])
             shutil.rmtree(out, ignore_errors=True)
-            if (tmp_path / f"{at}.image").exists():
-                (tmp_path / f"{at}.image").rename(out)
+            if (tmp_path / f"{case}.image").exists():
+                (tmp_path / f"{case}.image").rename(out)
         else:
             with Injector("full", at, roots=(out,)):
-                assert main([*args, "--out", str(out)]) == 2, counting.points[at - 1]
+                assert main([*args, "--out", str(out)]) == 2, at
             err = capsys.readouterr().err.strip().splitlines()
             assert err[-1].startswith("astra-ds: error: ") and "the disk is full" in err[-1], err[-3:]
-        assert main([*args, "--out", str(out)]) == 0, counting.points[at - 1]
-        assert _files(out) == _files(prepared), counting.points[at - 1]
+        assert main([*args, "--out", str(out)]) == 0, at
+        assert _files(out) == _files(prepared), at
 
 
 def test_a_batch_gathered_across_units_equals_the_dataset_s_rows(prepared, synth_dir):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from astra_ds.data.readers import parse_pairs, detect_format, read_dataset
+from astra_ds.choices import READERS
+from astra_ds.data.readers import detect_format, parse_pairs, read_dataset, read_raw_text
 from astra_ds.errors import DataError
 
 SCAN_BLOCK = 16 << 20
@@ -82,9 +83,12 @@ class LineSource:
         self.num_labels = self._header(self.files["train"][1])[1]
 
     @staticmethod
-    def supports(directory: Path) -> bool:
-        return (detect_format(directory) == "raw_text" and (directory / "trn_X.txt").is_file()
-                and (directory / "tst_X.txt").is_file())
+    def supports(directory: Path, fmt: str) -> bool:
+        """Whether the data is in the raw-text layout, its files uncompressed (a gzipped file cannot be read from
+        the middle)."""
+        reader = READERS.get(detect_format(directory) if fmt == "auto" else fmt)
+        return reader is read_raw_text and all((directory / f"{prefix}_X{part}.txt").is_file()
+                                                for prefix in ("trn", "tst") for part in ("", "_Y"))
 
     def _header(self, path: Path) -> tuple[int, int]:
         with open(path, "rb") as f:
@@ -178,6 +182,6 @@ def open_source(path: str | os.PathLike, fmt: str, text_fields: str, on_bad_text
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
-    if fmt in ("auto", "raw_text") and LineSource.supports(directory):
+    if LineSource.supports(directory, fmt):
         return LineSource(directory)
     return MemorySource(directory, fmt, text_fields, on_bad_text)
