@@ -131,3 +131,13 @@ def test_label_churn_holds_labels_out_adds_them_back_and_scores_every_model(synt
     assert added == kept_names + [all_names[i] for i in held_out]  # (a): the held-out labels appended
     assert table["grown"]["train s"] > 0 and table["zero_shot"]["train s"] is None
     assert "| zero_shot |" in out and "grown training time / full's" in out
+
+
+def test_bench_data_prints_preparation_against_the_tokenizer_alone_and_the_disk_a_query_takes(tmp_path):
+    out = _tool("tools/bench_data.py", "--num-train", "2000", "--num-labels", "300", "--workers", "1",
+                "--unit-rows", "700", "--set", "encoder.model=tiny-random", "--work-dir", str(tmp_path))
+    alone = float(re.search(r"tokenizer alone \(encode_batch_fast\)\s+([\d,]+) texts/s", out)[1].replace(",", ""))
+    prepared, share = re.search(r"data prepare, 1 worker\(s\)\s+([\d,]+) texts/s\s+([\d.]+) of", out).groups()
+    assert alone > 0 and float(share) == pytest.approx(float(prepared.replace(",", "")) / alone, abs=0.01)
+    per_query = float(re.search(r"disk: ([\d.]+) B a query \+ 4 B a positive", out)[1])
+    assert 0 < per_query < 70

@@ -1,0 +1,91 @@
+"""Preparation of a dataset (`astra-ds data prepare`) against its limit, in one run: the tokenizer alone on the
+same texts (its fast batch encoder, no reading, no writing), then the whole preparation with 1 worker and with W;
+printed are the queries a second of each, the ratios (preparation / tokenizer alone, W workers / 1) and the disk a
+query and a positive take.
+
+    python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2
+    python tools/bench_data.py --data ../shared/data/WordNetHyper --set encoder.model=all-MiniLM-L6-v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from astra_ds.config import load_config
+from astra_ds.data.preparation import MANIFEST, prepare
+from astra_ds.data.readers import read_lines
+from astra_ds.data.synth import SynthConfig, generate
+from astra_ds.encoder.encoder import build_tokenizer
+from astra_ds.libraries import quiet_libraries
+
+
+def tokenizer_alone(cfg, texts: list[str], max_len: int, block: int = 8192) -> float:
+    """Seconds the fast tokenizer takes over `texts` (truncated at `max_len`), in blocks as preparation does."""
+    backend = build_tokenizer(cfg.encoder).backend_tokenizer
+    backend.enable_truncation(max_len)
+    started = time.perf_counter()
+    for start in range(0, len(texts), block):
+        backend.encode_batch_fast(texts[start:start + block])
+    return time.perf_counter() - started
+
+
+def prepared(cfg, out: Path, workers: int, unit_rows: int) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    assert prepare(cfg, out, functools.partial(build_tokenizer, cfg.encoder), workers, unit_rows=unit_rows,
+                   progress=False)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="a dataset directory (default: a synthetic one of --num-train queries)")
+    parser.add_argument("--num-train", type=int, default=200_000)
+    parser.add_argument("--num-labels", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--unit-rows", type=int, default=50_000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--work-dir", help="where the data and the prepared directories go (default: a temporary one)")
+    args = parser.parse_args()
+    quiet_libraries()
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_"))
+    data = Path(args.data) if args.data else generate(
+        SynthConfig(num_labels=args.num_labels, num_train=args.num_train, num_test=1000, seed=1), work / "synth",
+        exist_ok=True)
+    cfg = load_config(None, ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set,
+                             f"data.path={data}"])
+    texts = read_lines(data / "trn_X.txt") + read_lines(data / "tst_X.txt")
+    label_texts = read_lines(data / "Y.txt") if (data / "Y.txt").is_file() else []
+    alone = tokenizer_alone(cfg, texts, cfg.data.max_len) + tokenizer_alone(cfg, label_texts,
+                                                                             cfg.siamese.label_max_len)
+    rows = len(texts) + len(label_texts)
+    seconds = {w: prepared(cfg, work / f"prepared_{w}", w, args.unit_rows) for w in sorted({1, args.workers})}
+    manifest = json.loads((work / "prepared_1" / MANIFEST).read_text())
+    queries = sum(manifest["splits"][part]["rows"] for part in ("train", "validation", "test")
+                  if part in manifest["splits"])
+    positives = sum(manifest["splits"][part].get("positives", 0) for part in manifest["splits"])
+    units = work / "prepared_1" / "units"
+    query_bytes = sum(p.stat().st_size for pattern in ("train-*/*", "test-*/*") for p in units.glob(pattern))
+    disk = sum(p.stat().st_size for p in (work / "prepared_1").rglob("*") if p.is_file())
+    print(f"data {data}: {len(texts):,} query texts (max_len {cfg.data.max_len}), {len(label_texts):,} label texts "
+          f"(max_len {cfg.siamese.label_max_len}), {cfg.encoder.model} tokens")
+    print(f"tokenizer alone (encode_batch_fast)  {rows / alone:12,.0f} texts/s")
+    for workers, s in seconds.items():
+        print(f"data prepare, {workers} worker(s)        {rows / s:12,.0f} texts/s   {alone / s:.2f} of the tokenizer "
+              "alone")
+    if args.workers > 1:
+        print(f"{args.workers} workers / 1: {seconds[1] / seconds[args.workers]:.2f}x")
+    print(f"disk: {(query_bytes - 4 * positives) / queries:.1f} B a query + 4 B a positive "
+          f"({disk / 2**20:.1f} MiB in all, with the label texts and counts)")
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
