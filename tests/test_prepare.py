@@ -104,12 +104,13 @@ def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth
 
 def test_a_directory_prepared_from_other_settings_or_sources_is_refused(prepared, synth_dir, tmp_path, capsys):
     copy = shutil.copytree(prepared, tmp_path / "copy")
-    (copy / MANIFEST).unlink()  # not finished: a rerun would resume it
-    assert main(["data", "prepare", "--out", str(copy), "--unit-rows", "100",
-                 *[a for s in [*SETTINGS[:-1], "data.validation_fraction=0.3", f"data.path={synth_dir}"]
-                   for a in ("--set", s)]]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("astra-ds: error: ") and "other settings" in err and err.count("\n") == 1
+    other = [a for s in [*SETTINGS[:-1], "data.validation_fraction=0.3", f"data.path={synth_dir}"] for a in ("--set", s)]
+    for finished in (True, False):  # unfinished: a rerun would resume it
+        if not finished:
+            (copy / MANIFEST).unlink()
+        assert main(["data", "prepare", "--out", str(copy), "--unit-rows", "100", *other]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("astra-ds: error: ") and "other settings" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -190,21 +190,22 @@ def _worker_unit(unit: Unit) -> str:
 
 
 def _plan(out: Path, source, settings: Settings, unit_rows: int) -> list[Unit]:
-    """The units, as recorded in out/plan.json (written by the first run; a rerun must find the same plan)."""
-    units = source.units(unit_rows)
-    plan = {"format": FORMAT, "settings": asdict(settings), "sources": source.fingerprint(), "unit_rows": unit_rows,
-            "units": [asdict(u) for u in units]}
+    """The units, as out/plan.json records them: written by the first run (one scan of the source files); a rerun
+    reads them there, after checking that the sources and settings are those of the plan."""
     path = out / PLAN
+    plan = {"format": FORMAT, "settings": asdict(settings), "sources": source.fingerprint(), "unit_rows": unit_rows}
     if path.is_file():
         before = json.loads(path.read_text())
-        changed = [key for key in ("settings", "sources", "unit_rows") if before.get(key) != plan[key]]
-        if changed or json.loads(json.dumps(plan["units"])) != before.get("units"):
-            what = {"settings": "other settings", "sources": "other source files", "unit_rows": "another --unit-rows"}
-            raise UserError(f"{out} was prepared (in part) from {', '.join(what[k] for k in changed) or 'other data'}"
-                            f": prepare into another directory, or remove it first")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, json.dumps(plan, indent=1, sort_keys=True))
+        changed = [key for key in plan if before.get(key) != json.loads(json.dumps(plan[key]))]
+        if changed:
+            what = {"format": "another version", "settings": "other settings", "sources": "other source files",
+                    "unit_rows": "another --unit-rows"}
+            raise UserError(f"{out} was prepared (in part) from {', '.join(what[k] for k in changed)}: prepare into "
+                            "another directory, or remove it first")
+        return [Unit(**{**unit, "offsets": tuple(unit["offsets"])}) for unit in before["units"]]
+    units = source.units(unit_rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(plan | {"units": [asdict(u) for u in units]}, indent=1, sort_keys=True))
     return units
 
 
@@ -214,14 +215,14 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
     tokenizer of `make_tokenizer()`, a picklable callable); writes the manifest when every unit is done. Whether
     the directory is ready."""
     out = Path(out)
-    if (out / MANIFEST).is_file():
-        log.info("%s is prepared already (%s)", out, MANIFEST)
-        return True
     source_args = (cfg.data.path, cfg.data.format, cfg.data.text_fields, cfg.data.on_bad_text)
     source = open_source(*source_args)
     tokenizer = make_tokenizer()
     settings = Settings.of(cfg, tokenizer, source.num_labels)
     units = _plan(out, source, settings, unit_rows)
+    if (out / MANIFEST).is_file():
+        log.info("%s is prepared already (%s)", out, MANIFEST)
+        return True
     index, count = part
     mine = [u for u in units if u.index % count == index]
     todo = [u for u in mine if unit_done(out, u) is None]
