@@ -111,6 +111,9 @@ def test_a_directory_prepared_from_other_settings_or_sources_is_refused(prepared
         assert main(["data", "prepare", "--out", str(copy), "--unit-rows", "100", *other]) == 2
         err = capsys.readouterr().err
         assert err.startswith("astra-ds: error: ") and "other settings" in err and err.count("\n") == 1
+    assert main(["data", "prepare", "--out", str(tmp_path / "new"), "--set", f"data.path={tmp_path / 'none'}"]) == 2
+    assert capsys.readouterr().err == (f"astra-ds: error: data.path {tmp_path / 'none'} is not a directory (a dataset "
+                                       "is a directory of files)\n")
 
 
 @pytest.mark.slow

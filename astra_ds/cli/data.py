@@ -37,6 +37,8 @@ def cmd_prepare(args) -> None:
         raise ConfigError("--workers and --unit-rows must be at least 1")
     if part != (0, 1) and args.workers > 1:
         raise ConfigError("--part runs one task of a cluster job: give each task its part, and no --workers")
+    if not Path(cfg.data.path).is_dir():  # before the libraries load
+        raise ConfigError(f"data.path {cfg.data.path} is not a directory (a dataset is a directory of files)")
     quiet_libraries()
     from astra_ds.data.preparation import prepare
     from astra_ds.encoder.encoder import build_tokenizer
