@@ -37,6 +37,7 @@ from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.files import fsync_dir, write_atomically
 from astra_ds.progress import progress as progress_of
+from astra_ds.rng import GOLDEN, mix64
 
 log = logging.getLogger("astra_ds")
 
@@ -75,10 +76,7 @@ def validation_mask(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Whether each source row (its number in the train split) is held out: splitmix64 of the row keyed by the
     seed, as a number in [0, 1), below `fraction`."""
     with np.errstate(over="ignore"):
-        z = rows.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = mix64(rows.astype(np.uint64) + np.uint64(seed) * GOLDEN + GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 

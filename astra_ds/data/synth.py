@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from astra_ds.errors import UserError
+from astra_ds.rng import mix64
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -78,15 +79,6 @@ def word(word_id: int) -> str:
     return "".join(syllables)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a well-spread hash of uint64 values."""
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 class TopicModel:
     """The hidden structure: label popularity and each label's words, all computed from ids."""
 
@@ -103,7 +95,7 @@ class TopicModel:
         """(len(keys), count) word ids, a hash of (key, j, tag)."""
         grid = keys.astype(np.uint64)[:, None] * np.uint64(1 << 8) + np.arange(count, dtype=np.uint64)
         with np.errstate(over="ignore"):
-            hashed = _mix(grid * np.uint64(4) + np.uint64(tag) + self.salt)
+            hashed = mix64(grid * np.uint64(4) + np.uint64(tag) + self.salt)
         return (hashed % np.uint64(self.cfg.vocab_size)).astype(np.int64)
 
     def signature_words(self, labels: np.ndarray) -> np.ndarray:

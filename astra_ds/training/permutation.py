@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from astra_ds.rng import GOLDEN, mix64
+
 ROUNDS = 4
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser of uint64 `x` (wrapping arithmetic)."""
+    """splitmix64 of uint64 `x`: the golden increment, then the finaliser."""
     with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        return mix64(x + GOLDEN)
 
 
 class KeyedPermutation:
@@ -29,7 +27,7 @@ class KeyedPermutation:
         self.half = np.uint64((bits + 1) // 2)
         self.mask = np.uint64((1 << int(self.half)) - 1)
         with np.errstate(over="ignore"):
-            self.keys = splitmix64(np.uint64(key) * _GOLDEN + np.arange(ROUNDS, dtype=np.uint64))
+            self.keys = splitmix64(np.uint64(key) * GOLDEN + np.arange(ROUNDS, dtype=np.uint64))
 
     def _feistel(self, x: np.ndarray) -> np.ndarray:
         left, right = x >> self.half, x & self.mask
