@@ -168,3 +168,30 @@ def _call_site() -> str:
         if f"{os.sep}astra_ds{os.sep}" in frame.filename:
             return f"{Path(frame.filename).name}:{frame.lineno}"
     return "elsewhere"
+
+
+def crash(command, directory: Path, at, ignore: tuple[Path, ...] = ()) -> None:
+    """`command()` killed at write point `at` of `directory`: the directory is then as the kill left it."""
+    image = directory.with_name(directory.name + ".image")
+    try:
+        with Injector("crash", at, {directory: image}, roots=(directory,), ignore=ignore):
+            command()
+    except Crashed:
+        pass
+    else:
+        raise AssertionError(f"the command ended before its write point {at}")
+    shutil.rmtree(directory, ignore_errors=True)
+    if image.exists():
+        image.rename(directory)
+
+
+def temporary_files(*directories: Path) -> list[str]:
+    """What an interrupted write leaves under `directories` (NAME.tmp..., NAME.partial)."""
+    return [str(p) for d in directories if d.exists() for p in d.rglob("*") if ".tmp" in p.name or ".partial" in p.name]
+
+
+def one_line(capsys, status: int) -> str:
+    """The last line a failed command said: one line, exit status 2."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err and err[-1].startswith("astra-ds: error: "), err[-5:]
+    return err[-1]

@@ -21,7 +21,7 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from conftest import TINY_RUN, run_main
-from faults import Crashed, Injector, point_at, sites
+from faults import Crashed, Injector, one_line, point_at, sites, temporary_files
 
 UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "eval.label_text_weight=0.5"]
 
@@ -112,16 +112,6 @@ def _state(run: Path) -> dict:
             "top": model.predict(["tova rebu kide"], k=3).ids.tolist()}
 
 
-def _temporary_files(*directories: Path) -> list[str]:
-    return [str(p) for d in directories if d.exists() for p in d.rglob("*") if ".tmp" in p.name]
-
-
-def _one_line(capsys, status: int) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err and err[-1].startswith("astra-ds: error: "), err[-5:]
-    return err[-1]
-
-
 def _recover(run: Path, capsys) -> dict:
     """The user's next command on the run: it works, or says in one line what to run, which then works; the
     run's state then."""
@@ -169,14 +159,14 @@ def test_a_full_disk_at_each_write_point(name, request, tmp_path, capsys):
     for case_number, at in enumerate(sites(points)):
         case = tmp_path / str(case_number)
         copy, scratch = shutil.copytree(run, case / "run"), case
-        killed_change = set(_temporary_files(copy))  # a killed change's, which this command need not remove
+        killed_change = set(temporary_files(copy))  # a killed change's, which this command need not remove
         capsys.readouterr()
         argv = command(copy, scratch)
         with Injector("full", at):
             status = main(argv)
-        line = _one_line(capsys, status)
+        line = one_line(capsys, status)
         assert "the disk is full" in line, (at, line)
-        left = set(_temporary_files(copy, scratch)) - killed_change
+        left = set(temporary_files(copy, scratch)) - killed_change
         assert not left, (at, left)
         _next_run(command, copy, scratch, _recover(copy, capsys), before, expected, capsys)
 

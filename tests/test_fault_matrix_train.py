@@ -15,7 +15,7 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from conftest import TINY_RUN
-from faults import Crashed, Injector, point_at, sites
+from faults import Injector, crash, one_line, point_at, sites, temporary_files
 
 # two steps, a checkpoint after each (the second links the first's unchanged chunks); no serving index (the matrix
 # of `astra-ds index` has its write points)
@@ -43,31 +43,9 @@ def _state(run: Path) -> dict:
             "ids": top.ids.tolist(), "scores": np.round(top.scores, 5).tolist()}
 
 
-def _one_line(capsys, status: int) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2 and err and err[-1].startswith("astra-ds: error: "), err[-5:]
-    return err[-1]
-
-
-def _temporary_files(directory: Path) -> list[str]:
-    return [str(p) for p in directory.rglob("*") if ".tmp" in p.name or ".partial" in p.name] \
-        if directory.exists() else []
-
-
 def _watching(run: Path) -> dict:
     """The write points of a run directory, less TensorBoard's (its thread writes when it will)."""
     return {"roots": (run,), "ignore": (run / "tensorboard",)}
-
-
-def _crash(command, directory: Path, at: int) -> None:
-    """`command()` killed at its `at`-th write point: `directory` is then as the kill left it."""
-    image = directory.with_name(directory.name + ".image")
-    with pytest.raises(Crashed):
-        with Injector("crash", at, {directory: image}, **_watching(directory)):
-            command()
-    shutil.rmtree(directory, ignore_errors=True)
-    if image.exists():
-        image.rename(directory)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +70,18 @@ def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight,
         train = lambda *options: _train(synth_dir, token_cache, out, *options)  # noqa: E731
         capsys.readouterr()
         if kind == "crash":
-            _crash(train, out, at)
+            crash(train, out, at, ignore=(out / "tensorboard",))
         else:
             with Injector(kind, at, **_watching(out)):
                 status = train()
             if kind == "full":
-                assert "the disk is full" in _one_line(capsys, status), at
+                assert "the disk is full" in one_line(capsys, status), at
             else:  # the step in progress finished, then a checkpoint of it
                 assert status == 143 and "stopped by SIGTERM at step" in capsys.readouterr().err, at
-        assert not _temporary_files(out) or kind == "crash", (at, _temporary_files(out))
+        assert not temporary_files(out) or kind == "crash", (at, temporary_files(out))
         capsys.readouterr()
         assert train("--resume", "auto") == 0, (at, capsys.readouterr().err[-2000:])
-        assert not _temporary_files(out), (at, _temporary_files(out))
+        assert not temporary_files(out), (at, temporary_files(out))
         assert _state(out) == expected, at
 
 
@@ -129,12 +107,12 @@ def test_finalize_with_a_fault_at_each_write_point_then_again(kind, preempted, t
         run = shutil.copytree(preempted, tmp_path / str(case) / "run")
         capsys.readouterr()
         if kind == "crash":
-            _crash(lambda: _finalize(run), run, at)
+            crash(lambda: _finalize(run), run, at, ignore=(run / "tensorboard",))
         else:
             with Injector(kind, at, **_watching(run)):
                 status = _finalize(run)
-            assert "the disk is full" in _one_line(capsys, status), at
-            assert not _temporary_files(run), (at, _temporary_files(run))
+            assert "the disk is full" in one_line(capsys, status), at
+            assert not temporary_files(run), (at, temporary_files(run))
         capsys.readouterr()
         assert _finalize(run) == 0, (at, capsys.readouterr().err[-2000:])
-        assert not _temporary_files(run) and _state(run) == expected, at
+        assert not temporary_files(run) and _state(run) == expected, at
