@@ -37,7 +37,7 @@ from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.files import fsync_dir, write_atomically
 from astra_ds.progress import progress as progress_of
-from astra_ds.rng import GOLDEN, mix64
+from astra_ds.hashing import GOLDEN, mix64
 
 log = logging.getLogger("astra_ds")
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from astra_ds.errors import UserError
-from astra_ds.rng import mix64
+from astra_ds.hashing import mix64
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from astra_ds.rng import GOLDEN, mix64
+from astra_ds.hashing import GOLDEN, mix64
 
 ROUNDS = 4
 
