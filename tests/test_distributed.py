@@ -68,10 +68,10 @@ def one_rank(synth_dir, token_cache, ds_config, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_ranks_train_like_one(launcher, one_rank, synth_dir, token_cache, ds_config, tmp_path):
+def test_two_ranks_train_like_one(one_rank, synth_dir, token_cache, ds_config, tmp_path):
+    """Under the deepspeed launcher (mpirun runs the same and more in the tests of the stages and of a grown run)."""
     out = tmp_path / "two_ranks"
-    result = subprocess.run([LAUNCHERS[launcher], *_args(synth_dir, token_cache, ds_config, out)], cwd=REPO,
+    result = subprocess.run([LAUNCHERS["deepspeed"], *_args(synth_dir, token_cache, ds_config, out)], cwd=REPO,
                             env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "2 ranks" in result.stdout + result.stderr
@@ -115,12 +115,13 @@ FAILING_JOB = {"deepspeed": ["deepspeed", "--num_accelerators", "2", "--module",
                "mpirun": ["mpirun", "-np", "2", "python", "-m", "tests.failing_rank", "train"]}
 
 
-@pytest.mark.parametrize("launcher", sorted(FAILING_JOB))
-@pytest.mark.parametrize("failure", ["error", "hang"])
+# a rank's error under each launcher (each ends the job its own way); a hang is found by the ranks' collective
+# timeout, whatever the launcher
+@pytest.mark.parametrize("launcher, failure", [("deepspeed", "error"), ("mpirun", "error"), ("mpirun", "hang")])
 def test_a_failing_rank_ends_the_job_with_its_error(launcher, failure):
     started = time.monotonic()
     result = subprocess.run(FAILING_JOB[launcher], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=_env(DS_ACCELERATOR="cpu", TEST_FAILURE=failure, TEST_TIMEOUT_S="10"))
+                            env=_env(DS_ACCELERATOR="cpu", TEST_FAILURE=failure, TEST_TIMEOUT_S="6"))
     output = result.stdout + result.stderr
     assert result.returncode != 0
     if failure == "error":
@@ -128,32 +129,6 @@ def test_a_failing_rank_ends_the_job_with_its_error(launcher, failure):
     else:
         assert "rank 0 failed (a collective timed out" in output
     assert time.monotonic() - started < 120
-
-
-def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(synth_dir, token_cache,
-                                                                                   ds_config, tmp_path):
-    """SLURM signals every task; here only rank 1 gets SIGTERM: the stop flag, all-reduced each step, reaches rank 0,
-    both finish the same step, write one checkpoint together and exit 143."""
-    import psutil
-
-    out = tmp_path / "run"
-    args = _args(synth_dir, token_cache, ds_config, out, "train.max_steps=100000", "train.epochs=1000")
-    job = subprocess.Popen([LAUNCHERS["mpirun"], *args], cwd=REPO, env=_env(NPROC="2"), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    log, deadline = out / "train_log.jsonl", time.monotonic() + 300
-    while not (log.is_file() and sum('"loss"' in line for line in log.read_text().splitlines()) >= 2):
-        assert job.poll() is None and time.monotonic() < deadline, "the job ended before its second step"
-        time.sleep(0.1)
-    ranks = {p.environ().get("PMI_RANK"): p for p in psutil.Process(job.pid).children(recursive=True)
-             if "astra_ds" in " ".join(p.cmdline())}
-    ranks["1"].send_signal(15)
-    output, _ = job.communicate(timeout=300)
-    assert "stopped by SIGTERM at step" in output, output[-3000:]
-    step = int(output.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    assert (out / "checkpoints" / "latest").read_text() == f"global_step{step}"
-    meta = json.loads((out / "checkpoints" / f"global_step{step}" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["step"] == step
-    assert job.returncode == 143, output[-3000:]  # mpirun passes on the ranks' status
 
 
 # ---- two hosts: network namespaces with their own sshd (tools/two_hosts.sh), one file system ------------------
@@ -207,37 +182,30 @@ def _run_on_hosts(commands: list[list[str]], env: dict[str, str]) -> str:
 
 def test_the_deepspeed_launcher_with_a_hostfile_trains_two_hosts_like_one_rank(two_hosts, one_rank, synth_dir,
                                                                                  token_cache, ds_config, tmp_path):
-    """pdsh over ssh starts a launch.py on each host (its node rank, the exports of DS_ENV_FILE), which starts two
-    ranks there; rank 0's host is the rendezvous. (One rank a host: the tests of one launcher a host.)"""
-    ranks_per_host = 2
+    """pdsh over ssh starts a launch.py on each host (its node rank, the exports of DS_ENV_FILE), which starts the
+    host's rank; rank 0's host is the rendezvous. (Several ranks a host: the local launches.)"""
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("".join(f"{addr} slots={ranks_per_host}\n" for addr in HOST_ADDRS))
+    hostfile.write_text("".join(f"{addr} slots=1\n" for addr in HOST_ADDRS))
     out = tmp_path / "run"
     port = free_port()
     output = _run_on_hosts([_on_host(0, "deepspeed", "--hostfile", str(hostfile), "--master_addr", HOST_ADDRS[0],
                                      "--master_port", str(port), "--no_ssh_check", "--module", "astra_ds", "train",
                                      *_args(synth_dir, token_cache, ds_config, out))], _host_env(two_hosts, port))
-    assert f"{2 * ranks_per_host} ranks" in output and f"{HOST_ADDRS[1]}: " in output  # a rank ran on host 1
+    assert "2 ranks" in output and f"{HOST_ADDRS[1]}: " in output  # a rank ran on host 1
     _assert_trained_alike(out, one_rank)
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed --no_ssh", "torchrun"])
-def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, launcher, one_rank, synth_dir, token_cache,
-                                                            ds_config, tmp_path):
-    """Without ssh between the hosts (Kubernetes, some clusters): each host runs its own launcher with its node
-    rank and rank 0's address."""
+def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, one_rank, synth_dir, token_cache, ds_config,
+                                                            tmp_path):
+    """Without ssh between the hosts (Kubernetes, some clusters): each host runs its own launcher (here deepspeed
+    --no_ssh; torchrun in the tests of a lost and a preempted host) with its node rank and rank 0's address."""
     out, port = tmp_path / "run", free_port()
     args = _args(synth_dir, token_cache, ds_config, out)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{addr} slots=1\n" for addr in HOST_ADDRS))
-    if launcher == "torchrun":
-        commands = [_on_host(host, "torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(host),
-                             "--master_addr", HOST_ADDRS[0], "--master_port", str(port), "-m", "astra_ds", "train",
-                             *args) for host in (0, 1)]
-    else:
-        commands = [_on_host(host, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(host),
-                             "--master_addr", HOST_ADDRS[0], "--master_port", str(port), "--module", "astra_ds",
-                             "train", *args) for host in (0, 1)]
+    commands = [_on_host(host, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(host),
+                         "--master_addr", HOST_ADDRS[0], "--master_port", str(port), "--module", "astra_ds", "train",
+                         *args) for host in (0, 1)]
     assert "2 ranks" in _run_on_hosts(commands, _host_env(two_hosts, port))
     _assert_trained_alike(out, one_rank)
 
@@ -305,7 +273,7 @@ def test_a_lost_host_ends_the_other_in_one_line_and_the_run_resumes_on_the_rest(
 
     out, port = tmp_path / "run", free_port()
     args = _args(synth_dir, token_cache, ds_config, out, "train.max_steps=12", "checkpoint.save_every=2",
-                 "train.collective_timeout_s=30")
+                 "train.collective_timeout_s=15")
     jobs = _two_host_job(two_hosts, args, port)
     _wait_for_steps(out / "train_log.jsonl", 3, jobs)
     lost_at = time.monotonic()

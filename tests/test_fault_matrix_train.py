@@ -20,7 +20,7 @@ from faults import Injector, crash, one_line, point_at, sites, temporary_files
 # two steps, a checkpoint after each (the second links the first's unchanged chunks); no serving index (the matrix
 # of `astra-ds index` has its write points)
 RUN = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "train.max_steps=2", "train.log_every=1",
-       "checkpoint.save_every=1", "table.chunk_mb=0.0005", "eval.ann_index=false"]
+       "checkpoint.save_every=1", "table.chunk_mb=0.002", "eval.ann_index=false"]
 TEXTS = ["tova rebu kide", "rebu"]
 
 
