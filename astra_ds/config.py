@@ -56,9 +56,14 @@ class DataConfig:
     # bytes that are not UTF-8 in the texts: replace (with U+FFFD; the lines are counted in a warning and by
     # `astra-ds data validate`) or error (the first such line ends the command)
     on_bad_text: BadText = "replace"
+    # a run whose features hold a value per training query in memory (NGAME's clusters, the classifier stage's
+    # embeddings, precomputed shortlists, kNN votes) is refused above this many training queries: the memory plan
+    # names them, rather than the run swapping
+    max_held_queries: int = 10_000_000
 
     def __post_init__(self):
         _check(self.max_len >= 2, f"data.max_len must be >= 2, not {self.max_len}")
+        _check(self.max_held_queries >= 1, f"data.max_held_queries must be >= 1, not {self.max_held_queries}")
         _check(0 <= self.validation_fraction < 1,
                f"data.validation_fraction must be in [0, 1), not {self.validation_fraction}")
 

@@ -52,6 +52,7 @@ class PlanLine:
     device: int = 0
     detail: str = ""
     advice: str | None = None  # what to change when the run does not fit
+    per_query: bool = False  # it holds a value per training query (data.max_held_queries)
 
 
 @dataclass
@@ -172,10 +173,10 @@ class DataShape:
 
     @classmethod
     def of(cls, data: PreparedData) -> "DataShape":
-        labels = data.train_labels
-        label_tokens = int(data.label_tokens.lengths.max()) if data.label_tokens is not None else None
-        return cls(data.dataset.num_labels, labels.shape[0], len(data.test_tokens), labels.nnz / max(1, labels.shape[0]),
-                   int(data.train_tokens.lengths.max()), label_tokens)
+        train = data.train.stats()
+        label_tokens = data.label_tokens.longest() if data.label_tokens is not None else None
+        return cls(data.num_labels, train.rows, len(data.test.tokens), train.positives_per_query, train.longest,
+                   label_tokens)
 
 
 def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_size: int, rank: int,
@@ -217,7 +218,8 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
     ]
     if cfg.classifier.epochs or cfg.classifier.refit_epochs:
         resident.append(PlanLine("frozen query embeddings", num_train * dim * 4,
-                                 detail=f"classifier and refit stages: {num_train:,} training queries x {dim}"))
+                                 detail=f"classifier and refit stages: {num_train:,} training queries x {dim}",
+                                 advice="classifier.epochs=0 and classifier.refit_epochs=0", per_query=True))
     if uses_label_embeddings(cfg):
         resident.append(PlanLine("label-text embeddings", rows * dim * 4, detail="dual scoring"))
     sampler_resident, sampler_phases = SAMPLERS.get(cfg.negatives.strategy).memory(cfg, rows, dim, num_train)
@@ -239,7 +241,8 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
           if cfg.classifier.epochs or cfg.classifier.refit_epochs else []),
         PlanLine("evaluation", num_labels * 8 * 3 + num_test * dim * 4 + evaluation + votes,
                  detail="test embeddings, exact top-k blocks, label counts and propensities (L each)"
-                        + (", the training queries' embeddings and search blocks (kNN votes)" if votes else "")),
+                        + (", the training queries' embeddings and search blocks (kNN votes)" if votes else ""),
+                 advice="eval.neighbour_weight=0" if votes else None, per_query=bool(votes)),
         *sampler_phases,
     ]
     return MemoryPlan(resident, phases, world_size, rank)
@@ -251,15 +254,27 @@ def plan_and_check(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module,
     on_gpu = dist.device.type == "cuda"
     plan = plan_run(cfg, DataShape.of(data), encoder, dist.world_size, dist.rank, on_gpu, held_bytes)
     log.info("memory plan of rank %d:\n%s", dist.rank, plan.format())
+    check_held_queries(plan, len(data.train), cfg.data.max_held_queries)
     if cfg.train.memory_check:
         check_fits(plan, on_gpu)
     return plan
 
 
-def report_memory(plan: MemoryPlan, path: Path, is_main: bool) -> dict:
-    """Peak resident memory of this process next to the plan's total (written to `path` by rank 0)."""
+def check_held_queries(plan: MemoryPlan, num_train: int, limit: int) -> None:
+    """Refuse a run above data.max_held_queries training queries whose plan holds a value per query."""
+    held = [line for line in plan.resident + plan.phases if line.per_query]
+    if num_train > limit and held:
+        raise ConfigError(f"{num_train:,} training queries are over data.max_held_queries={limit:,}, and "
+                          f"{', '.join(line.component for line in held)} hold a value per training query in memory: "
+                          f"set {'; '.join(line.advice for line in held if line.advice)}, or raise "
+                          "data.max_held_queries if the plan fits")
+
+
+def report_memory(plan: MemoryPlan, path: Path, is_main: bool, rss_anon_at_start: int | None = None) -> dict:
+    """Peak resident memory of this process next to the plan's total, and its private memory when training began
+    (written to `path` by rank 0)."""
     report = {"plan_host_bytes": plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
-              "plan": [vars(line) for line in plan.resident + plan.phases]}
+              "rss_anon_at_start_bytes": rss_anon_at_start, "plan": [vars(line) for line in plan.resident + plan.phases]}
     log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
     if is_main:
         path.write_text(json.dumps(report, indent=2))
@@ -272,6 +287,18 @@ def available_host_bytes() -> int:
 
 def process_bytes() -> int:
     return psutil.Process().memory_info().rss
+
+
+def rss_anon_bytes() -> int | None:
+    """The process's private memory now (RssAnon: the heap, not the files it maps, such as a prepared dataset's,
+    whose pages the host's ranks share); None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_bytes() -> int:

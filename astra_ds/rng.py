@@ -28,10 +28,15 @@ def numpy_rng(seed: int, stream: Stream, *counters: int) -> np.random.Generator:
     return np.random.default_rng([seed, int(stream), *counters])
 
 
+def stream_key(seed: int, stream: Stream, *counters: int) -> int:
+    """A 64-bit key from the same (seed, stream, counters) as `numpy_rng`, for draws made by hashing (a keyed
+    permutation) or by another generator."""
+    return int(np.random.SeedSequence([seed, int(stream), *counters]).generate_state(1, np.uint64)[0])
+
+
 def torch_generator(seed: int, stream: Stream, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator on `device`, seeded from the same (seed, stream, counters) key as `numpy_rng`."""
-    state = np.random.SeedSequence([seed, int(stream), *counters]).generate_state(1, np.uint64)[0]
-    return torch.Generator(device).manual_seed(int(state) >> 1)  # manual_seed takes a signed 64-bit value
+    return torch.Generator(device).manual_seed(stream_key(seed, stream, *counters) >> 1)  # a signed 64-bit seed
 
 
 class GlobalRngState:

@@ -90,14 +90,14 @@ def train(config: str | Path | RunConfig | None = None, overrides: dict | list[s
         metrics = trainer.evaluate() if evaluate else None
         if metrics is not None:
             log.info("metrics written to %s", run.metrics)
-        step, memory_plan = trainer.step, trainer.memory_plan
+        step, memory_plan, rss_anon_at_start = trainer.step, trainer.memory_plan, trainer.rss_anon_at_start
         trainer.close()
         del trainer  # the training state goes before the serving index is built (its objects hold cycles)
         gc.collect()
         if dist.is_main and cfg.eval.ann_index:
             # the card as save_model just wrote and digested it: verifying would read every model file again
             build_serving_index(run, cfg.index, cfg.train.seed, progress, run.read_card(verify=False))
-        report_memory(memory_plan, run.memory, dist.is_main)  # the peak of the whole run
+        report_memory(memory_plan, run.memory, dist.is_main, rss_anon_at_start)  # the peak of the whole run
     finally:
         gc.unfreeze()
         for lock in locks:

@@ -14,6 +14,7 @@ from astra_ds.config import EvalConfig, load_config
 from astra_ds.data.membership import CSRMembership
 from astra_ds.data.readers import read_dataset
 from astra_ds.eval.evaluate import MODEL, evaluate, remove_filtered, search_k
+from astra_ds.data.queries import TrainCounts
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity
 from astra_ds.negatives.mixture import sample_mixture
 from astra_ds.negatives.uniform import sample_uniform
@@ -95,15 +96,15 @@ def test_the_filter_leaves_predictions_and_gold_labels(json_dir, tmp_path):
     assert search_k(cfg, dataset.test_filter) == 3  # room for the one filtered pair a row
     kept_scores, kept_ids = remove_filtered(scores, ids, dataset.test_filter, 2)
     assert kept_ids.tolist() == [[1, 0], [1, 0], [2, 1]] and kept_scores[0].tolist() == [2.0, 1.0]
-    results = evaluate({MODEL: (scores, ids)}, torch.tensor([0.0, 0.0]), dataset.test.labels, dataset.train.labels,
-                       cfg, 3, tmp_path, {}, dataset.test_filter)[MODEL]
+    results = evaluate({MODEL: (scores, ids)}, torch.tensor([0.0, 0.0]), dataset.test.labels,
+                       TrainCounts.of(dataset.train.labels), cfg, 3, tmp_path, {}, dataset.test_filter)[MODEL]
     # gold after the filter: {0}, {1}, {}; top-2: [1, 0], [1, 0], [2, 1]
     assert results["P@1"] == pytest.approx((0 + 1 + 0) / 3)
     assert results["P@2"] == pytest.approx((1 / 2 + 1 / 2 + 0) / 3)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["filter"] == {"applied": True, "pairs": 1}
     unfiltered = evaluate({MODEL: (scores, ids)}, torch.tensor([0.0, 0.0]), dataset.test.labels,
-                          dataset.train.labels, cfg, 3, tmp_path, {})[MODEL]
+                          TrainCounts.of(dataset.train.labels), cfg, 3, tmp_path, {})[MODEL]
     assert unfiltered["P@1"] == pytest.approx(2 / 3)
     assert json.loads((tmp_path / "metrics.json").read_text())["filter"]["applied"] is False
 
@@ -121,7 +122,8 @@ def test_label_matrices_without_nonzeros():
     empty = sp.csr_matrix((3, 5))
     assert not CSRMembership(empty).contains(np.array([0, 2]), np.array([1, 4])).any()
     pred = np.array([[0, 1], [2, 3], [4, 0]])
-    metrics = compute_metrics(pred, empty, inverse_propensity(sp.csr_matrix(np.eye(5)), 0.55, 1.5), ks=(1, 2))
+    inv_psp = inverse_propensity(TrainCounts.of(sp.csr_matrix(np.eye(5))), 0.55, 1.5)
+    metrics = compute_metrics(pred, empty, inv_psp, ks=(1, 2))
     assert metrics["P@1"] == metrics["nDCG@2"] == metrics["R@2"] == 0.0  # points without labels score 0
     rng = np.random.default_rng(0)
     uniform = sample_uniform(empty, 4, rng)

@@ -23,13 +23,16 @@ def test_label_texts_follow_the_training_queries_each_with_its_label(synth_dir, 
     data = prepare_data(cfg.data, tokenizer, seed=3)
     plain = prepare_data(load_config(None, sets).data, tokenizer, seed=3)
     label_texts = read_dataset(synth_dir).label_texts
-    num_train = len(plain.train_tokens)
-    assert len(data.train_tokens) == num_train + 50 and data.train_labels.shape == (num_train + 50, 50)
-    np.testing.assert_array_equal(data.train_tokens.ids[:num_train], plain.train_tokens.ids)
-    np.testing.assert_array_equal(data.train_tokens.ids[num_train:], tokenize(label_texts, tokenizer, cfg.data.max_len).ids)
-    assert (data.train_labels[:num_train] != plain.train_labels).nnz == 0
-    assert (data.train_labels[num_train:] != np.eye(50)).sum() == 0  # label text i: label i, nothing else
-    assert (data.dataset.train.labels != plain.dataset.train.labels).nnz == 0  # propensities' counts unchanged
+    num_train = len(plain.train)
+    tokens, positives = data.train.tokens, data.train.positives
+    assert len(data.train) == num_train + 50 and positives.shape == (num_train + 50, 50)
+    assert data.num_label_queries == 50
+    np.testing.assert_array_equal(tokens.ids[:num_train], plain.train.tokens.ids)
+    np.testing.assert_array_equal(tokens.ids[num_train:], tokenize(label_texts, tokenizer, cfg.data.max_len).ids)
+    assert (positives[:num_train] != plain.train.positives).nnz == 0
+    assert (positives[num_train:] != np.eye(50)).sum() == 0  # label text i: label i, nothing else
+    np.testing.assert_array_equal(data.train_counts.per_label, plain.train_counts.per_label)  # propensities' counts
+    assert data.train_counts.queries == plain.train_counts.queries == num_train  # unchanged
     np.testing.assert_array_equal(data.validation.tokens.ids, plain.validation.tokens.ids)
 
 

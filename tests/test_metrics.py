@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from astra_ds.data.queries import TrainCounts
 from astra_ds.eval.metrics import compute_metrics, format_table, inverse_propensity, popularity_predictions
 
 
@@ -51,7 +52,7 @@ def test_propensity_formula():
     a, b = 0.55, 1.5
     c = (math.log(100) - 1) * (b + 1) ** a
     expected = [1 + c * (n + b) ** -a for n in (10, 90, 0)]
-    np.testing.assert_allclose(inverse_propensity(train, a, b), expected)
+    np.testing.assert_allclose(inverse_propensity(TrainCounts.of(train), a, b), expected)
 
 
 def _reference(pred, true, inv_psp, k):
@@ -81,7 +82,7 @@ def test_random_predictions_match_per_point_reference():
     true = sp.random(num_points, num_labels, density=0.1, format="csr", random_state=1)
     true.data[:] = 1
     pred = np.stack([rng.permutation(num_labels)[:5] for _ in range(num_points)])
-    inv_psp = inverse_propensity(true)
+    inv_psp = inverse_propensity(TrainCounts.of(true))
     metrics = compute_metrics(pred, true, inv_psp, ks=(1, 3, 5))
     for k in (1, 3, 5):
         for name, value in _reference(pred, true, inv_psp, k).items():
@@ -90,7 +91,7 @@ def test_random_predictions_match_per_point_reference():
 
 def test_popularity_baseline_and_table():
     train = _labels([[0, 1], [1], [1, 2], [2]], 4)
-    pred = popularity_predictions(train, num_points=3, k=2)
+    pred = popularity_predictions(TrainCounts.of(train), num_points=3, k=2)
     assert pred.tolist() == [[1, 2]] * 3
     ks = (1, 3, 5, 10, 100)
     metrics = {f"{n}@{k}": k / 1000 + i / 10 for i, n in enumerate(["P", "nDCG", "PSP", "PSnDCG", "R"]) for k in ks}

@@ -110,9 +110,9 @@ def test_the_weight_is_chosen_on_validation_and_every_path_ranks_with_the_votes(
     model = astra_ds.load(out)
     data = model.load_data()
     votes = model.neighbour_votes()  # the training queries as the final encoder embeds them, with their labels
-    train_queries, _ = model.encode_tokens(data.train_tokens)
+    train_queries, _ = model.encode_tokens(data.train)
     torch.testing.assert_close(votes.embeddings, train_queries, rtol=0, atol=1e-5)
-    assert (votes.labels != data.train_labels).nnz == 0
+    assert (votes.labels != data.train.positives).nnz == 0
     run_main("eval", "--run-dir", str(out), "--split", "validation", "--exact", "--out-dir", str(tmp_path / "v"))
     again = json.loads((tmp_path / "v" / "metrics.json").read_text())["astra_ds"]["P@1"]
     assert again == pytest.approx(p1[chosen], abs=1e-9)  # `eval` ranks as the run's own evaluation did

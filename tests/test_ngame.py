@@ -85,7 +85,7 @@ def test_clustered_batches_are_whole_clusters_and_resume_identically():
                                   RandomBatches(BatchingConfig(), 32, 8, 3, points.shape[1], 0).epoch_batches(0))
     sampler.recluster(points, epoch=0)
     for epoch in range(2):
-        batches = sampler.epoch_batches(epoch)
+        batches = np.asarray(sampler.epoch_batches(epoch))
         assert sorted(batches.reshape(-1)) == list(range(32))
         groups = group[batches].reshape(4, 2, 4)  # each batch = two whole clusters of 4 queries
         assert (groups == groups[:, :, :1]).all()
@@ -105,7 +105,7 @@ def test_ranks_get_disjoint_parts_of_the_global_batch():
 
 def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
-    texts = trainer.data.dataset.label_texts
+    texts = trainer.data.label_texts
     tokens = build_tokenizer(trainer.cfg.encoder)(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
     with torch.no_grad():
         expected, _ = trainer.engine.module.eval()(tokens["input_ids"], tokens["attention_mask"])
@@ -126,10 +126,10 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
-    input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
+    input_ids, attention_mask = trainer.data.train.batch(rows)
     with torch.no_grad():
         queries, calibration = trainer.engine.module(input_ids, attention_mask)
-    positives = trainer.data.dataset.train.labels[rows]
+    positives = trainer.data.train.labels(rows)
     negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, numpy_rng(0, Stream.NEGATIVES, 0))
     scores = calibration[0].exp() * queries @ F.normalize(before, dim=-1).T + calibration[1]
     in_batch = np.zeros(trainer.table.num_labels, bool)
@@ -148,7 +148,7 @@ def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_c
     trainer = make_trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
-        expected, _ = trainer.engine.module(*trainer.data.train_tokens.batch(rows))
+        expected, _ = trainer.engine.module(*trainer.data.train.batch(rows))
     trainer.stages[-1].step(rows, 0)
     torch.testing.assert_close(trainer.stages[-1].batches.bank.embeddings[rows].float(), expected, rtol=0, atol=1e-3)
     assert trainer.stages[-1].batches.bank.seen.sum() == len(rows)
@@ -161,7 +161,7 @@ def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path)
                        "batching.cluster_size=4", "batching.recluster_every=1", "train.epochs=3",
                        "train.batch_size=30", "eval.every_epochs=0.5")
     trainer.fit()
-    num_queries = len(trainer.data.train_tokens)
+    num_queries = len(trainer.data.train)
     assert trainer.step == 3 * trainer.stages[-1].steps_per_epoch == 51 and sorted(trainer.stages[-1].batches.clustered_order) == list(range(num_queries))
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     evaluations = [r for r in records if "test_P@1" in r]  # the end of training is evaluated by `train`
@@ -179,8 +179,8 @@ def test_length_pools_make_batches_of_similar_lengths_from_the_same_queries():
     lengths (a stage that does not encode) the batches are the random ones."""
     lengths = np.random.default_rng(0).integers(3, 60, size=1000)
     pooled = BatchingConfig(length_pools=5)
-    plain = RandomBatches(BatchingConfig(), 1000, 16, 7, 8, 2).epoch_batches(0)
-    batches = RandomBatches(pooled, 1000, 16, 7, 8, 2, lengths).epoch_batches(0)
+    plain = np.asarray(RandomBatches(BatchingConfig(), 1000, 16, 7, 8, 2).epoch_batches(0))
+    batches = np.asarray(RandomBatches(pooled, 1000, 16, 7, 8, 2, lengths.__getitem__).epoch_batches(0))
     assert batches.shape == plain.shape == (62, 16)
     assert sorted(batches.reshape(-1)) == sorted(plain.reshape(-1))
     for start in range(0, 62, 5):  # pool by pool (the last one has 2 batches): whole batches of its queries

@@ -129,3 +129,17 @@ def test_plan_without_the_dataset_and_for_gpus_from_a_machine_without_one(tmp_pa
     assert abs(rows - 1_000_000 / 8) < 8192 and lines[-1].startswith("a host: 8 rank(s) x plan = ")
     assert main([*args[:7], "--num-labels", "10"]) == 2  # answered before the libraries load
     assert "--num-labels, --num-train and --num-test go together" in capsys.readouterr().err
+
+
+def test_features_that_hold_a_value_per_training_query_are_refused_above_max_held_queries(synth_dir, token_cache,
+                                                                                           tmp_path, capsys):
+    sets = [f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path / 'run'}",
+            "encoder.model=tiny-random", "train.batch_size=32", "batching.mode=clustered", "classifier.epochs=1",
+            "data.max_held_queries=500"]
+    assert main(["train", *[arg for s in sets for arg in ("--set", s)]]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and (
+        "512 training queries are over data.max_held_queries=500, and frozen query embeddings, NGAME query "
+        "embeddings hold a value per training query in memory: set classifier.epochs=0 and "
+        "classifier.refit_epochs=0; batching.mode=random, or raise data.max_held_queries if the plan fits") in error
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

@@ -59,7 +59,7 @@ def test_stages_run_in_order_and_rows_start_from_the_siamese_encoder(synth_dir, 
     assert any(not torch.equal(encoder[k], v) for k, v in encoder_before.items())  # the Siamese stage trained it
     label_embeddings = _label_embeddings(trainer)
     first_batch = classifier.batches.epoch_batches(0)[0]
-    touched = set(trainer.data.dataset.train.labels[first_batch].indices.tolist())
+    touched = set(trainer.data.train.labels(first_batch).indices.tolist())
     untouched = [label for label in range(trainer.table.num_labels) if label not in touched]
     assert len(untouched) > 10  # a classifier step changes only the rows of its batch's labels (and negatives)
     changed = (trainer.table.rows != label_embeddings).any(1)
@@ -96,7 +96,7 @@ def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache
     for name, value in trainer.engine.module.state_dict().items():
         assert torch.equal(value, encoder_before[name]), name
     with torch.no_grad():  # the cached embeddings are the frozen encoder's
-        expected, _ = trainer.engine.module.eval()(*trainer.data.train_tokens.batch(np.arange(5)))
+        expected, _ = trainer.engine.module.eval()(*trainer.data.train.batch(np.arange(5)))
     torch.testing.assert_close(trained_on["queries"][:5], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_d
                                                                   sample(rows, queries, *a))[1]
         whole = _embeddings_at_the_end(classifier)
         trainer.fit()
-        return whole["queries"], classifier.batches.epoch_batches(0)[:2], sampled, list(seen)
+        return whole["queries"], np.asarray(classifier.batches.epoch_batches(0))[:2], sampled, list(seen)
 
     real = stages.classifier_loss
     monkeypatch.setattr(stages, "classifier_loss", lambda table, queries, *a: (seen.append(queries.clone()),
@@ -149,7 +149,7 @@ def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(syn
 
     assert not torch.equal(trainer.table.rows, rows_after_joint["rows"])
     with torch.no_grad():  # the refit's cached embeddings are the final encoder's, the classifier stage's are not
-        expected, _ = trainer.engine.module.eval()(*trainer.data.train_tokens.batch(np.arange(5)))
+        expected, _ = trainer.engine.module.eval()(*trainer.data.train.batch(np.arange(5)))
     torch.testing.assert_close(trained_on["refit"]["queries"][:5], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(trained_on["classifier"]["queries"][:5], expected, rtol=1e-3, atol=1e-4)
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]

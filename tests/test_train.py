@@ -144,11 +144,11 @@ def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     trainer = make_trainer(synth_dir, token_cache, tmp_path / "a")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
-    input_ids, attention_mask = trainer.data.train_tokens.batch(rows)
+    input_ids, attention_mask = trainer.data.train.batch(rows)
     with torch.no_grad():
         queries, calibration = trainer.engine.module(input_ids, attention_mask)
     rng = numpy_rng(trainer.cfg.train.seed, Stream.NEGATIVES, 0)
-    positives = trainer.data.dataset.train.labels[rows]
+    positives = trainer.data.train.labels(rows)
     from astra_ds.negatives.uniform import sample_uniform
 
     negatives = sample_uniform(positives, trainer.cfg.negatives.num_negatives, rng)
@@ -205,7 +205,7 @@ def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp
 
     encoder = QueryEncoder(trainer.cfg.encoder, trainer.table.num_labels)
     encoder.load_state_dict(torch.load(tmp_path / "z3" / "encoder.pt"))
-    input_ids, attention_mask = trainer.data.test_tokens.batch(np.arange(8))
+    input_ids, attention_mask = trainer.data.test.tokens.batch(np.arange(8))
     trainer.engine.eval()
     with torch.no_grad():
         expected, _ = trainer.engine(input_ids, attention_mask)

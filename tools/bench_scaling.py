@@ -104,11 +104,11 @@ def dense_step_time(data: Path, encoder_name: str, dim: int, batch: int, steps: 
     encoder = QueryEncoder(encoder_cfg, num_labels)
     weights = torch.nn.Parameter(torch.randn(num_labels, dim) * 0.02)
     optimizer = torch.optim.SGD([*encoder.parameters(), weights], lr=1e-3)
-    labels = prepared.dataset.train.labels
+    labels = prepared.train.positives
 
     def step(i):
         rows = np.arange(i * batch, (i + 1) * batch) % labels.shape[0]
-        input_ids, attention_mask = prepared.train_tokens.batch(rows)
+        input_ids, attention_mask = prepared.train.batch(rows)
         queries, calibration = encoder(input_ids, attention_mask)
         logits = calibration[0].exp() * queries @ F.normalize(weights, dim=-1).T + calibration[1]
         targets = torch.from_numpy(labels[rows].toarray()).float()

@@ -47,7 +47,7 @@ def measure(data: str, model: str, max_len: int, batch_size: int, steps: int, co
     texts = read_dataset(data).train.texts[:steps * batch_size]
     tokens = tokenize(texts, build_tokenizer(cfg), max_len)
     batches = RandomBatches(BatchingConfig(length_pools=20), len(texts), batch_size, seed=0, dim=0, stream=0,
-                            lengths=tokens.lengths).epoch_batches(0)
+                            lengths_of=tokens.lengths.__getitem__).epoch_batches(0)
     encoder = QueryEncoder(cfg, num_labels=1)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5)
     rss = lambda: psutil.Process().memory_info().rss  # noqa: E731
@@ -63,7 +63,7 @@ def measure(data: str, model: str, max_len: int, batch_size: int, steps: int, co
             first_rss, started = rss(), time.perf_counter()
     return {"first": first_rss, "last": rss(), "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "steps_per_s": (len(batches) - 1) / (time.perf_counter() - started),
-            "lengths": len(np.unique(tokens.lengths[batches].max(axis=1)))}
+            "lengths": len(np.unique(tokens.lengths[np.asarray(batches)].max(axis=1)))}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 import astra_ds
+from astra_ds.data.queries import RowsOf
 
 
 def seconds_per_query(model, queries, batch: int, exact: bool, k: int) -> float:
@@ -38,7 +39,7 @@ def main() -> None:
     data = voted.load_data()
     split = data.validation or data.test
     count = min(len(split.tokens), max(args.queries, 4 * args.batch))
-    queries, _ = voted.encode_tokens(split.tokens.subset(np.arange(count)))
+    queries, _ = voted.encode_tokens(RowsOf(split.tokens, np.arange(count)))
     print(f"{args.run_dir}: {voted.num_labels} labels, {voted.neighbour_votes().end} training queries, "
           f"d = {queries.shape[1]}, {len(queries)} {split.name} queries")
     print("search | batch | without votes ms/query | with votes ms/query | ratio")

@@ -97,13 +97,14 @@ def run_peers(datasets: dict[str, str], ngrams: int, k: int = 5) -> dict:
     """In the peer venv: train both peers on each dataset, return their metrics and timings."""
     sys.path.insert(0, str(REPO))
     from astra_ds.data.readers import read_dataset
+    from astra_ds.data.queries import TrainCounts
     from astra_ds.eval.metrics import compute_metrics, inverse_propensity
 
     results = {}
     for name, path in datasets.items():
         dataset = read_dataset(path)
         x_train, x_test = _tfidf(dataset, ngrams)
-        inv_psp = inverse_propensity(dataset.train.labels)
+        inv_psp = inverse_propensity(TrainCounts.of(dataset.train.labels))
         for peer, train in (("pecos_xr_linear", train_pecos), ("omikuji", train_omikuji)):
             started = time.perf_counter()
             ids = train(x_train, dataset.train.labels, x_test, k)

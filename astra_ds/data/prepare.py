@@ -1,7 +1,8 @@
 """A dataset ready for training: read, validated, tokenised (through the token cache), and split into the queries
 training uses, the validation split held out of them (data.validation_fraction) and the test split; with
 data.label_texts_as_queries the label texts join the queries training uses (not the dataset's train split, whose
-label counts give the propensities)."""
+label counts give the propensities). A prepared directory (`astra-ds data prepare`) gives the same parts,
+memory-mapped, from its manifest alone: its validation split was chosen when it was prepared."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from astra_ds.config import DataConfig
+from astra_ds.data.prepared import PreparedDirectory, is_prepared
+from astra_ds.data.queries import Queries, QueriesInMemory, Texts, TrainCounts
 from astra_ds.data.readers import XCDataset, XCSplit, read_dataset
-from astra_ds.data.tokens import TokenizedTexts, tokenize_cached
+from astra_ds.data.tokens import TokenizedTexts, tokenize_cached, tokenizer_fingerprint
 from astra_ds.errors import ConfigError
 from astra_ds.rng import Stream, numpy_rng
 
@@ -27,23 +30,25 @@ class EvalSplit:
     """Queries a model is evaluated on, with their labels."""
 
     name: str  # TEST or VALIDATION
-    tokens: TokenizedTexts
+    tokens: Texts
     labels: sp.csr_matrix
     filter: sp.csr_matrix | None = None  # (query, label) pairs left out of the evaluation (the test split's)
 
 
 @dataclass
 class PreparedData:
-    dataset: XCDataset  # its train split: the training queries less the validation split
-    train_tokens: TokenizedTexts  # the queries training uses: the train split's, then the label texts as queries
-    train_labels: sp.csr_matrix  # their positives
-    test_tokens: TokenizedTexts
-    label_tokens: TokenizedTexts | None = None  # the label texts, when the run uses them
-    validation: EvalSplit | None = None  # held out of the training queries, when data.validation_fraction > 0
+    """A dataset as a run reads it, from its files (in memory) or from a prepared directory (memory-mapped)."""
 
-    @property
-    def test(self) -> EvalSplit:
-        return EvalSplit(TEST, self.test_tokens, self.dataset.test.labels, self.dataset.test_filter)
+    name: str
+    num_labels: int
+    train: Queries  # the queries training uses: the train split less the validation split, then label texts
+    test: EvalSplit
+    train_counts: TrainCounts  # of the training queries' labels, label texts left out (propensities)
+    fingerprint: str  # of the training queries and their labels: a run resumes on the data it was trained on
+    label_tokens: Texts | None = None  # the label texts' tokens, when the run uses them
+    label_texts: list[str] | None = None  # the label texts, when the data has them in memory
+    validation: EvalSplit | None = None  # held out of the training queries, when data.validation_fraction > 0
+    num_label_queries: int = 0  # label texts at the end of `train` (data.label_texts_as_queries)
 
     def split(self, name: str) -> EvalSplit:
         """The test or the validation split, by name."""
@@ -69,7 +74,10 @@ def validation_rows(num_train: int, fraction: float, seed: int) -> np.ndarray:
 
 def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None, seed: int = 0) -> PreparedData:
     """The dataset and its token ids; with `label_max_len`, the label texts' too (when the data has them); with
-    data.validation_fraction, the validation split drawn from `seed` (the run's train.seed)."""
+    data.validation_fraction, the validation split drawn from `seed` (the run's train.seed). A data.path that is a
+    prepared directory (`astra-ds data prepare`) is memory-mapped; other layouts are read and tokenised here."""
+    if is_prepared(cfg.path):
+        return open_prepared(cfg, tokenizer, label_max_len)
     dataset = read_dataset(cfg.path, cfg.format, cfg.text_fields, cfg.on_bad_text)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     label_tokens = None
@@ -83,13 +91,48 @@ def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None, s
         kept = np.setdiff1d(np.arange(len(dataset.train.texts)), held_out)
         validation = EvalSplit(VALIDATION, train_tokens.subset(held_out), dataset.train.labels[held_out])
         train = XCSplit([dataset.train.texts[i] for i in kept], dataset.train.labels[kept])
-        train_filter = dataset.train_filter[kept] if dataset.train_filter is not None else None
-        dataset = dataclasses.replace(dataset, train=train, train_filter=train_filter)
+        dataset = dataclasses.replace(dataset, train=train)
         train_tokens = train_tokens.subset(kept)
-    train_labels = dataset.train.labels
+    train_labels, num_label_queries = dataset.train.labels, 0
     if cfg.label_texts_as_queries:
         train_tokens, train_labels = _with_label_queries(dataset, train_tokens, tokenizer, cfg, cache_dir)
-    return PreparedData(dataset, train_tokens, train_labels, test_tokens, label_tokens, validation)
+        num_label_queries = len(train_tokens) - len(dataset.train.texts)
+    return PreparedData(dataset.name, dataset.num_labels, QueriesInMemory(train_tokens, train_labels),
+                        EvalSplit(TEST, test_tokens, dataset.test.labels, dataset.test_filter),
+                        TrainCounts.of(dataset.train.labels), dataset.train.fingerprint(), label_tokens, dataset.label_texts, validation, num_label_queries)
+
+
+def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) -> PreparedData:
+    """A prepared directory, checked against the run's tokenizer and data settings; only its manifest is read."""
+    directory = PreparedDirectory(cfg.path)
+    settings = directory.settings
+    if settings["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"{cfg.path} was prepared with the tokenizer of encoder.model={settings['encoder']}, and "
+                          "this run's tokenizer differs: prepare the data again for this encoder")
+    asked = {"data.max_len": (settings["max_len"], cfg.max_len),
+             "data.validation_fraction": (settings["validation_fraction"], cfg.validation_fraction)}
+    if label_max_len is not None:
+        asked["siamese.label_max_len"] = (settings["label_max_len"], label_max_len)
+    for key, (prepared, run) in asked.items():
+        if prepared != run:
+            raise ConfigError(f"{cfg.path} was prepared with {key}={prepared}, and this run asks for {run}: set "
+                              f"{key}={prepared}, or prepare the data again")
+    if cfg.label_texts_as_queries:
+        raise ConfigError("data.label_texts_as_queries is not available on a prepared directory: use the dataset's "
+                          "own files for data.path")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    parts = {name: directory.part(name, pad_id) for name in ("train", "validation", "test", "labels")}
+
+    def evaluated(name: str) -> EvalSplit | None:
+        part = parts[name]
+        return None if part is None else EvalSplit(name, part, part.labels(np.arange(len(part))))
+
+    labels = parts["labels"] if label_max_len is not None and parts["labels"] is not None and len(parts["labels"]) \
+        else None
+    validation = evaluated(VALIDATION) if cfg.validation_fraction > 0 else None
+    counts = TrainCounts(np.asarray(directory.label_counts), len(parts["train"]))
+    return PreparedData(directory.path.name, directory.num_labels, parts["train"], evaluated(TEST), counts,
+                        directory.fingerprint, labels, None, validation)
 
 
 def _with_label_queries(dataset: XCDataset, train_tokens: TokenizedTexts, tokenizer, cfg: DataConfig,

@@ -12,6 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from astra_ds.data.queries import QueryStats
 from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS
 from astra_ds.errors import DataError
 
@@ -27,7 +28,7 @@ class PreparedPart:
         self.directory, self.name, self.num_labels, self.pad_id = directory, name, num_labels, pad_id
         self.unit_names = [unit["name"] for unit in entry["units"]]
         self.starts = np.concatenate([[0], np.cumsum([unit["rows"] for unit in entry["units"]])]).astype(np.int64)
-        self.positives = entry.get("positives", 0)
+        self.entry = entry
         self._arrays: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -60,6 +61,14 @@ class PreparedPart:
             for position, row in zip(where, local):
                 out[position] = array[starts[row]:starts[row + 1]]
         return out, np.array([len(r) for r in out], dtype=np.int64)
+
+    def stats(self) -> QueryStats:
+        """From the manifest: no row is read."""
+        per_query = self.entry.get("labels_histogram") or [0]
+        return QueryStats(len(self), self.entry.get("positives", 0), self.longest(), per_query[0])
+
+    def longest(self) -> int:
+        return len(self.entry["length_histogram"]) - 1
 
     def lengths_of(self, rows: np.ndarray) -> np.ndarray:
         out = np.zeros(len(rows), np.int64)

@@ -24,6 +24,12 @@ class TokenizedTexts:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def lengths_of(self, rows: np.ndarray) -> np.ndarray:
+        return self.lengths[rows]
+
+    def longest(self) -> int:
+        return int(self.lengths.max(initial=0))
+
     def subset(self, rows: np.ndarray) -> "TokenizedTexts":
         return TokenizedTexts(self.ids[rows], self.lengths[rows])
 

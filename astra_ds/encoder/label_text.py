@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from astra_ds.collectives import barrier
-from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.data.queries import Texts
 from astra_ds.progress import progress as progress_of
 from astra_ds.scoring.rows import evaluating
 from astra_ds.table import store
@@ -33,7 +33,7 @@ class ShardRows(Protocol):
     def block_rows(self, start: int, end: int) -> torch.Tensor: ...
 
 
-def encode_label_texts(target: ShardRows, label_tokens: TokenizedTexts, model: torch.nn.Module, batch_size: int,
+def encode_label_texts(target: ShardRows, label_tokens: Texts, model: torch.nn.Module, batch_size: int,
                        progress: bool = True) -> None:
     """Row l <- model's embedding of label text l (a unit vector) for the rows of this rank's shard of `target`,
     `model` (the encoder or its DeepSpeed engine) in eval mode.

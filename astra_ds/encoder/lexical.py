@@ -63,7 +63,7 @@ class LexicalSketch(nn.Module):
 
     @torch.no_grad()
     def fit_idf(self, tokens, chunk: int = 4096) -> None:
-        """idf from the document frequencies of the features over `tokens` (TokenizedTexts, the training queries)."""
+        """idf from the document frequencies of the features over `tokens` (the training queries)."""
         df = torch.zeros(BUCKETS, dtype=torch.float64)
         for start in range(0, len(tokens), chunk):
             features, real = self.features(*tokens.batch(np.arange(start, min(start + chunk, len(tokens)))))

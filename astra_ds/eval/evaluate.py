@@ -12,6 +12,7 @@ import torch
 from astra_ds.collectives import global_topk
 from astra_ds.config import EvalConfig
 from astra_ds.data.membership import CSRMembership
+from astra_ds.data.queries import TrainCounts
 from astra_ds.eval.metrics import compute_metrics, inverse_propensity, popularity_predictions
 from astra_ds.eval.outputs import METRICS_FILE, PREDICTIONS_FILE
 from astra_ds.files import output_file, write_atomically
@@ -54,7 +55,7 @@ def exact_topk_all_ranks(queries: torch.Tensor, table, cfg: EvalConfig, normaliz
 
 
 def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: torch.Tensor,
-             test_labels: sp.csr_matrix, train_labels: sp.csr_matrix, cfg: EvalConfig, num_labels: int,
+             test_labels: sp.csr_matrix, train: TrainCounts, cfg: EvalConfig, num_labels: int,
              out_dir: str | Path, about: dict, test_filter: sp.csr_matrix | None = None,
              write: bool = True) -> dict[str, dict[str, float]]:
     """Metrics of each top-k in `topk` (name -> (scores <q, v>, ids), (N, search_k) each; the first is the one
@@ -68,9 +69,9 @@ def evaluate(topk: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: to
         test_labels = sp.csr_matrix(test_labels - test_labels.multiply(test_filter))
         test_labels.eliminate_zeros()
     psp_a, psp_b = cfg.propensity
-    inv_psp = inverse_propensity(train_labels, psp_a, psp_b)
+    inv_psp = inverse_propensity(train, psp_a, psp_b)
     results = {name: compute_metrics(ids.numpy(), test_labels, inv_psp, cfg.ks) for name, (_, ids) in topk.items()}
-    popular = torch.from_numpy(popularity_predictions(train_labels, test_labels.shape[0], search_k(cfg, test_filter)))
+    popular = torch.from_numpy(popularity_predictions(train, test_labels.shape[0], search_k(cfg, test_filter)))
     _, popular = remove_filtered(torch.zeros(popular.shape), popular, test_filter, k)
     results[BASELINE] = compute_metrics(popular.numpy(), test_labels, inv_psp, cfg.ks)
     if not write:

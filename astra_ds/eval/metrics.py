@@ -12,12 +12,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from astra_ds.data.membership import CSRMembership
+from astra_ds.data.queries import TrainCounts
 
 
-def inverse_propensity(train_labels: sp.csr_matrix, a: float = 0.55, b: float = 1.5) -> np.ndarray:
-    num_points = train_labels.shape[0]
-    freqs = np.asarray((train_labels != 0).sum(axis=0), dtype=np.float64).ravel()
-    c = (np.log(num_points) - 1) * (b + 1) ** a
+def inverse_propensity(train: TrainCounts, a: float = 0.55, b: float = 1.5) -> np.ndarray:
+    freqs = train.per_label.astype(np.float64)
+    c = (np.log(train.queries) - 1) * (b + 1) ** a
     return 1.0 + c * (freqs + b) ** -a
 
 
@@ -71,10 +71,9 @@ def compute_metrics(pred_ids: np.ndarray, true_labels: sp.csr_matrix, inv_psp: n
     return metrics
 
 
-def popularity_predictions(train_labels: sp.csr_matrix, num_points: int, k: int) -> np.ndarray:
+def popularity_predictions(train: TrainCounts, num_points: int, k: int) -> np.ndarray:
     """The baseline that predicts the k most frequent training labels for every point."""
-    freqs = np.asarray((train_labels != 0).sum(axis=0)).ravel()
-    top = np.argsort(-freqs, kind="stable")[:k]
+    top = np.argsort(-train.per_label, kind="stable")[:k]
     return np.tile(top, (num_points, 1))
 
 

@@ -74,7 +74,7 @@ def evaluate_model(model, split_name: str, search: Search, out_dir: Path | None)
     out_dir = out_dir or model.run.claim_eval_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        results = evaluate(topk, calibration, split.labels, data.dataset.train.labels, model.cfg.eval,
+        results = evaluate(topk, calibration, split.labels, data.train_counts, model.cfg.eval,
                            model.num_labels, out_dir, about, split.filter)
     except BaseException:
         if claimed:  # no empty or partial evals/<n> left behind

@@ -23,6 +23,7 @@ import torch
 
 from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData, prepare_data
+from astra_ds.data.queries import Texts
 from astra_ds.data.tokens import TokenizedTexts, tokenize
 from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 from astra_ds.errors import ConfigError, UserError
@@ -122,8 +123,8 @@ class XCModel:
         """The data the model is evaluated on: its run's dataset (and validation split), or another one of the same
         labels (the override data.path=...)."""
         data = prepare_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
-        if data.dataset.num_labels != self.num_labels:
-            raise ConfigError(f"the data at {self.cfg.data.path} has {data.dataset.num_labels} labels, the model "
+        if data.num_labels != self.num_labels:
+            raise ConfigError(f"the data at {self.cfg.data.path} has {data.num_labels} labels, the model "
                               f"{self.num_labels}")
         return data
 
@@ -143,7 +144,7 @@ class XCModel:
             raise UserError(f"empty text at position {empty[0]} ({len(empty)} empty in all)")
         return tokenize(list(texts), self.tokenizer, self.card.max_len)
 
-    def encode_tokens(self, tokens: TokenizedTexts) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_tokens(self, tokens: Texts) -> tuple[torch.Tensor, torch.Tensor]:
         """Query embeddings (N, d, host) and the calibration (log scale, bias)."""
         return encode_queries(self.encoder, tokens, self.cfg.eval.batch_size, self.device, self.progress)
 

@@ -45,7 +45,8 @@ class PrecomputedShortlists(PerStepShortlists):
     @staticmethod
     def memory(cfg: RunConfig, num_train: int) -> list[PlanLine]:
         k = cfg.negatives.shortlist_size
-        return [PlanLine("shortlists", num_train * k * 12, detail=f"{k} per training query")]
+        return [PlanLine("shortlists", num_train * k * 12, detail=f"{k} per training query",
+                         advice="negatives.shortlist_mode=per_step", per_query=True)]
 
     def refresh(self, search: Search, train_queries: TrainQueries) -> torch.Tensor:
         """Every training query's shortlist from the new index; returns the queries' embeddings."""

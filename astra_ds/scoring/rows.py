@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from astra_ds.collectives import all_gather_cat, merge_topk, padded_part
-from astra_ds.data.tokens import TokenizedTexts
+from astra_ds.data.queries import Texts
 from astra_ds.libraries import release_free_memory
 from astra_ds.progress import progress as progress_of
 
@@ -32,7 +32,7 @@ def evaluating(model: torch.nn.Module):
         model.train(was_training)
 
 
-def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: int, device: torch.device,
+def encode_queries(model: torch.nn.Module, tokens: Texts, batch_size: int, device: torch.device,
                    progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """All query embeddings (N, d) on the host, and the score calibration (log scale, bias), `model` in eval mode.
 
@@ -43,7 +43,7 @@ def encode_queries(model: torch.nn.Module, tokens: TokenizedTexts, batch_size: i
     batch's activations freed go back to the system after it (astra_ds/libraries.py): batches whose sizes change
     otherwise leave the heap fragmented, 1 GiB resident after WordNetHyper's 63K training queries."""
     rows = padded_part(len(tokens))
-    by_length = torch.from_numpy(np.argsort(tokens.lengths[rows], kind="stable"))
+    by_length = torch.from_numpy(np.argsort(tokens.lengths_of(rows), kind="stable"))
     mine, calibration = None, None
     with evaluating(model):
         for start in progress_of(range(0, len(rows), batch_size), "encode", progress, "batch"):

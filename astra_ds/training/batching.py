@@ -25,7 +25,10 @@ import torch
 from astra_ds.collectives import computed_on_main
 from astra_ds.config import BatchingConfig
 from astra_ds.plan import PlanLine
-from astra_ds.rng import Stream, numpy_rng
+from astra_ds.rng import Stream, numpy_rng, stream_key
+from astra_ds.training.permutation import KeyedPermutation
+
+BATCH_ORDER = 1  # the counter of the batches' own order (length pools), after the epoch's
 
 
 def balanced_2means(x: np.ndarray, left_size: int, rng: np.random.Generator, iters: int = 8) -> np.ndarray:
@@ -73,16 +76,37 @@ class QueryBank:
         self.embeddings, self.seen = state["embeddings"], state["seen"].numpy()
 
 
+class EpochBatches:
+    """The batches of an epoch by position (0 ... steps - 1), each computed when asked for; np.asarray gives them
+    all, (steps, batch_size)."""
+
+    def __init__(self, rows_of: Callable[[int], np.ndarray], steps: int):
+        self.rows_of, self.steps = rows_of, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        if not 0 <= position < self.steps:
+            raise IndexError(f"an epoch of {self.steps} steps has no step {position}")
+        return self.rows_of(position)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.stack([self[position] for position in range(self.steps)]).astype(dtype or np.int64)
+
+
 class RandomBatches:
-    """The (steps_per_epoch, batch_size) query rows of each epoch: a random permutation, a function of (seed,
-    stream, epoch); with `lengths` and batching.length_pools, batches of queries of similar lengths."""
+    """The (steps_per_epoch, batch_size) query rows of each epoch: a keyed permutation of the queries, a function
+    of (seed, stream, epoch); with `lengths_of` and batching.length_pools, batches of queries of similar lengths:
+    each pool of length_pools batches of the permutation sorted by length, the batches in a random order."""
 
     def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int,
-                 lengths: np.ndarray | None = None):
+                 lengths_of: Callable[[np.ndarray], np.ndarray] | None = None):
         """`dim`: the width of the query embeddings; `stream`: the random stream of the stage the batches are for
-        (each stage draws its own orders); `lengths`: the queries' token counts, for a stage that encodes them."""
+        (each stage draws its own orders); `lengths_of(rows)`: the queries' token counts, for a stage that encodes
+        them."""
         self.cfg, self.num_queries, self.batch_size, self.seed = cfg, num_queries, batch_size, seed
-        self.stream, self.lengths = stream, lengths
+        self.stream, self.lengths_of = stream, lengths_of
         self.steps_per_epoch = num_queries // batch_size
         self.clustered_order: np.ndarray | None = None  # ClusteredBatches: None until the first clustering
 
@@ -98,25 +122,33 @@ class RandomBatches:
         """Work due before an epoch's batches are drawn; values for the training log."""
         return {}
 
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stream, epoch)
-        if self.clustered_order is None:
-            order = rng.permutation(self.num_queries)
-            if self.cfg.length_pools and self.lengths is not None:
-                return self._similar_lengths(order, rng)
-        else:  # whole clusters in a random order
+    def epoch_batches(self, epoch: int) -> "EpochBatches":
+        """The batches of `epoch`: random ones are computed a step at a time from a keyed permutation of the
+        queries (no O(N) order, whatever N); NGAME's clusters are an order held whole."""
+        if self.clustered_order is not None:  # whole clusters in a random order
+            rng = numpy_rng(self.seed, Stream.EPOCH_ORDER, self.stream, epoch)
             cluster_of = np.arange(self.num_queries) // self.cfg.cluster_size
             rank_of_cluster = np.argsort(rng.permutation(cluster_of[-1] + 1))
             order = self.clustered_order[np.argsort(rank_of_cluster[cluster_of], kind="stable")]
-        return order[:self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+            return EpochBatches(lambda position: order[self._span(position)], self.steps_per_epoch)
+        queries = KeyedPermutation(self.num_queries, stream_key(self.seed, Stream.EPOCH_ORDER, self.stream, epoch))
+        if not (self.cfg.length_pools and self.lengths_of is not None):
+            return EpochBatches(lambda position: queries[self._span(position)], self.steps_per_epoch)
+        batches = KeyedPermutation(self.steps_per_epoch,
+                                   stream_key(self.seed, Stream.EPOCH_ORDER, self.stream, epoch, BATCH_ORDER))
+        return EpochBatches(lambda position: self._similar_lengths(queries, int(batches[position])),
+                            self.steps_per_epoch)
 
-    def _similar_lengths(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """The batches of `order` cut from pools of length_pools batches sorted by query length, shuffled."""
-        order = order[:self.steps_per_epoch * self.batch_size]
-        pool = self.cfg.length_pools * self.batch_size
-        order = np.concatenate([part[np.argsort(self.lengths[part], kind="stable")]
-                                for part in np.split(order, range(pool, len(order), pool))])
-        return order.reshape(self.steps_per_epoch, self.batch_size)[rng.permutation(self.steps_per_epoch)]
+    def _span(self, batch: int) -> np.ndarray:
+        return np.arange(batch * self.batch_size, (batch + 1) * self.batch_size)
+
+    def _similar_lengths(self, queries: KeyedPermutation, batch: int) -> np.ndarray:
+        """Batch `batch` of the pools of length_pools batches of `queries`, each pool sorted by query length."""
+        pools = self.cfg.length_pools
+        first = batch // pools * pools
+        rows = queries[np.arange(first * self.batch_size, min(first + pools, self.steps_per_epoch) * self.batch_size)]
+        rows = rows[np.argsort(self.lengths_of(rows), kind="stable")]
+        return rows[self._span(batch - first)]
 
     @staticmethod
     def rank_part(batch_rows: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -138,13 +170,14 @@ class ClusteredBatches(RandomBatches):
     """NGAME: random batches for batching.warmup_epochs, then whole clusters of similar queries."""
 
     def __init__(self, cfg: BatchingConfig, num_queries: int, batch_size: int, seed: int, dim: int, stream: int,
-                 lengths: np.ndarray | None = None):
-        super().__init__(cfg, num_queries, batch_size, seed, dim, stream, lengths)
+                 lengths_of: Callable[[np.ndarray], np.ndarray] | None = None):
+        super().__init__(cfg, num_queries, batch_size, seed, dim, stream, lengths_of)
         self.bank = QueryBank(num_queries, dim)
 
     @staticmethod
     def memory(num_queries: int, dim: int) -> list[PlanLine]:
-        return [PlanLine("NGAME query embeddings", num_queries * (dim * 2 + 1))]
+        return [PlanLine("NGAME query embeddings", num_queries * (dim * 2 + 1), advice="batching.mode=random",
+                         per_query=True)]
 
     def clustering_due(self, epoch: int) -> bool:
         """Clusters are (re)built at epochs W, W + C, W + 2C, ... (W warm-up epochs, C = recluster_every)."""

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from astra_ds.choices import SAMPLERS, STAGES, TABLE_INITS
@@ -72,35 +71,34 @@ def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, Pr
 
 def check_data(cfg: RunConfig, data: PreparedData) -> None:
     """What the config asks of the data."""
-    num_train = len(data.train_tokens)
-    if num_train < cfg.train.batch_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {num_train} training queries")
-    if uses_label_texts(cfg) and data.dataset.label_texts is None:
+    stats = data.train.stats()
+    if stats.rows < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {stats.rows} training queries")
+    if uses_label_texts(cfg) and data.label_tokens is None:
         raise ConfigError(f"a Siamese stage, table.init=label_text and eval.label_text_weight > 0 need label "
                           f"texts, and the data at {cfg.data.path} has none (Y.txt, or label_names.txt in the "
                           "pair-file format)")
-    if cfg.negatives.num_negatives >= data.dataset.num_labels:
+    if cfg.negatives.num_negatives >= data.num_labels:
         log.warning("negatives.num_negatives=%d is not below the %d labels: every label is drawn, several times",
-                    cfg.negatives.num_negatives, data.dataset.num_labels)
-    unlabelled = int((np.diff(data.train_labels.indptr) == 0).sum())
-    if unlabelled:
-        log.warning("%d training queries have no labels: they contribute negatives only", unlabelled)
+                    cfg.negatives.num_negatives, data.num_labels)
+    if stats.unlabelled:
+        log.warning("%d training queries have no labels: they contribute negatives only", stats.unlabelled)
 
 
 def build_encoder(cfg: RunConfig, data: PreparedData) -> QueryEncoder:
     """The encoder, its random parts (projection, tiny-random) drawn from the run's seed, its lexical features'
     idf from the training queries; checked against the choices that depend on its width."""
     torch.manual_seed(cfg.train.seed)
-    encoder = QueryEncoder(cfg.encoder, data.dataset.num_labels)
+    encoder = QueryEncoder(cfg.encoder, data.num_labels)
     if encoder.lexical is not None:
-        encoder.lexical.fit_idf(data.train_tokens)
+        encoder.lexical.fit_idf(data.train)
     SAMPLERS.get(cfg.negatives.strategy).check(cfg, encoder.dim)
     return encoder
 
 
 def check_checkpoint_fits(meta: dict, path: Path, data: PreparedData, dim: int) -> None:
     """A checkpoint of another dataset or model width is refused before it is loaded."""
-    expected = {"num_labels": data.dataset.num_labels, "num_train": len(data.train_tokens), "dim": dim}
+    expected = {"num_labels": data.num_labels, "num_train": len(data.train), "dim": dim}
     for key, value in expected.items():
         if key in meta and meta[key] != value:
             raise CheckpointError(f"checkpoint {path} has {key}={meta[key]}, this run has {value}: "
@@ -153,14 +151,14 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
     tokenizer, data = build_data(cfg, dist)
     check_data(cfg, data)
-    add_scheduler(ds_config, cfg.train, encoder_steps(cfg, len(data.train_tokens)))
+    add_scheduler(ds_config, cfg.train, encoder_steps(cfg, len(data.train)))
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
     sampler_class.import_dependencies()
     held = process_bytes()  # before the model: the plan measures the process as it is now
     encoder = build_encoder(cfg, data)
     run_start = None
     if from_run is not None:
-        run_start = RunStart.read(from_run, data.dataset.label_texts, data.dataset.num_labels)
+        run_start = RunStart.read(from_run, data.label_texts, data.num_labels)
         encoder.load_trained(run_start.encoder_weights, cfg.encoder)
     if checkpoint is not None:
         check_checkpoint_fits(checkpoint[1], checkpoint[0], data, encoder.dim)
@@ -168,8 +166,8 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
     memory_plan = plan_and_check(cfg, data, encoder, dist, held)
     engine = build_engine(encoder, ds_config)
-    table = ClassifierTable(data.dataset.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
+    table = ClassifierTable(data.num_labels, encoder.dim, cfg.table, dist.device, dist.rank,
                             dist.world_size, cfg.train.seed)
-    sampler = sampler_class(SamplerContext(cfg, table, len(data.train_tokens)))
+    sampler = sampler_class(SamplerContext(cfg, table, len(data.train)))
     return Training(cfg, dist, tokenizer, data, engine, ds_config, ds_path, table, sampler, memory_plan, progress,
                     run_start)

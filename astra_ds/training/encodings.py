@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
 from astra_ds.data.prepare import EvalSplit
 from astra_ds.encoder.label_text import LabelEmbeddings
 from astra_ds.scoring.neighbour_votes import NeighbourVotes
@@ -44,9 +46,10 @@ class Encodings:
         """The training queries as the encoder embeds them now, with their labels: the kNN votes (collective:
         every rank encodes a part of them)."""
         parts, cfg = self.parts, self.parts.cfg.eval
+        train = parts.data.train
         return self.current("training queries", lambda _: NeighbourVotes(encode_queries(
-            parts.engine, parts.data.train_tokens, cfg.batch_size, parts.dist.device, self.progress)[0],
-            parts.data.train_labels, cfg))
+            parts.engine, train, cfg.batch_size, parts.dist.device, self.progress)[0],
+            train.labels(np.arange(len(train))), cfg))
 
     def queries(self, split: EvalSplit) -> tuple:
         """The split's queries as the encoder embeds them now, and the calibration."""

@@ -50,8 +50,8 @@ def _save_model(parts: Training, encodings: Encodings, run: RunDir, step: int) -
         if is_main:
             votes.save(run.neighbours)
     if is_main:  # what predicting needs: the score formula, label names, the serving index
-        if parts.data.dataset.label_texts is not None:
-            run.write_label_names(parts.data.dataset.label_texts)
+        if parts.data.label_texts is not None:
+            run.write_label_names(parts.data.label_texts)
         ModelCard.of_run(cfg, table.num_labels, table.dim, step, state["calibration"]).save(run.model_card)
         run.publish()
     barrier()

@@ -24,6 +24,7 @@ import torch
 from astra_ds.choices import BATCHING
 from astra_ds.collectives import gather_rows, padded_part, scale_grad, sum_across_ranks
 from astra_ds.config import RunConfig
+from astra_ds.data.queries import RowsOf
 from astra_ds.rng import Stream, numpy_rng, torch_generator
 from astra_ds.scoring.rows import encode_queries
 from astra_ds.training.batching import RandomBatches
@@ -47,8 +48,8 @@ class Stage:
         self.parts, self.cfg, self.dist = parts, parts.cfg, parts.dist
         self.epochs, batch_size = self.schedule(parts.cfg)
         self.batches: RandomBatches = BATCHING.get(parts.cfg.batching.mode)(
-            parts.cfg.batching, len(parts.data.train_tokens), batch_size, parts.cfg.train.seed, parts.table.dim,
-            self.stream, parts.data.train_tokens.lengths if self.trains_encoder else None)
+            parts.cfg.batching, len(parts.data.train), batch_size, parts.cfg.train.seed, parts.table.dim,
+            self.stream, parts.data.train.lengths_of if self.trains_encoder else None)
         self.steps_per_epoch = self.batches.steps_per_epoch
 
     def begin(self, resumed: bool) -> None:
@@ -65,8 +66,8 @@ class Stage:
     def _encode_train(self, rows: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The training queries at `rows` (None: all) through the encoder as it is now: embeddings, calibration."""
         parts = self.parts
-        tokens = parts.data.train_tokens if rows is None else parts.data.train_tokens.subset(rows)
-        return encode_queries(parts.engine, tokens, self.cfg.eval.batch_size, self.dist.device, parts.progress)
+        queries = parts.data.train if rows is None else RowsOf(parts.data.train, rows)
+        return encode_queries(parts.engine, queries, self.cfg.eval.batch_size, self.dist.device, parts.progress)
 
     def on_epoch_start(self, epoch: int) -> dict:
         """NGAME clusters for this epoch's batches, when due; values for the training log."""
@@ -80,7 +81,7 @@ class Stage:
         calibration, with gradients that flow back to the rank that encoded them."""
         parts, ranks = self.parts, self.dist.world_size
         mine = RandomBatches.rank_part(micro, self.dist.rank, ranks)
-        input_ids, attention_mask = parts.data.train_tokens.batch(mine)
+        input_ids, attention_mask = parts.data.train.batch(mine)
         local_queries, calibration = parts.engine(input_ids.to(self.dist.device), attention_mask.to(self.dist.device))
         return gather_rows(local_queries, grad_scale=ranks), scale_grad(calibration, ranks)
 
@@ -100,7 +101,7 @@ class SiameseStage(Stage):
         losses = []
         for micro in np.array_split(batch_rows, self.cfg.train.grad_accum):
             queries, _ = self._encode_batch(micro)
-            positives = parts.data.train_labels[micro]
+            positives = parts.data.train.labels(micro)
             labels = np.unique(positives.indices)
             input_ids, attention_mask = parts.data.label_tokens.batch(labels[padded_part(len(labels))])
             local_labels, _ = parts.engine(input_ids.to(device), attention_mask.to(device))
@@ -141,7 +142,7 @@ class ClassifierStage(Stage):
         rng = numpy_rng(cfg.train.seed, Stream.NEGATIVES, step)
         queries = self.queries[batch_rows].to(self.dist.device)
         calibration = self.calibration.to(self.dist.device)
-        positives = parts.data.train_labels[batch_rows]
+        positives = parts.data.train.labels(batch_rows)
         negatives = parts.sampler.sample(batch_rows, queries, positives, rng)
         part = classifier_loss(parts.table, self._dropout(queries, step), calibration, positives, negatives,
                                cfg.negatives.importance_weights, cfg.negatives.in_batch, cfg.table.normalize_rows,
@@ -179,7 +180,7 @@ class JointStage(Stage):
         blocks, totals = [], np.zeros(2)  # loss, rows fetched
         for micro in np.array_split(batch_rows, cfg.train.grad_accum):
             queries, calibration = self._encode_batch(micro)  # (len(micro), d) on every rank
-            positives = parts.data.train_labels[micro]
+            positives = parts.data.train.labels(micro)
             negatives = parts.sampler.sample(micro, queries, positives, rng)
             part = classifier_loss(parts.table, queries, calibration, positives, negatives, neg.importance_weights,
                                    neg.in_batch, cfg.table.normalize_rows, cfg.classifier.loss)

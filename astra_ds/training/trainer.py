@@ -29,7 +29,7 @@ from astra_ds.errors import Preempted, TrainingError, UserError
 from astra_ds.eval.evaluate import MODEL
 from astra_ds.files import write_atomically
 from astra_ds.libraries import release_free_memory
-from astra_ds.plan import GiB, peak_rss_bytes
+from astra_ds.plan import GiB, peak_rss_bytes, rss_anon_bytes
 from astra_ds.rng import GlobalRngState
 from astra_ds.rundir.run_dir import RunDir
 from astra_ds.training.build import build_training
@@ -68,10 +68,10 @@ class Trainer:
 
         parts = build_training(cfg, self.dist, start.checkpoint, progress=self.progress, from_run=start.from_run)
         self.parts, self.data, self.engine, self.table = parts, parts.data, parts.engine, parts.table
-        if evaluate and not len(self.data.test_tokens):
+        if evaluate and not len(self.data.test.tokens):
             raise UserError(f"the data at {cfg.data.path} has no test queries, so the model could not be evaluated: "
                             "train with --no-eval (evaluate=False), or add them")
-        self.data_fingerprint = self.data.dataset.train.fingerprint()
+        self.data_fingerprint = self.data.fingerprint
         if start.resumed:
             check_resumable(start.checkpoint[1], start.resume_path, cfg, self.data_fingerprint, allow_changes)
         self.sampler, self.memory_plan = parts.sampler, parts.memory_plan
@@ -106,11 +106,10 @@ class Trainer:
             start.prepare(self.run, self.checkpoints, cfg, parts.ds_config)
         self.metrics_log = MetricsLog(self.run, self.dist.is_main, start.resumed_step,
                                       getattr(self.engine, "monitor", None))
-        d = self.data.dataset
-        label_queries = len(self.data.train_tokens) - len(d.train.texts)
+        d, label_queries = self.data, self.data.num_label_queries
         log.info("data %s: %d train%s / %d test queries, %d labels | encoder %s (d=%d) | DeepSpeed %s, ZeRO-%d | "
-                 "%d ranks | stages %s | %d steps", d.name, len(d.train.texts),
-                 f" (+{label_queries} label texts)" if label_queries else "", len(d.test.texts), d.num_labels,
+                 "%d ranks | stages %s | %d steps", d.name, len(d.train) - label_queries,
+                 f" (+{label_queries} label texts)" if label_queries else "", len(d.test.tokens), d.num_labels,
                  cfg.encoder.model, self.table.dim, parts.ds_path.name, self.engine.zero_optimization_stage(),
                  self.dist.world_size, ", ".join(f"{s.name} {s.epochs} x {s.steps_per_epoch}" for s in self.stages),
                  self.schedule.total_steps)
@@ -120,6 +119,7 @@ class Trainer:
     def fit(self) -> None:
         self.engine.train()
         self.fit_started, self.eval_seconds = time.time(), 0.0
+        self.rss_anon_at_start = rss_anon_bytes()  # built, before the first step: the data's private memory in it
         self.preemption = Preemption()
         try:  # the log is closed (its TensorBoard events flushed) however training ends: preempted, failed
             try:
@@ -259,7 +259,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, {
             "step": self.step, "stage": self.schedule.stage_at(self.step).name, "num_labels": self.table.num_labels,
-            "num_train": len(self.data.train_tokens), "dim": self.table.dim, "data": self.data_fingerprint,
+            "num_train": len(self.data.train), "dim": self.table.dim, "data": self.data_fingerprint,
             "config": self.cfg.with_absolute_paths().to_dict()})
 
     def close(self) -> None:

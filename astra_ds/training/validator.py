@@ -30,7 +30,7 @@ class Validator:
         topk = exact_topk_all_ranks(queries, parts.table, cfg.eval, cfg.table.normalize_rows,
                                     search_k(cfg.eval, split.filter), label_embeddings, votes, parts.progress)
         about = {"step": step, "dataset": str(Path(cfg.data.path).resolve()), "split": split.name, "topk": "exact"}
-        results = evaluate({MODEL: topk}, calibration, split.labels, parts.data.dataset.train.labels, cfg.eval,
+        results = evaluate({MODEL: topk}, calibration, split.labels, parts.data.train_counts, cfg.eval,
                            parts.table.num_labels, self.run.path, about, split.filter,
                            write=parts.dist.is_main and split.name == TEST)
         if parts.dist.is_main:
