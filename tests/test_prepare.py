@@ -154,3 +154,25 @@ def test_a_batch_gathered_across_units_equals_the_dataset_s_rows(prepared, synth
     assert np.array_equal(train.lengths_of(rows), reference.lengths[rows])
     assert (train.labels(rows) != dataset.train.labels[kept[rows]]).nnz == 0
     assert np.array_equal(data.label_counts, np.asarray(dataset.train.labels[kept].sum(axis=0)).ravel())
+
+
+def test_stats_and_validate_read_a_prepared_directory(prepared, synth_dir, tmp_path, capsys):
+    dataset = read_dataset(synth_dir)
+    kept = ~validation_mask(np.arange(len(dataset.train.texts)), 0.2, 0)
+    train = dataset.train.labels[kept]
+    never_seen = int((np.asarray(train.sum(axis=0)).ravel() == 0).sum())
+    assert main(["data", "stats", str(prepared)]) == 0
+    out = capsys.readouterr().out
+    assert f"prepared dataset {prepared}: 50 labels, label texts: yes" in out
+    assert f"  train: {kept.sum()} queries, {train.nnz} positives" in out and f"labels never seen {never_seen}" in out
+    assert f"  validation: {(~kept).sum()} queries" in out and "  test: 128 queries" in out
+
+    assert main(["data", "validate", str(prepared)]) == 0
+    assert "every array of its" in capsys.readouterr().out
+    damaged = shutil.copytree(prepared, tmp_path / "damaged")
+    array = next((damaged / UNITS).iterdir()) / "train.labels.npy"
+    np.save(array, np.load(array)[::-1].copy())
+    assert main(["data", "validate", str(damaged)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "1 of the arrays of" in error and array.name in error
+    assert "prepare it again" in error

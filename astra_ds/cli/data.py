@@ -12,7 +12,7 @@ from astra_ds.choices import READERS
 from astra_ds.cli.arguments import command_group, config_arguments
 from astra_ds.config import load_config
 from astra_ds.data.synth import SynthConfig
-from astra_ds.errors import ConfigError
+from astra_ds.errors import ConfigError, DataError
 from astra_ds.libraries import quiet_libraries
 
 
@@ -49,14 +49,31 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_stats(args) -> None:
+    from astra_ds.data.prepared import PreparedDirectory, is_prepared
     from astra_ds.data.readers import read_dataset
-    from astra_ds.data.stats import summary_lines
+    from astra_ds.data.stats import prepared_summary_lines, summary_lines
 
+    if is_prepared(args.path):
+        print("\n".join(prepared_summary_lines(PreparedDirectory(args.path))))
+        return
     print("\n".join(summary_lines(read_dataset(args.path, args.format))))
 
 
 def cmd_validate(args) -> None:
     cfg = load_config(args.config, args.set)
+    from astra_ds.data.prepared import PreparedDirectory, is_prepared
+
+    if is_prepared(args.path):  # its rows were checked when prepared: its arrays against their digests
+        directory = PreparedDirectory(args.path)
+        damaged = directory.damaged_units()
+        splits = directory.manifest["splits"]
+        print(f"prepared dataset {args.path}: " + ", ".join(f"{name} {split['rows']:,} rows"
+                                                            for name, split in splits.items()))
+        if damaged:
+            raise DataError(f"{len(damaged)} of the arrays of {args.path} are missing or changed since preparation "
+                            f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): prepare it again")
+        print(f"every array of its {sum(len(split['units']) for split in splits.values())} units verifies")
+        return
     quiet_libraries()
     from astra_ds.data.readers import read_dataset
     from astra_ds.data.validate import validate

@@ -88,7 +88,7 @@ def _ragged(rows: list, dtype) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets
 
 
-def _digest(array: np.ndarray) -> str:
+def array_digest(array: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
 
@@ -139,7 +139,7 @@ def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) ->
             np.save(tmp / f"{part}.{name}.npy", array)
         lengths = arrays["lengths"]
         entry = {"rows": len(lengths), "tokens": len(arrays["tokens"]),
-                 "digests": {name: _digest(array) for name, array in arrays.items()},
+                 "digests": {name: array_digest(array) for name, array in arrays.items()},
                  "length_histogram": np.bincount(lengths, minlength=1).tolist()}
         if "labels" in arrays:
             per_query = np.minimum(np.diff(arrays["label_offsets"].astype(np.int64)), HISTOGRAM_CAP)
@@ -163,7 +163,7 @@ def unit_done(out: Path, unit: Unit, verify: bool = True) -> dict | None:
             return None
         for part, entry in (done["parts"] if verify else {}).items():
             for name, digest in entry["digests"].items():
-                if _digest(np.load(directory / f"{part}.{name}.npy", mmap_mode="r")) != digest:
+                if array_digest(np.load(directory / f"{part}.{name}.npy", mmap_mode="r")) != digest:
                     return None
     except (OSError, ValueError, KeyError):
         return None
@@ -262,9 +262,9 @@ def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings
                 counts += np.bincount(labels, minlength=settings.num_labels)
     np.save(out / LABEL_COUNTS, counts)
     digest = hashlib.blake2b(json.dumps([asdict(settings), splits], sort_keys=True).encode(), digest_size=16)
-    digest.update(_digest(counts).encode())
+    digest.update(array_digest(counts).encode())
     manifest = {"format": FORMAT, "settings": asdict(settings), "splits": splits,
-                "label_counts_digest": _digest(counts), "fingerprint": digest.hexdigest()}
+                "label_counts_digest": array_digest(counts), "fingerprint": digest.hexdigest()}
     for leftover in (out / UNITS).glob("*.tmp-*"):  # of killed runs: every unit is done, none is in flight
         shutil.rmtree(leftover, ignore_errors=True)
     write_atomically(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from astra_ds.data.queries import QueryStats
-from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS
+from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS, array_digest
 from astra_ds.errors import DataError
 
 
@@ -113,6 +113,21 @@ class PreparedDirectory:
     def part(self, name: str, pad_id: int = 0) -> PreparedPart | None:
         entry = self.manifest["splits"].get(name)
         return None if entry is None else PreparedPart(self.path, name, entry, self.num_labels, pad_id)
+
+    def damaged_units(self) -> list[str]:
+        """Each unit array that is missing or whose digest is not the manifest's (reads every array once)."""
+        damaged = []
+        for name, split in self.manifest["splits"].items():
+            for unit in split["units"]:
+                for array, digest in unit["digests"].items():
+                    path = self.path / UNITS / unit["name"] / f"{name}.{array}.npy"
+                    try:
+                        same = array_digest(np.load(path, mmap_mode="r")) == digest
+                    except (OSError, ValueError):
+                        same = False
+                    if not same:
+                        damaged.append(str(path.relative_to(self.path)))
+        return damaged
 
     @cached_property
     def label_counts(self) -> np.ndarray:
