@@ -274,7 +274,8 @@ def report_memory(plan: MemoryPlan, path: Path, is_main: bool, rss_anon_at_start
     """Peak resident memory of this process next to the plan's total, and its private memory when training began
     (written to `path` by rank 0)."""
     report = {"plan_host_bytes": plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
-              "rss_anon_at_start_bytes": rss_anon_at_start, "plan": [vars(line) for line in plan.resident + plan.phases]}
+              "rss_anon_at_start_bytes": rss_anon_at_start,
+              "plan": [vars(line) for line in plan.resident + plan.phases]}
     log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
     if is_main:
         path.write_text(json.dumps(report, indent=2))
@@ -289,28 +290,30 @@ def process_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def rss_anon_bytes() -> int | None:
-    """The process's private memory now (RssAnon: the heap, not the files it maps, such as a prepared dataset's,
-    whose pages the host's ranks share); None where /proc does not say."""
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of /proc/self/status (Linux reports kilobytes); None where /proc does not say."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
 
 
+def rss_anon_bytes() -> int | None:
+    """The process's private memory now (RssAnon: the heap, not the files it maps, such as a prepared dataset's,
+    whose pages the host's ranks share); None where /proc does not say."""
+    return _status_bytes("RssAnon")
+
+
 def peak_rss_bytes() -> int:
     """The largest resident size this process has had: VmHWM of its memory, which starts afresh at exec (ru_maxrss
     does not: a process started by fork from a large parent, a test runner or a notebook, reports the parent's
-    size); ru_maxrss where /proc is missing. Linux reports kilobytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    size); ru_maxrss where /proc is missing."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

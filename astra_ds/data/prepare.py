@@ -99,7 +99,8 @@ def prepare_data(cfg: DataConfig, tokenizer, label_max_len: int | None = None, s
         num_label_queries = len(train_tokens) - len(dataset.train.texts)
     return PreparedData(dataset.name, dataset.num_labels, QueriesInMemory(train_tokens, train_labels),
                         EvalSplit(TEST, test_tokens, dataset.test.labels, dataset.test_filter),
-                        TrainCounts.of(dataset.train.labels), dataset.train.fingerprint(), label_tokens, dataset.label_texts, validation, num_label_queries)
+                        TrainCounts.of(dataset.train.labels), dataset.train.fingerprint(), label_tokens,
+                        dataset.label_texts, validation, num_label_queries)
 
 
 def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) -> PreparedData:
