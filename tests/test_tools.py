@@ -136,9 +136,12 @@ def test_label_churn_holds_labels_out_adds_them_back_and_scores_every_model(synt
 
 def test_bench_data_prints_preparation_against_the_tokenizer_alone_and_the_disk_a_query_takes(tmp_path):
     out = _tool("tools/bench_data.py", "--num-train", "2000", "--num-labels", "300", "--workers", "1",
-                "--unit-rows", "700", "--set", "encoder.model=tiny-random", "--work-dir", str(tmp_path))
+                "--unit-rows", "700", "--set", "encoder.model=tiny-random", "--work-dir", str(tmp_path), "--start")
     alone = float(re.search(r"tokenizer alone \(encode_batch_fast\)\s+([\d,]+) texts/s", out)[1].replace(",", ""))
     prepared, share = re.search(r"data prepare, 1 worker\(s\)\s+([\d,]+) texts/s\s+([\d.]+) of", out).groups()
     assert alone > 0 and float(share) == pytest.approx(float(prepared.replace(",", "")) / alone, abs=0.01)
     per_query = float(re.search(r"disk: ([\d.]+) B a query \+ 4 B a positive", out)[1])
     assert 0 < per_query < 70
+    seconds, private = re.search(r"start-up, prepared directory: ([\d.]+) s to the end of the first step, RssAnon "
+                                 r"([\d.]+) GiB", out).groups()
+    assert float(seconds) > 0 and 0.1 < float(private) < 4

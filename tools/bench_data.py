@@ -1,9 +1,11 @@
 """Preparation of a dataset (`astra-ds data prepare`) against its limit, in one run: the tokenizer alone on the
 same texts (its fast batch encoder, no reading, no writing), then the whole preparation with 1 worker and with W;
 printed are the queries a second of each, the ratios (preparation / tokenizer alone, W workers / 1) and the disk a
-query and a positive take.
+query and a positive take. With --start, a training run's start-up on the prepared directory (--start-files: on
+the dataset's files too, its token cache filled by a first run): seconds from the command to the end of its first
+step, and the process's private memory (RssAnon) as that step began.
 
-    python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2
+    python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2 --start --start-files
     python tools/bench_data.py --data ../shared/data/WordNetHyper --set encoder.model=all-MiniLM-L6-v2
 """
 
@@ -13,6 +15,8 @@ import argparse
 import functools
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +47,29 @@ def prepared(cfg, out: Path, workers: int, unit_rows: int) -> float:
     return time.perf_counter() - started
 
 
+START_RUN = ["train.max_steps=1", "train.log_every=1", "negatives.strategy=uniform", "batching.mode=random",
+             "eval.ann_index=false"]
+
+
+def start_up(sets: list[str], data: Path, out: Path, cache: Path) -> tuple[float, int]:
+    """(seconds from the command to the end of the first step, RssAnon as it began) of `astra-ds train`."""
+    shutil.rmtree(out, ignore_errors=True)
+    args = [a for s in [*sets, *START_RUN, f"data.path={data}", f"out_dir={out}", f"data.cache_dir={cache}"]
+            for a in ("--set", s)]
+    started = time.perf_counter()
+    job = subprocess.Popen([sys.executable, "-m", "astra_ds", "train", "--no-eval", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.jsonl"
+    while not (log.is_file() and '"loss"' in log.read_text()):
+        if job.poll() is not None and not log.is_file():
+            raise SystemExit(f"the run failed:\n{job.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    if job.wait() != 0:
+        raise SystemExit(f"the run failed:\n{job.stderr.read()[-2000:]}")
+    return seconds, json.loads((out / "memory.json").read_text())["rss_anon_at_start_bytes"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="a dataset directory (default: a synthetic one of --num-train queries)")
@@ -51,6 +78,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--unit-rows", type=int, default=50_000)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--start", action="store_true", help="also time a training run's start-up on the prepared "
+                        "directory")
+    parser.add_argument("--start-files", action="store_true", help="with --start, on the dataset's files too")
     parser.add_argument("--work-dir", help="where the data and the prepared directories go (default: a temporary one)")
     args = parser.parse_args()
     quiet_libraries()
@@ -83,6 +113,15 @@ def main() -> None:
         print(f"{args.workers} workers / 1: {seconds[1] / seconds[args.workers]:.2f}x")
     print(f"disk: {(query_bytes - 4 * positives) / queries:.1f} B a query + 4 B a positive "
           f"({disk / 2**20:.1f} MiB in all, with the label texts and counts)")
+    if args.start:
+        sets = ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set]  # as prepared
+        runs = {"prepared directory": (work / "prepared_1", 1)}
+        if args.start_files:
+            runs["dataset files, token cache filled"] = (data, 2)  # the first run fills the cache
+        for name, (path, times) in runs.items():
+            seconds, private = [start_up(sets, path, work / "run", work / "cache") for _ in range(times)][-1]
+            print(f"start-up, {name}: {seconds:.1f} s to the end of the first step, RssAnon "
+                  f"{private / 2**30:.2f} GiB as it began")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 
