@@ -4,6 +4,7 @@ against the run's in one line."""
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,18 @@ def test_a_rank_s_private_memory_is_flat_in_the_number_of_training_queries(tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
         private[num_train] = json.loads((out / "memory.json").read_text())["rss_anon_at_start_bytes"]
     assert private[20_000] - private[1_000] < 40 * 19_000, private
+
+
+def test_a_prepared_directory_without_test_queries_trains_with_no_eval_and_says_so_without(synth_dir, tmp_path,
+                                                                                          capsys):
+    data = shutil.copytree(synth_dir, tmp_path / "no_test")
+    (data / "tst_X.txt").write_text("")
+    (data / "tst_X_Y.txt").write_text("0 50\n")  # its header: no query, 50 labels
+    cfg = load_config(None, [*RUN, f"data.path={data}"])
+    prepared = tmp_path / "prepared"
+    assert prepare(cfg, prepared, functools.partial(build_tokenizer, cfg.encoder), progress=False)
+    assert main(["train", *_sets(f"data.path={prepared}", f"out_dir={tmp_path / 'run'}")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "has no test queries, so the model could not be evaluated" in error
+    assert main(["train", "--no-eval", *_sets(f"data.path={prepared}", f"out_dir={tmp_path / 'run'}",
+                                              "train.max_steps=1")]) == 0

@@ -18,7 +18,7 @@ from astra_ds.config import DataConfig
 from astra_ds.data.prepared import PreparedDirectory, is_prepared
 from astra_ds.data.queries import Queries, QueriesInMemory, Texts, TrainCounts
 from astra_ds.data.readers import XCDataset, XCSplit, read_dataset
-from astra_ds.data.tokens import TokenizedTexts, tokenize_cached, tokenizer_fingerprint
+from astra_ds.data.tokens import TokenizedTexts, tokenize, tokenize_cached, tokenizer_fingerprint
 from astra_ds.errors import ConfigError
 from astra_ds.rng import Stream, numpy_rng
 
@@ -131,8 +131,10 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
     labels = parts["labels"] if label_max_len is not None and parts["labels"] is not None and len(parts["labels"]) \
         else None
     validation = evaluated(VALIDATION) if cfg.validation_fraction > 0 else None
+    test = evaluated(TEST) or EvalSplit(TEST, tokenize([], tokenizer, cfg.max_len),  # a dataset without one
+                                        sp.csr_matrix((0, directory.num_labels), dtype=np.float32))
     counts = TrainCounts(np.asarray(directory.label_counts), len(parts["train"]))
-    return PreparedData(directory.path.name, directory.num_labels, parts["train"], evaluated(TEST), counts,
+    return PreparedData(directory.path.name, directory.num_labels, parts["train"], test, counts,
                         directory.fingerprint, labels, None, validation)
 
 
