@@ -33,7 +33,7 @@ def prepared_summary_lines(directory: PreparedDirectory) -> list[str]:
              f"{'yes' if labels else 'no'} | {settings['encoder']} tokens, max_len {settings['max_len']}, "
              f"validation_fraction {settings['validation_fraction']}"]
     for name in ("train", "validation", "test"):
-        if name not in splits:
+        if name not in splits or (name == "validation" and not splits[name]["rows"]):
             continue
         split = splits[name]
         lengths = np.asarray(split["length_histogram"], np.int64)
