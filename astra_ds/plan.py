@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -61,6 +61,7 @@ class MemoryPlan:
     phases: list[PlanLine]  # held during one phase; phases do not overlap
     world_size: int
     rank: int
+    shared: list[PlanLine] = field(default_factory=list)  # page cache the host's ranks share: reported apart
 
     def total(self, where: str = "host") -> int:
         return sum(getattr(line, where) for line in self.resident) + max((getattr(p, where) for p in self.phases), default=0)
@@ -89,6 +90,10 @@ class MemoryPlan:
         rows.append("-" * len(head))
         rows.append(f"{'total':<34}{self.total('host') / GiB:9.2f}G" +
                     (f"{self.total('device') / GiB:9.2f}G" if on_device else ""))
+        if self.shared:
+            rows.append("page cache, shared by the ranks of a host (reclaimable, not in the total):")
+            for line in self.shared:
+                add(line, "  ")
         return "\n".join(rows)
 
 
@@ -170,13 +175,14 @@ class DataShape:
     positives_per_query: float
     query_tokens: int | None = None  # the longest query, in tokens (a batch is padded to its longest); None: max_len
     label_tokens: int | None = None  # the longest label text; None: siamese.label_max_len
+    mapped_bytes: int = 0  # the training data memory-mapped from a prepared directory
 
     @classmethod
     def of(cls, data: PreparedData) -> "DataShape":
         train = data.train.stats()
         label_tokens = data.label_tokens.longest() if data.label_tokens is not None else None
         return cls(data.num_labels, train.rows, len(data.test.tokens), train.positives_per_query, train.longest,
-                   label_tokens)
+                   label_tokens, data.mapped_bytes)
 
 
 def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_size: int, rank: int,
@@ -245,7 +251,9 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
                  advice="eval.neighbour_weight=0" if votes else None, per_query=bool(votes)),
         *sampler_phases,
     ]
-    return MemoryPlan(resident, phases, world_size, rank)
+    shared = [PlanLine("prepared training data", shape.mapped_bytes, detail="memory-mapped token ids and labels")] \
+        if shape.mapped_bytes else []
+    return MemoryPlan(resident, phases, world_size, rank, shared)
 
 
 def plan_and_check(cfg: RunConfig, data: PreparedData, encoder: torch.nn.Module, dist, held_bytes: int) -> MemoryPlan:
@@ -275,7 +283,8 @@ def report_memory(plan: MemoryPlan, path: Path, is_main: bool, rss_anon_at_start
     (written to `path` by rank 0)."""
     report = {"plan_host_bytes": plan.total("host"), "peak_rss_bytes": peak_rss_bytes(),
               "rss_anon_at_start_bytes": rss_anon_at_start,
-              "plan": [vars(line) for line in plan.resident + plan.phases]}
+              "plan": [vars(line) for line in plan.resident + plan.phases],
+              "shared": [vars(line) for line in plan.shared]}
     log.info("peak RSS %.2f GiB, plan %.2f GiB", report["peak_rss_bytes"] / GiB, report["plan_host_bytes"] / GiB)
     if is_main:
         path.write_text(json.dumps(report, indent=2))

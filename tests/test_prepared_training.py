@@ -13,7 +13,7 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from astra_ds.config import load_config
-from astra_ds.data.preparation import MANIFEST, prepare
+from astra_ds.data.preparation import MANIFEST, UNITS, prepare
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.table import store
@@ -55,6 +55,12 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepa
     for model in ("astra_ds", "popularity"):  # propensities from the prepared label counts
         assert metrics[1][model] == pytest.approx(metrics[0][model], abs=1e-9)
     assert metrics[1]["num_test"] == 128
+
+    # the plan reports the memory-mapped training data apart, as the bytes of its arrays
+    shared = json.loads((runs["prepared"] / "memory.json").read_text())["shared"]
+    arrays = sum(np.load(path, mmap_mode="r").nbytes for path in (prepared / UNITS).glob("*/train.*.npy"))
+    assert [(line["component"], line["host"]) for line in shared] == [("prepared training data", arrays)]
+    assert json.loads((runs["files"] / "memory.json").read_text())["shared"] == []
 
     again = astra_ds.load(runs["prepared"]).evaluate(split="test", search="exact")
     assert again.results["astra_ds"] == pytest.approx(metrics[1]["astra_ds"], abs=1e-9)

@@ -49,6 +49,7 @@ class PreparedData:
     label_texts: list[str] | None = None  # the label texts, when the data has them in memory
     validation: EvalSplit | None = None  # held out of the training queries, when data.validation_fraction > 0
     num_label_queries: int = 0  # label texts at the end of `train` (data.label_texts_as_queries)
+    mapped_bytes: int = 0  # the training queries' memory-mapped arrays (a prepared directory's): page cache
 
     def split(self, name: str) -> EvalSplit:
         """The test or the validation split, by name."""
@@ -135,7 +136,7 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
                                         sp.csr_matrix((0, directory.num_labels), dtype=np.float32))
     counts = TrainCounts(np.asarray(directory.label_counts), len(parts["train"]))
     return PreparedData(directory.path.name, directory.num_labels, parts["train"], test, counts,
-                        directory.fingerprint, labels, None, validation)
+                        directory.fingerprint, labels, None, validation, mapped_bytes=directory.mapped_bytes("train"))
 
 
 def _with_label_queries(dataset: XCDataset, train_tokens: TokenizedTexts, tokenizer, cfg: DataConfig,

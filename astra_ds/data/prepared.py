@@ -110,6 +110,16 @@ class PreparedDirectory:
         self.num_labels = self.settings["num_labels"]
         self.fingerprint = self.manifest["fingerprint"]
 
+    def mapped_bytes(self, name: str) -> int:
+        """Bytes of a part's arrays on disk (what its pages take in the page cache once read): token ids, lengths,
+        label ids and both offsets; 0 for a part the directory does not have."""
+        entry = self.manifest["splits"].get(name)
+        if entry is None:
+            return 0
+        offsets = 2 * 4 * (entry["rows"] + len(entry["units"]))
+        return (entry["tokens"] * np.dtype(self.settings["token_dtype"]).itemsize + entry["rows"] * 2 + offsets
+                + entry["positives"] * 4)
+
     def part(self, name: str, pad_id: int = 0) -> PreparedPart | None:
         entry = self.manifest["splits"].get(name)
         return None if entry is None else PreparedPart(self.path, name, entry, self.num_labels, pad_id)
