@@ -154,6 +154,20 @@ def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) ->
             os.fsync(f.fileno())
 
 
+def changed_arrays(unit_dir: Path, part: str, digests: dict[str, str]) -> list[Path]:
+    """The arrays of `part` in `unit_dir` that are missing, unreadable or not of their digest."""
+    changed = []
+    for name, digest in digests.items():
+        path = unit_dir / f"{part}.{name}.npy"
+        try:
+            same = array_digest(np.load(path, mmap_mode="r")) == digest
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            changed.append(path)
+    return changed
+
+
 def unit_done(out: Path, unit: Unit, verify: bool = True) -> dict | None:
     """The done record of `unit` when it is prepared (and its arrays verify); None otherwise."""
     directory = out / UNITS / unit.name
@@ -161,10 +175,8 @@ def unit_done(out: Path, unit: Unit, verify: bool = True) -> dict | None:
         done = json.loads((directory / DONE).read_text())
         if done["unit"] != json.loads(json.dumps(asdict(unit))):
             return None
-        for part, entry in (done["parts"] if verify else {}).items():
-            for name, digest in entry["digests"].items():
-                if array_digest(np.load(directory / f"{part}.{name}.npy", mmap_mode="r")) != digest:
-                    return None
+        if verify and any(changed_arrays(directory, part, entry["digests"]) for part, entry in done["parts"].items()):
+            return None
     except (OSError, ValueError, KeyError):
         return None
     return done

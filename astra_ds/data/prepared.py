@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from astra_ds.data.queries import QueryStats
-from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS, array_digest
+from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS, changed_arrays
 from astra_ds.errors import DataError
 
 
@@ -126,18 +126,9 @@ class PreparedDirectory:
 
     def damaged_units(self) -> list[str]:
         """Each unit array that is missing or whose digest is not the manifest's (reads every array once)."""
-        damaged = []
-        for name, split in self.manifest["splits"].items():
-            for unit in split["units"]:
-                for array, digest in unit["digests"].items():
-                    path = self.path / UNITS / unit["name"] / f"{name}.{array}.npy"
-                    try:
-                        same = array_digest(np.load(path, mmap_mode="r")) == digest
-                    except (OSError, ValueError):
-                        same = False
-                    if not same:
-                        damaged.append(str(path.relative_to(self.path)))
-        return damaged
+        return [str(path.relative_to(self.path)) for name, split in self.manifest["splits"].items()
+                for unit in split["units"]
+                for path in changed_arrays(self.path / UNITS / unit["name"], name, unit["digests"])]
 
     @cached_property
     def label_counts(self) -> np.ndarray:
