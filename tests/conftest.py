@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +13,7 @@ from astra_ds.data.synth import SynthConfig, generate
 REPO = Path(__file__).resolve().parents[1]
 # what the tests' runs leave in the user's cache (digests verified once per model version) stays out of it
 os.environ["ASTRA_DS_CACHE"] = tempfile.mkdtemp(prefix="astra_ds_cache_")
+atexit.register(shutil.rmtree, os.environ["ASTRA_DS_CACHE"], ignore_errors=True)
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A small learnable dataset and settings under which the tiny random encoder learns it in seconds.
