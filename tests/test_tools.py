@@ -68,7 +68,7 @@ class ToolRuns:
 
 @pytest.fixture(scope="module")
 def tools(request, synth_dir, token_cache, tmp_path_factory) -> ToolRuns:
-    """The tool runs of the tests this session selected (a test is named test_<tool>_...), started two at a time."""
+    """The tool runs of the tests selected to run (a test is named test_<tool>_...), started two at a time."""
     selected = [item.name for item in request.session.items if item.module is request.module]
     wanted = lambda name: any(test.startswith(f"test_{name}_") for test in selected)  # noqa: E731
     finished_run = request.getfixturevalue("finished_run") if wanted("churn") else None
