@@ -16,6 +16,7 @@ READERS = Registry("data format", {
     "bow": "astra_ds.data.readers:read_bow",
     "pairs": "astra_ds.data.readers:read_pairs",
     "xc_json": "astra_ds.data.readers:read_xc_json",
+    "xc_parquet": "astra_ds.data.readers:read_xc_parquet",
 })
 
 OPTIMIZERS = Registry("table optimizer", {

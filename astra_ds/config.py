@@ -19,6 +19,7 @@ DataFormat = READERS.literal("auto")
 Pooling = typing.Literal["mean", "cls"]
 TextFields = typing.Literal["title", "title_content"]
 BadText = typing.Literal["replace", "error"]
+BadRow = typing.Literal["error", "skip"]
 TableOptimizer = OPTIMIZERS.literal()
 TableInit = TABLE_INITS.literal()
 TableDtype = typing.Literal["float32", "bfloat16"]
@@ -56,6 +57,10 @@ class DataConfig:
     # bytes that are not UTF-8 in the texts: replace (with U+FFFD; the lines are counted in a warning and by
     # `astra-ds data validate`) or error (the first such line ends the command)
     on_bad_text: BadText = "replace"
+    # a malformed row (a label id out of range, a line that is not a JSON object) when `data prepare` reads the
+    # raw-text or JSON-lines layout: error (the first names its file and line) or skip (left out; the manifest
+    # counts them, and the first is logged). Other layouts are read whole, and their first malformed row ends it
+    on_bad_row: BadRow = "error"
     # a run whose features hold a value per training query in memory (NGAME's clusters, the classifier stage's
     # embeddings, precomputed shortlists, kNN votes) is refused above this many training queries: the memory plan
     # names them, rather than the run swapping

@@ -43,9 +43,15 @@ def bound_kernel_caches() -> None:
         os.environ.setdefault(variable, str(KERNEL_CACHE_CAPACITY))
 
 
-def quiet_libraries() -> None:
+def quiet_tokenizers() -> None:
+    """Hugging Face's settings that need no import: offline, and one thread a tokenizer (processes give the
+    parallelism)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are never downloaded
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries() -> None:
+    quiet_tokenizers()
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

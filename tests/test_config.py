@@ -38,7 +38,7 @@ def test_saved_config_loads_back(tmp_path):
     ("table.normalize_rows=maybe", "table.normalize_rows must be true or false"),
     ("train.batch_size=0", "train.batch_size must be >= 1"),
     ("eval.ks=[0]", "eval.ks must be positive"),
-    ("data.format=csv", "data.format must be one of auto, raw_text, bow, pairs, xc_json, not 'csv'"),
+    ("data.format=csv", "data.format must be one of auto, raw_text, bow, pairs, xc_json, xc_parquet, not 'csv'"),
     ("negatives.strategy=hard", "negatives.strategy must be one of uniform, astra, not 'hard'"),
     ("index.kind=lsh", "index.kind must be one of auto, flat, hnsw, ivf_flat, ivf_pq"),
     ("index.pq_m=0", "index.pq_m must be >= 1"),

@@ -3,6 +3,7 @@ the workers, parts or units, and a fault at each write point (the fault matrix's
 rerun that ends as an uninterrupted preparation."""
 
 import functools
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,10 @@ import torch
 
 from astra_ds.cli.main import main
 from astra_ds.config import load_config
+from astra_ds.data.encoding import encode
 from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
 from astra_ds.data.readers import read_dataset
+from astra_ds.data.sources import group_key
 from astra_ds.data.tokens import tokenize
 from astra_ds.encoder.encoder import build_tokenizer
 from faults import Injector, crash, sites
@@ -87,6 +90,17 @@ def test_the_arrays_hold_the_token_ids_labels_and_counts_of_the_dataset_read_who
     assert manifest["settings"]["token_dtype"] == "uint16"  # a 30,522-token vocabulary
 
 
+@pytest.mark.parametrize("model", ["tiny-random", "all-MiniLM-L6-v2"])
+def test_the_batch_encoder_gives_the_ids_of_the_tokenizer_s_own_call(model):
+    tokenizer = build_tokenizer(load_config(None, [f"encoder.model={model}"]).encoder)
+    texts = ["a", "Extreme classification of TITLES", "naïve café – ünïcödé 東京 🙂", "word " * 40, "\ufffd x",
+             "  padded  spaces  ", "tab\tand\nnewline"]
+    tokenizer(["warm the wrapper's own state"], padding="max_length", max_length=12)  # left set on its backend
+    for max_len in (4, 16, 64):
+        assert encode(tokenizer, texts, max_len) == tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
+    assert encode(tokenizer, [], 8) == []
+
+
 @pytest.mark.slow
 def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth_dir, tmp_path):
     cfg = _cfg(synth_dir)
@@ -100,6 +114,119 @@ def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth
     for part in ("train", "validation", "test", "labels"):  # the validation rows are chosen by row, not by unit
         other, first = _part(tmp_path / "other_units", part), _part(prepared, part)
         assert all(np.array_equal(other[name], first[name]) for name in first)
+
+
+def _json_lines(synth_dir: Path, out: Path, groups: int | None = None) -> Path:
+    """The synthetic dataset in the JSON-lines layout, uncompressed; with `groups`, query i of group i % groups."""
+    from astra_ds.data.convert import write_xc_json
+
+    out.mkdir()
+    write_xc_json(read_dataset(synth_dir), out)
+    for name in ("trn.json", "tst.json", "lbl.json"):
+        with gzip.open(out / f"{name}.gz", "rt") as f:
+            records = [json.loads(line) for line in f]
+        if groups and name == "trn.json":
+            records = [record | {"group": f"g{i % groups}"} for i, record in enumerate(records)]
+        (out / name).write_text("".join(json.dumps(record) + "\n" for record in records))
+        (out / f"{name}.gz").unlink()
+    return out
+
+
+def test_json_lines_are_read_from_the_middle_into_the_arrays_of_the_raw_text_layout(prepared, synth_dir, tmp_path):
+    data = _json_lines(synth_dir, tmp_path / "json")
+    assert prepare(_cfg(data), tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
+    for part in ("train", "validation", "test", "labels"):
+        arrays, expected = _part(tmp_path / "prepared", part), _part(prepared, part)
+        assert all(np.array_equal(arrays[name], expected[name]) for name in expected), part
+
+
+def test_queries_of_a_group_fall_on_one_side_of_the_validation_split(synth_dir, tmp_path):
+    data = _json_lines(synth_dir, tmp_path / "json", groups=40)
+    assert prepare(_cfg(data), tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
+    dataset, tokenizer = read_dataset(synth_dir), build_tokenizer(_cfg(data).encoder)
+    held_groups = validation_mask(np.array([group_key(f"g{g}") for g in range(40)], np.uint64), 0.2, 0)
+    assert 0 < held_groups.sum() < 40
+    held = held_groups[np.arange(len(dataset.train.texts)) % 40]
+    validation = _part(tmp_path / "prepared", "validation")
+    reference = tokenize([t for t, h in zip(dataset.train.texts, held) if h], tokenizer, 16)
+    assert np.array_equal(np.diff(validation["token_offsets"]), reference.lengths)
+    assert np.array_equal(validation["label_offsets"], dataset.train.labels[np.flatnonzero(held)].indptr)
+
+
+def pa_table(columns: dict):
+    import pyarrow as pa
+
+    return pa.table(columns)
+
+
+def _parquet(synth_dir: Path, out: Path, row_group_size: int) -> Path:
+    """The synthetic dataset in the Parquet layout, in row groups of `row_group_size`."""
+    import pyarrow.parquet as pq
+
+    dataset = read_dataset(synth_dir)
+    out.mkdir()
+    for split, name in (("train", "trn"), ("test", "tst")):
+        part = getattr(dataset, split)
+        targets = [part.labels.indices[part.labels.indptr[i]:part.labels.indptr[i + 1]].tolist()
+                   for i in range(len(part.texts))]
+        pq.write_table(pa_table({"title": part.texts, "target_ind": targets}), out / f"{name}.parquet",
+                       row_group_size=row_group_size)
+    pq.write_table(pa_table({"title": dataset.label_texts}), out / "lbl.parquet", row_group_size=row_group_size)
+    return out
+
+
+def test_parquet_is_read_by_row_groups_into_the_arrays_of_the_raw_text_layout_and_read_whole_alike(
+        prepared, synth_dir, tmp_path):
+    data = _parquet(synth_dir, tmp_path / "parquet", row_group_size=64)  # units of 100 rows span row groups
+    assert prepare(_cfg(data), tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
+    for part in ("train", "validation", "test", "labels"):
+        arrays, expected = _part(tmp_path / "prepared", part), _part(prepared, part)
+        assert all(np.array_equal(arrays[name], expected[name]) for name in expected), part
+    whole, reference = read_dataset(data), read_dataset(synth_dir)
+    assert whole.train.texts == reference.train.texts and whole.label_texts == reference.label_texts
+    assert (whole.test.labels != reference.test.labels).nnz == 0
+
+
+@pytest.mark.parametrize("layout", ["raw_text", "json", "parquet"])
+def test_a_malformed_row_names_its_file_and_line_or_is_skipped_and_counted(layout, synth_dir, tmp_path, capsys):
+    if layout == "raw_text":
+        data = shutil.copytree(synth_dir, tmp_path / "data")
+        path, line = data / "trn_X_Y.txt", 8
+        lines = path.read_text().split("\n")
+        lines[line - 1] = "3:1 999:1"
+        message = f"{path}:{line}: label id 999 out of range [0, 50)"
+    elif layout == "json":
+        data = _json_lines(synth_dir, tmp_path / "data")
+        path, line = data / "trn.json", 7
+        lines = path.read_text().split("\n")
+        lines[line - 1] = '{"title": "no end"'
+        message = f"{path}:{line}: not a JSON object"
+    else:
+        import pyarrow.parquet as pq
+
+        data = _parquet(synth_dir, tmp_path / "data", row_group_size=4)
+        path = data / "trn.parquet"
+        table = pq.read_table(path).to_pydict()
+        table["target_ind"][6] = [3, 999]
+        pq.write_table(pa_table(table), path, row_group_size=4)
+        message = f"{path}: row 6 (row group 1): label id 999 out of range [0, 50)"
+    if layout != "parquet":
+        path.write_text("\n".join(lines))
+    args = ["data", "prepare", "--unit-rows", "100", *[a for s in [*SETTINGS, f"data.path={data}"]
+                                                       for a in ("--set", s)]]
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"astra-ds: error: {message}") and err.count("\n") == 1, err
+    assert main([*args, "--set", "data.on_bad_row=skip", "--out", str(tmp_path / "skipped")]) == 0
+    manifest = json.loads((tmp_path / "skipped" / MANIFEST).read_text())
+    assert manifest["skipped_rows"] == {"train": 1, "test": 0}
+    rows = read_dataset(synth_dir).train.labels.shape[0]
+    kept = np.delete(np.arange(rows), 6)  # row 6: line 8 of trn_X_Y.txt (after its header), line 7 of trn.json
+    held = validation_mask(kept.astype(np.uint64), 0.2, 0)  # the other rows keep their numbers
+    assert manifest["splits"]["train"]["rows"] == (~held).sum()
+    assert manifest["splits"]["validation"]["rows"] == held.sum()
+    assert main(["data", "stats", str(tmp_path / "skipped")]) == 0
+    assert "malformed rows left out (data.on_bad_row=skip): 1 train" in capsys.readouterr().out
 
 
 def test_a_directory_prepared_from_other_settings_or_sources_is_refused(prepared, synth_dir, tmp_path, capsys):

@@ -1,11 +1,12 @@
 """Preparation of a dataset (`astra-ds data prepare`) against its limit, in one run: the tokenizer alone on the
 same texts (its fast batch encoder, no reading, no writing), then the whole preparation with 1 worker and with W;
-printed are the queries a second of each, the ratios (preparation / tokenizer alone, W workers / 1) and the disk a
-query and a positive take. With --start, a training run's start-up on the prepared directory (--start-files: on
+printed are the queries a second of each (the best of --repeats runs: this machine's speed varies by 10-20% from
+one run to the next), the ratios (preparation / tokenizer alone, W workers / 1) and the disk a query and a
+positive take. With --start, a training run's start-up on the prepared directory (--start-files: on
 the dataset's files too, its token cache filled by a first run): seconds from the command to the end of its first
 step, and the process's private memory (RssAnon) as that step began.
 
-    python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2 --start --start-files
+    python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2 --repeats 2 --start
     python tools/bench_data.py --data ../shared/data/WordNetHyper --set encoder.model=all-MiniLM-L6-v2
 """
 
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--num-labels", type=int, default=100_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--unit-rows", type=int, default=50_000)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each measurement; the best is printed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--start", action="store_true", help="also time a training run's start-up on the prepared "
                         "directory")
@@ -92,10 +94,12 @@ def main() -> None:
                              f"data.path={data}"])
     texts = read_lines(data / "trn_X.txt") + read_lines(data / "tst_X.txt")
     label_texts = read_lines(data / "Y.txt") if (data / "Y.txt").is_file() else []
-    alone = tokenizer_alone(cfg, texts, cfg.data.max_len) + tokenizer_alone(cfg, label_texts,
-                                                                             cfg.siamese.label_max_len)
+    alone = min(tokenizer_alone(cfg, texts, cfg.data.max_len) + tokenizer_alone(cfg, label_texts,
+                                                                                 cfg.siamese.label_max_len)
+                for _ in range(args.repeats))
     rows = len(texts) + len(label_texts)
-    seconds = {w: prepared(cfg, work / f"prepared_{w}", w, args.unit_rows) for w in sorted({1, args.workers})}
+    seconds = {w: min(prepared(cfg, work / f"prepared_{w}", w, args.unit_rows) for _ in range(args.repeats))
+               for w in sorted({1, args.workers})}
     manifest = json.loads((work / "prepared_1" / MANIFEST).read_text())
     queries = sum(manifest["splits"][part]["rows"] for part in ("train", "validation", "test")
                   if part in manifest["splits"])

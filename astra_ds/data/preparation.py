@@ -26,13 +26,15 @@ import shutil
 import socket
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import chain
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from astra_ds.config import RunConfig
+from astra_ds.config import DataConfig, RunConfig
+from astra_ds.data.encoding import backend_of, encode
 from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.files import fsync_dir, write_atomically
@@ -61,6 +63,7 @@ class Settings:
     token_dtype: str
     num_labels: int
     on_bad_text: str
+    on_bad_row: str
 
     @staticmethod
     def of(cfg: RunConfig, tokenizer, num_labels: int) -> "Settings":
@@ -69,22 +72,22 @@ class Settings:
         dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
         return Settings(tokenizer_fingerprint(tokenizer), cfg.encoder.model, cfg.data.max_len,
                         cfg.siamese.label_max_len, cfg.data.validation_fraction, cfg.train.seed, dtype, num_labels,
-                        cfg.data.on_bad_text)
+                        cfg.data.on_bad_text, cfg.data.on_bad_row)
 
 
-def validation_mask(rows: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Whether each source row (its number in the train split) is held out: splitmix64 of the row keyed by the
-    seed, as a number in [0, 1), below `fraction`."""
+def validation_mask(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Whether each source row is held out, from its key (its number in the train split, or its group's hash):
+    splitmix64 of the key keyed by the seed, as a number in [0, 1), below `fraction`."""
     with np.errstate(over="ignore"):
-        z = mix64(rows.astype(np.uint64) + np.uint64(seed) * GOLDEN + GOLDEN)
+        z = mix64(keys.astype(np.uint64) + np.uint64(seed) * GOLDEN + GOLDEN)
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
 def _ragged(rows: list, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets): the rows' values one after another, and where each row begins (and the last ends)."""
     offsets = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum([len(r) for r in rows], out=offsets[1:])
-    values = np.fromiter((v for r in rows for v in r), dtype=dtype, count=int(offsets[-1]))
+    np.cumsum(np.fromiter(map(len, rows), np.int64, len(rows)), out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=int(offsets[-1]))
     return values, offsets
 
 
@@ -99,9 +102,9 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
         raise DataError(f"{unit.split} row {unit.first_row + bad[0]} holds bytes that are not UTF-8 "
                         "(data.on_bad_text=replace reads them with U+FFFD)")
     max_len = settings.label_max_len if unit.split == "labels" else settings.max_len
-    encoded = tokenizer(rows.texts, max_length=max_len, truncation=True)["input_ids"] if rows.texts else []
-    held = (validation_mask(np.arange(unit.first_row, unit.first_row + unit.rows), settings.validation_fraction,
-                            settings.seed) if unit.split == "train" else np.zeros(unit.rows, bool))
+    encoded = encode(tokenizer, rows.texts, max_len)
+    held = (validation_mask(rows.keys, settings.validation_fraction, settings.seed) if unit.split == "train"
+            else np.zeros(len(rows.texts), bool))
     parts = {}
     for part, chosen in zip(PARTS[unit.split], (~held, held)):
         keep = np.flatnonzero(chosen)
@@ -132,8 +135,10 @@ def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -
 
 def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) -> None:
     tmp.mkdir(parents=True)
-    parts = _unit_arrays(source.read(unit), unit, settings, tokenizer)
-    done = {"unit": asdict(unit), "parts": {}}
+    rows = source.read(unit)
+    parts = _unit_arrays(rows, unit, settings, tokenizer)
+    done = {"unit": asdict(unit), "parts": {}, "skipped": {"rows": len(rows.skipped),
+                                                                 "first": (rows.skipped or [None])[0]}}
     for part, arrays in parts.items():
         for name, array in arrays.items():
             np.save(tmp / f"{part}.{name}.npy", array)
@@ -187,11 +192,11 @@ def unit_done(out: Path, unit: Unit, verify: bool = True) -> dict | None:
 _WORKER: dict = {}
 
 
-def _worker_init(make_tokenizer: Callable, source_args: tuple, settings: Settings, out: str) -> None:
-    from astra_ds.libraries import quiet_libraries
+def _worker_init(make_tokenizer: Callable, data: DataConfig, settings: Settings, out: str) -> None:
+    from astra_ds.libraries import quiet_tokenizers
 
-    quiet_libraries()
-    _WORKER.update(source=open_source(*source_args), tokenizer=make_tokenizer(), settings=settings, out=Path(out))
+    quiet_tokenizers()
+    _WORKER.update(source=open_source(data), tokenizer=make_tokenizer(), settings=settings, out=Path(out))
 
 
 def _worker_unit(unit: Unit) -> str:
@@ -225,8 +230,7 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
     tokenizer of `make_tokenizer()`, a picklable callable); writes the manifest when every unit is done. Whether
     the directory is ready."""
     out = Path(out)
-    source_args = (cfg.data.path, cfg.data.format, cfg.data.text_fields, cfg.data.on_bad_text)
-    source = open_source(*source_args)
+    source = open_source(cfg.data)
     tokenizer = make_tokenizer()
     settings = Settings.of(cfg, tokenizer, source.num_labels)
     units = _plan(out, source, settings, unit_rows)
@@ -242,7 +246,8 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
     if workers > 1 and len(todo) > 1:
         context = get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_init,
-                                 initargs=(make_tokenizer, source_args, settings, str(out))) as pool:
+                                 initargs=(backend_of(tokenizer) or make_tokenizer, cfg.data, settings,
+                                           str(out))) as pool:
             for _ in progress_of(pool.map(_worker_unit, todo), "prepare", progress, "unit", total=len(todo)):
                 pass
     else:
@@ -272,10 +277,16 @@ def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings
             if part == "train":
                 labels = np.load(out / UNITS / unit.name / "train.labels.npy", mmap_mode="r")
                 counts += np.bincount(labels, minlength=settings.num_labels)
+    skipped = {split: sum(done[u.name]["skipped"]["rows"] for u in units if u.split == split)
+               for split in ("train", "test")}
+    first = next((done[u.name]["skipped"]["first"] for u in units if done[u.name]["skipped"]["first"]), None)
+    if first:
+        log.warning("%s malformed rows left out (data.on_bad_row=skip), the first: %s",
+                    " and ".join(f"{n:,} {split}" for split, n in skipped.items() if n), first)
     np.save(out / LABEL_COUNTS, counts)
     digest = hashlib.blake2b(json.dumps([asdict(settings), splits], sort_keys=True).encode(), digest_size=16)
     digest.update(array_digest(counts).encode())
-    manifest = {"format": FORMAT, "settings": asdict(settings), "splits": splits,
+    manifest = {"format": FORMAT, "settings": asdict(settings), "splits": splits, "skipped_rows": skipped,
                 "label_counts_digest": array_digest(counts), "fingerprint": digest.hexdigest()}
     for leftover in (out / UNITS).glob("*.tmp-*"):  # of killed runs: every unit is done, none is in flight
         shutil.rmtree(leftover, ignore_errors=True)

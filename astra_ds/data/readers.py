@@ -305,51 +305,90 @@ def read_pairs(directory: Path, text_fields: str = "title") -> XCDataset:
     return _check_label_counts(dataset, directory)
 
 
-def _json_records(path: Path):
-    """(line number, object) of a JSON-lines file, one line parsed at a time."""
-    for line_no, line in _numbered_lines(path):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not a JSON object ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            yield line_no, record
+def json_fields(text_fields: str) -> tuple[str, ...]:
+    """The fields of a JSON query whose text is the query's (data.text_fields)."""
+    return ("title", "content") if text_fields == "title_content" else ("title",)
 
 
-def _json_text(record: dict, fields: tuple[str, ...], path: Path, line_no: int) -> str:
-    if "title" not in record:
-        raise DataError(f"{path}:{line_no}: no 'title' field")
-    return " ".join(str(record.get(f) or "").replace("\n", " ").strip() for f in fields).strip()
+def parse_json_row(line: str, path: Path, line_no: int, fields: tuple[str, ...],
+                   num_labels: int | None) -> tuple[str, list[int], str | None]:
+    """(text, label ids, group) of one line of a JSON-lines file (see query_fields)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{line_no}: not a JSON object ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+    return query_fields(record, f"{path}:{line_no}", fields, num_labels)
+
+
+def query_fields(record: dict, where: str, fields: tuple[str, ...],
+                 num_labels: int | None) -> tuple[str, list[int], str | None]:
+    """(text, label ids, group) of a record of the XC JSON schema (a JSON line, a Parquet row): its `fields`
+    joined, its target_ind checked against [0, num_labels) (None: a label's record, which has none) and its
+    optional "group" (queries of one group go to the same side of the validation split); `where` names the record
+    in an error."""
+    if record.get("title") is None:
+        raise DataError(f"{where}: no 'title' field")
+    text = " ".join(str(record.get(f) or "").replace("\n", " ").strip() for f in fields).strip()
+    if num_labels is None:
+        return text, [], None
+    targets = record.get("target_ind", [])
+    if not isinstance(targets, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in targets):
+        raise DataError(f"{where}: target_ind must be a list of label ids")
+    bad = [t for t in targets if not 0 <= t < num_labels]
+    if bad:
+        raise DataError(f"{where}: label id {bad[0]} out of range [0, {num_labels})")
+    group = record.get("group")
+    return text, targets, None if group is None else str(group)
+
+
+def _json_lines(path: Path):
+    """(line number, line) of a JSON-lines file's lines that hold anything."""
+    return ((line_no, line) for line_no, line in _numbered_lines(path) if line.strip())
+
+
+def queries_split(rows, num_labels: int) -> XCSplit:
+    """The split of (text, label ids, group) rows; the label ids kept in flat arrays, not a list a row."""
+    texts, indices, indptr = [], array("q"), array("q", [0])
+    for text, targets, _ in rows:
+        texts.append(text)
+        indices.extend(targets)
+        indptr.append(len(indices))
+    labels = sp.csr_matrix((np.ones(len(indices), np.float32), np.asarray(indices, np.int32),
+                            np.asarray(indptr, np.int64)), shape=(len(texts), num_labels))
+    labels.sum_duplicates()
+    labels.data[:] = 1.0
+    return XCSplit(texts, labels)
 
 
 def read_xc_json(directory: Path, text_fields: str = "title") -> XCDataset:
     """The XC repository's JSON format (LF-* datasets): trn.json, tst.json (a query a line: uid, title, content,
     target_ind), lbl.json (a label a line: its title is the label text); each read a line at a time, keeping
     only the text and the label ids."""
-    fields = ("title", "content") if text_fields == "title_content" else ("title",)
+    fields = json_fields(text_fields)
     label_path = _require(directory, "lbl.json")
-    label_texts = [_json_text(record, ("title",), label_path, n) for n, record in _json_records(label_path)]
+    label_texts = [parse_json_row(line, label_path, n, ("title",), None)[0] for n, line in _json_lines(label_path)]
     splits = {}
     for split, name in (("train", "trn.json"), ("test", "tst.json")):
         path = _require(directory, name)
-        texts, indices, indptr = [], array("q"), array("q", [0])  # label ids in flat arrays, not lists a row
-        for line_no, record in _json_records(path):
-            texts.append(_json_text(record, fields, path, line_no))
-            targets = record.get("target_ind", [])
-            if not isinstance(targets, list) or not all(isinstance(t, int) for t in targets):
-                raise DataError(f"{path}:{line_no}: target_ind must be a list of label ids")
-            bad = [t for t in targets if not 0 <= t < len(label_texts)]
-            if bad:
-                raise DataError(f"{path}:{line_no}: label id {bad[0]} out of range [0, {len(label_texts)})")
-            indices.extend(targets)
-            indptr.append(len(indices))
-        labels = sp.csr_matrix((np.ones(len(indices), np.float32), np.asarray(indices, np.int32),
-                                np.asarray(indptr, np.int64)), shape=(len(texts), len(label_texts)))
-        labels.sum_duplicates()
-        labels.data[:] = 1.0
-        splits[split] = XCSplit(texts, labels)
+        splits[split] = queries_split((parse_json_row(line, path, line_no, fields, len(label_texts))
+                                       for line_no, line in _json_lines(path)), len(label_texts))
+    return XCDataset(directory.name, splits["train"], splits["test"], len(label_texts), label_texts)
+
+
+def read_xc_parquet(directory: Path, text_fields: str = "title") -> XCDataset:
+    """The XC JSON format's fields as Parquet columns (astra_ds/data/parquet.py), read whole."""
+    from astra_ds.data.parquet import ParquetRows
+
+    fields = json_fields(text_fields)
+    labels = ParquetRows(directory, "labels")
+    label_texts = [query_fields(record, where, ("title",), None)[0] for where, record in labels.records(0, labels.rows)]
+    splits = {}
+    for split in ("train", "test"):
+        rows = ParquetRows(directory, split)
+        splits[split] = queries_split((query_fields(record, where, fields, len(label_texts))
+                                       for where, record in rows.records(0, rows.rows)), len(label_texts))
     return XCDataset(directory.name, splits["train"], splits["test"], len(label_texts), label_texts)
 
 
@@ -366,13 +405,15 @@ def _read_filters(dataset: XCDataset, directory: Path) -> XCDataset:
 def detect_format(directory: Path) -> str:
     if _resolve(directory / "trn.json") and _resolve(directory / "lbl.json"):
         return "xc_json"
+    if (directory / "trn.parquet").is_file():
+        return "xc_parquet"
     if _resolve(directory / "trn_X.txt"):
         return "raw_text"
     if _resolve(directory / "trn_X_Xf.txt") or _resolve(directory / "train.txt"):
         return "bow"
     if list(directory.glob("*_train_word.txt*")):
         return "pairs"
-    raise DataError(f"{directory}: no known dataset format (expected trn.json + lbl.json, trn_X.txt, "
+    raise DataError(f"{directory}: no known dataset format (expected trn.json + lbl.json, trn.parquet, trn_X.txt, "
                     f"trn_X_Xf.txt, train.txt or NAME_train_word.txt)")
 
 

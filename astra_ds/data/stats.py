@@ -47,4 +47,8 @@ def prepared_summary_lines(directory: PreparedDirectory) -> list[str]:
             line += f" | queries/label mean {counts.mean():.2f} max {counts.max()} | labels never seen " \
                     f"{(counts == 0).sum()}"
         lines.append(line)
+    skipped = {split: n for split, n in directory.manifest.get("skipped_rows", {}).items() if n}
+    if skipped:
+        lines.append("  malformed rows left out (data.on_bad_row=skip): "
+                     + ", ".join(f"{n:,} {split}" for split, n in skipped.items()))
     return lines

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astra_ds.data.encoding import encode
 from astra_ds.progress import progress as progress_of
 
 
@@ -84,10 +85,8 @@ def _texts_digest(texts: list[str]) -> str:
 
 def _tokenize_into(ids: np.ndarray, lengths: np.ndarray, first: int, texts: list[str], tokenizer, max_len: int) -> None:
     """Rows first, first + 1, ... of (ids, lengths) <- the padded token ids of `texts`."""
-    if not texts:  # the tokenizer fails on an empty batch
-        return
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
+    encoded = encode(tokenizer, texts, max_len)
     for row, seq in enumerate(encoded, start=first):
         ids[row, :len(seq)] = seq
         ids[row, len(seq):] = pad_id
