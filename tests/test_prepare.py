@@ -15,6 +15,7 @@ import torch
 from astra_ds.cli.main import main
 from astra_ds.config import load_config
 from astra_ds.data.encoding import encode
+from astra_ds.data.prepared import PreparedDirectory
 from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
 from astra_ds.data.readers import read_dataset
 from astra_ds.data.sources import group_key
@@ -83,6 +84,9 @@ def test_the_arrays_hold_the_token_ids_labels_and_counts_of_the_dataset_read_who
         if labels is not None:
             csr = labels[np.flatnonzero(rows)]
             assert np.array_equal(arrays["label_offsets"], csr.indptr) and np.array_equal(arrays["labels"], csr.indices)
+    names = PreparedDirectory(prepared).part("labels").texts()
+    assert list(names) == dataset.label_texts and names[7] == dataset.label_texts[7]
+    assert names[-1] == dataset.label_texts[-1] and names[2:5] == dataset.label_texts[2:5]
     counts = np.load(prepared / "label_counts.npy")
     assert np.array_equal(counts, np.asarray(dataset.train.labels[np.flatnonzero(~held)].sum(axis=0)).ravel())
     manifest = json.loads((prepared / MANIFEST).read_text())

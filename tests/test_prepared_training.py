@@ -63,6 +63,8 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepa
     assert [(line["component"], line["host"]) for line in shared] == [("prepared training data", arrays)]
     assert json.loads((runs["files"] / "memory.json").read_text())["shared"] == []
 
+    names = [(run / "label_names.txt").read_text() for run in runs.values()]
+    assert names[1] == names[0] and len(names[0].split("\n")) == 50  # from the prepared label texts
     again = astra_ds.load(runs["prepared"]).evaluate(split="test", search="exact")
     assert again.results["astra_ds"] == pytest.approx(metrics[1]["astra_ds"], abs=1e-9)
 

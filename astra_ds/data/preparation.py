@@ -13,7 +13,8 @@ temporary directory, renamed into place with its `done.json` (the digest of each
 Each unit of the train split writes its rows to the training or the validation part, chosen by a keyed hash of
 the row's number in the source (data.validation_fraction, train.seed): the same rows whatever the workers or
 units. A part is five arrays: token ids (uint16 where the vocabulary fits) and their row offsets, label ids and
-their row offsets (positives are 1: no values), and each row's length in tokens.
+their row offsets (positives are 1: no values), and each row's length in tokens; the label texts' part also holds
+the texts themselves (UTF-8 bytes and their offsets), the names a trained run gives its labels.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
         if rows.labels is not None:
             labels, label_offsets = _ragged([sorted(set(rows.labels[i])) for i in keep], np.uint32)
             arrays |= {"labels": labels, "label_offsets": label_offsets.astype(np.uint32)}
+        if unit.split == "labels":  # the label names a run publishes (label_names.txt), as UTF-8 bytes
+            names, name_offsets = _ragged([text.encode("utf-8") for text in rows.texts], np.uint8)
+            arrays |= {"names": names, "name_offsets": name_offsets.astype(np.uint64)}
         parts[part] = arrays
     return parts
 

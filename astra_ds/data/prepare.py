@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class PreparedData:
     train_counts: TrainCounts  # of the training queries' labels, label texts left out (propensities)
     fingerprint: str  # of the training queries and their labels: a run resumes on the data it was trained on
     label_tokens: Texts | None = None  # the label texts' tokens, when the run uses them
-    label_texts: list[str] | None = None  # the label texts, when the data has them in memory
+    label_texts: Sequence[str] | None = None  # the label texts (of a prepared directory: read as they are asked for)
     validation: EvalSplit | None = None  # held out of the training queries, when data.validation_fraction > 0
     num_label_queries: int = 0  # label texts at the end of `train` (data.label_texts_as_queries)
     mapped_bytes: int = 0  # the training queries' memory-mapped arrays (a prepared directory's): page cache
@@ -135,8 +136,9 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
     test = evaluated(TEST) or EvalSplit(TEST, tokenize([], tokenizer, cfg.max_len),  # a dataset without one
                                         sp.csr_matrix((0, directory.num_labels), dtype=np.float32))
     counts = TrainCounts(np.asarray(directory.label_counts), len(parts["train"]))
+    names = parts["labels"].texts() if parts["labels"] is not None and parts["labels"].has("names") else None
     return PreparedData(directory.path.name, directory.num_labels, parts["train"], test, counts,
-                        directory.fingerprint, labels, None, validation, mapped_bytes=directory.mapped_bytes("train"))
+                        directory.fingerprint, labels, names, validation, mapped_bytes=directory.mapped_bytes("train"))
 
 
 def _with_label_queries(dataset: XCDataset, train_tokens: TokenizedTexts, tokenizer, cfg: DataConfig,

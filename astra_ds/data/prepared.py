@@ -5,6 +5,7 @@ and every rank of a host shares one page cache of it. A batch gathers its rows f
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -86,12 +87,47 @@ class PreparedPart:
         attention_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
         return torch.from_numpy(input_ids), attention_mask
 
+    def has(self, array: str) -> bool:
+        return all(array in unit["digests"] for unit in self.entry["units"])
+
+    def text(self, row: int) -> str:
+        """The text of `row` (the label texts' part holds them)."""
+        (names,), _ = self._ragged(np.array([row]), "names", "name_offsets")
+        return bytes(names).decode("utf-8")
+
+    def texts(self) -> "PartTexts":
+        return PartTexts(self)
+
     def labels(self, rows: np.ndarray) -> sp.csr_matrix:
         """The positives of `rows`, (len(rows), num_labels), 1.0 each."""
         labels, counts = self._ragged(rows, "labels", "label_offsets")
         indptr = np.concatenate([[0], np.cumsum(counts)])
         indices = np.concatenate(labels).astype(np.int32) if len(labels) else np.zeros(0, np.int32)
         return sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(rows), self.num_labels))
+
+
+class PartTexts(Sequence):
+    """The texts of a part, read from its memory-mapped bytes as they are asked for (not held as Python strings)."""
+
+    def __init__(self, part: PreparedPart):
+        self.part = part
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self.part.text(r) for r in range(*row.indices(len(self)))]
+        if not -len(self) <= row < len(self):
+            raise IndexError(row)
+        return self.part.text(row % len(self))
+
+    def __iter__(self):
+        for unit in range(len(self.part.unit_names)):
+            names, offsets = self.part._array(unit, "names"), self.part._array(unit, "name_offsets")
+            data = names.tobytes()
+            for start, end in zip(offsets[:-1], offsets[1:]):
+                yield data[start:end].decode("utf-8")
 
 
 class PreparedDirectory:
