@@ -39,20 +39,18 @@ def fsync_tree(path: Path) -> None:
     """Flush every file under `path`, and the directories themselves, to disk."""
     for root, _, files in os.walk(path):
         for name in files:
-            fd = os.open(Path(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
+            fsync_path(Path(root, name))
+        fsync_path(Path(root))
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -62,7 +60,7 @@ def write_atomically(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 @contextmanager

@@ -17,10 +17,12 @@ from astra_ds.config import load_config
 from astra_ds.data.encoding import encode
 from astra_ds.data.prepared import PreparedDirectory
 from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
+from astra_ds.data.prepare import prepare_data
 from astra_ds.data.readers import read_dataset
 from astra_ds.data.sources import group_key
 from astra_ds.data.tokens import tokenize
 from astra_ds.encoder.encoder import build_tokenizer
+from astra_ds.errors import DataError
 from faults import Injector, crash, sites
 
 SETTINGS = ["encoder.model=tiny-random", "data.max_len=16", "siamese.label_max_len=8", "data.validation_fraction=0.2"]
@@ -189,6 +191,29 @@ def test_parquet_is_read_by_row_groups_into_the_arrays_of_the_raw_text_layout_an
     whole, reference = read_dataset(data), read_dataset(synth_dir)
     assert whole.train.texts == reference.train.texts and whole.label_texts == reference.label_texts
     assert (whole.test.labels != reference.test.labels).nnz == 0
+
+
+def test_the_test_split_s_filter_file_is_prepared_and_evaluated_as_from_the_files(synth_dir, tmp_path, caplog):
+    data = shutil.copytree(synth_dir, tmp_path / "data")
+    (data / "filter_labels_test.txt").write_text("0 3\n0 7\n5 1\n127 49\n")
+    cfg = _cfg(data)
+    assert prepare(cfg, tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
+    tokenizer = build_tokenizer(cfg.encoder)
+    from_files = prepare_data(cfg.data, tokenizer).test.filter
+    cfg.data.path = str(tmp_path / "prepared")
+    prepared = prepare_data(cfg.data, tokenizer).test.filter
+    assert prepared.nnz == 4 and (prepared != from_files).nnz == 0 and prepared.shape == from_files.shape
+    (tmp_path / "prepared" / "test_filter.npz").write_bytes(b"damaged")
+    with pytest.raises(DataError, match="test_filter.npz of the prepared data is missing or damaged"):
+        prepare_data(cfg.data, tokenizer)
+
+    lines = (data / "tst_X_Y.txt").read_text().split("\n")
+    lines[3] = "3:1 999:1"  # a malformed test row, skipped: the filter's rows would no longer be the source's
+    (data / "tst_X_Y.txt").write_text("\n".join(lines))
+    skipping = load_config(None, [*SETTINGS, f"data.path={data}", "data.on_bad_row=skip"])
+    assert prepare(skipping, tmp_path / "skipped", _tokenizer(data), unit_rows=100, progress=False)
+    assert "filter_labels_test.txt is left out of the prepared data: 1 test rows were skipped" in caplog.text
+    assert json.loads((tmp_path / "skipped" / MANIFEST).read_text())["test_filter"] is None
 
 
 @pytest.mark.parametrize("layout", ["raw_text", "json", "parquet"])

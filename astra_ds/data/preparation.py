@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import scipy.sparse as sp
 
 from astra_ds.config import DataConfig, RunConfig
 from astra_ds.data.encoding import backend_of, encode
 from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
-from astra_ds.files import fsync_dir, write_atomically
+from astra_ds.digests import file_digest
+from astra_ds.files import fsync_path, output_file, write_atomically
 from astra_ds.progress import progress as progress_of
 from astra_ds.hashing import GOLDEN, mix64
 
@@ -46,6 +48,7 @@ log = logging.getLogger("astra_ds")
 
 FORMAT = "astra_ds.prepared/1"
 MANIFEST, PLAN, UNITS, DONE, LABEL_COUNTS = "manifest.json", "plan.json", "units", "done.json", "label_counts.npy"
+TEST_FILTER = "test_filter.npz"
 ARRAYS = ("tokens", "token_offsets", "lengths", "labels", "label_offsets")
 PARTS = {"train": ("train", "validation"), "test": ("test",), "labels": ("labels",)}
 HISTOGRAM_CAP = 1024  # labels a query: rows with more are counted in the last bin
@@ -134,7 +137,7 @@ def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -
     except Exception:  # a full disk, a bad row: nothing of the unit stays (a kill leaves tmp, removed at the end)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) -> None:
@@ -260,12 +263,31 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
     done = {u.name: unit_done(out, u, verify=False) for u in units}  # renamed into place whole
     if any(record is None for record in done.values()):
         return False  # other parts still at work: the last to finish writes the manifest
-    write_manifest(out, units, done, settings)
+    write_manifest(out, units, done, settings, Path(cfg.data.path))
     return True
 
 
-def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings: Settings) -> None:
-    """The label counts of the training part (propensities need only these and N) and the manifest, last."""
+def _test_filter(source: Path, out: Path, test_rows: int, skipped: int, num_labels: int) -> dict | None:
+    """The dataset's filter_labels_test.txt (test query, label pairs left out of the evaluation), copied as a
+    sparse matrix; its manifest entry, or None without one."""
+    from astra_ds.data.readers import filter_path, read_pair_file
+
+    path = filter_path(source, "test")
+    if path is None:
+        return None
+    if skipped:
+        log.warning("%s is left out of the prepared data: %d test rows were skipped, and its rows are the source's",
+                    path, skipped)
+        return None
+    matrix = read_pair_file(path, num_labels, num_rows=test_rows, what="label")
+    with output_file(out / TEST_FILTER) as tmp:
+        sp.save_npz(tmp, matrix)
+    return {"file": TEST_FILTER, "pairs": int(matrix.nnz), "digest": file_digest(out / TEST_FILTER)}
+
+
+def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings: Settings, source: Path) -> None:
+    """The label counts of the training part (propensities need only these and N), the test split's filter, and
+    the manifest, last."""
     counts = np.zeros(settings.num_labels, np.int64)
     splits: dict[str, dict] = {}
     for unit in units:
@@ -288,9 +310,14 @@ def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings
         log.warning("%s malformed rows left out (data.on_bad_row=skip), the first: %s",
                     " and ".join(f"{n:,} {split}" for split, n in skipped.items() if n), first)
     np.save(out / LABEL_COUNTS, counts)
+    test_filter = _test_filter(source, out, splits.get("test", {}).get("rows", 0), skipped["test"],
+                               settings.num_labels)
+    for path in (out / LABEL_COUNTS, *([out / TEST_FILTER] if test_filter else [])):
+        fsync_path(path)  # on disk before the manifest says the directory is ready
     digest = hashlib.blake2b(json.dumps([asdict(settings), splits], sort_keys=True).encode(), digest_size=16)
     digest.update(array_digest(counts).encode())
     manifest = {"format": FORMAT, "settings": asdict(settings), "splits": splits, "skipped_rows": skipped,
+                "test_filter": test_filter,
                 "label_counts_digest": array_digest(counts), "fingerprint": digest.hexdigest()}
     for leftover in (out / UNITS).glob("*.tmp-*"):  # of killed runs: every unit is done, none is in flight
         shutil.rmtree(leftover, ignore_errors=True)

@@ -128,7 +128,8 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
 
     def evaluated(name: str) -> EvalSplit | None:
         part = parts[name]
-        return None if part is None else EvalSplit(name, part, part.labels(np.arange(len(part))))
+        return None if part is None else EvalSplit(name, part, part.labels(np.arange(len(part))),
+                                                   directory.test_filter() if name == TEST else None)
 
     labels = parts["labels"] if label_max_len is not None and parts["labels"] is not None and len(parts["labels"]) \
         else None

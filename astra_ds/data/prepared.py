@@ -14,6 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from astra_ds.data.queries import QueryStats
+from astra_ds.digests import file_digest
 from astra_ds.data.preparation import FORMAT, LABEL_COUNTS, MANIFEST, UNITS, changed_arrays
 from astra_ds.errors import DataError
 
@@ -165,6 +166,16 @@ class PreparedDirectory:
         return [str(path.relative_to(self.path)) for name, split in self.manifest["splits"].items()
                 for unit in split["units"]
                 for path in changed_arrays(self.path / UNITS / unit["name"], name, unit["digests"])]
+
+    def test_filter(self) -> sp.csr_matrix | None:
+        """The test split's (query, label) pairs left out of the evaluation, checked against their digest."""
+        entry = self.manifest.get("test_filter")
+        if entry is None:
+            return None
+        path = self.path / entry["file"]
+        if not path.is_file() or file_digest(path) != entry["digest"]:
+            raise DataError(f"{path} of the prepared data is missing or damaged: prepare the data again")
+        return sp.load_npz(path).tocsr()
 
     @cached_property
     def label_counts(self) -> np.ndarray:

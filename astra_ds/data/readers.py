@@ -392,10 +392,15 @@ def read_xc_parquet(directory: Path, text_fields: str = "title") -> XCDataset:
     return XCDataset(directory.name, splits["train"], splits["test"], len(label_texts), label_texts)
 
 
+def filter_path(directory: Path, split: str) -> Path | None:
+    """The split's filter file (filter_labels_test.txt, gzipped or not), if the dataset has one."""
+    return _resolve(directory / f"filter_labels_{split}.txt")
+
+
 def _read_filters(dataset: XCDataset, directory: Path) -> XCDataset:
     """filter_labels_test.txt / filter_labels_train.txt ("point label" lines), when the directory has them."""
     for split, attr in (("test", "test_filter"), ("train", "train_filter")):
-        path = _resolve(directory / f"filter_labels_{split}.txt")
+        path = filter_path(directory, split)
         if path is not None:
             rows = getattr(dataset, split).labels.shape[0]
             setattr(dataset, attr, read_pair_file(path, dataset.num_labels, num_rows=rows, what="label"))

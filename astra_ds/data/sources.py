@@ -16,7 +16,6 @@ hashes: its number in the split, or its group's hash where the data names groups
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -36,7 +36,7 @@ import numpy as np
 from astra_ds.digests import DigestCache, damaged_files, file_digest, listed, manifest
 from astra_ds.errors import UserError
 from astra_ds.eval.outputs import METRICS_FILE, PREDICTIONS_FILE
-from astra_ds.files import TMP_SUFFIX, files_under, fsync_dir, write_atomically
+from astra_ds.files import TMP_SUFFIX, files_under, fsync_path, write_atomically
 from astra_ds.rundir.card import ModelCard
 from astra_ds.rundir.lock import LOCK_FILE, RunLock
 from astra_ds.rundir.verified import already_verified, known_digests, remember_verified
@@ -213,7 +213,7 @@ class RunDir:
         self.manifest.unlink(missing_ok=True)
         shutil.rmtree(self.serving_index_dir, ignore_errors=True)
         if self.path.is_dir():
-            fsync_dir(self.path)
+            fsync_path(self.path)
 
     def publish(self, known: DigestCache | None = None) -> None:
         """manifest.json, written last: the digests of the model's files, those of `known` files not read again.

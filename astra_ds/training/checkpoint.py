@@ -46,7 +46,7 @@ from astra_ds.collectives import all_gather_objects, barrier
 from astra_ds.config import CheckpointConfig
 from astra_ds.digests import DigestCache, damaged_files, listed, manifest
 from astra_ds.errors import CheckpointError
-from astra_ds.files import (TMP_SUFFIX, disk_full, files_under, fsync_dir, fsync_tree, load_torch_file,
+from astra_ds.files import (TMP_SUFFIX, disk_full, files_under, fsync_path, fsync_tree, load_torch_file,
                              write_atomically)
 from astra_ds.rundir.run_dir import RunDir
 
@@ -291,7 +291,7 @@ class CheckpointManager:
             if final.exists():  # saved again at the same step (e.g. the end of a resumed run)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            fsync_dir(self.dir)
+            fsync_path(self.dir)
             write_atomically(self.dir / LATEST, tag)
             self.prune(keep=final)
             log.info("checkpoint %s written in %.1f s", final, time.time() - started)
