@@ -4,6 +4,7 @@ against the run's in one line."""
 
 import functools
 import json
+import logging
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,9 +15,12 @@ import pytest
 import astra_ds
 from astra_ds.cli.main import main
 from astra_ds.config import load_config
+from astra_ds.data.encoding import encode
+from astra_ds.data.prepared import PreparedDirectory
 from astra_ds.data.preparation import MANIFEST, UNITS, prepare
 from astra_ds.data.synth import SynthConfig, generate
 from astra_ds.encoder.encoder import build_tokenizer
+from astra_ds.labels.row_scale import training_queries
 from astra_ds.table import store
 from conftest import TINY_RUN, run_cli
 
@@ -78,6 +82,22 @@ def test_a_resumed_run_on_a_prepared_directory_equals_an_uninterrupted_one(prepa
                                                                   f"out_dir={resumed}")]) == 0
     losses = [{r["step"]: r["loss"] for r in _log(run) if "loss" in r} for run in (straight, resumed)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_labels_added_to_a_run_on_a_prepared_directory_are_scaled_on_its_training_queries(prepared, tmp_path,
+                                                                                          caplog):
+    run = tmp_path / "run"
+    assert main(["train", "--no-eval", *_sets(f"data.path={prepared}", f"out_dir={run}", "encoder.dim=16",
+                                              "eval.label_text_weight=0.5")]) == 0
+    model = astra_ds.load(run)
+    queries = training_queries(model.cfg, model.card, 50)
+    part = PreparedDirectory(prepared).part("train")
+    assert len(queries) == len(part)  # all of its 409 training rows (fewer than SAMPLE_QUERIES), decoded
+    # decoded, they are the prepared rows: tokenised again, the same ids
+    assert encode(model.tokenizer, queries, 32) == [ids.tolist() for ids in part.token_ids(np.arange(len(part)))]
+    caplog.set_level(logging.INFO, logger="astra_ds")
+    model.add_labels(["w460 w461", "w470"])
+    assert "training data cannot be read" not in caplog.text and "the added labels' rows are scaled by" in caplog.text
 
 
 @pytest.mark.parametrize("override, message", [

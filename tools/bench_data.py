@@ -8,6 +8,7 @@ step, and the process's private memory (RssAnon) as that step began.
 
     python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2 --repeats 2 --start
     python tools/bench_data.py --data ../shared/data/WordNetHyper --set encoder.model=all-MiniLM-L6-v2
+    python tools/bench_data.py --start-on /data/prepared_1e7
 """
 
 from __future__ import annotations
@@ -83,10 +84,20 @@ def main() -> None:
     parser.add_argument("--start", action="store_true", help="also time a training run's start-up on the prepared "
                         "directory")
     parser.add_argument("--start-files", action="store_true", help="with --start, on the dataset's files too")
+    parser.add_argument("--start-on", metavar="DIR", help="only time the start-up on this prepared directory "
+                        "(prepared with the same --set), e.g. one too large to prepare again here")
     parser.add_argument("--work-dir", help="where the data and the prepared directories go (default: a temporary one)")
     args = parser.parse_args()
     quiet_libraries()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_"))
+    sets = ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set]  # as prepared
+    if args.start_on:
+        seconds, private = start_up(sets, Path(args.start_on), work / "run", work / "cache")
+        print(f"start-up, prepared directory {args.start_on}: {seconds:.1f} s to the end of the first step, RssAnon "
+              f"{private / 2**30:.2f} GiB as it began")
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     data = Path(args.data) if args.data else generate(
         SynthConfig(num_labels=args.num_labels, num_train=args.num_train, num_test=1000, seed=1), work / "synth",
         exist_ok=True)
@@ -118,7 +129,6 @@ def main() -> None:
     print(f"disk: {(query_bytes - 4 * positives) / queries:.1f} B a query + 4 B a positive "
           f"({disk / 2**20:.1f} MiB in all, with the label texts and counts)")
     if args.start:
-        sets = ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set]  # as prepared
         runs = {"prepared directory": (work / "prepared_1", 1)}
         if args.start_files:
             runs["dataset files, token cache filled"] = (data, 2)  # the first run fills the cache

@@ -64,6 +64,10 @@ class PreparedPart:
                 out[position] = array[starts[row]:starts[row + 1]]
         return out, np.array([len(r) for r in out], dtype=np.int64)
 
+    def token_ids(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Each row's token ids (special tokens included), in the order of `rows`."""
+        return self._ragged(rows, "tokens", "token_offsets")[0]
+
     def stats(self) -> QueryStats:
         """From the manifest: no row is read."""
         per_query = self.entry.get("labels_histogram") or [0]

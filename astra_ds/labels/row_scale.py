@@ -11,13 +11,16 @@ SAMPLE_QUERIES of the run's training queries, none of which has them as a positi
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from astra_ds.config import RunConfig
+from astra_ds.data.prepared import PreparedDirectory, is_prepared
 from astra_ds.data.readers import read_dataset
+from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.errors import UserError
 from astra_ds.rng import Stream, numpy_rng
 from astra_ds.rundir.card import ModelCard
@@ -32,14 +35,30 @@ def training_queries(cfg: RunConfig, card: ModelCard, first_new_id: int) -> list
     """Up to SAMPLE_QUERIES texts of the run's training split (seeded by the run's seed and the first new id), or
     None when its data can no longer be read."""
     try:
-        texts = read_dataset(card.dataset, cfg.data.format, cfg.data.text_fields, "replace").train.texts
+        count, texts_of = _training_texts(cfg, card)
     except (UserError, OSError) as err:
         log.warning("the run's training data cannot be read (%s): the added labels' rows are not scaled "
                     "(`labels add --row-scale S` sets the scale)", err)
         return None
     rng = numpy_rng(cfg.train.seed, Stream.ROW_SCALE, first_new_id)
-    chosen = np.sort(rng.choice(len(texts), min(SAMPLE_QUERIES, len(texts)), replace=False))
-    return [texts[i] for i in chosen if texts[i].strip()]
+    chosen = np.sort(rng.choice(count, min(SAMPLE_QUERIES, count), replace=False))
+    return [text for text in texts_of(chosen) if text.strip()]
+
+
+def _training_texts(cfg: RunConfig, card: ModelCard) -> tuple[int, Callable[[np.ndarray], list[str]]]:
+    """The number of the run's training queries, and the texts of given rows. A prepared directory holds token
+    ids, not texts: its rows' ids are decoded back to text (what the encoder reads of them: the same ids once
+    tokenised again, for vocabularies such as BERT's)."""
+    if not is_prepared(card.dataset):
+        texts = read_dataset(card.dataset, cfg.data.format, cfg.data.text_fields, "replace").train.texts
+        return len(texts), lambda rows: [texts[i] for i in rows]
+    part = PreparedDirectory(card.dataset).part("train")
+    tokenizer = build_tokenizer(cfg.encoder)
+
+    def decoded(rows: np.ndarray) -> list[str]:
+        return tokenizer.batch_decode([ids.tolist() for ids in part.token_ids(rows)], skip_special_tokens=True)
+
+    return len(part), decoded
 
 
 def new_label_wins(queries: torch.Tensor, best_old: torch.Tensor, row_part: torch.Tensor,
