@@ -188,6 +188,6 @@ def test_data_prints_preparation_against_the_tokenizer_alone_and_the_disk_a_quer
     assert alone > 0 and float(share) == pytest.approx(float(prepared.replace(",", "")) / alone, abs=0.01)
     per_query = float(re.search(r"disk: ([\d.]+) B a query \+ 4 B a positive", out)[1])
     assert 0 < per_query < 70
-    seconds, private = re.search(r"start-up, prepared directory: ([\d.]+) s to the end of the first step, RssAnon "
-                                 r"([\d.]+) GiB", out).groups()
-    assert float(seconds) > 0 and 0.1 < float(private) < 4
+    built, seconds, private = re.search(r"start-up, prepared directory: ([\d.]+) s to the trainer built, ([\d.]+) s "
+                                        r"to the end of the first step, RssAnon ([\d.]+) GiB", out).groups()
+    assert 0 < float(built) < float(seconds) and 0.1 < float(private) < 4
