@@ -109,7 +109,7 @@ def main() -> None:
     if args.start_on:
         built, seconds, private = start_up(sets, Path(args.start_on), work / "run", work / "cache")
         print(f"start-up, prepared directory {args.start_on}: {built:.1f} s to the trainer built, {seconds:.1f} s to "
-              f"the end of the first step, RssAnon {private / 2**30:.2f} GiB as it began")
+              f"the end of the first step, RssAnon {private / 2**20:,.1f} MiB as it began")
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
         return
@@ -150,7 +150,7 @@ def main() -> None:
         for name, (path, times) in runs.items():
             built, seconds, private = [start_up(sets, path, work / "run", work / "cache") for _ in range(times)][-1]
             print(f"start-up, {name}: {built:.1f} s to the trainer built, {seconds:.1f} s to the end of the first "
-                  f"step, RssAnon {private / 2**30:.2f} GiB as it began")
+                  f"step, RssAnon {private / 2**20:,.1f} MiB as it began")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 
