@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
+from astra_ds.data.queries import ConcatQueries, QueriesInMemory
 from astra_ds.data.readers import DataError, read_dataset, read_sparse_file, write_sparse_file
 from astra_ds.data.synth import SynthConfig, TopicModel, generate
-from astra_ds.data.tokens import tokenize_cached
+from astra_ds.data.tokens import TokenizedTexts, tokenize_cached
 from astra_ds.errors import UserError
 from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.config import EncoderConfig
@@ -194,3 +196,30 @@ def test_token_cache_is_reused_and_keyed(tmp_path):
     assert input_ids.shape == (2, len(expected[0]))  # trimmed to the longest row of the batch
     assert input_ids[1].tolist() == expected[0] and mask[0].tolist() == [1] * len(expected[2]) + [0] * (
         len(expected[0]) - len(expected[2]))
+
+
+def test_concatenated_queries_answer_as_one_set_of_their_rows():
+    """The training queries then the label texts as queries (of other widths): batches, lengths and positives of
+    any rows as those of one in-memory set holding both (the dense reference)."""
+    rng = np.random.default_rng(0)
+
+    def part(rows: int, width: int) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+        lengths = rng.integers(1, width + 1, rows).astype(np.int32)
+        ids = np.zeros((rows, width), np.int32)
+        for i, length in enumerate(lengths):
+            ids[i, :length] = rng.integers(1, 100, length)
+        positives = sp.csr_matrix((rng.random((rows, 9)) < 0.3).astype(np.float32))
+        return ids, lengths, positives
+
+    (ids_a, lengths_a, labels_a), (ids_b, lengths_b, labels_b) = part(7, 5), part(4, 8)
+    joined = ConcatQueries(QueriesInMemory(TokenizedTexts(ids_a, lengths_a), labels_a),
+                           QueriesInMemory(TokenizedTexts(ids_b, lengths_b), labels_b))
+    whole = QueriesInMemory(TokenizedTexts(np.vstack([np.pad(ids_a, ((0, 0), (0, 3))), ids_b]),
+                                           np.concatenate([lengths_a, lengths_b])), sp.vstack([labels_a, labels_b],
+                                                                                              format="csr"))
+    assert len(joined) == 11 and joined.longest() == whole.longest() and joined.stats() == whole.stats()
+    for rows in (np.array([9, 2, 7, 0, 10]), np.array([3, 1]), np.array([8]), np.arange(11)[::-1], np.array([], int)):
+        for got, expected in zip(joined.batch(rows), whole.batch(rows)):
+            assert torch.equal(got, expected), rows
+        assert np.array_equal(joined.lengths_of(rows), whole.lengths_of(rows))
+        assert np.array_equal(joined.labels(rows).toarray(), whole.labels(rows).toarray())

@@ -73,6 +73,25 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepa
     assert again.results["astra_ds"] == pytest.approx(metrics[1]["astra_ds"], abs=1e-9)
 
 
+def test_label_texts_as_queries_train_on_a_prepared_directory_as_on_the_files(synth_dir, token_cache, tmp_path):
+    """An epoch and more (562 rows: 512 training queries, then the 50 label texts; 17 batches an epoch), so that
+    the label texts are in the batches."""
+    options = ["data.label_texts_as_queries=true", "train.epochs=2", "train.max_steps=20"]
+    cfg = load_config(None, [*RUN, f"data.path={synth_dir}", *options])
+    prepared = tmp_path / "prepared"
+    assert prepare(cfg, prepared, functools.partial(build_tokenizer, cfg.encoder), unit_rows=200, progress=False)
+    runs = {}
+    for name, path in (("files", synth_dir), ("prepared", prepared)):
+        runs[name] = tmp_path / name
+        assert main(["train", "--no-eval", *_sets(f"data.path={path}", f"data.cache_dir={token_cache}",
+                                                  f"out_dir={runs[name]}", *options)]) == 0
+    losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in runs.values()]
+    assert len(losses[0]) == 20
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in runs.values()]
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-7)
+
+
 def test_a_resumed_run_on_a_prepared_directory_equals_an_uninterrupted_one(prepared, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", "--no-eval", *_sets(f"data.path={prepared}", f"out_dir={straight}")]) == 0
@@ -92,7 +111,7 @@ def test_labels_added_to_a_run_on_a_prepared_directory_are_scaled_on_its_trainin
     model = astra_ds.load(run)
     queries = training_queries(model.cfg, model.card, 50)
     part = PreparedDirectory(prepared).part("train")
-    assert len(queries) == len(part)  # all of its 409 training rows (fewer than SAMPLE_QUERIES), decoded
+    assert len(queries) == len(part)  # all of its 512 training rows (fewer than SAMPLE_QUERIES), decoded
     # decoded, they are the prepared rows: tokenised again, the same ids
     assert encode(model.tokenizer, queries, 32) == [ids.tolist() for ids in part.token_ids(np.arange(len(part)))]
     caplog.set_level(logging.INFO, logger="astra_ds")
@@ -104,7 +123,8 @@ def test_labels_added_to_a_run_on_a_prepared_directory_are_scaled_on_its_trainin
     ("data.max_len=24", "was prepared with data.max_len=32, and this run asks for 24: set data.max_len=32, or "
                         "prepare the data again"),
     ("data.validation_fraction=0.1", "was prepared with data.validation_fraction=0.0, and this run asks for 0.1"),
-    ("data.label_texts_as_queries=true", "data.label_texts_as_queries is not available on a prepared directory"),
+    ("data.label_texts_as_queries=true", "was prepared without data.label_texts_as_queries: prepare it again with "
+                                         "--set data.label_texts_as_queries=true"),
 ])
 def test_settings_other_than_the_prepared_ones_are_refused_in_one_line(override, message, prepared, tmp_path,
                                                                          capsys):

@@ -14,7 +14,9 @@ Each unit of the train split writes its rows to the training or the validation p
 the row's number in the source (data.validation_fraction, train.seed): the same rows whatever the workers or
 units. A part is five arrays: token ids (uint16 where the vocabulary fits) and their row offsets, label ids and
 their row offsets (positives are 1: no values), and each row's length in tokens; the label texts' part also holds
-the texts themselves (UTF-8 bytes and their offsets), the names a trained run gives its labels.
+the texts themselves (UTF-8 bytes and their offsets), the names a trained run gives its labels; with
+data.label_texts_as_queries, its units also hold the label texts as queries (tokens at max_len, each label its
+text's one positive), which training appends to the training part.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ MANIFEST, PLAN, UNITS, DONE, LABEL_COUNTS = "manifest.json", "plan.json", "units
 TEST_FILTER = "test_filter.npz"
 ARRAYS = ("tokens", "token_offsets", "lengths", "labels", "label_offsets")
 PARTS = {"train": ("train", "validation"), "test": ("test",), "labels": ("labels",)}
+LABEL_QUERIES = "label_queries"  # a part of the label texts' units, with data.label_texts_as_queries
 HISTOGRAM_CAP = 1024  # labels a query: rows with more are counted in the last bin
 
 
@@ -68,6 +71,7 @@ class Settings:
     num_labels: int
     on_bad_text: str
     on_bad_row: str
+    label_queries: bool  # data.label_texts_as_queries: each label text also a query at max_len
 
     @staticmethod
     def of(cfg: RunConfig, tokenizer, num_labels: int) -> "Settings":
@@ -76,7 +80,7 @@ class Settings:
         dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
         return Settings(tokenizer_fingerprint(tokenizer), cfg.encoder.model, cfg.data.max_len,
                         cfg.siamese.label_max_len, cfg.data.validation_fraction, cfg.train.seed, dtype, num_labels,
-                        cfg.data.on_bad_text, cfg.data.on_bad_row)
+                        cfg.data.on_bad_text, cfg.data.on_bad_row, cfg.data.label_texts_as_queries)
 
 
 def validation_mask(keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -122,7 +126,20 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
             names, name_offsets = _ragged([text.encode("utf-8") for text in rows.texts], np.uint8)
             arrays |= {"names": names, "name_offsets": name_offsets.astype(np.uint64)}
         parts[part] = arrays
+    if unit.split == "labels" and settings.label_queries:
+        parts[LABEL_QUERIES] = _label_queries(rows.texts, unit.first_row, settings, tokenizer)
     return parts
+
+
+def _label_queries(texts: list[str], first_label: int, settings: Settings, tokenizer) -> dict[str, np.ndarray]:
+    """The label texts that hold a word as queries (at max_len), each with its label as its one positive."""
+    keep = [i for i, text in enumerate(texts) if text.strip()]
+    tokens, token_offsets = _ragged(encode(tokenizer, [texts[i] for i in keep], settings.max_len),
+                                    settings.token_dtype)
+    return {"tokens": tokens, "token_offsets": token_offsets.astype(np.uint32),
+            "lengths": np.diff(token_offsets).astype(np.uint16),
+            "labels": (first_label + np.array(keep, np.int64)).astype(np.uint32),
+            "label_offsets": np.arange(len(keep) + 1, dtype=np.uint32)}
 
 
 def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -> None:

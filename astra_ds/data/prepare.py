@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from astra_ds.config import DataConfig
 from astra_ds.data.prepared import PreparedDirectory, is_prepared
-from astra_ds.data.queries import Queries, QueriesInMemory, Texts, TrainCounts
+from astra_ds.data.preparation import LABEL_QUERIES
+from astra_ds.data.queries import ConcatQueries, Queries, QueriesInMemory, Texts, TrainCounts
 from astra_ds.data.readers import XCDataset, XCSplit, read_dataset
 from astra_ds.data.tokens import TokenizedTexts, tokenize, tokenize_cached, tokenizer_fingerprint
 from astra_ds.errors import ConfigError
@@ -120,11 +121,11 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
         if prepared != run:
             raise ConfigError(f"{cfg.path} was prepared with {key}={prepared}, and this run asks for {run}: set "
                               f"{key}={prepared}, or prepare the data again")
-    if cfg.label_texts_as_queries:
-        raise ConfigError("data.label_texts_as_queries is not available on a prepared directory: use the dataset's "
-                          "own files for data.path")
+    if cfg.label_texts_as_queries and not settings.get("label_queries"):
+        raise ConfigError(f"{cfg.path} was prepared without data.label_texts_as_queries: prepare it again with "
+                          "--set data.label_texts_as_queries=true")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    parts = {name: directory.part(name, pad_id) for name in ("train", "validation", "test", "labels")}
+    parts = {name: directory.part(name, pad_id) for name in ("train", "validation", "test", "labels", LABEL_QUERIES)}
 
     def evaluated(name: str) -> EvalSplit | None:
         part = parts[name]
@@ -138,8 +139,12 @@ def open_prepared(cfg: DataConfig, tokenizer, label_max_len: int | None = None) 
                                         sp.csr_matrix((0, directory.num_labels), dtype=np.float32))
     counts = TrainCounts(np.asarray(directory.label_counts), len(parts["train"]))
     names = parts["labels"].texts() if parts["labels"] is not None and parts["labels"].has("names") else None
-    return PreparedData(directory.path.name, directory.num_labels, parts["train"], test, counts,
-                        directory.fingerprint, labels, names, validation, mapped_bytes=directory.mapped_bytes("train"))
+    train, label_queries, mapped = parts["train"], 0, directory.mapped_bytes("train")
+    if cfg.label_texts_as_queries:  # the label texts follow the training queries
+        train, label_queries = ConcatQueries(train, parts[LABEL_QUERIES], pad_id), len(parts[LABEL_QUERIES])
+        mapped += directory.mapped_bytes(LABEL_QUERIES)
+    return PreparedData(directory.path.name, directory.num_labels, train, test, counts, directory.fingerprint, labels,
+                        names, validation, label_queries, mapped)
 
 
 def _with_label_queries(dataset: XCDataset, train_tokens: TokenizedTexts, tokenizer, cfg: DataConfig,

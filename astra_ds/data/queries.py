@@ -78,6 +78,60 @@ class QueriesInMemory:
         return QueryStats(len(self), int(self.positives.nnz), self.tokens.longest(), int((per_query == 0).sum()))
 
 
+class ConcatQueries:
+    """The rows of `first`, then those of `second` (the training queries, then the label texts as queries)."""
+
+    def __init__(self, first: Queries, second: Queries, pad_id: int = 0):
+        self.parts, self.pad_id = (first, second), pad_id
+        self.split_at = len(first)
+
+    def __len__(self) -> int:
+        return self.split_at + len(self.parts[1])
+
+    def _by_part(self, rows: np.ndarray):
+        """(part, positions in `rows`, its rows) for each part."""
+        rows = np.asarray(rows, dtype=np.int64)
+        second = rows >= self.split_at
+        for part, chosen, offset in ((self.parts[0], ~second, 0), (self.parts[1], second, self.split_at)):
+            where = np.flatnonzero(chosen)
+            if len(where):
+                yield part, where, rows[where] - offset
+
+    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        pieces = [(where, *part.batch(local)) for part, where, local in self._by_part(rows)]
+        if not pieces:  # no rows: as the parts answer
+            return self.parts[0].batch(rows)
+        width = max(ids.shape[1] for _, ids, _ in pieces)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for where, ids, mask in pieces:
+            input_ids[torch.from_numpy(where), :ids.shape[1]] = ids
+            attention_mask[torch.from_numpy(where), :mask.shape[1]] = mask
+        return input_ids, attention_mask
+
+    def lengths_of(self, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows), np.int64)
+        for part, where, local in self._by_part(rows):
+            out[where] = part.lengths_of(local)
+        return out
+
+    def longest(self) -> int:
+        return max(part.longest() for part in self.parts)
+
+    def labels(self, rows: np.ndarray) -> sp.csr_matrix:
+        pieces = [(where, part.labels(local)) for part, where, local in self._by_part(rows)]
+        if not pieces:
+            return self.parts[0].labels(rows)
+        stacked = sp.vstack([labels for _, labels in pieces], format="csr")
+        order = np.argsort(np.concatenate([where for where, _ in pieces]), kind="stable")
+        return stacked[order]
+
+    def stats(self) -> QueryStats:
+        first, second = (part.stats() for part in self.parts)
+        return QueryStats(first.rows + second.rows, first.positives + second.positives,
+                          max(first.longest, second.longest), first.unlabelled + second.unlabelled)
+
+
 class RowsOf:
     """The rows `rows` of `texts` (queries or texts), as a set of their own."""
 
