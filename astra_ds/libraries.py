@@ -1,10 +1,12 @@
-"""The settings of the libraries astra_ds runs on: offline models, quiet logs, and what their native code prints
-(faiss's clustering warnings, DeepSpeed's op builds) summarised into the log."""
+"""The settings of the libraries astra_ds runs on: offline models, quiet logs, what their native code prints
+(faiss's clustering warnings, DeepSpeed's op builds) summarised into the log, and a module of DeepSpeed imported
+without the compiler it does not need here."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib
 import logging
 import os
 import sys
@@ -16,6 +18,7 @@ log = logging.getLogger("astra_ds")
 
 KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # oneDNN's, ideep's (PyTorch)
 KERNEL_CACHE_CAPACITY = 64  # kernels each keeps (tools/bench_step_memory.py: the speed and memory by capacity)
+DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
@@ -86,3 +89,30 @@ def native_output_logged(what: str, level: int = logging.INFO):
             for line, count in lines.items():
                 if line:
                     log.log(level, "%s: %s%s", what, line, f" (x{count})" if count > 1 else "")
+
+
+def import_uncompiled(module: str) -> None:
+    """Imports `module` (unless it is imported already) with torch.compile standing aside: the functions it
+    compiles as it is imported stay eager.
+
+    For DeepSpeed's Muon optimizer module (DEEPSPEED_MUON), which ZeRO imports to check any optimizer's type and
+    which compiles its kernels at import: that brings in torch's inductor compiler, about 3 s of every training
+    process's start-up on 2 cores. The engine imports it so when the ds_config's optimizer is not Muon."""
+    if module in sys.modules:
+        return
+    import torch
+
+    compile_ = torch.compile
+    torch.compile = _eager
+    try:
+        importlib.import_module(module)
+    except ImportError:  # a DeepSpeed release without it: nothing to spare
+        pass
+    finally:
+        torch.compile = compile_
+
+
+def _eager(model=None, **options):
+    """torch.compile's calling convention, compiling nothing: the function, or (given options alone) a decorator
+    that returns its function."""
+    return model if model is not None else (lambda function: function)

@@ -66,10 +66,14 @@ def run_main(*args: str) -> None:
     assert main(list(args)) == 0
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m astra_ds ARGS` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "astra_ds", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=fresh_process_env())
+def run_cli(*args: str, timeout: float = 600, probe: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m astra_ds ARGS` in a fresh process, as a user runs it; `probe`: an expression whose value the
+    process prints to stderr as it exits ("probe: VALUE")."""
+    command = ["-m", "astra_ds"] if probe is None else [
+        "-c", f"import atexit, runpy, sys; atexit.register(lambda: print('probe:', {probe}, file=sys.stderr)); "
+              "sys.argv[0] = 'astra-ds'; runpy.run_module('astra_ds', run_name='__main__')"]
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO, env=fresh_process_env())
 
 
 def fresh_process_env() -> dict[str, str]:

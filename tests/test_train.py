@@ -24,9 +24,13 @@ def _sets(*pairs: str) -> list[str]:
 def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
     out = tmp_path / "run"
     result = run_cli("train", *_sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                                     f"out_dir={out}", "train.epochs=5"))
+                                     f"out_dir={out}", "train.epochs=5"),
+                     probe="[m in sys.modules for m in ('deepspeed.runtime.zero.muon.muon_optimizer', "
+                           "'torch._inductor.compile_fx')]")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "@1" in result.stdout and "popularity" in result.stdout
+    # DeepSpeed's Muon module is imported without compiling (torch's inductor compiler: ~3 s of start-up)
+    assert "probe: [True, False]" in result.stderr
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["astra_ds"]["P@1"] > metrics["popularity"]["P@1"] + 0.2  # it learnt the structure

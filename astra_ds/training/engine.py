@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 from astra_ds.files import check_only_tensors
+from astra_ds.libraries import DEEPSPEED_MUON, import_uncompiled
 from astra_ds.encoder.encoder import QueryEncoder
 from astra_ds.training.checkpoint import convert_encoder_to_universal
 
@@ -15,6 +16,8 @@ ZERO_TAG = "zero"  # the DeepSpeed checkpoint tag inside the checkpoint's encode
 def build_engine(encoder: QueryEncoder, ds_config: dict):
     import deepspeed
 
+    if "muon" not in str(ds_config.get("optimizer", {}).get("type", "")).lower():
+        import_uncompiled(DEEPSPEED_MUON)  # ZeRO imports it to check the optimizer's type: ~3 s of compiler
     engine, _, _, _ = deepspeed.initialize(
         model=encoder, model_parameters=[p for p in encoder.parameters() if p.requires_grad], config=ds_config)
     return engine
