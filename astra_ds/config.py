@@ -58,8 +58,9 @@ class DataConfig:
     # `astra-ds data validate`) or error (the first such line ends the command)
     on_bad_text: BadText = "replace"
     # a malformed row (a label id out of range, a line that is not a JSON object) when `data prepare` reads the
-    # raw-text or JSON-lines layout: error (the first names its file and line) or skip (left out; the manifest
-    # counts them, and the first is logged). Other layouts are read whole, and their first malformed row ends it
+    # raw-text, JSON-lines or Parquet layout: error (the first names its file and line) or skip (left out; the
+    # manifest counts them, and the first is logged). Other layouts are read whole, and their first malformed row
+    # ends it
     on_bad_row: BadRow = "error"
     # a run whose features hold a value per training query in memory (NGAME's clusters, the classifier stage's
     # embeddings, precomputed shortlists, kNN votes) is refused above this many training queries: the memory plan

@@ -39,8 +39,8 @@ class DigestCache:
             self.known[key] = file_digest(path)
         return self.known[key]
 
-
     def digests(self, paths: list[Path]) -> list[str]:
+        """The digest of each of `paths`, in order; read on up to THREADS threads."""
         if len(paths) < 2 or THREADS == 1:
             return [self.digest(path) for path in paths]
         with ThreadPoolExecutor(min(THREADS, len(paths))) as pool:

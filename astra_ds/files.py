@@ -52,7 +52,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-
 def write_atomically(path: Path, text: str) -> None:
     """`path` holds `text`, or (after a crash or a full disk at any point) its old content: never a part."""
     with output_file(path, TMP_SUFFIX) as tmp:
