@@ -39,6 +39,7 @@ import scipy.sparse as sp
 
 from astra_ds.config import DataConfig, RunConfig
 from astra_ds.data.encoding import backend_of, encode
+from astra_ds.data.readers import filter_path, read_pair_file
 from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.digests import file_digest
@@ -99,6 +100,12 @@ def _ragged(rows: list, dtype) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets
 
 
+def _token_arrays(encoded: list[list[int]], dtype) -> dict[str, np.ndarray]:
+    """A part's token ids, their row offsets and each row's length."""
+    tokens, offsets = _ragged(encoded, dtype)
+    return {"tokens": tokens, "token_offsets": offsets.astype(np.uint32), "lengths": np.diff(offsets).astype(np.uint16)}
+
+
 def array_digest(array: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(array).tobytes(), digest_size=16).hexdigest()
 
@@ -116,9 +123,7 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
     parts = {}
     for part, chosen in zip(PARTS[unit.split], (~held, held)):
         keep = np.flatnonzero(chosen)
-        tokens, token_offsets = _ragged([encoded[i] for i in keep], settings.token_dtype)
-        arrays = {"tokens": tokens, "token_offsets": token_offsets.astype(np.uint32),
-                  "lengths": np.diff(token_offsets).astype(np.uint16)}
+        arrays = _token_arrays([encoded[i] for i in keep], settings.token_dtype)
         if rows.labels is not None:
             labels, label_offsets = _ragged([sorted(set(rows.labels[i])) for i in keep], np.uint32)
             arrays |= {"labels": labels, "label_offsets": label_offsets.astype(np.uint32)}
@@ -134,12 +139,9 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
 def _label_queries(texts: list[str], first_label: int, settings: Settings, tokenizer) -> dict[str, np.ndarray]:
     """The label texts that hold a word as queries (at max_len), each with its label as its one positive."""
     keep = [i for i, text in enumerate(texts) if text.strip()]
-    tokens, token_offsets = _ragged(encode(tokenizer, [texts[i] for i in keep], settings.max_len),
-                                    settings.token_dtype)
-    return {"tokens": tokens, "token_offsets": token_offsets.astype(np.uint32),
-            "lengths": np.diff(token_offsets).astype(np.uint16),
-            "labels": (first_label + np.array(keep, np.int64)).astype(np.uint32),
-            "label_offsets": np.arange(len(keep) + 1, dtype=np.uint32)}
+    return _token_arrays(encode(tokenizer, [texts[i] for i in keep], settings.max_len), settings.token_dtype) | {
+        "labels": (first_label + np.array(keep, np.int64)).astype(np.uint32),
+        "label_offsets": np.arange(len(keep) + 1, dtype=np.uint32)}
 
 
 def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -> None:
@@ -287,8 +289,6 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
 def _test_filter(source: Path, out: Path, test_rows: int, skipped: int, num_labels: int) -> dict | None:
     """The dataset's filter_labels_test.txt (test query, label pairs left out of the evaluation), copied as a
     sparse matrix; its manifest entry, or None without one."""
-    from astra_ds.data.readers import filter_path, read_pair_file
-
     path = filter_path(source, "test")
     if path is None:
         return None
