@@ -2,8 +2,7 @@
 (`title`, optional `content`, `target_ind`: a list of label ids, optional `group`), lbl.parquet a label a row (its
 `title`). Read whole to train on the files (readers.read_xc_parquet), or a row range at a time by `data prepare`
 (sources.ParquetSource): pyarrow reads only the row groups that hold the range; readers.query_fields parses
-each record as it parses a JSON line. pyarrow is an optional extra,
-needed for these files alone."""
+each record as it parses a JSON line. pyarrow is an optional extra, needed for these files alone."""
 
 from __future__ import annotations
 
@@ -50,12 +49,11 @@ class ParquetRows:
         parses the record)."""
         if rows == 0:
             return
-        groups = list(range(int(np.searchsorted(self.group_starts, first, "right")) - 1,
-                            int(np.searchsorted(self.group_starts, first + rows, "left"))))
+        row_groups = np.searchsorted(self.group_starts, np.arange(first, first + rows), "right") - 1
+        groups = list(range(int(row_groups[0]), int(row_groups[-1]) + 1))
         table = self.file.read_row_groups(groups, columns=self.columns)
         table = table.slice(first - int(self.group_starts[groups[0]]), rows)
         values = {name: table.column(name).to_pylist() for name in self.columns}
-        for i in range(rows):
-            group = int(np.searchsorted(self.group_starts, first + i, "right")) - 1
+        for i, group in enumerate(row_groups.tolist()):
             yield (f"{self.path}: row {first + i} (row group {group})",
                    {name: column[i] for name, column in values.items()})

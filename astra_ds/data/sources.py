@@ -159,10 +159,9 @@ class LineSource(_LinesSource):
         self.num_labels = self._header(self.files["train"][1])[1]
 
     @staticmethod
-    def supports(directory: Path, fmt: str) -> bool:
-        """Whether the data is in the raw-text layout, its files uncompressed (a gzipped file cannot be read from
-        the middle)."""
-        reader = READERS.get(detect_format(directory) if fmt == "auto" else fmt)
+    def supports(directory: Path, reader) -> bool:
+        """Whether the data is in the raw-text layout (`reader`: the layout's reader), its files uncompressed (a
+        gzipped file cannot be read from the middle)."""
         return reader is read_raw_text and all((directory / f"{prefix}_X{part}.txt").is_file()
                                                 for prefix in ("trn", "tst") for part in ("", "_Y"))
 
@@ -204,8 +203,7 @@ class JsonLinesSource(_LinesSource):
         self.num_labels = line_starts(self.files["labels"][0], 1 << 62)[1]
 
     @staticmethod
-    def supports(directory: Path, fmt: str) -> bool:
-        reader = READERS.get(detect_format(directory) if fmt == "auto" else fmt)
+    def supports(directory: Path, reader) -> bool:
         return reader is read_xc_json and all((directory / name).is_file() for name in JsonLinesSource.NAMES.values())
 
     def _rows(self, paths: tuple[Path, ...], unit_rows: int) -> tuple[list[list[int]], int]:
@@ -238,8 +236,8 @@ class ParquetSource(_RowSource):
         self.num_labels = self.parts["labels"].rows
 
     @staticmethod
-    def supports(directory: Path, fmt: str) -> bool:
-        return READERS.get(detect_format(directory) if fmt == "auto" else fmt) is read_xc_parquet
+    def supports(directory: Path, reader) -> bool:
+        return reader is read_xc_parquet
 
     def units(self, unit_rows: int) -> list[Unit]:
         return [Unit(split, i, first, min(unit_rows, rows.rows - first))
@@ -297,10 +295,11 @@ def open_source(data: DataConfig) -> LineSource | JsonLinesSource | ParquetSourc
     directory = Path(data.path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
-    if LineSource.supports(directory, data.format):
+    reader = READERS.get(detect_format(directory) if data.format == "auto" else data.format)
+    if LineSource.supports(directory, reader):
         return LineSource(directory, data.on_bad_row)
-    if JsonLinesSource.supports(directory, data.format):
+    if JsonLinesSource.supports(directory, reader):
         return JsonLinesSource(directory, data.text_fields, data.on_bad_row)
-    if ParquetSource.supports(directory, data.format):
+    if ParquetSource.supports(directory, reader):
         return ParquetSource(directory, data.text_fields, data.on_bad_row)
     return MemorySource(directory, data)
