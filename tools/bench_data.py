@@ -2,9 +2,10 @@
 same texts (its fast batch encoder, no reading, no writing), then the whole preparation with 1 worker and with W;
 printed are the queries a second of each (the best of --repeats runs: this machine's speed varies by 10-20% from
 one run to the next), the ratios (preparation / tokenizer alone, W workers / 1) and the disk a query and a
-positive take. With --start, a training run's start-up on the prepared directory (--start-files: on
-the dataset's files too, its token cache filled by a first run): seconds from the command to the end of its first
-step, and the process's private memory (RssAnon) as that step began.
+positive take. With --start, a training run's start-up on the prepared directory (--start-files: on the
+dataset's files too, its token cache filled by a first run; --start-on DIR: on DIR alone, nothing prepared):
+seconds from the command to the trainer built (data, model, table, engine: the log's "data ..." line) and to the
+end of its first step, and the process's private memory (RssAnon) as that step began.
 
     python tools/bench_data.py --num-train 1000000 --num-labels 100000 --workers 2 --repeats 2 --start
     python tools/bench_data.py --data ../shared/data/WordNetHyper --set encoder.model=all-MiniLM-L6-v2
@@ -106,18 +107,29 @@ def main() -> None:
     quiet_libraries()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_data_"))
     sets = ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set]  # as prepared
-    if args.start_on:
-        built, seconds, private = start_up(sets, Path(args.start_on), work / "run", work / "cache")
-        print(f"start-up, prepared directory {args.start_on}: {built:.1f} s to the trainer built, {seconds:.1f} s to "
-              f"the end of the first step, RssAnon {private / 2**20:,.1f} MiB as it began")
+    try:
+        if args.start_on:
+            print_start_up(f"prepared directory {args.start_on}",
+                           start_up(sets, Path(args.start_on), work / "run", work / "cache"))
+        else:
+            measure(args, sets, work)
+    finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-        return
+
+
+def print_start_up(name: str, measured: tuple[float, float, int]) -> None:
+    built, seconds, private = measured
+    print(f"start-up, {name}: {built:.1f} s to the trainer built, {seconds:.1f} s to the end of the first step, "
+          f"RssAnon {private / 2**20:,.1f} MiB as it began")
+
+
+def measure(args, sets: list[str], work: Path) -> None:
+    """The tokenizer alone, the preparation with 1 and W workers, the disk, and with --start the start-ups."""
     data = Path(args.data) if args.data else generate(
         SynthConfig(num_labels=args.num_labels, num_train=args.num_train, num_test=1000, seed=1), work / "synth",
         exist_ok=True)
-    cfg = load_config(None, ["encoder.model=all-MiniLM-L6-v2", "data.validation_fraction=0", *args.set,
-                             f"data.path={data}"])
+    cfg = load_config(None, [*sets, f"data.path={data}"])
     texts = read_lines(data / "trn_X.txt") + read_lines(data / "tst_X.txt")
     label_texts = read_lines(data / "Y.txt") if (data / "Y.txt").is_file() else []
     alone = min(tokenizer_alone(cfg, texts, cfg.data.max_len) + tokenizer_alone(cfg, label_texts,
@@ -148,11 +160,7 @@ def main() -> None:
         if args.start_files:
             runs["dataset files, token cache filled"] = (data, 2)  # the first run fills the cache
         for name, (path, times) in runs.items():
-            built, seconds, private = [start_up(sets, path, work / "run", work / "cache") for _ in range(times)][-1]
-            print(f"start-up, {name}: {built:.1f} s to the trainer built, {seconds:.1f} s to the end of the first "
-                  f"step, RssAnon {private / 2**20:,.1f} MiB as it began")
-    if not args.work_dir:
-        shutil.rmtree(work, ignore_errors=True)
+            print_start_up(name, [start_up(sets, path, work / "run", work / "cache") for _ in range(times)][-1])
 
 
 if __name__ == "__main__":
