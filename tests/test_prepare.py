@@ -60,6 +60,13 @@ def _part(directory: Path, part: str) -> dict[str, np.ndarray]:
     return {name: np.concatenate(parts) for name, parts in arrays.items()}
 
 
+def _assert_same_parts(directory: Path, expected: Path) -> None:
+    """Each part of `directory` holds the rows of `expected`'s, whatever the units they are cut into."""
+    for part in ("train", "validation", "test", "labels"):
+        arrays, reference = _part(directory, part), _part(expected, part)
+        assert all(np.array_equal(arrays[name], reference[name]) for name in reference), part
+
+
 @pytest.fixture(scope="module")
 def prepared(synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "one_worker"
@@ -117,9 +124,7 @@ def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth
     assert prepare(cfg, tmp_path / "parts", _make_tokenizer(cfg), part=(0, 2), unit_rows=100, progress=False)
     assert _files(tmp_path / "parts") == _files(prepared)
     assert prepare(cfg, tmp_path / "other_units", _make_tokenizer(cfg), unit_rows=37, progress=False)
-    for part in ("train", "validation", "test", "labels"):  # the validation rows are chosen by row, not by unit
-        other, first = _part(tmp_path / "other_units", part), _part(prepared, part)
-        assert all(np.array_equal(other[name], first[name]) for name in first)
+    _assert_same_parts(tmp_path / "other_units", prepared)  # the validation rows are chosen by row, not by unit
 
 
 def _json_lines(synth_dir: Path, out: Path, groups: int | None = None) -> Path:
@@ -141,9 +146,7 @@ def _json_lines(synth_dir: Path, out: Path, groups: int | None = None) -> Path:
 def test_json_lines_are_read_from_the_middle_into_the_arrays_of_the_raw_text_layout(prepared, synth_dir, tmp_path):
     data = _json_lines(synth_dir, tmp_path / "json")
     assert prepare(_cfg(data), tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
-    for part in ("train", "validation", "test", "labels"):
-        arrays, expected = _part(tmp_path / "prepared", part), _part(prepared, part)
-        assert all(np.array_equal(arrays[name], expected[name]) for name in expected), part
+    _assert_same_parts(tmp_path / "prepared", prepared)
 
 
 def test_queries_of_a_group_fall_on_one_side_of_the_validation_split(synth_dir, tmp_path):
@@ -159,7 +162,7 @@ def test_queries_of_a_group_fall_on_one_side_of_the_validation_split(synth_dir, 
     assert np.array_equal(validation["label_offsets"], dataset.train.labels[np.flatnonzero(held)].indptr)
 
 
-def pa_table(columns: dict):
+def _arrow_table(columns: dict):
     import pyarrow as pa
 
     return pa.table(columns)
@@ -175,9 +178,9 @@ def _parquet(synth_dir: Path, out: Path, row_group_size: int) -> Path:
         part = getattr(dataset, split)
         targets = [part.labels.indices[part.labels.indptr[i]:part.labels.indptr[i + 1]].tolist()
                    for i in range(len(part.texts))]
-        pq.write_table(pa_table({"title": part.texts, "target_ind": targets}), out / f"{name}.parquet",
+        pq.write_table(_arrow_table({"title": part.texts, "target_ind": targets}), out / f"{name}.parquet",
                        row_group_size=row_group_size)
-    pq.write_table(pa_table({"title": dataset.label_texts}), out / "lbl.parquet", row_group_size=row_group_size)
+    pq.write_table(_arrow_table({"title": dataset.label_texts}), out / "lbl.parquet", row_group_size=row_group_size)
     return out
 
 
@@ -185,9 +188,7 @@ def test_parquet_is_read_by_row_groups_into_the_arrays_of_the_raw_text_layout_an
         prepared, synth_dir, tmp_path):
     data = _parquet(synth_dir, tmp_path / "parquet", row_group_size=64)  # units of 100 rows span row groups
     assert prepare(_cfg(data), tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
-    for part in ("train", "validation", "test", "labels"):
-        arrays, expected = _part(tmp_path / "prepared", part), _part(prepared, part)
-        assert all(np.array_equal(arrays[name], expected[name]) for name in expected), part
+    _assert_same_parts(tmp_path / "prepared", prepared)
     whole, reference = read_dataset(data), read_dataset(synth_dir)
     assert whole.train.texts == reference.train.texts and whole.label_texts == reference.label_texts
     assert (whole.test.labels != reference.test.labels).nnz == 0
@@ -237,7 +238,7 @@ def test_a_malformed_row_names_its_file_and_line_or_is_skipped_and_counted(layou
         path = data / "trn.parquet"
         table = pq.read_table(path).to_pydict()
         table["target_ind"][6] = [3, 999]
-        pq.write_table(pa_table(table), path, row_group_size=4)
+        pq.write_table(_arrow_table(table), path, row_group_size=4)
         message = f"{path}: row 6 (row group 1): label id 999 out of range [0, 50)"
     if layout != "parquet":
         path.write_text("\n".join(lines))
