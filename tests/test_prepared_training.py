@@ -44,18 +44,26 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepared, synth_dir, token_cache,
-                                                                            tmp_path):
+def _trained_alike(files: Path, prepared: Path, token_cache: Path, tmp_path: Path, steps: int, *options: str,
+                   evaluate: bool = True) -> dict[str, Path]:
+    """The runs on the dataset's files and on its prepared directory ("files", "prepared"), checked to have the
+    same `steps` losses and the same rows."""
     runs = {}
-    for name, path in (("files", synth_dir), ("prepared", prepared)):
+    for name, path in (("files", files), ("prepared", prepared)):
         runs[name] = tmp_path / name
-        assert main(["train", *_sets(f"data.path={path}", f"data.cache_dir={token_cache}",
-                                     f"out_dir={runs[name]}")]) == 0
+        assert main(["train", *([] if evaluate else ["--no-eval"]), *_sets(f"data.path={path}", f"data.cache_dir={token_cache}", f"out_dir={runs[name]}",
+                                     *options)]) == 0
     losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in runs.values()]
-    assert len(losses[0]) == 6
+    assert len(losses[0]) == steps
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in runs.values()]
     np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-7)
+    return runs
+
+
+def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepared, synth_dir, token_cache,
+                                                                            tmp_path):
+    runs = _trained_alike(synth_dir, prepared, token_cache, tmp_path, 6)
     metrics = [json.loads((run / "metrics.json").read_text()) for run in runs.values()]
     for model in ("astra_ds", "popularity"):  # propensities from the prepared label counts
         assert metrics[1][model] == pytest.approx(metrics[0][model], abs=1e-9)
@@ -80,16 +88,7 @@ def test_label_texts_as_queries_train_on_a_prepared_directory_as_on_the_files(sy
     cfg = load_config(None, [*RUN, f"data.path={synth_dir}", *options])
     prepared = tmp_path / "prepared"
     assert prepare(cfg, prepared, functools.partial(build_tokenizer, cfg.encoder), unit_rows=200, progress=False)
-    runs = {}
-    for name, path in (("files", synth_dir), ("prepared", prepared)):
-        runs[name] = tmp_path / name
-        assert main(["train", "--no-eval", *_sets(f"data.path={path}", f"data.cache_dir={token_cache}",
-                                                  f"out_dir={runs[name]}", *options)]) == 0
-    losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in runs.values()]
-    assert len(losses[0]) == 20
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    rows = [np.asarray(store.open_table(run / "table")["rows"][:]) for run in runs.values()]
-    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-5, atol=1e-7)
+    _trained_alike(synth_dir, prepared, token_cache, tmp_path, 20, *options, evaluate=False)
 
 
 def test_a_resumed_run_on_a_prepared_directory_equals_an_uninterrupted_one(prepared, tmp_path):
