@@ -45,10 +45,13 @@ class DataConfig:
     format: DataFormat = "auto"  # auto (detected from the files) or a format of astra_ds/data/readers.py
     max_len: int = 32  # tokens per query, after truncation
     text_fields: TextFields = "title"  # the JSON format's query text: its title, or title and content
-    cache_dir: str | None = None  # token-id cache; default ~/.cache/astra_ds/tokens
-    # the share of the training queries held out (drawn from train.seed) as a validation split: the evaluations
-    # along training (eval.every_epochs) use it, so that choices are made on it and the test split is read once,
-    # at the end; `astra-ds eval --split validation` evaluates a finished run on it. 0: no validation split
+    # where a data.path that is not a prepared directory is prepared, once (keyed by its files and the settings);
+    # default ~/.cache/astra_ds/prepared ($ASTRA_DS_CACHE/prepared)
+    cache_dir: str | None = None
+    # the share of the training queries held out as a validation split (by a hash of each row, or of its group,
+    # keyed by train.seed): the evaluations along training (eval.every_epochs) use it, so that choices are made on
+    # it and the test split is read once, at the end; `astra-ds eval --split validation` evaluates a finished run
+    # on it. 0: no validation split
     validation_fraction: float = 0.0
     # each label's text (Y.txt) also a training query, its one positive that label (Renée's label features as data
     # points): the rows and the encoder see every label, the tail's too; the validation and test splits and the
@@ -57,10 +60,10 @@ class DataConfig:
     # bytes that are not UTF-8 in the texts: replace (with U+FFFD; the lines are counted in a warning and by
     # `astra-ds data validate`) or error (the first such line ends the command)
     on_bad_text: BadText = "replace"
-    # a malformed row (a label id out of range, a line that is not a JSON object) when `data prepare` reads the
-    # raw-text, JSON-lines or Parquet layout: error (the first names its file and line) or skip (left out; the
-    # manifest counts them, and the first is logged). Other layouts are read whole, and their first malformed row
-    # ends it
+    # a malformed row (a label id out of range, a line that is not a JSON object) when the data is prepared (by
+    # `data prepare`, or by a run into data.cache_dir) from the raw-text, JSON-lines or Parquet layout: error (the
+    # first names its file and line) or skip (left out; the manifest counts them, and the first is logged). Other
+    # layouts are read whole, and their first malformed row ends it
     on_bad_row: BadRow = "error"
     # a run whose features hold a value per training query in memory (NGAME's clusters, the classifier stage's
     # embeddings, precomputed shortlists, kNN votes) is refused above this many training queries: the memory plan

@@ -9,6 +9,7 @@ files) are scanned for the globals their pickles name before the library opens t
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pickle
 import shutil
@@ -33,6 +34,26 @@ def utf8_lines(data: bytes, source: str) -> list[str]:
             raise UserError(f"{source}, line {number}: not UTF-8 (byte {err.start + 1}: {raw[err.start:err.start + 1]!r}"
                             "); convert it to UTF-8 first") from None
     return lines
+
+
+def user_cache_dir() -> Path:
+    """astra_ds's cache on this machine: $ASTRA_DS_CACHE, else $XDG_CACHE_HOME/astra_ds (~/.cache/astra_ds)."""
+    if os.environ.get("ASTRA_DS_CACHE"):
+        return Path(os.environ["ASTRA_DS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astra_ds"
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the file `path` (created if missing): a process that finds it held waits, on this
+    host or, where the file system supports flock (local disks, NFSv4), on any."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def fsync_tree(path: Path) -> None:

@@ -1,6 +1,6 @@
 """The memory plan of a run: the bytes each component holds on one rank, in host memory and on the GPU.
 
-    process     measured: the interpreter, libraries, the dataset and its token ids (read before planning)
+    process     measured: the interpreter and libraries (the data is memory-mapped: page cache, reported apart)
     table       rows (L_rank x d x 2 or 4 bytes) and the row-sparse optimizer state
     encoder     weights, gradients and Adam state under the ZeRO stage (sharded over ranks from stage 1 up)
     index       the faiss index over the rank's rows (ASTRA), precomputed shortlists, NGAME's embeddings
@@ -166,7 +166,7 @@ def uses_neighbour_votes(cfg: RunConfig) -> bool:
 
 @dataclass(frozen=True)
 class DataShape:
-    """What the plan needs of the data: read from a prepared dataset, or given (`astra-ds plan --num-labels ...`,
+    """What the plan needs of the data: read from the prepared data's manifest, or given (`astra-ds plan --num-labels ...`,
     planning a run whose data is not on this machine)."""
 
     num_labels: int
@@ -210,7 +210,7 @@ def plan_run(cfg: RunConfig, shape: DataShape, encoder: torch.nn.Module, world_s
     micro_batch = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
     row_bytes = rows * dim * dtype.itemsize
     resident = [
-        PlanLine(PROCESS, held_bytes, detail="interpreter, libraries, dataset, token ids"),
+        PlanLine(PROCESS, held_bytes, detail="interpreter, libraries, the data's manifest"),
         PlanLine("DeepSpeed engine, process group", RUNTIME_BYTES, detail="measured on CPU, any encoder"),
         PlanLine("table rows", row_bytes, detail=f"{rows:,} of {num_labels:,} rows x {dim} x {cfg.table.dtype}",
                  advice=f"table.dtype=bfloat16 (saves {row_bytes / 2 / GiB:.1f} GiB)" if dtype.itemsize == 4 else None),

@@ -28,12 +28,12 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def token_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
 
 
 @pytest.fixture(scope="session")
-def finished_run(synth_dir, token_cache, tmp_path_factory) -> Path:
+def finished_run(synth_dir, data_cache, tmp_path_factory) -> Path:
     """A finished TINY_RUN with dual scoring, a projection and a serving index, for the tests that serve it or
     change its labels (those that change it work on a copy)."""
     import astra_ds
@@ -41,18 +41,18 @@ def finished_run(synth_dir, token_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     astra_ds.train(None, [*TINY_RUN, "train.epochs=1", "eval.label_text_weight=0.5", "encoder.dim=16",
                           "negatives.strategy=uniform", "batching.mode=random", f"data.path={synth_dir}",
-                          f"data.cache_dir={token_cache}", f"out_dir={out}"], evaluate=False)
+                          f"data.cache_dir={data_cache}", f"out_dir={out}"], evaluate=False)
     return out
 
 
-def make_trainer(synth_dir: Path, token_cache: Path, out: Path, *overrides: str):
+def make_trainer(synth_dir: Path, data_cache: Path, out: Path, *overrides: str):
     """An in-process Trainer of TINY_RUN on the synthetic fixture, writing to `out`, its rows initialised (as they
     are when the first stage that trains them begins), so that a test can step a stage directly."""
     from astra_ds.config import load_config
     from astra_ds.dist import init_distributed
     from astra_ds.training.trainer import Trainer
 
-    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
                              *overrides])
     trainer = Trainer(cfg, init_distributed(), progress=False)
     trainer.parts.initialize_rows()

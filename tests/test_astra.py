@@ -139,8 +139,8 @@ def test_astra_sampler_is_uniform_until_its_index_is_built_then_draws_from_short
     assert not (negatives.global_ids == np.arange(8)[:, None]).any()  # positives are never drawn
 
 
-def test_astra_index_builds_on_schedule_in_training(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "train.epochs=4", "negatives.strategy=astra",
+def test_astra_index_builds_on_schedule_in_training(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "train.epochs=4", "negatives.strategy=astra",
                            "negatives.warmup_epochs=1", "negatives.refresh_every=2", "negatives.shortlist_size=8",
                            "index.kind=flat")
     trainer.fit()

@@ -48,26 +48,26 @@ def _rows(checkpoint_or_run) -> np.ndarray:
     return np.asarray(store.open_table(checkpoint_or_run / "table")["rows"][:])
 
 
-def _train(synth_dir, token_cache, out, *overrides, resume=None):
-    args = ["train", "--no-eval", *_sets(*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+def _train(synth_dir, data_cache, out, *overrides, resume=None):
+    args = ["train", "--no-eval", *_sets(*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                          f"out_dir={out}", *overrides)]
     run_main(*args, *(["--resume", resume] if resume else []))
 
 
 @pytest.fixture(scope="module")
-def straight(synth_dir, token_cache, tmp_path_factory):
+def straight(synth_dir, data_cache, tmp_path_factory):
     """20 steps without interruption (16 steps an epoch: the run crosses an epoch boundary)."""
     out = tmp_path_factory.mktemp("straight")
-    _train(synth_dir, token_cache, out, "train.max_steps=20")
+    _train(synth_dir, data_cache, out, "train.max_steps=20")
     return out
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_uninterrupted(straight, synth_dir, token_cache, tmp_path):
+def test_resumed_run_equals_uninterrupted(straight, synth_dir, data_cache, tmp_path):
     out = tmp_path / "resumed"
-    _train(synth_dir, token_cache, out, "train.max_steps=10")  # stops within epoch 0, checkpoint at step 10
+    _train(synth_dir, data_cache, out, "train.max_steps=10")  # stops within epoch 0, checkpoint at step 10
     assert (out / "checkpoints" / "latest").read_text() == "global_step10"
-    _train(synth_dir, token_cache, out, "train.max_steps=20", resume="auto")
+    _train(synth_dir, data_cache, out, "train.max_steps=20", resume="auto")
 
     assert _batches(out) == _batches(straight) and [s for s, _ in _batches(out)] == list(range(1, 21))
     seconds = [r["train_seconds"] for r in _log(out) if "loss" in r]  # the resumed run carries on the clock
@@ -79,10 +79,10 @@ def test_resumed_run_equals_uninterrupted(straight, synth_dir, token_cache, tmp_
                                _rows(straight / "checkpoints" / "global_step20"), rtol=1e-5, atol=1e-7)
 
 
-def test_unchanged_table_chunks_are_links_to_the_previous_checkpoint_only(synth_dir, token_cache, tmp_path):
+def test_unchanged_table_chunks_are_links_to_the_previous_checkpoint_only(synth_dir, data_cache, tmp_path):
     out = tmp_path / "run"
     # 2 rows a chunk over 50 labels: a step touches some chunks only
-    _train(synth_dir, token_cache, out, "train.max_steps=2", "checkpoint.save_every=1", "checkpoint.keep_last=5",
+    _train(synth_dir, data_cache, out, "train.max_steps=2", "checkpoint.save_every=1", "checkpoint.keep_last=5",
            "table.chunk_mb=0.0003", "negatives.num_negatives=1", "negatives.in_batch=false",
            "train.batch_size=2", "negatives.strategy=uniform", "batching.mode=random")
     first, second = out / "checkpoints" / "global_step1", out / "checkpoints" / "global_step2"
@@ -103,16 +103,16 @@ def wide_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide_data, token_cache, tmp_path):
+def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide_data, data_cache, tmp_path):
     """The 120M-label configuration in small: bfloat16 rows (stochastic rounding) and an IVF-PQ index, which
     the checkpoint stores as a file; the resumed run takes the same negatives and the same rounding."""
     small = ["table.dtype=bfloat16", "index.kind=ivf_pq", "index.nlist=16", "index.train_rows=5000",
              "index.recall_queries=32"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _train(wide_data, token_cache, straight, *small, "train.max_steps=8")
-    _train(wide_data, token_cache, resumed, *small, "train.max_steps=4")
+    _train(wide_data, data_cache, straight, *small, "train.max_steps=8")
+    _train(wide_data, data_cache, resumed, *small, "train.max_steps=4")
     assert (resumed / "checkpoints" / "global_step4" / "negatives" / "rank0.faiss").is_file()
-    _train(wide_data, token_cache, resumed, *small, "train.max_steps=8", resume="auto")
+    _train(wide_data, data_cache, resumed, *small, "train.max_steps=8", resume="auto")
     expected = _losses(straight)
     assert sorted(_losses(resumed)) == sorted(expected)
     np.testing.assert_allclose([_losses(resumed)[s] for s in expected], list(expected.values()), rtol=1e-5)
@@ -123,8 +123,8 @@ def test_resume_with_bfloat16_rows_and_an_ivf_pq_index_equals_uninterrupted(wide
 UNIFORM_RUN = [*TINY_RUN, "train.log_every=1", "table.chunk_mb=0.002"]  # 2 shards of the 50 rows with 2 ranks
 
 
-def _train_on(ranks, synth_dir, token_cache, out, steps, resume=None):
-    args = _sets(*UNIFORM_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+def _train_on(ranks, synth_dir, data_cache, out, steps, resume=None):
+    args = _sets(*UNIFORM_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
                  f"train.max_steps={steps}") + ["--no-eval"] + (["--resume", resume] if resume else [])
     if ranks == 1:
         run_main("train", *args)
@@ -135,19 +135,19 @@ def _train_on(ranks, synth_dir, token_cache, out, steps, resume=None):
 
 
 @pytest.fixture(scope="module")
-def straight_uniform(synth_dir, token_cache, tmp_path_factory):
+def straight_uniform(synth_dir, data_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight_uniform")
-    _train_on(1, synth_dir, token_cache, out, 6)
+    _train_on(1, synth_dir, data_cache, out, 6)
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_resume_on_another_number_of_ranks(straight_uniform, synth_dir, token_cache, tmp_path):
+def test_resume_on_another_number_of_ranks(straight_uniform, synth_dir, data_cache, tmp_path):
     """One rank to step 2, two ranks to step 4, one rank to step 6: the table is re-sliced each time, the encoder
     state goes through DeepSpeed's universal checkpoint, and the run has the losses of an uninterrupted one."""
     for ranks, steps in ((1, 2), (2, 4), (1, 6)):
-        _train_on(ranks, synth_dir, token_cache, tmp_path / "resumed", steps, resume="auto")
+        _train_on(ranks, synth_dir, data_cache, tmp_path / "resumed", steps, resume="auto")
     expected, got = _losses(straight_uniform), _losses(tmp_path / "resumed")
     assert sorted(got) == sorted(expected)
     np.testing.assert_allclose([got[s] for s in expected], list(expected.values()), rtol=1e-4)
@@ -155,11 +155,11 @@ def test_resume_on_another_number_of_ranks(straight_uniform, synth_dir, token_ca
 
 
 @pytest.mark.slow
-def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, token_cache, tmp_path, capsys):
+def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(synth_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "run"
-    _train(synth_dir, token_cache, out, "train.max_steps=2", "negatives.strategy=uniform", "batching.mode=random")
+    _train(synth_dir, data_cache, out, "train.max_steps=2", "negatives.strategy=uniform", "batching.mode=random")
     checkpoint = out / "checkpoints" / "global_step2"
-    common = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}")
+    common = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}")
 
     def error(*resume: str) -> str:
         capsys.readouterr()
@@ -208,7 +208,7 @@ def test_inspect_lists_tags_and_a_checksum_per_shard(straight, tmp_path):
     assert lines[1].split()[:4] == ["rank", "0", "[0,", "50)"] and checksum_20 != checksum_30
 
 
-def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth_dir, token_cache, tmp_path):
+def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth_dir, data_cache, tmp_path):
     import torch
 
     from astra_ds.config import load_config
@@ -217,7 +217,7 @@ def test_init_from_takes_the_weights_with_fresh_optimizer_states(straight, synth
     from astra_ds.training.trainer import Trainer
 
     checkpoint = straight / "checkpoints" / "global_step20"  # the end of the straight run: its encoder.pt
-    cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+    cfg = load_config(None, [*RESUMABLE_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                              f"out_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg, init_distributed(), progress=False, init_from=str(checkpoint))
     assert trainer.step == 0 and trainer.stages[-1].batches.clustered_order is None

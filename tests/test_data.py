@@ -1,6 +1,9 @@
-"""Readers of every format, their one-line errors, the synthetic generator and the token cache."""
+"""Readers of every format, their one-line errors, the synthetic generator and the cache a dataset's files are
+prepared into."""
 
 import gzip
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +11,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from astra_ds.data.queries import ConcatQueries, QueriesInMemory
+from astra_ds.data.prepare import prepare_data
+from astra_ds.data.queries import ConcatQueries, QueryStats
 from astra_ds.data.readers import DataError, read_dataset, read_sparse_file, write_sparse_file
 from astra_ds.data.synth import SynthConfig, TopicModel, generate
-from astra_ds.data.tokens import TokenizedTexts, tokenize_cached
+from astra_ds.data.tokens import TokenizedTexts
 from astra_ds.errors import UserError
 from astra_ds.encoder.encoder import build_tokenizer
-from astra_ds.config import EncoderConfig
+from astra_ds.config import load_config
+from astra_ds.files import locked
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -177,25 +182,67 @@ def test_bad_synthetic_config():
         SynthConfig(min_words=5, max_words=2)
 
 
-def test_token_cache_is_reused_and_keyed(tmp_path):
-    tokenizer = build_tokenizer(EncoderConfig(model="tiny-random"))
-    texts = ["hello world", "a much longer text with many words in it", "x"]
-    first = tokenize_cached(texts, tokenizer, 8, tmp_path, "train")
-    entries = sorted(p.name for p in tmp_path.iterdir())
-    again = tokenize_cached(texts, tokenizer, 8, tmp_path, "train")
-    assert sorted(p.name for p in tmp_path.iterdir()) == entries  # reused
-    np.testing.assert_array_equal(first.ids, again.ids)
-    assert isinstance(again.ids, np.memmap)
-    tokenize_cached(texts, tokenizer, 16, tmp_path, "train")
-    tokenize_cached(texts[:2], tokenizer, 8, tmp_path, "train")
-    assert len(list(tmp_path.iterdir())) == 3  # new max_len, new texts: new entries
+def test_files_are_prepared_into_the_cache_once_keyed_by_files_and_settings(tmp_path):
+    data = _write(tmp_path / "raw", RAW)
+    cache = tmp_path / "cache"
+    cfg = load_config(None, ["encoder.model=tiny-random", f"data.path={data}", f"data.cache_dir={cache}",
+                             "data.max_len=8"])
+    tokenizer = build_tokenizer(cfg.encoder)
+    first = prepare_data(cfg, tokenizer)
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    manifest_time = (entry / "manifest.json").stat().st_mtime_ns
+    again = prepare_data(cfg, tokenizer)
+    assert [p for p in cache.iterdir() if p.is_dir()] == [entry]  # reused, not prepared again
+    assert (entry / "manifest.json").stat().st_mtime_ns == manifest_time and again.fingerprint == first.fingerprint
 
+    texts = RAW["trn_X.txt"].splitlines()
     expected = tokenizer(texts, max_length=8, truncation=True)["input_ids"]
-    assert first.lengths.tolist() == [len(e) for e in expected]
-    input_ids, mask = first.batch(np.array([2, 0]))
-    assert input_ids.shape == (2, len(expected[0]))  # trimmed to the longest row of the batch
-    assert input_ids[1].tolist() == expected[0] and mask[0].tolist() == [1] * len(expected[2]) + [0] * (
-        len(expected[0]) - len(expected[2]))
+    assert first.train.lengths_of(np.arange(3)).tolist() == [len(e) for e in expected]
+    input_ids, mask = first.train.batch(np.array([2, 0]))
+    assert input_ids[0].tolist() == expected[2] and input_ids[1].tolist() == expected[0]
+    assert mask.sum(1).tolist() == [len(expected[2]), len(expected[0])]
+
+    cfg.data.max_len = 16  # another setting: another entry
+    prepare_data(cfg, tokenizer)
+    (data / "trn_X.txt").write_text("red apple tree\ngreen pear\nblue sky\n")  # other files: another entry
+    os.utime(data / "trn_X.txt", ns=(1, 1))
+    changed = prepare_data(cfg, tokenizer)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
+    assert changed.fingerprint != first.fingerprint
+
+
+def test_a_process_that_finds_the_cache_in_preparation_waits_for_it(tmp_path):
+    data = _write(tmp_path / "raw", RAW)
+    cfg = load_config(None, ["encoder.model=tiny-random", f"data.path={data}", f"data.cache_dir={tmp_path / 'c'}"])
+    tokenizer = build_tokenizer(cfg.encoder)
+    reference = prepare_data(cfg, tokenizer)  # fills the cache: its lock file is known
+    (lock,) = (tmp_path / "c").glob("*.lock")
+    got = []
+    with locked(lock):  # another rank preparing it
+        reader = threading.Thread(target=lambda: got.append(prepare_data(cfg, tokenizer)))
+        reader.start()
+        reader.join(timeout=1.0)
+        assert reader.is_alive() and not got  # waits for the lock
+    reader.join(timeout=60)
+    assert got[0].fingerprint == reference.fingerprint
+
+
+class _DenseQueries:
+    """Padded token ids and a CSR of positives in memory: the reference."""
+
+    def __init__(self, tokens: TokenizedTexts, positives: sp.csr_matrix):
+        self.tokens, self.positives = tokens, positives
+        self.batch, self.lengths_of, self.longest = tokens.batch, tokens.lengths_of, tokens.longest
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def labels(self, rows: np.ndarray) -> sp.csr_matrix:
+        return self.positives[rows]
+
+    def stats(self) -> QueryStats:
+        per_query = np.diff(self.positives.indptr)
+        return QueryStats(len(self), int(self.positives.nnz), self.tokens.longest(), int((per_query == 0).sum()))
 
 
 def test_concatenated_queries_answer_as_one_set_of_their_rows():
@@ -212,11 +259,11 @@ def test_concatenated_queries_answer_as_one_set_of_their_rows():
         return ids, lengths, positives
 
     (ids_a, lengths_a, labels_a), (ids_b, lengths_b, labels_b) = part(7, 5), part(4, 8)
-    joined = ConcatQueries(QueriesInMemory(TokenizedTexts(ids_a, lengths_a), labels_a),
-                           QueriesInMemory(TokenizedTexts(ids_b, lengths_b), labels_b))
-    whole = QueriesInMemory(TokenizedTexts(np.vstack([np.pad(ids_a, ((0, 0), (0, 3))), ids_b]),
-                                           np.concatenate([lengths_a, lengths_b])), sp.vstack([labels_a, labels_b],
-                                                                                              format="csr"))
+    joined = ConcatQueries(_DenseQueries(TokenizedTexts(ids_a, lengths_a), labels_a),
+                           _DenseQueries(TokenizedTexts(ids_b, lengths_b), labels_b))
+    whole = _DenseQueries(TokenizedTexts(np.vstack([np.pad(ids_a, ((0, 0), (0, 3))), ids_b]),
+                                         np.concatenate([lengths_a, lengths_b])), sp.vstack([labels_a, labels_b],
+                                                                                            format="csr"))
     assert len(joined) == 11 and joined.longest() == whole.longest() and joined.stats() == whole.stats()
     for rows in (np.array([9, 2, 7, 0, 10]), np.array([3, 1]), np.array([8]), np.arange(11)[::-1], np.array([], int)):
         for got, expected in zip(joined.batch(rows), whole.batch(rows)):

@@ -48,9 +48,9 @@ def ds_config(tmp_path_factory):
     return path
 
 
-def _args(synth_dir, token_cache, ds_config, out, *overrides: str) -> list[str]:
+def _args(synth_dir, data_cache, ds_config, out, *overrides: str) -> list[str]:
     args = []
-    for override in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+    for override in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
                      f"train.ds_config={ds_config}", *overrides]:
         args += ["--set", override]
     return args
@@ -62,16 +62,16 @@ def _losses(out) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def one_rank(synth_dir, token_cache, ds_config, tmp_path_factory):
+def one_rank(synth_dir, data_cache, ds_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_rank")
-    run_main("train", *_args(synth_dir, token_cache, ds_config, out))
+    run_main("train", *_args(synth_dir, data_cache, ds_config, out))
     return out
 
 
-def test_two_ranks_train_like_one(one_rank, synth_dir, token_cache, ds_config, tmp_path):
+def test_two_ranks_train_like_one(one_rank, synth_dir, data_cache, ds_config, tmp_path):
     """Under the deepspeed launcher (mpirun runs the same and more in the tests of the stages and of a grown run)."""
     out = tmp_path / "two_ranks"
-    result = subprocess.run([LAUNCHERS["deepspeed"], *_args(synth_dir, token_cache, ds_config, out)], cwd=REPO,
+    result = subprocess.run([LAUNCHERS["deepspeed"], *_args(synth_dir, data_cache, ds_config, out)], cwd=REPO,
                             env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert "2 ranks" in result.stdout + result.stderr
@@ -92,10 +92,10 @@ def _assert_trained_alike(out, one_rank) -> None:
     assert metrics[0] == pytest.approx(metrics[1], abs=1e-9)  # evaluated with the top-k merged across ranks
 
 
-def test_two_ranks_run_the_stages_like_one(synth_dir, token_cache, ds_config, tmp_path):
+def test_two_ranks_run_the_stages_like_one(synth_dir, data_cache, ds_config, tmp_path):
     runs = {ranks: tmp_path / f"ranks{ranks}" for ranks in (1, 2)}
-    run_main("train", *_args(synth_dir, token_cache, ds_config, runs[1], *STAGED_RUN))
-    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, token_cache, ds_config, runs[2], *STAGED_RUN)],
+    run_main("train", *_args(synth_dir, data_cache, ds_config, runs[1], *STAGED_RUN))
+    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, data_cache, ds_config, runs[2], *STAGED_RUN)],
                             cwd=REPO, env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     stages = [[(r["stage"], r["loss"]) for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
@@ -181,7 +181,7 @@ def _run_on_hosts(commands: list[list[str]], env: dict[str, str]) -> str:
 
 
 def test_the_deepspeed_launcher_with_a_hostfile_trains_two_hosts_like_one_rank(two_hosts, one_rank, synth_dir,
-                                                                                 token_cache, ds_config, tmp_path):
+                                                                                 data_cache, ds_config, tmp_path):
     """pdsh over ssh starts a launch.py on each host (its node rank, the exports of DS_ENV_FILE), which starts the
     host's rank; rank 0's host is the rendezvous. (Several ranks a host: the local launches.)"""
     hostfile = tmp_path / "hostfile"
@@ -190,17 +190,17 @@ def test_the_deepspeed_launcher_with_a_hostfile_trains_two_hosts_like_one_rank(t
     port = free_port()
     output = _run_on_hosts([_on_host(0, "deepspeed", "--hostfile", str(hostfile), "--master_addr", HOST_ADDRS[0],
                                      "--master_port", str(port), "--no_ssh_check", "--module", "astra_ds", "train",
-                                     *_args(synth_dir, token_cache, ds_config, out))], _host_env(two_hosts, port))
+                                     *_args(synth_dir, data_cache, ds_config, out))], _host_env(two_hosts, port))
     assert "2 ranks" in output and f"{HOST_ADDRS[1]}: " in output  # a rank ran on host 1
     _assert_trained_alike(out, one_rank)
 
 
-def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, one_rank, synth_dir, token_cache, ds_config,
+def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, one_rank, synth_dir, data_cache, ds_config,
                                                             tmp_path):
     """Without ssh between the hosts (Kubernetes, some clusters): each host runs its own launcher (here deepspeed
     --no_ssh; torchrun in the tests of a lost and a preempted host) with its node rank and rank 0's address."""
     out, port = tmp_path / "run", free_port()
-    args = _args(synth_dir, token_cache, ds_config, out)
+    args = _args(synth_dir, data_cache, ds_config, out)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{addr} slots=1\n" for addr in HOST_ADDRS))
     commands = [_on_host(host, "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(host),
@@ -210,14 +210,14 @@ def test_one_launcher_a_host_trains_two_hosts_like_one_rank(two_hosts, one_rank,
     _assert_trained_alike(out, one_rank)
 
 
-def test_a_run_whose_nodes_do_not_share_out_dir_ends_at_start_up_in_one_line(two_hosts, synth_dir, token_cache,
+def test_a_run_whose_nodes_do_not_share_out_dir_ends_at_start_up_in_one_line(two_hosts, synth_dir, data_cache,
                                                                              ds_config, tmp_path):
     """Host 1 mounts a node-local file system over the run's parent directory (its own mount namespace): every
     rank stops before training, naming the rank, its host and the path; nothing is half written."""
     local = tmp_path / "node_local"
     local.mkdir()
     out, port = local / "run", free_port()
-    args = _args(synth_dir, token_cache, ds_config, out)
+    args = _args(synth_dir, data_cache, ds_config, out)
     torchrun = ["torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--master_addr", HOST_ADDRS[0], "--master_port",
                 str(port), "-m", "astra_ds", "train", *args]
     commands = [_on_host(0, *torchrun[:5], "--node_rank", "0", *torchrun[5:]),
@@ -265,14 +265,14 @@ def _wait_for_steps(log, count: int, jobs) -> None:
         time.sleep(0.1)
 
 
-def test_a_lost_host_ends_the_other_in_one_line_and_the_run_resumes_on_the_rest(two_hosts, synth_dir, token_cache,
+def test_a_lost_host_ends_the_other_in_one_line_and_the_run_resumes_on_the_rest(two_hosts, synth_dir, data_cache,
                                                                                 ds_config, tmp_path):
     """Host 1's launcher and rank are killed mid-run: rank 0 ends within the collective timeout, naming the lost
     rank and host; the last checkpoint verifies, and `--resume auto` on host 0 alone (one rank) continues it."""
     from astra_ds.training.checkpoint import check_checkpoint, checkpoints_in
 
     out, port = tmp_path / "run", free_port()
-    args = _args(synth_dir, token_cache, ds_config, out, "train.max_steps=12", "checkpoint.save_every=2",
+    args = _args(synth_dir, data_cache, ds_config, out, "train.max_steps=12", "checkpoint.save_every=2",
                  "train.collective_timeout_s=15")
     jobs = _two_host_job(two_hosts, args, port)
     _wait_for_steps(out / "train_log.jsonl", 3, jobs)
@@ -296,13 +296,13 @@ def test_a_lost_host_ends_the_other_in_one_line_and_the_run_resumes_on_the_rest(
     assert steps == sorted(steps) and steps[-1] == 12
 
 
-def test_a_sigterm_to_one_host_stops_both_at_the_same_step_with_one_checkpoint(two_hosts, synth_dir, token_cache,
+def test_a_sigterm_to_one_host_stops_both_at_the_same_step_with_one_checkpoint(two_hosts, synth_dir, data_cache,
                                                                                ds_config, tmp_path):
     """A preempted node: only host 1's rank gets SIGTERM; the stop, all-reduced each step, reaches host 0."""
     import psutil
 
     out, port = tmp_path / "run", free_port()
-    jobs = _two_host_job(two_hosts, _args(synth_dir, token_cache, ds_config, out, "train.max_steps=100000",
+    jobs = _two_host_job(two_hosts, _args(synth_dir, data_cache, ds_config, out, "train.max_steps=100000",
                                           "train.epochs=1000"), port)
     _wait_for_steps(out / "train_log.jsonl", 2, jobs)
     rank1 = [p for p in psutil.Process(jobs[1].pid).children(recursive=True) if "astra_ds" in " ".join(p.cmdline())
@@ -317,7 +317,7 @@ def test_a_sigterm_to_one_host_stops_both_at_the_same_step_with_one_checkpoint(t
     assert meta["world_size"] == 2 and meta["step"] == step
 
 
-def test_two_ranks_start_a_grown_run_like_one(finished_run, synth_dir, token_cache, ds_config, tmp_path):
+def test_two_ranks_start_a_grown_run_like_one(finished_run, synth_dir, data_cache, ds_config, tmp_path):
     """A run from a finished run on a grown label set (training/from_run.py): the new labels' rows, mapped from
     their texts by a map every rank fits on text embeddings summed over the ranks, then the classifier steps."""
     from test_labels import NEW, _grown_data
@@ -326,8 +326,8 @@ def test_two_ranks_start_a_grown_run_like_one(finished_run, synth_dir, token_cac
     runs = {ranks: tmp_path / f"ranks{ranks}" for ranks in (1, 2)}
     grown = ["encoder.dim=16", "siamese.epochs=0", "train.epochs=0", "classifier.epochs=1", "table.init=label_text",
              f"data.path={data}"]
-    run_main("train", *_args(synth_dir, token_cache, ds_config, runs[1], *grown), "--init-from", str(finished_run))
-    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, token_cache, ds_config, runs[2], *grown),
+    run_main("train", *_args(synth_dir, data_cache, ds_config, runs[1], *grown), "--init-from", str(finished_run))
+    result = subprocess.run([LAUNCHERS["mpirun"], *_args(synth_dir, data_cache, ds_config, runs[2], *grown),
                              "--init-from", str(finished_run)],
                             cwd=REPO, env=_env(NPROC="2"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]

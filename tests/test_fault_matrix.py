@@ -27,12 +27,12 @@ UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "eva
 
 
 @pytest.fixture(scope="module")
-def run(synth_dir, token_cache, tmp_path_factory):
+def run(synth_dir, data_cache, tmp_path_factory):
     """A finished run with dual scoring and a serving index; its checkpoints gone (the commands here do not read
     them), so that each case copies little."""
     out = tmp_path_factory.mktemp("fault_matrix") / "run"
     run_main("train", "--no-eval", *[arg for override in (*UNIFORM, "train.max_steps=2", f"data.path={synth_dir}",
-                                                          f"data.cache_dir={token_cache}", f"out_dir={out}")
+                                                          f"data.cache_dir={data_cache}", f"out_dir={out}")
                                      for arg in ("--set", override)])
     shutil.rmtree(out / "checkpoints")
     return out

@@ -24,8 +24,8 @@ RUN = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "train.m
 TEXTS = ["tova rebu kide", "rebu"]
 
 
-def _train(synth_dir, token_cache, out: Path, *options: str) -> int:
-    sets = [arg for override in (*RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}")
+def _train(synth_dir, data_cache, out: Path, *options: str) -> int:
+    sets = [arg for override in (*RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}")
             for arg in ("--set", override)]
     return main(["train", "--no-eval", *sets, *options])
 
@@ -49,17 +49,17 @@ def _watching(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight(synth_dir, token_cache, tmp_path_factory):
+def straight(synth_dir, data_cache, tmp_path_factory):
     """The uninterrupted run, its write points and, for each, whether the trainer's SIGTERM handler was on."""
     out = tmp_path_factory.mktemp("straight") / "run"
     with Injector(**_watching(out)) as counting:
-        assert _train(synth_dir, token_cache, out) == 0
+        assert _train(synth_dir, data_cache, out) == 0
     return _state(out), counting.points, counting.handled
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["full", "crash", "signal"])
-def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight, synth_dir, token_cache, tmp_path,
+def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight, synth_dir, data_cache, tmp_path,
                                                                    capsys):
     expected, points, handled = straight
     assert points and any(handled), "the training writes nothing, or never with its SIGTERM handler on?"
@@ -67,7 +67,7 @@ def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight,
     for case, at in enumerate(sites(points, handled if kind == "signal" else None)):
         out = tmp_path / str(case) / "run"
         out.parent.mkdir()  # as the uninterrupted run's was: a write point less
-        train = lambda *options: _train(synth_dir, token_cache, out, *options)  # noqa: E731
+        train = lambda *options: _train(synth_dir, data_cache, out, *options)  # noqa: E731
         capsys.readouterr()
         if kind == "crash":
             crash(train, out, at, ignore=(out / "tensorboard",))
@@ -86,12 +86,12 @@ def test_train_with_a_fault_at_each_write_point_then_resume_auto(kind, straight,
 
 
 @pytest.fixture(scope="module")
-def preempted(straight, synth_dir, token_cache, tmp_path_factory):
+def preempted(straight, synth_dir, data_cache, tmp_path_factory):
     """A run stopped by SIGTERM after its first step: a checkpoint, no model."""
     _, points, handled = straight
     out = tmp_path_factory.mktemp("preempted") / "run"
     with Injector("signal", point_at(points, handled.index(True)), **_watching(out)):
-        assert _train(synth_dir, token_cache, out) == 143
+        assert _train(synth_dir, data_cache, out) == 143
     assert not (out / "manifest.json").exists()
     return out
 

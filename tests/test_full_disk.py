@@ -15,10 +15,10 @@ UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random"]
 
 
 @pytest.fixture(scope="module")
-def run(synth_dir, token_cache, tmp_path_factory):
+def run(synth_dir, data_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("full_disk") / "run"
     run_main("train", "--no-eval", *[arg for override in (*UNIFORM, "train.max_steps=2", f"data.path={synth_dir}",
-                                                          f"data.cache_dir={token_cache}", f"out_dir={out}")
+                                                          f"data.cache_dir={data_cache}", f"out_dir={out}")
                                      for arg in ("--set", override)])
     shutil.rmtree(out / "checkpoints")  # the model alone: small enough for a small disk
     return out

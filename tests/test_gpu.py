@@ -52,11 +52,11 @@ def test_faiss_gpu_builds_and_searches_as_faiss_on_the_cpu():
 
 @pytest.mark.distributed
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL ranks do not share a device)")
-def test_two_nccl_ranks_train_like_two_gloo_ranks(synth_dir, token_cache, tmp_path):
+def test_two_nccl_ranks_train_like_two_gloo_ranks(synth_dir, data_cache, tmp_path):
     runs = {}
     for accelerator in ("cpu", "cuda"):
         out = runs[accelerator] = tmp_path / accelerator
-        args = [a for o in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+        args = [a for o in [*DISTRIBUTED_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                             f"out_dir={out}", "train.ds_config=cpu"] for a in ("--set", o)]  # fp32 on both
         result = subprocess.run([str(REPO / "launchers" / "deepspeed_local.sh"), *args], cwd=REPO,
                                 env=_env(NPROC="2", DS_ACCELERATOR=accelerator), capture_output=True, text=True,

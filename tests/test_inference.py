@@ -27,7 +27,7 @@ def _sets(*overrides: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished(synth_dir, token_cache, tmp_path_factory):
+def finished(synth_dir, data_cache, tmp_path_factory):
     """The run, trained through the Python API (astra_ds.train, which `astra-ds train` calls), and the parts of its
     trainer (trainer, table, engine, sampler) that were still alive when its serving index was built."""
     import gc
@@ -52,7 +52,7 @@ def finished(synth_dir, token_cache, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "Trainer", RecordedTrainer)
         patch.setattr(run_module, "build_serving_index", build_serving_index)
-        run = astra_ds.train(None, [*INFERENCE_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+        run = astra_ds.train(None, [*INFERENCE_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                     f"out_dir={out}"])
     assert len(held) == 4
     return run, alive

@@ -294,20 +294,20 @@ def _grown_data(synth_dir, out, order: np.ndarray, new_texts: list[str]):
     return out
 
 
-def _grown_sets(data, token_cache, out, *more):
-    return [arg for setting in [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+def _grown_sets(data, data_cache, out, *more):
+    return [arg for setting in [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={data_cache}", f"out_dir={out}",
                                 *more] for arg in ("--set", setting)]
 
 
 def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_maps_new_ones_from_their_texts(
-        finished_run, synth_dir, token_cache, tmp_path):
+        finished_run, synth_dir, data_cache, tmp_path):
     from astra_ds.config import load_config
     from astra_ds.dist import init_distributed
     from astra_ds.training.trainer import Trainer
 
     order = np.random.default_rng(1).permutation(50)
     data = _grown_data(synth_dir, tmp_path / "data", order, NEW)
-    cfg = load_config(None, [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={token_cache}",
+    cfg = load_config(None, [*GROWN_RUN, f"data.path={data}", f"data.cache_dir={data_cache}",
                              f"out_dir={tmp_path / 'run'}"])
     trainer = Trainer(cfg, init_distributed(), progress=False, init_from=str(finished_run))
     trainer.parts.initialize_rows()
@@ -327,18 +327,18 @@ def test_a_run_from_a_finished_run_takes_its_rows_by_name_and_maps_new_ones_from
 
 
 @pytest.mark.parametrize("stopped", ["after a checkpoint", "before its first checkpoint"])
-def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_run, synth_dir, token_cache, tmp_path,
+def test_a_run_from_a_finished_run_resumes_like_an_uninterrupted_one(finished_run, synth_dir, data_cache, tmp_path,
                                                                     stopped):
     data = _grown_data(synth_dir, tmp_path / "data", np.arange(50)[::-1], NEW)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_main("train", *_grown_sets(data, token_cache, straight, "train.max_steps=6"), "--init-from",
+    run_main("train", *_grown_sets(data, data_cache, straight, "train.max_steps=6"), "--init-from",
              str(finished_run), "--no-eval")
-    run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=3"), "--init-from",
+    run_main("train", *_grown_sets(data, data_cache, resumed, "train.max_steps=3"), "--init-from",
              str(finished_run), "--no-eval")
     if stopped == "before its first checkpoint":  # no checkpoint, no model: it starts again from the run it began from
         shutil.rmtree(resumed / "checkpoints")
         (resumed / "manifest.json").unlink()
-    run_main("train", *_grown_sets(data, token_cache, resumed, "train.max_steps=6"), "--resume", "auto", "--no-eval")
+    run_main("train", *_grown_sets(data, data_cache, resumed, "train.max_steps=6"), "--resume", "auto", "--no-eval")
     losses = [[r["loss"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
               for run in (straight, resumed)]
     assert len(losses[0]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -368,9 +368,9 @@ def test_labels_are_matched_by_name_and_a_missing_or_ambiguous_one_is_refused(ru
         assert match() == expected
 
 
-def test_a_dataset_without_all_the_runs_labels_is_refused_in_one_line(finished_run, synth_dir, token_cache,
+def test_a_dataset_without_all_the_runs_labels_is_refused_in_one_line(finished_run, synth_dir, data_cache,
                                                                       tmp_path, capsys):
     data = _grown_data(synth_dir, tmp_path / "data", np.arange(49), [])
-    assert main(["train", *_grown_sets(data, token_cache, tmp_path / "run"), "--init-from", str(finished_run)]) == 2
+    assert main(["train", *_grown_sets(data, data_cache, tmp_path / "run"), "--init-from", str(finished_run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("astra-ds: error: 1 labels of the run are not in this dataset's labels")

@@ -101,11 +101,11 @@ def test_the_encoder_appends_the_weighted_sketch_and_stays_unit_norm():
     torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
 
 
-def test_a_run_with_lexical_features_predicts_as_it_evaluated(synth_dir, token_cache, tmp_path):
+def test_a_run_with_lexical_features_predicts_as_it_evaluated(synth_dir, data_cache, tmp_path):
     """The idf fitted on the training queries travels in encoder.pt: predict scores as the training evaluated;
     the export to sentence-transformers, which cannot compute the features, is refused in one line."""
     run = astra_ds.train(None, [*TINY_RUN, "train.epochs=1", "encoder.lexical_dim=24", f"data.path={synth_dir}",
-                                f"data.cache_dir={token_cache}", f"out_dir={tmp_path / 'run'}"])
+                                f"data.cache_dir={data_cache}", f"out_dir={tmp_path / 'run'}"])
     model = run.load()
     assert model.card.dim == 32 + 24 and model.encoder.lexical.idf.min() >= 1 and model.encoder.lexical.idf.std() > 0
     texts = read_dataset(synth_dir).test.texts

@@ -103,8 +103,8 @@ def test_ranks_get_disjoint_parts_of_the_global_batch():
     assert [len(p) for p in parts] == [4, 3, 3]
 
 
-def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
+def test_label_text_init_writes_each_rows_label_embedding(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "table.init=label_text", "eval.batch_size=16")
     texts = trainer.data.label_texts
     tokens = build_tokenizer(trainer.cfg.encoder)(texts[:5] + texts[-2:], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -112,18 +112,18 @@ def test_label_text_init_writes_each_rows_label_embedding(synth_dir, token_cache
     torch.testing.assert_close(trainer.table.rows[[0, 1, 2, 3, 4, -2, -1]], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_label_text_init_without_label_texts_is_a_config_error(token_cache, tmp_path):
+def test_label_text_init_without_label_texts_is_a_config_error(data_cache, tmp_path):
     from astra_ds.data.synth import SynthConfig, generate
 
     data = generate(SynthConfig(num_labels=20, num_train=64, num_test=16, vocab_size=100, label_texts=False),
                     tmp_path / "data")
     with pytest.raises(ConfigError, match="table.init=label_text and eval.label_text_weight > 0 need label texts"):
-        make_trainer(data, token_cache, tmp_path / "run", "table.init=label_text")
+        make_trainer(data, data_cache, tmp_path / "run", "table.init=label_text")
 
 
-def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
+def test_in_batch_step_matches_its_definition(synth_dir, data_cache, tmp_path):
     """One NGAME step: dense BCE over the batch's labels + weighted sampled negatives outside them."""
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true")
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.in_batch=true")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train.batch(rows)
@@ -144,8 +144,8 @@ def test_in_batch_step_matches_its_definition(synth_dir, token_cache, tmp_path):
     assert stats["loss"] == pytest.approx(expected.item() / len(rows), rel=1e-4)
 
 
-def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "batching.mode=clustered")
+def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "batching.mode=clustered")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     with torch.no_grad():  # tiny-random has no dropout: training-mode embeddings are these
         expected, _ = trainer.engine.module(*trainer.data.train.batch(rows))
@@ -154,10 +154,10 @@ def test_clustering_uses_the_embeddings_of_the_training_steps(synth_dir, token_c
     assert trainer.stages[-1].batches.bank.seen.sum() == len(rows)
 
 
-def test_ngame_training_reclusters_on_schedule(synth_dir, token_cache, tmp_path):
+def test_ngame_training_reclusters_on_schedule(synth_dir, data_cache, tmp_path):
     """Random batches in epoch 0, clusters from epoch 1 on; queries the previous epochs never trained on (the
     dropped last partial batch) are encoded at clustering time."""
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.in_batch=true", "batching.mode=clustered",
                        "batching.cluster_size=4", "batching.recluster_every=1", "train.epochs=3",
                        "train.batch_size=30", "eval.every_epochs=0.5")
     trainer.fit()

@@ -21,8 +21,8 @@ UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "tra
 SAVED = ("checkpoint.save_every=2", "train.max_steps=4")
 
 
-def _args(synth_dir, token_cache, out, *overrides: str) -> list[str]:
-    return [arg for override in (*UNIFORM, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+def _args(synth_dir, data_cache, out, *overrides: str) -> list[str]:
+    return [arg for override in (*UNIFORM, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                  f"out_dir={out}", *overrides) for arg in ("--set", override)]
 
 
@@ -35,10 +35,10 @@ def _error(capsys, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(synth_dir, token_cache, tmp_path_factory):
+def run(synth_dir, data_cache, tmp_path_factory):
     """A finished run with checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("nothing_lost") / "run"
-    run_main("train", "--no-eval", *_args(synth_dir, token_cache, out, *SAVED))
+    run_main("train", "--no-eval", *_args(synth_dir, data_cache, out, *SAVED))
     return out
 
 
@@ -51,21 +51,21 @@ def _version(run_dir) -> str:
     return astra_ds.load(run_dir).description()["version"]
 
 
-def test_resume_auto_never_trains_over_a_finished_model_whose_checkpoints_are_gone(copy, synth_dir, token_cache,
+def test_resume_auto_never_trains_over_a_finished_model_whose_checkpoints_are_gone(copy, synth_dir, data_cache,
                                                                                   capsys):
     version = _version(copy)
     shutil.rmtree(copy / "checkpoints")  # deleted to save space, or a checkpoint.dir on a volume not mounted
-    err = _error(capsys, "train", "--resume", "auto", *_args(synth_dir, token_cache, copy, *SAVED, "table.lr=0.5"))
+    err = _error(capsys, "train", "--resume", "auto", *_args(synth_dir, data_cache, copy, *SAVED, "table.lr=0.5"))
     assert "holds a finished model, but" in err and "pass --overwrite instead of --resume" in err
     assert _version(copy) == version  # the published model, as it was
-    run_main("train", "--overwrite", "--no-eval", *_args(synth_dir, token_cache, copy, *SAVED, "table.lr=0.5"))
+    run_main("train", "--overwrite", "--no-eval", *_args(synth_dir, data_cache, copy, *SAVED, "table.lr=0.5"))
     assert _version(copy) != version
 
 
-def test_resume_and_finalize_refuse_a_checkpoint_older_than_a_labels_change(copy, synth_dir, token_cache, capsys):
+def test_resume_and_finalize_refuse_a_checkpoint_older_than_a_labels_change(copy, synth_dir, data_cache, capsys):
     astra_ds.load(copy).add_labels(["tova rebu kide"], names=["added"])
     version = _version(copy)
-    resume = ["train", "--resume", "auto", *_args(synth_dir, token_cache, copy, *SAVED)]
+    resume = ["train", "--resume", "auto", *_args(synth_dir, data_cache, copy, *SAVED)]
     assert "changed by `astra-ds labels` after checkpoint global_step4 (51 labels" in _error(capsys, *resume)
     assert "--init-from" in _error(capsys, "finalize", "--run-dir", str(copy), "--no-eval")
     assert _version(copy) == version and astra_ds.load(copy).num_labels == 51
@@ -74,16 +74,16 @@ def test_resume_and_finalize_refuse_a_checkpoint_older_than_a_labels_change(copy
     assert "1 retired" in _error(capsys, *resume)
 
 
-def test_a_run_never_writes_into_a_checkpoint_dir_holding_another_run_s_checkpoints(synth_dir, token_cache,
+def test_a_run_never_writes_into_a_checkpoint_dir_holding_another_run_s_checkpoints(synth_dir, data_cache,
                                                                                     tmp_path, capsys):
     shared = tmp_path / "checkpoints"
-    first = ["train", "--no-eval", *_args(synth_dir, token_cache, tmp_path / "a", *SAVED,
+    first = ["train", "--no-eval", *_args(synth_dir, data_cache, tmp_path / "a", *SAVED,
                                           f"checkpoint.dir={shared}")]
     run_main(*first)
     written = sorted(p.name for p in shared.glob("global_step*"))
     run_id = json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
     assert all(json.loads((shared / name / "meta.json").read_text())["run_id"] == run_id for name in written)
-    second = ["train", "--no-eval", *_args(synth_dir, token_cache, tmp_path / "b", *SAVED,
+    second = ["train", "--no-eval", *_args(synth_dir, data_cache, tmp_path / "b", *SAVED,
                                            f"checkpoint.dir={shared}")]
     assert "holds checkpoints of another run (global_step4, global_step2)" in _error(capsys, *second)
     assert sorted(p.name for p in shared.glob("global_step*")) == written  # nothing pruned or replaced
@@ -131,11 +131,11 @@ def test_eval_of_an_empty_test_split_is_one_line_and_claims_no_directory(copy, s
     assert not (copy / "evals").exists() or not list((copy / "evals").iterdir())
 
 
-def test_a_signal_during_a_checkpoint_ends_in_that_one_checkpoint(synth_dir, token_cache, tmp_path, monkeypatch):
+def test_a_signal_during_a_checkpoint_ends_in_that_one_checkpoint(synth_dir, data_cache, tmp_path, monkeypatch):
     from astra_ds.errors import Preempted
     from astra_ds.training.checkpoint import CheckpointManager
 
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=2", "train.max_steps=6")
     saves, save = [], CheckpointManager.save
 

@@ -54,7 +54,7 @@ def test_an_ivf_pq_index_over_few_rows_builds_and_says_its_warnings_once(caplog)
     assert warnings and all(message.count("please provide at least") == 1 for message in warnings)
 
 
-def test_training_scalars_reach_deepspeed_s_csv_monitor_and_its_build_lines_stay_off_stdout(synth_dir, token_cache,
+def test_training_scalars_reach_deepspeed_s_csv_monitor_and_its_build_lines_stay_off_stdout(synth_dir, data_cache,
                                                                                           tmp_path):
     ds_config = tmp_path / "ds.json"
     ds_config.write_text(json.dumps({
@@ -62,7 +62,7 @@ def test_training_scalars_reach_deepspeed_s_csv_monitor_and_its_build_lines_stay
         "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "job"}}))
     out = tmp_path / "run"
     result = run_cli("train", "--no-eval", *[arg for override in (
-        *TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}", "train.max_steps=8",
+        *TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}", "train.max_steps=8",
         f"train.ds_config={ds_config}", "eval.ann_index=false") for arg in ("--set", override)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeed" not in result.stdout and "ld returned" not in result.stdout + result.stderr

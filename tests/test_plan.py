@@ -39,18 +39,18 @@ def million_labels(tmp_path_factory):
                     tmp_path_factory.mktemp("data") / "million")
 
 
-def _run_sets(data, token_cache, out, *overrides):
-    sets = [f"data.path={data}", f"data.cache_dir={token_cache}", f"out_dir={out}", "encoder.model=tiny-random",
+def _run_sets(data, data_cache, out, *overrides):
+    sets = [f"data.path={data}", f"data.cache_dir={data_cache}", f"out_dir={out}", "encoder.model=tiny-random",
             "encoder.dim=128", "data.max_len=16", "train.batch_size=32", "train.max_steps=3",
             "negatives.strategy=astra", "negatives.warmup_epochs=0", "index.kind=flat", *overrides]
     return [arg for s in sets for arg in ("--set", s)]
 
 
 @pytest.mark.slow
-def test_plan_is_within_15_percent_of_the_peak_rss(million_labels, token_cache, tmp_path):
+def test_plan_is_within_15_percent_of_the_peak_rss(million_labels, data_cache, tmp_path):
     """A run whose table and index dominate its memory: trains, checkpoints, evaluates; its peak RSS is
     measured by the kernel (ru_maxrss)."""
-    result = run_cli("train", *_run_sets(million_labels, token_cache, tmp_path / "run"))
+    result = run_cli("train", *_run_sets(million_labels, data_cache, tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     memory = json.loads((tmp_path / "run" / "memory.json").read_text())
     plan, peak = memory["plan_host_bytes"], memory["peak_rss_bytes"]
@@ -62,9 +62,9 @@ def test_plan_is_within_15_percent_of_the_peak_rss(million_labels, token_cache, 
     assert -0.15 * peak <= plan - peak <= 0.20 * peak, f"plan {plan / GiB:.2f} GiB, peak RSS {peak / GiB:.2f} GiB"
 
 
-def test_a_run_that_does_not_fit_is_refused_with_what_to_change(million_labels, token_cache, tmp_path, capsys):
+def test_a_run_that_does_not_fit_is_refused_with_what_to_change(million_labels, data_cache, tmp_path, capsys):
     # 1M rows x 100k dims: 400 GB of float32 rows
-    sets = _run_sets(million_labels, token_cache, tmp_path / "run", "encoder.dim=100000")
+    sets = _run_sets(million_labels, data_cache, tmp_path / "run", "encoder.dim=100000")
     assert main(["train", *sets]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("astra-ds: error: this run needs") and "\n" not in error
@@ -76,8 +76,8 @@ def test_a_run_that_does_not_fit_is_refused_with_what_to_change(million_labels, 
     assert "does NOT fit" in output.out and "table.dtype=bfloat16" in output.err
 
 
-def test_plan_splits_the_table_over_ranks(million_labels, token_cache, tmp_path, capsys):
-    sets = _run_sets(million_labels, token_cache, tmp_path / "run", "table.dtype=bfloat16", "table.chunk_mb=1")
+def test_plan_splits_the_table_over_ranks(million_labels, data_cache, tmp_path, capsys):
+    sets = _run_sets(million_labels, data_cache, tmp_path / "run", "table.dtype=bfloat16", "table.chunk_mb=1")
     outputs = {}
     for world in (1, 4):
         assert main(["plan", *sets, "--world-size", str(world)]) == 0
@@ -131,9 +131,9 @@ def test_plan_without_the_dataset_and_for_gpus_from_a_machine_without_one(tmp_pa
     assert "--num-labels, --num-train and --num-test go together" in capsys.readouterr().err
 
 
-def test_features_that_hold_a_value_per_training_query_are_refused_above_max_held_queries(synth_dir, token_cache,
+def test_features_that_hold_a_value_per_training_query_are_refused_above_max_held_queries(synth_dir, data_cache,
                                                                                            tmp_path, capsys):
-    sets = [f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path / 'run'}",
+    sets = [f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={tmp_path / 'run'}",
             "encoder.model=tiny-random", "train.batch_size=32", "batching.mode=clustered", "classifier.epochs=1",
             "data.max_held_queries=500"]
     assert main(["train", *[arg for s in sets for arg in ("--set", s)]]) == 2

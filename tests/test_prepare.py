@@ -200,13 +200,13 @@ def test_the_test_split_s_filter_file_is_prepared_and_evaluated_as_from_the_file
     cfg = _cfg(data)
     assert prepare(cfg, tmp_path / "prepared", _tokenizer(data), unit_rows=100, progress=False)
     tokenizer = build_tokenizer(cfg.encoder)
-    from_files = prepare_data(cfg.data, tokenizer).test.filter
+    from_files = read_dataset(data).test_filter
     cfg.data.path = str(tmp_path / "prepared")
-    prepared = prepare_data(cfg.data, tokenizer).test.filter
+    prepared = prepare_data(cfg, tokenizer).test.filter
     assert prepared.nnz == 4 and (prepared != from_files).nnz == 0 and prepared.shape == from_files.shape
     (tmp_path / "prepared" / "test_filter.npz").write_bytes(b"damaged")
     with pytest.raises(DataError, match="test_filter.npz of the prepared data is missing or damaged"):
-        prepare_data(cfg.data, tokenizer)
+        prepare_data(cfg, tokenizer)
 
     lines = (data / "tst_X_Y.txt").read_text().split("\n")
     lines[3] = "3:1 999:1"  # a malformed test row, skipped: the filter's rows would no longer be the source's

@@ -1,6 +1,6 @@
 """Training, evaluation and resume on a prepared directory (`data.path` naming one): the same run as on the
-dataset's own files (the dense reference: the same batches, losses, rows and metrics), its settings checked
-against the run's in one line."""
+dataset's own files, which the run prepares into its cache in units of another size (the same batches, losses,
+rows and metrics), its settings checked against the run's in one line."""
 
 import functools
 import json
@@ -44,14 +44,14 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-def _trained_alike(files: Path, prepared: Path, token_cache: Path, tmp_path: Path, steps: int, *options: str,
+def _trained_alike(files: Path, prepared: Path, data_cache: Path, tmp_path: Path, steps: int, *options: str,
                    evaluate: bool = True) -> dict[str, Path]:
     """The runs on the dataset's files and on its prepared directory ("files", "prepared"), checked to have the
     same `steps` losses and the same rows."""
     runs = {}
     for name, path in (("files", files), ("prepared", prepared)):
         runs[name] = tmp_path / name
-        assert main(["train", *([] if evaluate else ["--no-eval"]), *_sets(f"data.path={path}", f"data.cache_dir={token_cache}", f"out_dir={runs[name]}",
+        assert main(["train", *([] if evaluate else ["--no-eval"]), *_sets(f"data.path={path}", f"data.cache_dir={data_cache}", f"out_dir={runs[name]}",
                                      *options)]) == 0
     losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in runs.values()]
     assert len(losses[0]) == steps
@@ -61,9 +61,9 @@ def _trained_alike(files: Path, prepared: Path, token_cache: Path, tmp_path: Pat
     return runs
 
 
-def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepared, synth_dir, token_cache,
+def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepared, synth_dir, data_cache,
                                                                             tmp_path):
-    runs = _trained_alike(synth_dir, prepared, token_cache, tmp_path, 6)
+    runs = _trained_alike(synth_dir, prepared, data_cache, tmp_path, 6)
     metrics = [json.loads((run / "metrics.json").read_text()) for run in runs.values()]
     for model in ("astra_ds", "popularity"):  # propensities from the prepared label counts
         assert metrics[1][model] == pytest.approx(metrics[0][model], abs=1e-9)
@@ -73,7 +73,8 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepa
     shared = json.loads((runs["prepared"] / "memory.json").read_text())["shared"]
     arrays = sum(np.load(path, mmap_mode="r").nbytes for path in (prepared / UNITS).glob("*/train.*.npy"))
     assert [(line["component"], line["host"]) for line in shared] == [("prepared training data", arrays)]
-    assert json.loads((runs["files"] / "memory.json").read_text())["shared"] == []
+    (files_line,) = json.loads((runs["files"] / "memory.json").read_text())["shared"]  # prepared into the cache
+    assert files_line["host"] == arrays - 2 * 2 * 4  # one unit of 512 rows, not three of 200: two fewer offset pairs
 
     names = [(run / "label_names.txt").read_text() for run in runs.values()]
     assert names[1] == names[0] and len(names[0].split("\n")) == 50  # from the prepared label texts
@@ -81,14 +82,14 @@ def test_a_run_on_a_prepared_directory_equals_the_run_on_the_dataset_files(prepa
     assert again.results["astra_ds"] == pytest.approx(metrics[1]["astra_ds"], abs=1e-9)
 
 
-def test_label_texts_as_queries_train_on_a_prepared_directory_as_on_the_files(synth_dir, token_cache, tmp_path):
+def test_label_texts_as_queries_train_on_a_prepared_directory_as_on_the_files(synth_dir, data_cache, tmp_path):
     """An epoch and more (562 rows: 512 training queries, then the 50 label texts; 17 batches an epoch), so that
     the label texts are in the batches."""
     options = ["data.label_texts_as_queries=true", "train.epochs=2", "train.max_steps=20"]
     cfg = load_config(None, [*RUN, f"data.path={synth_dir}", *options])
     prepared = tmp_path / "prepared"
     assert prepare(cfg, prepared, functools.partial(build_tokenizer, cfg.encoder), unit_rows=200, progress=False)
-    _trained_alike(synth_dir, prepared, token_cache, tmp_path, 20, *options, evaluate=False)
+    _trained_alike(synth_dir, prepared, data_cache, tmp_path, 20, *options, evaluate=False)
 
 
 def test_a_resumed_run_on_a_prepared_directory_equals_an_uninterrupted_one(prepared, tmp_path):

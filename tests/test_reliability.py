@@ -27,8 +27,8 @@ UNIFORM = [*TINY_RUN, "negatives.strategy=uniform", "batching.mode=random", "tra
 SAVED = ("checkpoint.save_every=2", "table.chunk_mb=0.0005")  # saved_run's settings, which a resume keeps
 
 
-def _args(synth_dir, token_cache, out, *overrides: str) -> list[str]:
-    return [arg for override in (*UNIFORM, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+def _args(synth_dir, data_cache, out, *overrides: str) -> list[str]:
+    return [arg for override in (*UNIFORM, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                  f"out_dir={out}", *overrides) for arg in ("--set", override)]
 
 
@@ -41,10 +41,10 @@ def _error(capsys, *args: str, status: int = 2) -> str:
 
 
 @pytest.fixture(scope="module")
-def saved_run(synth_dir, token_cache, tmp_path_factory):
+def saved_run(synth_dir, data_cache, tmp_path_factory):
     """Checkpoints at steps 2 and 4 (the table in chunks of 4 rows), and the finished run."""
     out = tmp_path_factory.mktemp("reliability") / "run"
-    run_main("train", *_args(synth_dir, token_cache, out, "train.max_steps=4", *SAVED))
+    run_main("train", *_args(synth_dir, data_cache, out, "train.max_steps=4", *SAVED))
     return out
 
 
@@ -54,36 +54,36 @@ def _copy(run, tmp_path):
 
 
 def test_a_checkpoint_of_a_stage_this_version_does_not_have_is_refused_in_one_line(saved_run, synth_dir,
-                                                                                  token_cache, tmp_path, capsys):
+                                                                                  data_cache, tmp_path, capsys):
     run = _copy(saved_run, tmp_path)
     latest = run / "checkpoints" / "global_step4"
     rewrite_meta(latest, stage="warmup")  # as another version would have written it
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, data_cache, run, "train.max_steps=6", *SAVED))
     assert "was written in a stage named 'warmup', which this version does not have" in err
 
 
-def test_a_damaged_chunk_is_refused_and_auto_resume_falls_back(saved_run, synth_dir, token_cache, tmp_path, capsys,
+def test_a_damaged_chunk_is_refused_and_auto_resume_falls_back(saved_run, synth_dir, data_cache, tmp_path, capsys,
                                                               caplog):
     caplog.set_level(logging.INFO, logger="astra_ds")
     run = _copy(saved_run, tmp_path)
     latest = run / "checkpoints" / "global_step4"
     chunk = latest / "table" / "rows" / "c" / "3" / "0"
     chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))  # same size, other bytes
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, data_cache, run, "train.max_steps=6", *SAVED))
     assert f"checkpoint {latest} is damaged (table/rows/c/3/0 changed since it was written)" in err
     log = (run / "train_log.jsonl").read_text()
-    assert main(["train", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED)]) == 0
+    assert main(["train", "--resume", "auto", *_args(synth_dir, data_cache, run, "train.max_steps=6", *SAVED)]) == 0
     assert "falling back to global_step2" in caplog.text
     assert "resumed from" in caplog.text and "global_step2" in caplog.text
     resumed = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert resumed == sorted(resumed) and resumed[-1] == 6 and log  # steps 3 and 4 done again, in order
 
 
-def test_a_missing_chunk_is_an_error_not_zeros(saved_run, synth_dir, token_cache, tmp_path, capsys):
+def test_a_missing_chunk_is_an_error_not_zeros(saved_run, synth_dir, data_cache, tmp_path, capsys):
     run = _copy(saved_run, tmp_path)
     latest = run / "checkpoints" / "global_step4"
     (latest / "table" / "rows" / "c" / "2" / "0").unlink()
-    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, token_cache, run, *SAVED))
+    err = _error(capsys, "train", "--resume", str(latest), *_args(synth_dir, data_cache, run, *SAVED))
     assert "is incomplete (missing table/rows/c/2/0)" in err
 
 
@@ -99,10 +99,10 @@ def test_a_damaged_final_table_is_refused_by_eval_and_predict(saved_run, tmp_pat
     assert not os.path.samefile(chunk, run / "checkpoints" / "global_step4" / "table" / "rows" / "c" / "1" / "0")
 
 
-def test_a_non_finite_loss_stops_before_saving(synth_dir, token_cache, tmp_path):
+def test_a_non_finite_loss_stops_before_saving(synth_dir, data_cache, tmp_path):
     from astra_ds.errors import TrainingError
 
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=1", "train.max_steps=3")
     trainer.parts.initialize_rows = lambda: trainer.table.rows.fill_(float("nan"))  # rows that start non-finite
     with pytest.raises(TrainingError, match=r"step 1: .*not finite|step 1: the loss is nan"):
@@ -111,13 +111,13 @@ def test_a_non_finite_loss_stops_before_saving(synth_dir, token_cache, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, token_cache, tmp_path):
+def test_a_signal_ends_in_a_checkpoint_and_its_exit_status(synth_dir, data_cache, tmp_path):
     """SIGTERM to the process (SIGINT is handled alike; a SIGTERM at each write point of a training:
     tests/test_fault_matrix_train.py)."""
     signum = signal.SIGTERM
     out = tmp_path / "run"
     args = [sys.executable, "-m", "astra_ds", "train", "--no-eval",
-            *_args(synth_dir, token_cache, out, "train.epochs=50")]
+            *_args(synth_dir, data_cache, out, "train.epochs=50")]
     process = subprocess.Popen(args, cwd=REPO, env=fresh_process_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     log, deadline = out / "train_log.jsonl", time.monotonic() + 300
@@ -146,29 +146,29 @@ def _hold_lock(directory) -> subprocess.Popen:
     return holder
 
 
-def test_a_second_run_on_a_directory_in_use_is_refused(synth_dir, token_cache, tmp_path, capsys):
+def test_a_second_run_on_a_directory_in_use_is_refused(synth_dir, data_cache, tmp_path, capsys):
     out = tmp_path / "run"
     holder = _hold_lock(out)
-    err = _error(capsys, "train", *_args(synth_dir, token_cache, out, "train.max_steps=1"))
+    err = _error(capsys, "train", *_args(synth_dir, data_cache, out, "train.max_steps=1"))
     assert f"{out} is in use by astra-ds pid {holder.pid} on " in err
     holder.kill()
     holder.wait()  # a dead holder leaves no stale lock
-    run_main("train", "--no-eval", *_args(synth_dir, token_cache, out, "train.max_steps=1"))
+    run_main("train", "--no-eval", *_args(synth_dir, data_cache, out, "train.max_steps=1"))
 
 
-def test_a_failed_resume_leaves_config_and_log_as_they_were(saved_run, synth_dir, token_cache, tmp_path, capsys):
+def test_a_failed_resume_leaves_config_and_log_as_they_were(saved_run, synth_dir, data_cache, tmp_path, capsys):
     run = _copy(saved_run, tmp_path)
     config, log = (run / "config.yaml").read_text(), (run / "train_log.jsonl").read_text()
-    err = _error(capsys, "train", "--resume", "auto", *_args(synth_dir, token_cache, run, "encoder.dim=16"))
+    err = _error(capsys, "train", "--resume", "auto", *_args(synth_dir, data_cache, run, "encoder.dim=16"))
     assert "has dim=32, this run has 16" in err
     assert (run / "config.yaml").read_text() == config and (run / "train_log.jsonl").read_text() == log
 
 
-def test_a_torn_last_log_line_is_dropped_on_resume(saved_run, synth_dir, token_cache, tmp_path, caplog):
+def test_a_torn_last_log_line_is_dropped_on_resume(saved_run, synth_dir, data_cache, tmp_path, caplog):
     run = _copy(saved_run, tmp_path)
     with open(run / "train_log.jsonl", "a") as f:
         f.write('{"step": 5, "los')  # a crash in the middle of a line
-    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=5", *SAVED))
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, data_cache, run, "train.max_steps=5", *SAVED))
     assert "1 unreadable line(s) dropped" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert steps[-1] == 5 and steps == sorted(steps)
@@ -201,7 +201,7 @@ def test_a_truncated_state_file_names_the_file(saved_run, tmp_path):
     assert load_torch_file(state) == {"ok": 1}
 
 
-def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth_dir, token_cache, tmp_path,
+def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth_dir, data_cache, tmp_path,
                                                                            caplog, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
@@ -209,7 +209,7 @@ def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth
     texts[3] = texts[3] + b" \xff\xfe"
     (data / "trn_X.txt").write_bytes(b"\r\n".join(texts))  # and CRLF line ends
     (data / "Y.txt").write_bytes((data / "Y.txt").read_bytes().replace(b"\n", b"\r\n"))
-    run_main("train", "--no-eval", *_args(data, token_cache, tmp_path / "run", "train.max_steps=1",
+    run_main("train", "--no-eval", *_args(data, data_cache, tmp_path / "run", "train.max_steps=1",
                                           "negatives.num_negatives=60"))
     assert "1 train texts hold bytes that are not UTF-8 (read as U+FFFD), first at line 4" in caplog.text
     assert "negatives.num_negatives=60 is not below the 50 labels" in caplog.text
@@ -221,7 +221,7 @@ def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth
     run_main("data", "validate", str(data), "--set", "encoder.model=tiny-random")
     assert "texts with bytes that are not UTF-8: 1 train texts (first at line 4)" in capsys.readouterr().out
     assert "the train texts hold bytes that are not UTF-8, first at line 4" in _error(
-        capsys, "train", *_args(data, token_cache, tmp_path / "strict", "data.on_bad_text=error"))
+        capsys, "train", *_args(data, data_cache, tmp_path / "strict", "data.on_bad_text=error"))
 
 
 def _fill_the_disk(monkeypatch, module, error: str) -> None:
@@ -234,12 +234,12 @@ def _fill_the_disk(monkeypatch, module, error: str) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
 
 
-def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
+def test_a_full_disk_is_said_as_such(synth_dir, data_cache, tmp_path, monkeypatch):
     import astra_ds.training.checkpoint as checkpoint
     from astra_ds.cli.main import _message
     from astra_ds.errors import CheckpointError
 
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "checkpoint.save_every=1", "train.max_steps=2")
     _fill_the_disk(monkeypatch, checkpoint, "[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     with pytest.raises(CheckpointError, match=r"the disk is full: writing checkpoint global_step1 into .*checkpoints "
@@ -253,7 +253,7 @@ def test_a_full_disk_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypat
 
 # ---- a run is used only when it is complete, its own and safe to load -------------------------------------------
 
-def test_a_run_killed_while_saving_its_model_is_refused_not_used(synth_dir, token_cache, tmp_path, monkeypatch,
+def test_a_run_killed_while_saving_its_model_is_refused_not_used(synth_dir, data_cache, tmp_path, monkeypatch,
                                                                  capsys):
     from astra_ds.table.table import ClassifierTable
 
@@ -268,12 +268,12 @@ def test_a_run_killed_while_saving_its_model_is_refused_not_used(synth_dir, toke
         return original(self, path, *args, **kwargs)
 
     monkeypatch.setattr(ClassifierTable, "save", killed_halfway)
-    assert main(["train", *_args(synth_dir, token_cache, out, "train.max_steps=2", *SAVED)]) == 2
+    assert main(["train", *_args(synth_dir, data_cache, out, "train.max_steps=2", *SAVED)]) == 2
     monkeypatch.undo()
     for command in (["predict", "--run-dir", str(out), "--text", "a b"], ["eval", "--run-dir", str(out)],
                     ["index", "--run-dir", str(out)]):
         assert f"{out} is not a finished run: its training has not saved a complete model" in _error(capsys, *command)
-    run_main("train", "--resume", "auto", *_args(synth_dir, token_cache, out, "train.max_steps=2", *SAVED))
+    run_main("train", "--resume", "auto", *_args(synth_dir, data_cache, out, "train.max_steps=2", *SAVED))
     assert astra_ds.load(out).predict(["a b"], k=2).ids.shape == (1, 2)  # finished by the resume
 
 
@@ -315,22 +315,22 @@ def test_evaluations_at_once_each_get_their_own_directory(tmp_path):
     assert sorted(int(path.name) for path in claimed) == list(range(2, 18))
 
 
-def test_training_into_a_finished_run_needs_overwrite(saved_run, synth_dir, token_cache, tmp_path, capsys):
+def test_training_into_a_finished_run_needs_overwrite(saved_run, synth_dir, data_cache, tmp_path, capsys):
     run = _copy(saved_run, tmp_path)
     before = (run / "manifest.json").read_text()
     assert f"out_dir {run} holds an earlier run: continue it with --resume auto, replace it with --overwrite" in \
-        _error(capsys, "train", *_args(synth_dir, token_cache, run, "train.max_steps=1"))
+        _error(capsys, "train", *_args(synth_dir, data_cache, run, "train.max_steps=1"))
     assert (run / "manifest.json").read_text() == before
-    run_main("train", "--overwrite", "--no-eval", *_args(synth_dir, token_cache, run, "train.max_steps=1"))
+    run_main("train", "--overwrite", "--no-eval", *_args(synth_dir, data_cache, run, "train.max_steps=1"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["global_step1", "latest"]
     assert not (run / "metrics.json").exists() and astra_ds.load(run).card.step == 1
 
 
-def test_a_checkpoint_directory_in_use_by_another_run_is_refused(synth_dir, token_cache, tmp_path, capsys):
+def test_a_checkpoint_directory_in_use_by_another_run_is_refused(synth_dir, data_cache, tmp_path, capsys):
     shared = tmp_path / "shared_checkpoints"
     holder = _hold_lock(shared)
     try:
-        err = _error(capsys, "train", *_args(synth_dir, token_cache, tmp_path / "b", "train.max_steps=1",
+        err = _error(capsys, "train", *_args(synth_dir, data_cache, tmp_path / "b", "train.max_steps=1",
                                              f"checkpoint.dir={shared}"))
         assert f"{shared} is in use by astra-ds pid {holder.pid}" in err and "choose another checkpoint.dir" in err
         assert not (tmp_path / "b" / "config.yaml").exists()
@@ -339,25 +339,25 @@ def test_a_checkpoint_directory_in_use_by_another_run_is_refused(synth_dir, toke
         holder.wait()
 
 
-def test_resume_auto_finds_checkpoints_by_scanning_not_by_latest(saved_run, synth_dir, token_cache, tmp_path,
+def test_resume_auto_finds_checkpoints_by_scanning_not_by_latest(saved_run, synth_dir, data_cache, tmp_path,
                                                                   caplog):
     caplog.set_level(logging.INFO, logger="astra_ds")
     run = _copy(saved_run, tmp_path)
     checkpoints = run / "checkpoints"
     (checkpoints / "latest").unlink()
     shutil.copytree(checkpoints / "global_step2", checkpoints / "global_step30_backup")  # a copy someone kept
-    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=6",
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, data_cache, run, "train.max_steps=6",
                                                               *SAVED))
     assert "resumed from" in caplog.text and "global_step4 (step 4" in caplog.text
     (checkpoints / "latest").write_bytes(b"\xffgarbage")
-    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, token_cache, run, "train.max_steps=8",
+    run_main("train", "--no-eval", "--resume", "auto", *_args(synth_dir, data_cache, run, "train.max_steps=8",
                                                               *SAVED))
     assert sorted(p.name for p in checkpoints.iterdir()) == ["global_step30_backup", "global_step6", "global_step8",
                                                              "latest"]
     assert (checkpoints / "latest").read_text() == "global_step8"
 
 
-def test_resume_checks_meta_the_data_and_the_settings(saved_run, synth_dir, token_cache, tmp_path, capsys, caplog):
+def test_resume_checks_meta_the_data_and_the_settings(saved_run, synth_dir, data_cache, tmp_path, capsys, caplog):
     from astra_ds.data.synth import SynthConfig, generate
 
     run = _copy(saved_run, tmp_path)
@@ -366,13 +366,13 @@ def test_resume_checks_meta_the_data_and_the_settings(saved_run, synth_dir, toke
     meta.write_text(original.replace('"world_size": 1', '"world_size": 2'))
     resume = ["train", "--resume", str(meta.parent)]
     assert "global_step4 is damaged (meta.json changed since it was written)" in _error(
-        capsys, *resume, *_args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED))
+        capsys, *resume, *_args(synth_dir, data_cache, run, "train.max_steps=6", *SAVED))
     meta.write_text(original)
     other = generate(SynthConfig(num_labels=50, num_train=512, num_test=128, vocab_size=500, seed=2),
                      tmp_path / "other")  # the same shape, other queries
     assert "was trained on other data than" in _error(
-        capsys, *resume, *_args(other, token_cache, run, "train.max_steps=6", *SAVED))
-    changed = _args(synth_dir, token_cache, run, "train.max_steps=6", *SAVED, "train.batch_size=16",
+        capsys, *resume, *_args(other, data_cache, run, "train.max_steps=6", *SAVED))
+    changed = _args(synth_dir, data_cache, run, "train.max_steps=6", *SAVED, "train.batch_size=16",
                     "train.log_every=2")
     err = _error(capsys, *resume, *changed)
     assert "with other settings than it was trained with (train.batch_size 32 -> 16)" in err
@@ -400,12 +400,12 @@ def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default(tmp_pa
         check_resumable(meta, tmp_path, cfg, "data", allow_changes=False)
 
 
-def test_one_damaged_file_never_disables_every_checkpoint_kept(synth_dir, token_cache, tmp_path):
+def test_one_damaged_file_never_disables_every_checkpoint_kept(synth_dir, data_cache, tmp_path):
     """keep_last = 2: every checkpoint a full copy (keep_last 3 and more: see the test of the chains below)."""
     out = tmp_path / "run"
     for steps in (3, 4):
         run_main("train", "--no-eval", *(["--resume", "auto"] if steps > 3 else []), *_args(
-            synth_dir, token_cache, out, f"train.max_steps={steps}", "checkpoint.save_every=1",
+            synth_dir, data_cache, out, f"train.max_steps={steps}", "checkpoint.save_every=1",
             "table.chunk_mb=0.0005", "train.epochs=5"))
         inodes = [{os.stat(f).st_ino for f in p.rglob("*") if f.is_file()} for p in (out / "checkpoints").glob("g*")]
         assert len(inodes) == 2 and not inodes[0] & inodes[1]
@@ -438,7 +438,7 @@ def test_linked_checkpoints_come_in_chains_that_the_kept_ones_always_span(tmp_pa
         assert len(kept) == keep_last
 
 
-def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run, synth_dir, token_cache, tmp_path,
+def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run, synth_dir, data_cache, tmp_path,
                                                                       capsys):
     from astra_ds.digests import manifest
 
@@ -462,7 +462,7 @@ def test_a_malicious_pickle_in_a_run_or_checkpoint_is_refused_not_run(saved_run,
         torch.save({"state": state, "payload": Payload()}, checkpoint / name)
         meta = json.loads((checkpoint / "meta.json").read_text())
         rewrite_meta(checkpoint, digests=meta["digests"] | manifest(checkpoint, [name]))
-        err = _error(capsys, "train", "--resume", str(checkpoint), *_args(synth_dir, token_cache, run,
+        err = _error(capsys, "train", "--resume", str(checkpoint), *_args(synth_dir, data_cache, run,
                                                                            "train.max_steps=6", *SAVED))
         assert f"{name} holds posix.system, not only tensors: refused" in err
         shutil.rmtree(checkpoint)
@@ -518,7 +518,7 @@ def test_wrong_paths_are_refused_before_the_model_or_the_libraries_load(saved_ru
         assert result.stdout.strip() == "2 []" and expected in result.stderr, (args, result.stderr)
 
 
-def test_synth_into_an_existing_folder_and_an_empty_test_split_are_one_line(synth_dir, token_cache, tmp_path,
+def test_synth_into_an_existing_folder_and_an_empty_test_split_are_one_line(synth_dir, data_cache, tmp_path,
                                                                            capsys):
     assert f"{synth_dir} already exists: choose a new directory" in _error(capsys, "data", "synth", "--out",
                                                                            str(synth_dir))
@@ -528,16 +528,16 @@ def test_synth_into_an_existing_folder_and_an_empty_test_split_are_one_line(synt
     (data / "tst_X_Y.txt").write_text("0 50\n")
     out = tmp_path / "run"
     assert "has no test queries, so the model could not be evaluated: train with --no-eval" in _error(
-        capsys, "train", *_args(data, token_cache, out, "train.max_steps=1"))
+        capsys, "train", *_args(data, data_cache, out, "train.max_steps=1"))
     assert not (out / "config.yaml").exists()  # refused before anything was trained or written
-    run_main("train", "--no-eval", *_args(data, token_cache, out, "train.max_steps=1"))
+    run_main("train", "--no-eval", *_args(data, data_cache, out, "train.max_steps=1"))
 
 
-def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, token_cache, tmp_path, monkeypatch):
+def test_a_full_disk_while_saving_the_model_is_said_as_such(synth_dir, data_cache, tmp_path, monkeypatch):
     import astra_ds.training.publish as publish_module
     from astra_ds.errors import UserError
 
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "negatives.strategy=uniform", "batching.mode=random",
                            "train.max_steps=1")
     trainer.fit()
     _fill_the_disk(monkeypatch, publish_module, "basic_ios::clear: iostream error")

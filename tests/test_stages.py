@@ -46,8 +46,8 @@ def _label_embeddings(trainer) -> torch.Tensor:
     return embeddings
 
 
-def test_stages_run_in_order_and_rows_start_from_the_siamese_encoder(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, *STAGED_RUN)
+def test_stages_run_in_order_and_rows_start_from_the_siamese_encoder(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, *STAGED_RUN)
     siamese, classifier, joint = trainer.stages
     assert [s.name for s in trainer.stages] == ["siamese", "classifier", "joint"]
     siamese_steps = siamese.epochs * siamese.steps_per_epoch  # 16 batches of 32 queries
@@ -83,8 +83,8 @@ def _embeddings_at_the_end(stage) -> dict:
     return kept
 
 
-def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "classifier.epochs=1", "train.epochs=0",
+def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "classifier.epochs=1", "train.epochs=0",
                            "classifier.batch_size=64")
     (classifier,) = trainer.stages
     encoder_before = {k: v.clone() for k, v in trainer.engine.module.state_dict().items()}
@@ -101,7 +101,7 @@ def test_the_classifier_stage_leaves_the_encoder_as_it_is(synth_dir, token_cache
 
 
 @pytest.mark.slow
-def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_dir, token_cache, tmp_path,
+def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_dir, data_cache, tmp_path,
                                                                           monkeypatch):
     """The rows' loss sees the frozen embeddings with a dropout mask drawn from (seed, step), scaled by 1 / (1 - p);
     the negatives are sampled with the whole embeddings. Another trainer draws the same masks (as a resumed run)."""
@@ -111,7 +111,7 @@ def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_d
 
     def runs(out):
         seen.clear()
-        trainer = make_trainer(synth_dir, token_cache, out, "classifier.epochs=1", "train.epochs=0",
+        trainer = make_trainer(synth_dir, data_cache, out, "classifier.epochs=1", "train.epochs=0",
                                "classifier.batch_size=64", f"classifier.embedding_dropout={p}", "train.max_steps=2")
         (classifier,) = trainer.stages
         sampled, sample = [], trainer.parts.sampler.sample
@@ -137,8 +137,8 @@ def test_embedding_dropout_masks_what_the_rows_train_on_by_seed_and_step(synth_d
     assert all(torch.equal(a, b) for a, b in zip(again, trained_on))
 
 
-def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(synth_dir, token_cache, tmp_path):
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, *STAGED_RUN, "classifier.refit_epochs=1")
+def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(synth_dir, data_cache, tmp_path):
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, *STAGED_RUN, "classifier.refit_epochs=1")
     assert [s.name for s in trainer.stages] == ["siamese", "classifier", "joint", "refit"]
     _, classifier, joint, refit = trainer.stages
     rows_after_joint = {}
@@ -158,14 +158,14 @@ def test_the_refit_stage_trains_the_rows_on_the_encoder_the_joint_stage_left(syn
 
 
 @pytest.mark.slow
-def test_init_from_a_checkpoint_written_before_its_rows_existed_starts_them_from_table_init(synth_dir, token_cache,
+def test_init_from_a_checkpoint_written_before_its_rows_existed_starts_them_from_table_init(synth_dir, data_cache,
                                                                                             tmp_path):
     """A checkpoint of a Siamese stage holds no rows yet (they start when the first stage that trains them
     begins): a run started from its weights initialises them as a fresh run does, from the encoder it loaded."""
     from astra_ds.dist import init_distributed
     from astra_ds.training.trainer import Trainer
 
-    common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}"]
+    common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}"]
     run_main("train", "--no-eval", *[a for o in [*common, f"out_dir={tmp_path / 'siamese'}", "train.max_steps=4"]
                                      for a in ("--set", o)])
     cfg = load_config(None, [*common, "siamese.epochs=0", "train.max_steps=1", f"out_dir={tmp_path / 'next'}"])
@@ -180,11 +180,11 @@ def test_init_from_a_checkpoint_written_before_its_rows_existed_starts_them_from
 
 
 @pytest.mark.slow
-def test_a_run_resumed_inside_the_classifier_stages_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
+def test_a_run_resumed_inside_the_classifier_stages_equals_an_uninterrupted_one(synth_dir, data_cache, tmp_path):
     """The classifier and refit stages' embeddings are computed again from the checkpoint's encoder; batches,
     negatives and rows continue exactly, also when a finished run is extended by more stages (its first two legs
     have no joint and refit stages). Dual scoring: `eval` of the finished run gives the metrics of `train`."""
-    common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+    common = [*TINY_RUN, *STAGED_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
               "train.record_batches=true", "batching.mode=clustered", "batching.warmup_epochs=0",
               "eval.label_text_weight=0.5", "classifier.refit_epochs=1"]
     sets = lambda *overrides: [a for o in [*common, *overrides] for a in ("--set", o)]  # noqa: E731
@@ -244,13 +244,13 @@ def test_dual_scoring_adds_the_weighted_label_embeddings_to_the_unit_rows():
                                (queries @ reference.T).topk(5, dim=1).values)
 
 
-def test_the_encoder_learning_rate_warms_up_then_decays_to_zero(synth_dir, token_cache, tmp_path):
+def test_the_encoder_learning_rate_warms_up_then_decays_to_zero(synth_dir, data_cache, tmp_path):
     train = load_config(None, ["train.encoder_warmup=0.25", "train.encoder_decay=linear"]).train
     config, _ = resolve_ds_config(train, 1, False)
     add_scheduler(config, train, 16)
     assert config["scheduler"]["params"] | {} == {"warmup_min_lr": 0.0, "warmup_max_lr": 5e-5, "warmup_num_steps": 4,
                                                   "warmup_type": "linear", "total_num_steps": 16}
-    trainer = make_trainer(synth_dir, token_cache, tmp_path, "train.encoder_warmup=0.25", "train.encoder_decay=linear")
+    trainer = make_trainer(synth_dir, data_cache, tmp_path, "train.encoder_warmup=0.25", "train.encoder_decay=linear")
     lrs = []
     for step, rows in enumerate(trainer.stages[0].batches.epoch_batches(0)):
         lrs.append(trainer.engine.get_lr()[0])

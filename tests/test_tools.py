@@ -18,11 +18,11 @@ def _sets(*overrides: str) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
 
 
-def _commands(synth_dir, token_cache, finished_run, work) -> dict[str, list[str]]:
+def _commands(synth_dir, data_cache, finished_run, work) -> dict[str, list[str]]:
     """Each test's tool and arguments, the longest first."""
-    (work / "ablation.yaml").write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n"
+    (work / "ablation.yaml").write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {data_cache}\n"
                                         f"  validation_fraction: 0.25\n")
-    (work / "churn.yaml").write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {token_cache}\n")
+    (work / "churn.yaml").write_text(f"data:\n  path: {synth_dir}\n  cache_dir: {data_cache}\n")
     return {
         "ablation": ["tools/ablate.py", "--dataset", f"synth={work / 'ablation.yaml'}",
                      "--variant", "label_init:negatives.strategy=astra,table.init=label_text", "--seeds", "3",
@@ -67,7 +67,7 @@ class ToolRuns:
 
 
 @pytest.fixture(scope="module")
-def tools(request, synth_dir, token_cache, tmp_path_factory) -> ToolRuns:
+def tools(request, synth_dir, data_cache, tmp_path_factory) -> ToolRuns:
     """The tool runs of the tests selected to run (a test is named test_<tool>_...), started two at a time."""
     selected = [item.name for item in request.session.items if item.module is request.module]
     wanted = lambda name: any(test.startswith(f"test_{name}_") for test in selected)  # noqa: E731
@@ -76,7 +76,7 @@ def tools(request, synth_dir, token_cache, tmp_path_factory) -> ToolRuns:
     pool = ThreadPoolExecutor(max_workers=2)
     request.addfinalizer(pool.shutdown)
     return ToolRuns(work, {name: pool.submit(_run, args) for name, args in
-                           _commands(synth_dir, token_cache, finished_run, work).items() if wanted(name)})
+                           _commands(synth_dir, data_cache, finished_run, work).items() if wanted(name)})
 
 
 def test_pager_prints_throughput_beside_memcpy(tools):

@@ -21,9 +21,9 @@ def _sets(*pairs: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
+def test_train_then_eval_from_the_cli(synth_dir, data_cache, tmp_path):
     out = tmp_path / "run"
-    result = run_cli("train", *_sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+    result = run_cli("train", *_sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                      f"out_dir={out}", "train.epochs=5"),
                      probe="[m in sys.modules for m in ('deepspeed.runtime.zero.muon.muon_optimizer', "
                            "'torch._inductor.compile_fx')]")
@@ -49,12 +49,12 @@ def test_train_then_eval_from_the_cli(synth_dir, token_cache, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_on_bibtex_from_the_cli(token_cache, tmp_path, capsys, monkeypatch):
+def test_train_on_bibtex_from_the_cli(data_cache, tmp_path, capsys, monkeypatch):
     if not (SHARED_DATA / "Bibtex").is_dir():
         pytest.skip("shared Bibtex data not present")
     monkeypatch.chdir(REPO)  # the recipe names its data relative to the checkout
     assert main(["train", "--config", "configs/bibtex.yaml",
-                 *_sets(*TINY_RUN, f"data.cache_dir={token_cache}", f"out_dir={tmp_path / 'bibtex'}",
+                 *_sets(*TINY_RUN, f"data.cache_dir={data_cache}", f"out_dir={tmp_path / 'bibtex'}",
                         "train.max_steps=5", "data.max_len=32")]) == 0
     assert "@1" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "bibtex" / "metrics.json").read_text())
@@ -95,9 +95,9 @@ def test_user_mistakes_give_one_line_errors(args, message, synth_dir, capsys):
     assert err.startswith("astra-ds: error: ") and message in err
 
 
-def test_a_choice_that_depends_on_the_encoder_is_refused_at_start_up(synth_dir, token_cache, tmp_path, capsys):
+def test_a_choice_that_depends_on_the_encoder_is_refused_at_start_up(synth_dir, data_cache, tmp_path, capsys):
     """index.pq_m must divide the row width (32 for tiny-random): refused before training, not after warm-up."""
-    args = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path}",
+    args = _sets(*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={tmp_path}",
                  "negatives.strategy=astra", "index.kind=ivf_pq", "index.pq_m=5")
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err
@@ -142,10 +142,10 @@ def test_help_answers_before_torch_is_imported():
     assert "train.epochs must be >= 0" in result.stderr
 
 
-def test_train_step_matches_its_definition(synth_dir, token_cache, tmp_path):
+def test_train_step_matches_its_definition(synth_dir, data_cache, tmp_path):
     """One step's loss equals the sampled BCE recomputed densely from the encoder and the table, and only the
     rows of sampled labels change."""
-    trainer = make_trainer(synth_dir, token_cache, tmp_path / "a")
+    trainer = make_trainer(synth_dir, data_cache, tmp_path / "a")
     rows = trainer.stages[-1].batches.epoch_batches(0)[0]
     before = trainer.table.rows.clone()
     input_ids, attention_mask = trainer.data.train.batch(rows)
@@ -176,30 +176,30 @@ def step_side_by_side(reference, other, steps: int, rel: float) -> None:
         assert got == pytest.approx(expected, rel=rel)
 
 
-def test_gradient_accumulation_equals_the_full_batch(synth_dir, token_cache, tmp_path):
-    full = make_trainer(synth_dir, token_cache, tmp_path / "full")
-    accumulated = make_trainer(synth_dir, token_cache, tmp_path / "acc", "train.grad_accum=2")
+def test_gradient_accumulation_equals_the_full_batch(synth_dir, data_cache, tmp_path):
+    full = make_trainer(synth_dir, data_cache, tmp_path / "full")
+    accumulated = make_trainer(synth_dir, data_cache, tmp_path / "acc", "train.grad_accum=2")
     step_side_by_side(full, accumulated, 3, rel=1e-4)
     torch.testing.assert_close(accumulated.table.rows, full.table.rows, rtol=1e-4, atol=1e-6)
 
 
-def test_bf16_autocast_trains_through_deepspeed_as_float32_does(synth_dir, token_cache, tmp_path):
+def test_bf16_autocast_trains_through_deepspeed_as_float32_does(synth_dir, data_cache, tmp_path):
     """encoder.compute_dtype=bfloat16 under the DeepSpeed engine: the losses of the first steps and the rows they
     train are float32's within bfloat16 precision, and the engine's weights stay float32."""
-    full = make_trainer(synth_dir, token_cache, tmp_path / "fp32")
-    mixed = make_trainer(synth_dir, token_cache, tmp_path / "bf16", "encoder.compute_dtype=bfloat16")
+    full = make_trainer(synth_dir, data_cache, tmp_path / "fp32")
+    mixed = make_trainer(synth_dir, data_cache, tmp_path / "bf16", "encoder.compute_dtype=bfloat16")
     step_side_by_side(full, mixed, 3, rel=1e-3)
     assert all(p.dtype == torch.float32 for p in mixed.engine.module.parameters())
     assert not torch.equal(mixed.table.rows, full.table.rows)
     torch.testing.assert_close(mixed.table.rows, full.table.rows, rtol=0, atol=1e-3)  # rows move by 0.2
 
 
-def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, token_cache, tmp_path):
+def test_zero3_trains_and_saves_full_encoder_weights(synth_dir, data_cache, tmp_path):
     """Under ZeRO-3 each rank holds a parameter shard; the saved encoder.pt must hold the full weights."""
     ds_config = tmp_path / "zero3_cpu.json"
     ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
                                      "zero_optimization": {"stage": 3}}))
-    trainer = make_trainer(synth_dir, token_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
+    trainer = make_trainer(synth_dir, data_cache, tmp_path / "z3", f"train.ds_config={ds_config}")
     assert trainer.engine.zero_optimization_stage() == 3
     for step in range(2):
         trainer.stages[-1].step(trainer.stages[-1].batches.epoch_batches(0)[step], step)

@@ -1,5 +1,5 @@
-"""A validation split held out of the training queries (data.validation_fraction): drawn from the run's seed, never
-trained on, evaluated along training instead of the test split, and again by `astra-ds eval --split validation`."""
+"""A validation split held out of the training queries (data.validation_fraction): by a hash of each row keyed by the
+run's seed, never trained on, evaluated along training instead of the test split, and again by `astra-ds eval --split validation`."""
 
 import json
 
@@ -11,42 +11,58 @@ import zarr
 
 import astra_ds
 from astra_ds.config import load_config
-from astra_ds.data.prepare import prepare_data, validation_rows
-from astra_ds.data.readers import XCSplit, read_dataset
+from astra_ds.data.preparation import validation_mask
+from astra_ds.data.prepare import prepare_data
+from astra_ds.data.readers import read_dataset
 from astra_ds.errors import ConfigError
 from astra_ds.encoder.encoder import build_tokenizer
 from conftest import TINY_RUN, run_main
 
 
-def test_the_validation_split_is_held_out_of_the_training_queries_by_the_seed(synth_dir, token_cache):
-    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
-                             "data.validation_fraction=0.1"])
+def test_the_validation_split_is_held_out_of_the_training_queries_by_the_seed(synth_dir, data_cache, tmp_path):
+    cfg = load_config(None, [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
+                             "data.validation_fraction=0.1", "train.seed=3"])
+    tokenizer = build_tokenizer(cfg.encoder)
     full = read_dataset(synth_dir)
-    data = prepare_data(cfg.data, build_tokenizer(cfg.encoder), seed=3)
-    held_out = validation_rows(512, 0.1, seed=3)
-    assert len(held_out) == 51 and len(np.unique(held_out)) == 51
+    data = prepare_data(cfg, tokenizer)
+    held_out = np.flatnonzero(validation_mask(np.arange(512), 0.1, seed=3))  # by a hash of each row's number
     kept = np.setdiff1d(np.arange(512), held_out)
-    assert data.fingerprint == XCSplit([full.train.texts[i] for i in kept], full.train.labels[kept]).fingerprint()
-    assert (data.train.positives != full.train.labels[kept]).nnz == 0
-    assert (data.validation.labels != full.train.labels[held_out]).nnz == 0
+    assert len(data.validation.tokens) == len(held_out) == 49 and len(data.train) == 512 - 49
+    assert (data.train.labels(np.arange(len(kept))) != (full.train.labels[kept] > 0)).nnz == 0
+    assert (data.validation.labels != (full.train.labels[held_out] > 0)).nnz == 0
     cfg.data.validation_fraction = 0.0
-    whole = prepare_data(cfg.data, build_tokenizer(cfg.encoder), seed=3)
-    np.testing.assert_array_equal(data.validation.tokens.ids, whole.train.tokens.ids[held_out])
-    np.testing.assert_array_equal(data.train.tokens.ids, whole.train.tokens.ids[kept])
+    whole = prepare_data(cfg, tokenizer)
+    for got, expected in zip(data.validation.tokens.batch(np.arange(49)), whole.train.batch(held_out)):
+        assert torch.equal(got, expected)
     assert data.split("validation") is data.validation and data.split("test").name == "test"
-    assert not np.array_equal(validation_rows(512, 0.1, seed=4), held_out)
-    with pytest.raises(ConfigError, match="leaves no training query"):
-        validation_rows(3, 0.9, seed=0)
+    assert np.flatnonzero(validation_mask(np.arange(512), 0.1, seed=4)).tolist() != held_out.tolist()
+    cfg.data.validation_fraction, cfg.data.path = 0.01, str(_three_queries(synth_dir, tmp_path))
+    with pytest.raises(ConfigError, match="data.validation_fraction=0.01 holds out none of the 3 training queries"):
+        prepare_data(cfg, tokenizer)
     with pytest.raises(ConfigError, match="data.validation_fraction must be in"):
         load_config(None, ["data.validation_fraction=1"])
 
 
-def test_a_run_evaluates_along_on_validation_and_eval_reads_the_same_split(synth_dir, token_cache, tmp_path):
+def _three_queries(synth_dir, parent):
+    """The synthetic dataset cut to its first three training queries."""
+    out = parent / "three"
+    out.mkdir(exist_ok=True)
+    for path in synth_dir.iterdir():
+        lines = path.read_text().splitlines(keepends=True)
+        if path.name == "trn_X.txt":
+            lines = lines[:3]
+        elif path.name == "trn_X_Y.txt":
+            lines = [f"3 {lines[0].split()[1]}\n", *lines[1:4]]
+        (out / path.name).write_text("".join(lines))
+    return out
+
+
+def test_a_run_evaluates_along_on_validation_and_eval_reads_the_same_split(synth_dir, data_cache, tmp_path):
     out = tmp_path / "run"
-    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
             "data.validation_fraction=0.25", "train.epochs=2", "eval.every_epochs=1", "train.record_batches=true"]
     run_main("train", *[a for s in sets for a in ("--set", s)])
-    held_out = validation_rows(512, 0.25, seed=0)  # 128 queries: 384 train, 12 steps of 32 an epoch
+    held_out = np.flatnonzero(validation_mask(np.arange(512), 0.25, seed=0))  # 128: 384 train, 12 steps of 32
     records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     batches = np.concatenate([r["batch"] for r in records if "batch" in r])
     assert len(batches) == 2 * 12 * 32 and batches.max() < 384  # rows of the kept queries only
@@ -82,11 +98,11 @@ def _stopping_point(curve: list[float], patience: int, min_delta: float) -> tupl
     raise AssertionError(f"the curve {curve} does not stop")
 
 
-@pytest.mark.parametrize("min_delta", [0.0, 0.09])  # 0.09: the first gain (11 of 128 queries) does not count
-def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluations(synth_dir, token_cache, tmp_path,
+@pytest.mark.parametrize("min_delta", [0.0, 0.09])  # 0.09: gains below 9 points of P@1 do not count
+def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluations(synth_dir, data_cache, tmp_path,
                                                                                     min_delta):
     out = tmp_path / "run"
-    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}", *EARLY_STOPPING,
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}", *EARLY_STOPPING,
             f"eval.min_delta={min_delta}"]
     run_main("train", *[a for s in sets for a in ("--set", s)])
     records = _log(out)
@@ -102,9 +118,9 @@ def test_a_stage_stops_once_validation_p1_has_not_improved_for_patience_evaluati
         load_config(None, ["eval.patience=2", "eval.every_epochs=1"])
 
 
-def test_a_run_resumed_after_an_early_stop_equals_an_uninterrupted_one(synth_dir, token_cache, tmp_path):
+def test_a_run_resumed_after_an_early_stop_equals_an_uninterrupted_one(synth_dir, data_cache, tmp_path):
     def sets(out, *more):
-        return [a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+        return [a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
                             *EARLY_STOPPING, *more] for a in ("--set", s)]
 
     run_main("train", "--no-eval", *sets(tmp_path / "straight"))
@@ -126,10 +142,10 @@ def _table_arrays(run) -> dict[str, np.ndarray]:
     return arrays | {f"optim/{name}": np.asarray(a[:]) for name, a in group["optim"].arrays()}
 
 
-def test_keep_best_ends_a_stage_with_the_rows_of_its_best_evaluation_also_when_resumed(synth_dir, token_cache,
+def test_keep_best_ends_a_stage_with_the_rows_of_its_best_evaluation_also_when_resumed(synth_dir, data_cache,
                                                                                        tmp_path):
     def train(out, *more, resume=()):
-        run_main("train", "--no-eval", *resume, *[a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}",
+        run_main("train", "--no-eval", *resume, *[a for s in [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}",
                                                      f"out_dir={tmp_path / out}", *EARLY_STOPPING, "train.epochs=0",
                                                      "eval.min_delta=0.01", "train.seed=3", *more]
                                                      for a in ("--set", s)])
@@ -155,11 +171,11 @@ def test_keep_best_ends_a_stage_with_the_rows_of_its_best_evaluation_also_when_r
 
 
 @pytest.mark.slow
-def test_keep_best_takes_a_joint_stage_back_to_its_best_evaluation_also_when_resumed(synth_dir, token_cache,
+def test_keep_best_takes_a_joint_stage_back_to_its_best_evaluation_also_when_resumed(synth_dir, data_cache,
                                                                                     tmp_path):
     def train(out, *more, resume=()):
         run_main("train", "--no-eval", *resume, *[a for s in [
-            *TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={tmp_path / out}",
+            *TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={tmp_path / out}",
             "data.validation_fraction=0.25", "eval.every_epochs=1", "classifier.epochs=0", "train.epochs=4",
             "classifier.refit_epochs=1", "classifier.batch_size=64", "train.encoder_lr=3e-2", "eval.keep_best=true",
             "checkpoint.keep_last=1", "train.log_every=1", *more] for a in ("--set", s)])
@@ -195,9 +211,9 @@ def test_keep_best_takes_a_joint_stage_back_to_its_best_evaluation_also_when_res
 
 
 @pytest.mark.slow
-def test_the_dual_scoring_weight_is_chosen_on_the_validation_split(synth_dir, token_cache, tmp_path):
+def test_the_dual_scoring_weight_is_chosen_on_the_validation_split(synth_dir, data_cache, tmp_path):
     out = tmp_path / "run"
-    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={token_cache}", f"out_dir={out}",
+    sets = [*TINY_RUN, f"data.path={synth_dir}", f"data.cache_dir={data_cache}", f"out_dir={out}",
             "data.validation_fraction=0.25", "eval.label_text_weights=[0, 0.5, 2]"]
     run_main("train", *[a for s in sets for a in ("--set", s)])
     (choice,) = [r for r in _log(out) if "label_text_weight" in r]

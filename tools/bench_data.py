@@ -3,7 +3,7 @@ same texts (its fast batch encoder, no reading, no writing), then the whole prep
 printed are the queries a second of each (the best of --repeats runs: this machine's speed varies by 10-20% from
 one run to the next), the ratios (preparation / tokenizer alone, W workers / 1) and the disk a query and a
 positive take. With --start, a training run's start-up on the prepared directory (--start-files: on the
-dataset's files too, its token cache filled by a first run; --start-on DIR: on DIR alone, nothing prepared):
+dataset's files too, prepared into the run's cache by a first run; --start-on DIR: on DIR alone, nothing prepared):
 seconds from the command to the trainer built (data, model, table, engine: the log's "data ..." line) and to the
 end of its first step, and the process's private memory (RssAnon) as that step began.
 
@@ -158,7 +158,7 @@ def measure(args, sets: list[str], work: Path) -> None:
     if args.start:
         runs = {"prepared directory": (work / "prepared_1", 1)}
         if args.start_files:
-            runs["dataset files, token cache filled"] = (data, 2)  # the first run fills the cache
+            runs["dataset files, prepared into the cache"] = (data, 2)  # the first run prepares them
         for name, (path, times) in runs.items():
             print_start_up(name, [start_up(sets, path, work / "run", work / "cache") for _ in range(times)][-1])
 

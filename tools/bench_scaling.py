@@ -89,7 +89,6 @@ def whole_step_time(data: Path, encoder: str, dim: int, batch: int, num_negative
 
 def dense_step_time(data: Path, encoder_name: str, dim: int, batch: int, steps: int, num_labels: int) -> float | None:
     """Median seconds of a dense full-label step, or None when its tensors would not fit in memory."""
-    from astra_ds.config import EncoderConfig
     from astra_ds.data.prepare import prepare_data
     from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 
@@ -97,21 +96,19 @@ def dense_step_time(data: Path, encoder_name: str, dim: int, batch: int, steps: 
     need = num_labels * dim * 4 * 2 + batch * num_labels * 4 * 4
     if need > 0.7 * psutil.virtual_memory().available:
         return None
-    encoder_cfg = EncoderConfig(model=encoder_name, dim=dim)
-    data_cfg = load_config(None, [f"data.path={data}"]).data
-    prepared = prepare_data(data_cfg, build_tokenizer(encoder_cfg))
+    cfg = load_config(None, [f"data.path={data}", f"encoder.model={encoder_name}", f"encoder.dim={dim}"])
+    prepared = prepare_data(cfg, build_tokenizer(cfg.encoder))
     torch.manual_seed(0)
-    encoder = QueryEncoder(encoder_cfg, num_labels)
+    encoder = QueryEncoder(cfg.encoder, num_labels)
     weights = torch.nn.Parameter(torch.randn(num_labels, dim) * 0.02)
     optimizer = torch.optim.SGD([*encoder.parameters(), weights], lr=1e-3)
-    labels = prepared.train.positives
 
     def step(i):
-        rows = np.arange(i * batch, (i + 1) * batch) % labels.shape[0]
+        rows = np.arange(i * batch, (i + 1) * batch) % len(prepared.train)
         input_ids, attention_mask = prepared.train.batch(rows)
         queries, calibration = encoder(input_ids, attention_mask)
         logits = calibration[0].exp() * queries @ F.normalize(weights, dim=-1).T + calibration[1]
-        targets = torch.from_numpy(labels[rows].toarray()).float()
+        targets = torch.from_numpy(prepared.train.labels(rows).toarray()).float()
         loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / batch
         optimizer.zero_grad(set_to_none=False)
         loss.backward()

@@ -1,7 +1,7 @@
 """Token ids of texts, as the tokenizer's `tokenizer(texts, max_length=..., truncation=True)` gives them, through
 its fast batch encoder directly: the wrapper also computes character offsets, attention masks and token types and
-copies each into Python lists, which doubles the time of tokenising a dataset. Training's token cache and `data
-prepare` both encode here, so that both give the same ids.
+copies each into Python lists, which doubles the time of tokenising a dataset. Preparation and new texts at
+prediction time both encode here, so that both give the same ids.
 
 `data prepare`'s worker processes encode with the fast tokenizer's backend alone (`backend_of`), rebuilt from its
 serialised state: no transformers (whose tokenizer import pulls in torch, ~4 s a process) in a worker."""

@@ -10,6 +10,9 @@ temporary directory, renamed into place with its `done.json` (the digest of each
   prepared from other sources or settings is refused;
 - the manifest (`manifest.json`), written last by whoever finishes the last unit, means the directory is ready.
 
+A dataset in any other layout given to a run (data.path) is prepared by the same code, in-process, into the cache
+(`prepare_cached`), so training reads one kind of data.
+
 Each unit of the train split writes its rows to the training or the validation part, chosen by a keyed hash of
 the row's number in the source (data.validation_fraction, train.seed): the same rows whatever the workers or
 units. A part is five arrays: token ids (uint16 where the vocabulary fits) and their row offsets, label ids and
@@ -43,7 +46,7 @@ from astra_ds.data.readers import filter_path, read_pair_file
 from astra_ds.data.sources import Unit, UnitRows, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.digests import file_digest
-from astra_ds.files import fsync_path, output_file, write_atomically
+from astra_ds.files import fsync_path, locked, output_file, user_cache_dir, write_atomically
 from astra_ds.progress import progress as progress_of
 from astra_ds.hashing import GOLDEN, mix64
 
@@ -112,10 +115,6 @@ def array_digest(array: np.ndarray) -> str:
 
 def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     """The arrays of each part of the unit."""
-    bad = [i for i, text in enumerate(rows.texts) if "\ufffd" in text]
-    if bad and settings.on_bad_text == "error":
-        raise DataError(f"{unit.split} row {unit.first_row + bad[0]} holds bytes that are not UTF-8 "
-                        "(data.on_bad_text=replace reads them with U+FFFD)")
     max_len = settings.label_max_len if unit.split == "labels" else settings.max_len
     encoded = encode(tokenizer, rows.texts, max_len)
     held = (validation_mask(rows.keys, settings.validation_fraction, settings.seed) if unit.split == "train"
@@ -162,9 +161,15 @@ def prepare_unit(unit: Unit, source, settings: Settings, tokenizer, out: Path) -
 def _write_unit(unit: Unit, source, settings: Settings, tokenizer, tmp: Path) -> None:
     tmp.mkdir(parents=True)
     rows = source.read(unit)
+    bad = [i for i, text in enumerate(rows.texts) if "\ufffd" in text]  # undecodable bytes were read as U+FFFD
+    texts = "label texts" if unit.split == "labels" else f"{unit.split} texts"
+    if bad and settings.on_bad_text == "error":
+        raise DataError(f"the {texts} hold bytes that are not UTF-8, first at line {unit.first_row + bad[0] + 1} "
+                        "(data.on_bad_text=replace reads them with U+FFFD)")
     parts = _unit_arrays(rows, unit, settings, tokenizer)
     done = {"unit": asdict(unit), "parts": {}, "skipped": {"rows": len(rows.skipped),
-                                                                 "first": (rows.skipped or [None])[0]}}
+                                                                 "first": (rows.skipped or [None])[0]},
+            "bad_text": {"rows": len(bad), "first_line": unit.first_row + bad[0] + 1 if bad else None}}
     for part, arrays in parts.items():
         for name, array in arrays.items():
             np.save(tmp / f"{part}.{name}.npy", array)
@@ -286,6 +291,35 @@ def prepare(cfg: RunConfig, out: str | Path, make_tokenizer: Callable, workers: 
     return True
 
 
+def prepare_cached(cfg: RunConfig, tokenizer) -> Path:
+    """cfg.data.path prepared in this process into the cache (data.cache_dir), the first time it is asked for: the
+    cache's directory is keyed by the source files' sizes and modification times and by the settings, so a change
+    to either prepares it again. A process that finds another preparing it (a rank of the same run) waits."""
+    source = Path(cfg.data.path)
+    if not source.is_dir():
+        raise DataError(f"dataset directory not found: {source}")
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else user_cache_dir() / "prepared"
+    out = root / f"{source.resolve().name}-{_cache_key(cfg, tokenizer, source)}"
+    with locked(out.with_name(out.name + ".lock")):
+        if not (out / MANIFEST).is_file():
+            log.info("preparing %s into %s (once; `astra-ds data prepare` does it ahead of a run, in parallel)",
+                     source, out)
+            prepare(cfg, out, lambda: tokenizer)
+    return out
+
+
+def _cache_key(cfg: RunConfig, tokenizer, source: Path) -> str:
+    from astra_ds.data.tokens import tokenizer_fingerprint
+
+    data = {k: v for k, v in asdict(cfg.data).items() if k not in ("path", "cache_dir", "max_held_queries")}
+    files = {str(path.relative_to(source)): [path.stat().st_size, path.stat().st_mtime_ns]
+             for path in sorted(source.rglob("*")) if path.is_file()}
+    key = {"format": FORMAT, "source": str(source.resolve()), "files": files, "data": data,
+           "encoder": cfg.encoder.model, "tokenizer": tokenizer_fingerprint(tokenizer),
+           "label_max_len": cfg.siamese.label_max_len, "seed": cfg.train.seed}
+    return hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
 def _test_filter(source: Path, out: Path, test_rows: int, skipped: int, num_labels: int) -> dict | None:
     """The dataset's filter_labels_test.txt (test query, label pairs left out of the evaluation), copied as a
     sparse matrix; its manifest entry, or None without one."""
@@ -326,6 +360,13 @@ def write_manifest(out: Path, units: list[Unit], done: dict[str, dict], settings
     if first:
         log.warning("%s malformed rows left out (data.on_bad_row=skip), the first: %s",
                     " and ".join(f"{n:,} {split}" for split, n in skipped.items() if n), first)
+    for split in ("train", "test", "labels"):
+        bad = [done[u.name]["bad_text"] for u in units
+               if u.split == split and done[u.name].get("bad_text", {"rows": 0})["rows"]]
+        if bad:
+            texts = "label texts" if split == "labels" else f"{split} texts"
+            log.warning("%s: %d %s hold bytes that are not UTF-8 (read as U+FFFD), first at line %d", source,
+                        sum(b["rows"] for b in bad), texts, bad[0]["first_line"])
     np.save(out / LABEL_COUNTS, counts)
     test_filter = _test_filter(source, out, splits.get("test", {}).get("rows", 0), skipped["test"],
                                settings.num_labels)

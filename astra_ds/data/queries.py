@@ -1,6 +1,6 @@
 """Queries as training and evaluation read them: by row, their token ids (a batch padded to its longest) and their
-positives, whether the rows are in memory (a small dataset read from its files) or memory-mapped from a prepared
-directory (astra_ds/data/prepared.py). Nothing that reads them needs all N rows at once."""
+positives, memory-mapped from a prepared directory (astra_ds/data/prepared.py) or, for new texts, tokenised in
+memory. Nothing that reads them needs all N rows at once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from astra_ds.data.tokens import TokenizedTexts
 
 
 @dataclass(frozen=True)
@@ -50,32 +49,6 @@ class Queries(Texts, Protocol):
         """The positives of `rows`, (len(rows), num_labels)."""
 
     def stats(self) -> QueryStats: ...
-
-
-class QueriesInMemory:
-    """Token ids (memory-mapped from the token cache) and a CSR of positives held in memory."""
-
-    def __init__(self, tokens: TokenizedTexts, positives: sp.csr_matrix):
-        self.tokens, self.positives = tokens, positives
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tokens.batch(rows)
-
-    def lengths_of(self, rows: np.ndarray) -> np.ndarray:
-        return self.tokens.lengths_of(rows)
-
-    def longest(self) -> int:
-        return self.tokens.longest()
-
-    def labels(self, rows: np.ndarray) -> sp.csr_matrix:
-        return self.positives[rows]
-
-    def stats(self) -> QueryStats:
-        per_query = np.diff(self.positives.indptr)
-        return QueryStats(len(self), int(self.positives.nnz), self.tokens.longest(), int((per_query == 0).sum()))
 
 
 class ConcatQueries:

@@ -20,7 +20,6 @@ label" lines): reciprocal pairs the evaluation leaves out, as the XC repository'
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -41,16 +40,6 @@ log = logging.getLogger("astra_ds")
 class XCSplit:
     texts: list[str]  # one text per query
     labels: sp.csr_matrix  # (num_queries, num_labels), 1.0 where relevant
-
-    def fingerprint(self) -> str:
-        """A digest of the queries and their labels, in order: a run resumes on the data it was trained on."""
-        digest = hashlib.blake2b(digest_size=16)
-        digest.update(np.array(self.labels.shape, dtype=np.int64).tobytes())
-        for part in (self.labels.indptr, self.labels.indices):
-            digest.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
-        for text in self.texts:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
-        return digest.hexdigest()
 
 
 @dataclass

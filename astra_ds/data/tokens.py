@@ -1,25 +1,22 @@
-"""Tokenise once: token ids cached as memory-mapped .npy files keyed by tokenizer, max length and texts."""
+"""Token ids of texts in memory (new texts at prediction time), and the tokenizer's fingerprint: what a prepared
+directory's ids depend on, so that a run refuses data tokenised by another tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import weakref
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from astra_ds.data.encoding import encode
-from astra_ds.progress import progress as progress_of
 
 
 @dataclass
 class TokenizedTexts:
-    ids: np.ndarray  # (N, max_len) int32, padded with pad_id (memory-mapped)
+    ids: np.ndarray  # (N, max_len) int32, padded with pad_id
     lengths: np.ndarray  # (N,) int32 tokens per text, special tokens included
 
     def __len__(self) -> int:
@@ -30,9 +27,6 @@ class TokenizedTexts:
 
     def longest(self) -> int:
         return int(self.lengths.max(initial=0))
-
-    def subset(self, rows: np.ndarray) -> "TokenizedTexts":
-        return TokenizedTexts(self.ids[rows], self.lengths[rows])
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids and attention_mask of `rows`, trimmed to the longest of them."""
@@ -75,14 +69,6 @@ def _fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _texts_digest(texts: list[str]) -> str:
-    h = hashlib.sha1(str(len(texts)).encode())
-    for text in texts:
-        h.update(text.encode("utf-8", "replace"))
-        h.update(b"\n")
-    return h.hexdigest()
-
-
 def _tokenize_into(ids: np.ndarray, lengths: np.ndarray, first: int, texts: list[str], tokenizer, max_len: int) -> None:
     """Rows first, first + 1, ... of (ids, lengths) <- the padded token ids of `texts`."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -94,30 +80,7 @@ def _tokenize_into(ids: np.ndarray, lengths: np.ndarray, first: int, texts: list
 
 
 def tokenize(texts: list[str], tokenizer, max_len: int) -> TokenizedTexts:
-    """Token ids of `texts` in memory (new text at prediction time), as `tokenize_cached` makes them."""
+    """Token ids of `texts` in memory (new text at prediction time), as a prepared directory holds them."""
     ids, lengths = np.zeros((len(texts), max_len), np.int32), np.zeros(len(texts), np.int32)
     _tokenize_into(ids, lengths, 0, texts, tokenizer, max_len)
     return TokenizedTexts(ids, lengths)
-
-
-def tokenize_cached(texts: list[str], tokenizer, max_len: int, cache_dir: str | Path, name: str,
-                    chunk: int = 8192) -> TokenizedTexts:
-    """Token ids of `texts`, from `cache_dir` when this (tokenizer, max_len, texts) was seen before."""
-    key = hashlib.sha1(f"{tokenizer_fingerprint(tokenizer)}|{max_len}|{_texts_digest(texts)}".encode()).hexdigest()[:16]
-    final = Path(cache_dir) / f"{name}-len{max_len}-{key}"
-    if not final.is_dir():
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", dtype=np.int32, shape=(len(texts), max_len))
-        lengths = np.zeros(len(texts), np.int32)
-        for start in progress_of(range(0, len(texts), chunk), f"tokenize {name}", len(texts) > chunk, "chunk"):
-            _tokenize_into(ids, lengths, start, texts[start:start + chunk], tokenizer, max_len)
-        ids.flush()
-        del ids
-        np.save(tmp / "lengths.npy", lengths)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return TokenizedTexts(np.load(final / "ids.npy", mmap_mode="r"), np.load(final / "lengths.npy"))

@@ -122,7 +122,7 @@ class XCModel:
     def load_data(self) -> PreparedData:
         """The data the model is evaluated on: its run's dataset (and validation split), or another one of the same
         labels (the override data.path=...)."""
-        data = prepare_data(self.cfg.data, self.tokenizer, seed=self.cfg.train.seed)
+        data = prepare_data(self.cfg, self.tokenizer)
         if data.num_labels != self.num_labels:
             raise ConfigError(f"the data at {self.cfg.data.path} has {data.num_labels} labels, the model "
                               f"{self.num_labels}")

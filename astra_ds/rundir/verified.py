@@ -18,20 +18,14 @@ from pathlib import Path
 
 from astra_ds.digests import DigestCache
 from astra_ds.errors import UserError
-from astra_ds.files import write_atomically
+from astra_ds.files import user_cache_dir, write_atomically
 
 log = logging.getLogger("astra_ds")
 
 
-def cache_dir() -> Path:
-    if os.environ.get("ASTRA_DS_CACHE"):
-        return Path(os.environ["ASTRA_DS_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "astra_ds"
-
-
 def _record_path(run_dir: Path) -> Path:
     key = hashlib.blake2b(str(run_dir.resolve()).encode(), digest_size=16).hexdigest()
-    return cache_dir() / "verified" / f"{key}.json"
+    return user_cache_dir() / "verified" / f"{key}.json"
 
 
 def _identities(run_dir: Path, names: list[str]) -> dict[str, list[int]]:

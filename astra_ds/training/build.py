@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from astra_ds.choices import SAMPLERS, STAGES, TABLE_INITS
-from astra_ds.collectives import barrier
 from astra_ds.config import RunConfig
 from astra_ds.data.prepare import PreparedData, prepare_data
 from astra_ds.dist import DistInfo
@@ -56,17 +55,12 @@ def encoder_steps(cfg: RunConfig, num_train: int) -> int:
     return steps
 
 
-def build_data(cfg: RunConfig, dist: DistInfo | None = None) -> tuple[object, PreparedData]:
-    """The tokenizer and the tokenised dataset (label texts too when the run uses them); with several ranks, rank 0
-    fills the token cache first."""
+def build_data(cfg: RunConfig) -> tuple[object, PreparedData]:
+    """The tokenizer and the prepared dataset (label texts too when the run uses them). Data that is not prepared
+    is prepared into the cache by the first rank to ask; the others wait for it."""
     tokenizer = build_tokenizer(cfg.encoder)
     label_max_len = cfg.siamese.label_max_len if uses_label_texts(cfg) else None
-    if dist is None or dist.is_main:
-        data = prepare_data(cfg.data, tokenizer, label_max_len, cfg.train.seed)
-    barrier()
-    if dist is not None and not dist.is_main:
-        data = prepare_data(cfg.data, tokenizer, label_max_len, cfg.train.seed)
-    return tokenizer, data
+    return tokenizer, prepare_data(cfg, tokenizer, label_max_len)
 
 
 def check_data(cfg: RunConfig, data: PreparedData) -> None:
@@ -149,7 +143,7 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     rows are left empty: the trainer initialises them (Training.initialize_rows) when the first stage that trains
     them begins, or loads them from the checkpoint."""
     ds_config, ds_path = resolve_ds_config(cfg.train, dist.world_size, dist.device.type == "cuda")
-    tokenizer, data = build_data(cfg, dist)
+    tokenizer, data = build_data(cfg)
     check_data(cfg, data)
     add_scheduler(ds_config, cfg.train, encoder_steps(cfg, len(data.train)))
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
