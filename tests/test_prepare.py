@@ -16,7 +16,7 @@ from astra_ds.cli.main import main
 from astra_ds.config import load_config
 from astra_ds.data.encoding import encode
 from astra_ds.data.prepared import PreparedDirectory
-from astra_ds.data.preparation import MANIFEST, UNITS, prepare, validation_mask
+from astra_ds.data.preparation import MANIFEST, UNITS, _encoded, prepare, validation_mask
 from astra_ds.data.prepare import prepare_data
 from astra_ds.data.readers import read_dataset
 from astra_ds.data.sources import group_key
@@ -112,6 +112,11 @@ def test_the_batch_encoder_gives_the_ids_of_the_tokenizer_s_own_call(model):
     for max_len in (4, 16, 64):
         assert encode(tokenizer, texts, max_len) == tokenizer(texts, max_length=max_len, truncation=True)["input_ids"]
     assert encode(tokenizer, [], 8) == []
+    expected = tokenizer(texts, max_length=16, truncation=True)["input_ids"]
+    for chunk in (1, 3, 100):  # a unit is encoded a chunk of texts at a time
+        tokens, lengths = _encoded(tokenizer, texts, 16, np.uint16, chunk=chunk)
+        assert lengths.tolist() == [len(ids) for ids in expected]
+        assert tokens.tolist() == [i for ids in expected for i in ids] and tokens.dtype == np.uint16
 
 
 @pytest.mark.slow

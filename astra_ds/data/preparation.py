@@ -103,10 +103,24 @@ def _ragged(rows: list, dtype) -> tuple[np.ndarray, np.ndarray]:
     return values, offsets
 
 
-def _token_arrays(encoded: list[list[int]], dtype) -> dict[str, np.ndarray]:
-    """A part's token ids, their row offsets and each row's length."""
-    tokens, offsets = _ragged(encoded, dtype)
-    return {"tokens": tokens, "token_offsets": offsets.astype(np.uint32), "lengths": np.diff(offsets).astype(np.uint16)}
+def _encoded(tokenizer, texts: list[str], max_len: int, dtype, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids one row after another, each row's length), encoded `chunk` texts at a time: the tokenizer's
+    per-text objects and the ids as Python ints (~1 KB a text together) are held for one chunk, not the unit."""
+    tokens, lengths = [np.zeros(0, dtype)], [np.zeros(0, np.int64)]
+    for start in range(0, len(texts), chunk):
+        ids = encode(tokenizer, texts[start:start + chunk], max_len)
+        lengths.append(np.fromiter(map(len, ids), np.int64, len(ids)))
+        tokens.append(np.fromiter(chain.from_iterable(ids), dtype, int(lengths[-1].sum())))
+    return np.concatenate(tokens), np.concatenate(lengths)
+
+
+def _token_arrays(tokens: np.ndarray, lengths: np.ndarray, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    """The token ids, row offsets and lengths of the `chosen` rows (a boolean a row) of encoded rows."""
+    kept = lengths[chosen]
+    offsets = np.zeros(len(kept) + 1, np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    return {"tokens": tokens[np.repeat(chosen, lengths)], "token_offsets": offsets.astype(np.uint32),
+            "lengths": kept.astype(np.uint16)}
 
 
 def array_digest(array: np.ndarray) -> str:
@@ -116,13 +130,13 @@ def array_digest(array: np.ndarray) -> str:
 def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> dict[str, dict[str, np.ndarray]]:
     """The arrays of each part of the unit."""
     max_len = settings.label_max_len if unit.split == "labels" else settings.max_len
-    encoded = encode(tokenizer, rows.texts, max_len)
+    tokens, lengths = _encoded(tokenizer, rows.texts, max_len, settings.token_dtype)
     held = (validation_mask(rows.keys, settings.validation_fraction, settings.seed) if unit.split == "train"
             else np.zeros(len(rows.texts), bool))
     parts = {}
     for part, chosen in zip(PARTS[unit.split], (~held, held)):
         keep = np.flatnonzero(chosen)
-        arrays = _token_arrays([encoded[i] for i in keep], settings.token_dtype)
+        arrays = _token_arrays(tokens, lengths, chosen)
         if rows.labels is not None:
             labels, label_offsets = _ragged([sorted(set(rows.labels[i])) for i in keep], np.uint32)
             arrays |= {"labels": labels, "label_offsets": label_offsets.astype(np.uint32)}
@@ -138,7 +152,8 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
 def _label_queries(texts: list[str], first_label: int, settings: Settings, tokenizer) -> dict[str, np.ndarray]:
     """The label texts that hold a word as queries (at max_len), each with its label as its one positive."""
     keep = [i for i, text in enumerate(texts) if text.strip()]
-    return _token_arrays(encode(tokenizer, [texts[i] for i in keep], settings.max_len), settings.token_dtype) | {
+    tokens, lengths = _encoded(tokenizer, [texts[i] for i in keep], settings.max_len, settings.token_dtype)
+    return _token_arrays(tokens, lengths, np.ones(len(keep), bool)) | {
         "labels": (first_label + np.array(keep, np.int64)).astype(np.uint32),
         "label_offsets": np.arange(len(keep) + 1, dtype=np.uint32)}
 

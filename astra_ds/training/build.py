@@ -22,6 +22,7 @@ from astra_ds.ds_config import add_scheduler, resolve_ds_config
 from astra_ds.errors import CheckpointError, ConfigError
 from astra_ds.encoder.encoder import QueryEncoder, build_tokenizer
 from astra_ds.encoder.label_text import encode_label_texts
+from astra_ds.libraries import release_free_memory
 from astra_ds.negatives.base import NegativeSampler, SamplerContext
 from astra_ds.plan import MemoryPlan, plan_and_check, process_bytes
 from astra_ds.rundir.run_dir import RunDir
@@ -148,6 +149,7 @@ def build_training(cfg: RunConfig, dist: DistInfo, checkpoint: tuple[Path, dict]
     add_scheduler(ds_config, cfg.train, encoder_steps(cfg, len(data.train)))
     sampler_class = SAMPLERS.get(cfg.negatives.strategy)
     sampler_class.import_dependencies()
+    release_free_memory()  # what preparing the data here (a first run on files) freed is no longer the run's
     held = process_bytes()  # before the model: the plan measures the process as it is now
     encoder = build_encoder(cfg, data)
     run_start = None
