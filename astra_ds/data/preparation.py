@@ -59,6 +59,7 @@ ARRAYS = ("tokens", "token_offsets", "lengths", "labels", "label_offsets")
 PARTS = {"train": ("train", "validation"), "test": ("test",), "labels": ("labels",)}
 LABEL_QUERIES = "label_queries"  # a part of the label texts' units, with data.label_texts_as_queries
 HISTOGRAM_CAP = 1024  # labels a query: rows with more are counted in the last bin
+CACHE_UNIT_ROWS = 100_000  # a run preparing its data in its own process holds one unit's texts and labels at a time
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ def prepare_cached(cfg: RunConfig, tokenizer) -> Path:
         if not (out / MANIFEST).is_file():
             log.info("preparing %s into %s (once; `astra-ds data prepare` does it ahead of a run, in parallel)",
                      source, out)
-            prepare(cfg, out, lambda: tokenizer)
+            prepare(cfg, out, lambda: tokenizer, unit_rows=CACHE_UNIT_ROWS)
     return out
 
 
