@@ -64,6 +64,20 @@ def _from_slurm() -> dict[str, str]:
             "LOCAL_RANK": os.environ.get("SLURM_LOCALID", "0"), "MASTER_PORT": os.environ.get("MASTER_PORT", "29500")}
 
 
+# (rank, number of tasks) variables of each launcher: the deepspeed launcher and torchrun, MPICH, Open MPI, SLURM
+TASK_VARIABLES = (("RANK", "WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                  ("SLURM_PROCID", "SLURM_NTASKS"))
+
+
+def task_of_job() -> tuple[int, int] | None:
+    """(this task's rank, the job's number of tasks) as the launcher that started it says in the environment, with
+    no process group or MPI call; None without a launcher."""
+    for rank, size in TASK_VARIABLES:
+        if rank in os.environ and size in os.environ:
+            return int(os.environ[rank]), int(os.environ[size])
+    return None
+
+
 def end_mpi_job(code: int) -> None:
     """Under mpirun, end every rank of the job now (MPI_Abort): the launcher is told explicitly rather than left to
     notice that a rank exited without finalizing MPI, which MPICH's hydra does not always do. Returns where MPI is

@@ -5,7 +5,11 @@ rerun that ends as an uninterrupted preparation."""
 import functools
 import gzip
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,8 @@ from astra_ds.data.sources import group_key
 from astra_ds.data.tokens import tokenize
 from astra_ds.encoder.encoder import build_tokenizer
 from astra_ds.errors import DataError
+from astra_ds.launch import TASK_VARIABLES
+from conftest import REPO
 from faults import Injector, crash, sites
 
 SETTINGS = ["encoder.model=tiny-random", "data.max_len=16", "siamese.label_max_len=8", "data.validation_fraction=0.2"]
@@ -130,6 +136,27 @@ def test_two_workers_parts_or_other_units_prepare_the_same_bytes(prepared, synth
     assert _files(tmp_path / "parts") == _files(prepared)
     assert prepare(cfg, tmp_path / "other_units", _make_tokenizer(cfg), unit_rows=37, progress=False)
     _assert_same_parts(tmp_path / "other_units", prepared)  # the validation rows are chosen by row, not by unit
+
+
+def test_tasks_of_mpirun_take_their_parts_from_the_launcher(prepared, synth_dir, tmp_path, capsys, monkeypatch):
+    args = ["data", "prepare", "--out", str(tmp_path / "mpi"), "--unit-rows", "100", "--part", "auto",
+            *[a for s in [*SETTINGS, f"data.path={synth_dir}"] for a in ("--set", s)]]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")} | {"PYTHONPATH": str(REPO)}
+    result = subprocess.run(["mpirun", "-np", "2", sys.executable, "-m", "astra_ds", *args], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    parts = [(int(units), int(mine)) for units, mine in re.findall(r"(\d+) units of 100 rows, (\d+) for this part",
+                                                                  result.stderr)]
+    assert len(parts) == 2 and parts[0][0] == parts[1][0] == parts[0][1] + parts[1][1]  # each task its half
+    assert _files(tmp_path / "mpi") == _files(prepared)
+    for rank, size in TASK_VARIABLES:
+        monkeypatch.delenv(rank, raising=False)
+        monkeypatch.delenv(size, raising=False)
+    assert main(["data", "prepare", "--out", str(tmp_path / "alone"), "--part", "auto", "--set",
+                 f"data.path={synth_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "--part auto takes the part from a launcher's environment, and there is none here" in err
+    assert err.count("\n") == 1
 
 
 def _json_lines(synth_dir: Path, out: Path, groups: int | None = None) -> Path:

@@ -32,7 +32,7 @@ def cmd_prepare(args) -> None:
     from astra_ds.data.preparation import parse_part
 
     cfg = load_config(args.config, args.set)
-    part = parse_part(args.part) if args.part else (0, 1)
+    part = _task_part() if args.part == "auto" else parse_part(args.part) if args.part else (0, 1)
     if args.workers < 1 or args.unit_rows < 1:
         raise ConfigError("--workers and --unit-rows must be at least 1")
     if part != (0, 1) and args.workers > 1:
@@ -44,8 +44,18 @@ def cmd_prepare(args) -> None:
     from astra_ds.encoder.encoder import build_tokenizer
 
     ready = prepare(cfg, args.out, functools.partial(build_tokenizer, cfg.encoder), args.workers, part, args.unit_rows)
-    print(f"{args.out}: " + ("prepared" if ready else f"part {args.part} prepared; the other parts are still to come "
-                                                      "(the last one to finish writes manifest.json)"))
+    print(f"{args.out}: " + ("prepared" if ready else f"part {part[0]}/{part[1]} prepared; the other parts are still "
+                                                      "to come (the last one to finish writes manifest.json)"))
+
+
+def _task_part() -> tuple[int, int]:
+    from astra_ds.launch import TASK_VARIABLES, task_of_job
+
+    task = task_of_job()
+    if task is None:
+        raise ConfigError("--part auto takes the part from a launcher's environment, and there is none here ("
+                          + ", ".join("/".join(pair) for pair in TASK_VARIABLES) + "): give --part i/n")
+    return task
 
 
 def cmd_stats(args) -> None:
@@ -122,12 +132,13 @@ def add_commands(commands) -> None:
                     "siamese.label_max_len), holds data.validation_fraction of the training rows out by a hash of "
                     "each row, and writes --out: units of --unit-rows source rows, each written whole, then "
                     "manifest.json. Interrupted, it resumes where it stopped. Under a cluster launcher, give each "
-                    "task --part i/n (no process group is needed); on one host, --workers.")
+                    "task --part i/n, or --part auto (no process group is needed); on one host, --workers.")
     config_arguments(prepare)
     prepare.add_argument("--out", required=True, help="the prepared directory (created; resumed when it exists)")
     prepare.add_argument("--workers", type=int, default=1, help="processes on this host (default 1)")
     prepare.add_argument("--part", metavar="i/n", help="this task's part of a job of n tasks (unit k goes to "
-                                                       "part k mod n)")
+                                                       "part k mod n); auto: i and n from the launcher (srun, "
+                                                       "mpirun, the deepspeed launcher, torchrun)")
     prepare.add_argument("--unit-rows", type=int, default=1_000_000,
                          help="source rows a unit (default 1,000,000): what a kill can lose at most, per worker")
     prepare.set_defaults(func=cmd_prepare)
