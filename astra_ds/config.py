@@ -20,6 +20,7 @@ Pooling = typing.Literal["mean", "cls"]
 TextFields = typing.Literal["title", "title_content"]
 BadText = typing.Literal["replace", "error"]
 BadRow = typing.Literal["error", "skip"]
+ValidationGroup = typing.Literal["row", "labels"]
 TableOptimizer = OPTIMIZERS.literal()
 TableInit = TABLE_INITS.literal()
 TableDtype = typing.Literal["float32", "bfloat16"]
@@ -53,6 +54,10 @@ class DataConfig:
     # it and the test split is read once, at the end; `astra-ds eval --split validation` evaluates a finished run
     # on it. 0: no validation split
     validation_fraction: float = 0.0
+    # what falls on one side of the validation split together: row (each row, or the rows of one `group` where
+    # JSON-lines or Parquet rows name one) or labels (the rows of one set of positives: a term's synonyms, the
+    # near-copies of a query, which would otherwise sit on both sides and flatter the validation split)
+    validation_group: ValidationGroup = "row"
     # each label's text (Y.txt) also a training query, its one positive that label (Renée's label features as data
     # points): the rows and the encoder see every label, the tail's too; the validation and test splits and the
     # label counts that propensities come from stay the dataset's own

@@ -194,6 +194,23 @@ def test_queries_of_a_group_fall_on_one_side_of_the_validation_split(synth_dir, 
     assert np.array_equal(validation["label_offsets"], dataset.train.labels[np.flatnonzero(held)].indptr)
 
 
+def test_rows_of_one_set_of_positives_fall_on_one_side_with_validation_group_labels(synth_dir, tmp_path):
+    cfg = load_config(None, [*SETTINGS, f"data.path={synth_dir}", "data.validation_group=labels"])
+    assert prepare(cfg, tmp_path / "prepared", _make_tokenizer(cfg), unit_rows=100, progress=False)
+    labels = read_dataset(synth_dir).train.labels
+    label_sets = [",".join(map(str, sorted(labels[i].indices))) for i in range(labels.shape[0])]
+    held = validation_mask(np.array([group_key(key) for key in label_sets], np.uint64), 0.2, 0)  # by hand
+    shared = {key for key in label_sets if label_sets.count(key) > 1}
+    assert len(shared) > 5  # sets of positives that several queries have
+    validation = _part(tmp_path / "prepared", "validation")
+    assert np.array_equal(validation["label_offsets"], labels[np.flatnonzero(held)].indptr)
+    assert np.array_equal(validation["labels"], labels[np.flatnonzero(held)].indices)
+    for key in shared:  # never on both sides
+        assert len({bool(h) for h, k in zip(held, label_sets) if k == key}) == 1
+    row_held = validation_mask(np.arange(labels.shape[0], dtype=np.uint64), 0.2, 0)
+    assert any(len({bool(h) for h, k in zip(row_held, label_sets) if k == key}) == 2 for key in shared)
+
+
 def _arrow_table(columns: dict):
     import pyarrow as pa
 

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 from astra_ds.config import DataConfig, RunConfig
 from astra_ds.data.encoding import backend_of, encode
 from astra_ds.data.readers import filter_path, read_pair_file
-from astra_ds.data.sources import Unit, UnitRows, open_source
+from astra_ds.data.sources import Unit, UnitRows, group_key, open_source
 from astra_ds.errors import DataError, UserError
 from astra_ds.digests import file_digest
 from astra_ds.files import fsync_path, locked, output_file, user_cache_dir, write_atomically
@@ -71,6 +71,7 @@ class Settings:
     max_len: int
     label_max_len: int
     validation_fraction: float
+    validation_group: str
     seed: int
     token_dtype: str
     num_labels: int
@@ -84,7 +85,8 @@ class Settings:
 
         dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
         return Settings(tokenizer_fingerprint(tokenizer), cfg.encoder.model, cfg.data.max_len,
-                        cfg.siamese.label_max_len, cfg.data.validation_fraction, cfg.train.seed, dtype, num_labels,
+                        cfg.siamese.label_max_len, cfg.data.validation_fraction, cfg.data.validation_group,
+                        cfg.train.seed, dtype, num_labels,
                         cfg.data.on_bad_text, cfg.data.on_bad_row, cfg.data.label_texts_as_queries)
 
 
@@ -132,8 +134,8 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
     """The arrays of each part of the unit."""
     max_len = settings.label_max_len if unit.split == "labels" else settings.max_len
     tokens, lengths = _encoded(tokenizer, rows.texts, max_len, settings.token_dtype)
-    held = (validation_mask(rows.keys, settings.validation_fraction, settings.seed) if unit.split == "train"
-            else np.zeros(len(rows.texts), bool))
+    held = (validation_mask(_validation_keys(rows, settings.validation_group), settings.validation_fraction,
+                            settings.seed) if unit.split == "train" else np.zeros(len(rows.texts), bool))
     parts = {}
     for part, chosen in zip(PARTS[unit.split], (~held, held)):
         keep = np.flatnonzero(chosen)
@@ -148,6 +150,15 @@ def _unit_arrays(rows: UnitRows, unit: Unit, settings: Settings, tokenizer) -> d
     if unit.split == "labels" and settings.label_queries:
         parts[LABEL_QUERIES] = _label_queries(rows.texts, unit.first_row, settings, tokenizer)
     return parts
+
+
+def _validation_keys(rows: UnitRows, group: str) -> np.ndarray:
+    """What each row's side of the validation split is drawn from: its key (its number, or its group's hash) or,
+    grouped by labels, the hash of its set of positives (a row without any keeps its own key)."""
+    if group == "row":
+        return rows.keys
+    return np.array([group_key(",".join(map(str, sorted(set(ids))))) if ids else key
+                     for ids, key in zip(rows.labels, rows.keys.tolist())], np.uint64)
 
 
 def _label_queries(texts: list[str], first_label: int, settings: Settings, tokenizer) -> dict[str, np.ndarray]:

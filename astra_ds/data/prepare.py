@@ -75,6 +75,8 @@ def open_prepared(cfg: DataConfig, path: Path, tokenizer, label_max_len: int | N
                           "this run's tokenizer differs: prepare the data again for this encoder")
     asked = {"data.max_len": (settings["max_len"], cfg.max_len),
              "data.validation_fraction": (settings["validation_fraction"], cfg.validation_fraction)}
+    if cfg.validation_fraction:
+        asked["data.validation_group"] = (settings.get("validation_group", "row"), cfg.validation_group)
     if label_max_len is not None:
         asked["siamese.label_max_len"] = (settings["label_max_len"], label_max_len)
     for key, (prepared, run) in asked.items():
