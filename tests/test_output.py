@@ -1,6 +1,7 @@
 """Readable output: the long phases report progress with the time left when no terminal shows a bar; what native
 code prints (faiss's clustering warnings, DeepSpeed's op builds) is summarised into the log, not repeated on the
-console; the training's scalars reach DeepSpeed's monitor when its config enables one (tested with the CSV one)."""
+console; the training's scalars reach TensorBoard, and DeepSpeed's monitor when its config enables one (tested with
+the CSV one)."""
 
 import csv
 import json
@@ -71,3 +72,27 @@ def test_training_scalars_reach_deepspeed_s_csv_monitor_and_its_build_lines_stay
     with open(tmp_path / "monitor" / "job" / "astra_ds_loss.csv") as f:
         monitored = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
     assert monitored == logged and sorted(monitored) == [4, 8]
+
+
+def test_tensorboard_scalars_are_read_back_and_a_full_disk_stops_them_with_one_warning(tmp_path, caplog,
+                                                                                       monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from astra_ds.training import metrics_log
+
+    scalars = metrics_log.TensorBoardScalars(tmp_path / "tb")
+    scalars.add(1, {"loss": 2.5, "lr": 0.1})
+    scalars.add(2, {"loss": 1.5})
+    scalars.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 1.5)]
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("lr")] == [(1, 0.1)]
+
+    full = metrics_log.TensorBoardScalars(tmp_path / "full")  # its events file on a full disk
+    monkeypatch.setattr(metrics_log, "open", lambda path, mode: open("/dev/full", mode), raising=False)
+    with caplog.at_level(logging.WARNING, logger="astra_ds"):
+        full.add(1, {"loss": 2.5})
+        full.add(2, {"loss": 1.5})  # stopped: no second warning
+    assert caplog.text.count("TensorBoard scalars stop here, at step 1: [Errno 28] No space left on device") == 1
+    full.close()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -47,12 +49,7 @@ class MetricsLog:
             self.file = open(path, "a")
         else:
             self.file = open(path, "w")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run.tensorboard))
-        except ImportError:  # tensorboard is optional
-            self.writer = None
+        self.writer = TensorBoardScalars(run.tensorboard)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -61,17 +58,55 @@ class MetricsLog:
         self.file.flush()
         scalars = {key: value for key, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
-        if self.writer is not None:
-            for key, value in scalars.items():
-                self.writer.add_scalar(key, value, step)
+        if scalars:
+            self.writer.add(step, scalars)
         if self.monitor is not None and scalars:
             self.monitor.write_events([(f"astra_ds/{key}", value, step) for key, value in scalars.items()])
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
-            if self.writer is not None:
-                self.writer.close()
+            self.writer.close()
+
+
+class TensorBoardScalars:
+    """Scalars as TensorBoard event records, written and flushed in the caller's thread: TensorBoard's own writer
+    writes from a thread of its own, which on a full disk printed a traceback rather than an error. A failed write
+    stops the scalars with one warning (the run goes on; train_log.jsonl has the same figures)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.file, self.records, self.stopped = directory, None, None, False
+
+    def add(self, step: int, scalars: dict[str, float]) -> None:
+        if self.stopped:
+            return
+        from tensorboard.compat.proto.event_pb2 import Event  # here, not at start-up: 0.5 s of imports
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        try:
+            if self.records is None:  # the file of this process, opened at its first scalars
+                self.directory.mkdir(parents=True, exist_ok=True)
+                name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+                self.file = open(self.directory / name, "ab")
+                self.records = RecordWriter(self.file)
+                self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+            values = [Summary.Value(tag=key, simple_value=value) for key, value in scalars.items()]
+            self._write(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
+        except OSError as err:
+            log.warning("TensorBoard scalars stop here, at step %d: %s (train_log.jsonl goes on)", step, err)
+            self.stopped = True
+
+    def _write(self, event) -> None:
+        self.records.write(event.SerializeToString())
+        self.records.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
 
 
 class StepWindow:
