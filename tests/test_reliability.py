@@ -4,6 +4,7 @@ checkpoint, a second run on a directory in use is refused, a failed resume chang
 errors read as one line."""
 
 import errno
+import gzip
 import json
 import logging
 import os
@@ -222,6 +223,16 @@ def test_non_utf8_text_is_counted_or_refused_and_crlf_is_no_part_of_a_text(synth
     assert "texts with bytes that are not UTF-8: 1 train texts (first at line 4)" in capsys.readouterr().out
     assert "the train texts hold bytes that are not UTF-8, first at line 4" in _error(
         capsys, "train", *_args(data, data_cache, tmp_path / "strict", "data.on_bad_text=error"))
+
+    gzipped = shutil.copytree(data, tmp_path / "gzipped")  # a layout read whole: counted once all the same
+    (gzipped / "trn_X.txt.gz").write_bytes(gzip.compress((gzipped / "trn_X.txt").read_bytes()))
+    (gzipped / "trn_X.txt").unlink()
+    caplog.clear()
+    run_main("train", "--no-eval", *_args(gzipped, data_cache, tmp_path / "run_gz", "train.max_steps=1"))
+    assert caplog.text.count("hold bytes that are not UTF-8") == 1
+    assert "1 train texts hold bytes that are not UTF-8 (read as U+FFFD), first at line 4" in caplog.text
+    assert "the train texts hold bytes that are not UTF-8, first at line 4" in _error(
+        capsys, "train", *_args(gzipped, data_cache, tmp_path / "strict_gz", "data.on_bad_text=error"))
 
 
 def _fill_the_disk(monkeypatch, module, error: str) -> None:

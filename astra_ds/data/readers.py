@@ -412,17 +412,18 @@ def detect_format(directory: Path) -> str:
 
 
 def read_dataset(path: str | Path, fmt: str = "auto", text_fields: str = "title",
-                 on_bad_text: str = "replace") -> XCDataset:
+                 on_bad_text: str | None = "replace") -> XCDataset:
     """`text_fields` (the JSON format): the query text is the title, or title and content (title_content);
     `on_bad_text`: texts with bytes that are not UTF-8 are read with U+FFFD in their place and counted in a
-    warning ("replace"), or end the reading in one line ("error")."""
+    warning ("replace"), or end the reading in one line ("error"); None leaves them to the caller (the
+    preparation counts them)."""
     directory = Path(path)
     if not directory.is_dir():
         raise DataError(f"dataset directory not found: {directory}")
     fmt = detect_format(directory) if fmt == "auto" else fmt
     reader = READERS.get(fmt)
     dataset = _read_filters(reader(directory, text_fields), directory)  # text_fields: for the JSON format
-    for texts, lines in bad_text(dataset).items():
+    for texts, lines in (bad_text(dataset) if on_bad_text else {}).items():
         if on_bad_text == "error":
             raise DataError(f"{directory}: the {texts} hold bytes that are not UTF-8, first at line {lines[0]} "
                             f"({len(lines)} lines; data.on_bad_text=replace reads them with U+FFFD)")

@@ -258,7 +258,7 @@ class MemorySource:
 
     def __init__(self, directory: Path, data: DataConfig):
         self.directory = directory
-        self.dataset = read_dataset(directory, data.format, data.text_fields, data.on_bad_text)
+        self.dataset = read_dataset(directory, data.format, data.text_fields, on_bad_text=None)  # counted per unit
         self.num_labels = self.dataset.num_labels
 
     def fingerprint(self) -> dict:
