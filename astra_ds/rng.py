@@ -19,7 +19,6 @@ class Stream(IntEnum):
     TABLE_INIT = 5  # random classifier rows (counter: chunk)
     BF16_ROUNDING = 6  # stochastic rounding of bfloat16 rows (counters: rank, update)
     SERVING_INDEX = 7  # the rows the serving index of a finished run trains on (no counter)
-    VALIDATION_SPLIT = 8  # the training queries held out as the validation split (no counter)
     ROW_SCALE = 9  # the training queries a `labels add` scales the new rows on (counter: the first new id)
     EMBEDDING_DROPOUT = 10  # the dropout mask on a rows-only step's query embeddings (counter: step)
 
