@@ -166,8 +166,8 @@ def uses_neighbour_votes(cfg: RunConfig) -> bool:
 
 @dataclass(frozen=True)
 class DataShape:
-    """What the plan needs of the data: read from the prepared data's manifest, or given (`astra-ds plan --num-labels ...`,
-    planning a run whose data is not on this machine)."""
+    """What the plan needs of the data: read from the prepared data's manifest, or given (`astra-ds plan
+    --num-labels ...`, planning a run whose data is not on this machine)."""
 
     num_labels: int
     num_train: int

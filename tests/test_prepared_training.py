@@ -51,8 +51,8 @@ def _trained_alike(files: Path, prepared: Path, data_cache: Path, tmp_path: Path
     runs = {}
     for name, path in (("files", files), ("prepared", prepared)):
         runs[name] = tmp_path / name
-        assert main(["train", *([] if evaluate else ["--no-eval"]), *_sets(f"data.path={path}", f"data.cache_dir={data_cache}", f"out_dir={runs[name]}",
-                                     *options)]) == 0
+        sets = _sets(f"data.path={path}", f"data.cache_dir={data_cache}", f"out_dir={runs[name]}", *options)
+        assert main(["train", *([] if evaluate else ["--no-eval"]), *sets]) == 0
     losses = [[r["loss"] for r in _log(run) if "loss" in r] for run in runs.values()]
     assert len(losses[0]) == steps
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

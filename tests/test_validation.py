@@ -1,5 +1,6 @@
 """A validation split held out of the training queries (data.validation_fraction): by a hash of each row keyed by the
-run's seed, never trained on, evaluated along training instead of the test split, and again by `astra-ds eval --split validation`."""
+run's seed, never trained on, evaluated along training instead of the test split, and again by `astra-ds eval
+--split validation`."""
 
 import json
 

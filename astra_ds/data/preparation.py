@@ -13,13 +13,14 @@ temporary directory, renamed into place with its `done.json` (the digest of each
 A dataset in any other layout given to a run (data.path) is prepared by the same code, in-process, into the cache
 (`prepare_cached`), so training reads one kind of data.
 
-Each unit of the train split writes its rows to the training or the validation part, chosen by a keyed hash of
-the row's number in the source, of its group's name, or of its set of positives (data.validation_fraction,
-data.validation_group, train.seed): the same rows whatever the workers or units. A part is five arrays: token ids (uint16 where the vocabulary fits) and their row offsets, label ids and
-their row offsets (positives are 1: no values), and each row's length in tokens; the label texts' part also holds
-the texts themselves (UTF-8 bytes and their offsets), the names a trained run gives its labels; with
-data.label_texts_as_queries, its units also hold the label texts as queries (tokens at max_len, each label its
-text's one positive), which training appends to the training part.
+Each unit of the train split writes its rows to the training or the validation part, chosen by a keyed hash of the
+row's number in the source, of its group's name, or of its set of positives (data.validation_fraction,
+data.validation_group, train.seed): the same rows whatever the workers or units. A part is five arrays: token ids
+(uint16 where the vocabulary fits) and their row offsets, label ids and their row offsets (positives are 1: no
+values), and each row's length in tokens; the label texts' part also holds the texts themselves (UTF-8 bytes and
+their offsets), the names a trained run gives its labels; with data.label_texts_as_queries, its units also hold the
+label texts as queries (tokens at max_len, each label its text's one positive), which training appends to the
+training part.
 """
 
 from __future__ import annotations
